@@ -1,0 +1,38 @@
+# kiln: `make run` materializes the pipeline, `make test` runs the tests. Each sets up .venv first.
+# pip's wheel cache is left on: llama-cpp-python compiles from source once (about 9 minutes on
+# 2 cores) and later installs reuse the cached wheel.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kiln-installed
+PROFILE ?= tiny
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: run test install ui mlflow-ui bench clean-work
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	time $(BIN)/kiln run --profile $(PROFILE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+ui: $(STAMP)
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/clean_throughput.py
+	$(BIN)/python benchmarks/pii_accuracy.py
+
+clean-work:
+	rm -rf data/work

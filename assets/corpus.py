@@ -1,0 +1,76 @@
+"""raw_corpus and clean_corpus, with their quality gates."""
+
+from __future__ import annotations
+
+import itertools
+
+from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
+
+from assets.metadata import md_image, md_table
+from pipeline.charts import bar_chart
+from pipeline.clean import clean_corpus as run_clean
+from pipeline.clean import load_stats, read_split
+from pipeline.ingest import build_raw_corpus
+from pipeline.pii import find_pii
+from resources import KilnSettings
+
+PII_SAMPLE_DOCS = 2000
+
+
+@asset(group_name="data", code_version="1")
+def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+    """Every source of the profile in one normalized JSONL (id, text, source, lang), code and
+    prose mixed by the profile's byte ratio."""
+    corpus = kiln.load().corpus
+    path = kiln.stage_dir("raw_corpus") / "raw.jsonl"
+    stats = build_raw_corpus(corpus.sources, path, corpus.max_bytes, corpus.code_share, corpus.max_doc_chars, corpus.seed)
+    context.log.info(f"raw_corpus: {stats.documents} documents, {stats.bytes:,} bytes -> {path}")
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(path)),
+            "documents": stats.documents,
+            "bytes": stats.bytes,
+            "by_kind": MetadataValue.json(stats.by_kind),
+            "by_source": md_table(stats.by_source, "source", "documents"),
+            "unreadable_rows": md_table(stats.errors, "problem", "rows"),
+        }
+    )
+
+
+@asset(group_name="data", code_version="1", deps=[raw_corpus])
+def clean_corpus(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+    """Quality filters, exact and MinHash near-duplicate removal, PII masking and a deterministic
+    train/validation split (datatrove). Rejected documents are kept in rejected/ with a reason."""
+    out = kiln.stage_dir("clean_corpus")
+    stats = run_clean([kiln.stage_dir("raw_corpus") / "raw.jsonl"], out, kiln.load().clean)
+    context.log.info(f"clean_corpus: kept {stats.kept_documents} of {stats.input_documents}; dropped {stats.dropped}")
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(out / "clean")),
+            "input_documents": stats.input_documents,
+            "kept_documents": stats.kept_documents,
+            "kept_bytes": stats.kept_bytes,
+            "train_documents": stats.splits["train"],
+            "validation_documents": stats.splits["validation"],
+            "dropped": md_table(stats.dropped, "reason", "documents"),
+            "pii_masked": md_table(stats.pii, "kind", "masks"),
+            "dropped_chart": md_image(bar_chart(stats.dropped, "Documents dropped, by reason"), "dropped by reason"),
+        }
+    )
+
+
+@asset_check(asset=clean_corpus, blocking=True, description="The clean corpus has training and validation documents.")
+def clean_corpus_not_empty(kiln: KilnSettings) -> AssetCheckResult:
+    splits = load_stats(kiln.stage_dir("clean_corpus"))["splits"]
+    return AssetCheckResult(passed=splits["train"] > 0 and splits["validation"] > 0, metadata=splits)
+
+
+@asset_check(asset=clean_corpus, blocking=True, description="No personal data is found in a sample of the clean corpus.")
+def clean_corpus_pii_free(kiln: KilnSettings) -> AssetCheckResult:
+    clean = kiln.stage_dir("clean_corpus") / "clean"
+    docs = itertools.islice(itertools.chain(read_split(clean, "train"), read_split(clean, "validation")), PII_SAMPLE_DOCS)
+    found = [(d["id"], kind) for d in docs for kind, _ in find_pii(d["text"])]
+    return AssetCheckResult(
+        passed=not found,
+        metadata={"documents_checked": PII_SAMPLE_DOCS, "findings": MetadataValue.json(found[:20])},
+    )

@@ -1,0 +1,33 @@
+"""The one Dagster code location of kiln: assets, checks, jobs and resources.
+
+The resources are chosen by environment: KILN_PROFILE picks the profile (tiny by default),
+KILN_WORK_DIR where the artifacts go (data/work by default).
+"""
+
+import os
+
+from dagster import Definitions, define_asset_job, load_asset_checks_from_modules, load_assets_from_modules
+
+from assets import corpus
+from resources import KilnSettings
+from resources.kiln import REPO_ROOT
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+STAGE_MODULES = [corpus]
+
+kiln_pipeline = define_asset_job("kiln_pipeline", selection="*", description="Every asset, from sources to registry.")
+data_job = define_asset_job("data", selection="group:data", description="raw_corpus and clean_corpus.")
+
+defs = Definitions(
+    assets=load_assets_from_modules(STAGE_MODULES),
+    asset_checks=load_asset_checks_from_modules(STAGE_MODULES),
+    jobs=[kiln_pipeline, data_job],
+    resources={
+        "kiln": KilnSettings(
+            profile=os.environ.get("KILN_PROFILE", "tiny"),
+            work_dir=os.environ.get("KILN_WORK_DIR", str(REPO_ROOT / "data" / "work")),
+        )
+    },
+)

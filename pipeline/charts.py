@@ -1,0 +1,27 @@
+"""Pictures for materializations and MLflow runs (PNG bytes, drawn off-screen)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def bar_chart(values: dict[str, float], title: str, xlabel: str = "") -> bytes:
+    """A horizontal bar chart, largest bar on top, as PNG bytes."""
+    items = sorted(values.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(6.4, 0.35 * max(len(items), 3) + 1.2), dpi=100)
+    labels, heights = [k for k, _ in items], [v for _, v in items]
+    bars = ax.barh(labels, heights, color="#c2410c")
+    ax.bar_label(bars, padding=3, fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

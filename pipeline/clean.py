@@ -1,0 +1,316 @@
+"""clean_corpus: quality filters, exact and MinHash dedup, PII masking and the split, on datatrove.
+
+The stage is a chain of datatrove pipelines run by its local executor (Ray or Slurm executors
+take the same steps when scaling out):
+
+    A  read raw → ingest errors → quality rules → short-document sampling → write → exact-dedup signatures
+    B  find exact duplicates
+    C  read A → drop exact duplicates → write → MinHash signatures
+    D  MinHash buckets          E  MinHash clusters
+    F  read C → drop near duplicates → mask PII → tag train/validation → write clean/
+
+Every filter has an exclusion writer, so each dropped document lands in `rejected/` with its
+`reason`, and `stats.json` is counted from the files themselves: input = kept + dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datatrove.data import Document
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from pipeline.io import atomic_path, read_jsonl, write_json
+from pipeline.pii import mask_pii
+from pipeline.profiles import CleanSettings
+from pipeline.quality import quality_problem
+
+# datatrove logs every step of every task through loguru at INFO: keep the console readable.
+logging.getLogger("datatrove").setLevel(logging.WARNING)
+
+
+def _quiet_datatrove() -> None:
+    from loguru import logger
+
+    logger.remove()
+    logger.add(lambda msg: None, level="WARNING")
+
+
+def minhash_bands(threshold: float, num_hashes: int) -> tuple[int, int]:
+    """(bands, rows per band) with bands*rows <= num_hashes whose LSH S-curve best fits `threshold`.
+
+    Two documents of Jaccard similarity s become candidates with probability 1-(1-s^r)^b. The
+    pair minimising the area of false positives below the threshold plus false negatives above
+    it is chosen (the same criterion as datasketch's MinHashLSH).
+    """
+    s_lo = np.linspace(0.0, threshold, 200)
+    s_hi = np.linspace(threshold, 1.0, 200)
+    best, best_err = (1, num_hashes), float("inf")
+    for b in range(1, num_hashes + 1):
+        for r in range(1, num_hashes // b + 1):
+            fp = np.trapezoid(1 - (1 - s_lo**r) ** b, s_lo)
+            fn = np.trapezoid((1 - s_hi**r) ** b, s_hi)
+            if fp + fn < best_err:
+                best, best_err = (b, r), fp + fn
+    return best
+
+
+def _split_of(doc_id: str, validation_share: float) -> str:
+    """train or validation, from a hash of the id: stable across runs, machines and tasks."""
+    h = int.from_bytes(hashlib.sha1(doc_id.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "validation" if h < validation_share else "train"
+
+
+def _normalized(doc) -> str:
+    """Text for exact dedup: whitespace runs collapsed, case kept (in code case matters)."""
+    return " ".join(doc.text.split())
+
+
+def _record(writer, doc, reason: str | None = None) -> dict:
+    """The JSONL record kiln writes for a document (bound to a datatrove writer as its adapter)."""
+    meta = doc.metadata
+    rec = {"id": doc.id, "text": doc.text, "source": meta.get("source"), "lang": meta.get("lang")}
+    for key in ("split", "pii"):
+        if key in meta:
+            rec[key] = meta[key]
+    if reason or "filter_reason" in meta:
+        rec["reason"] = meta.get("filter_reason") or reason
+    return rec
+
+
+class IngestErrorFilter(BaseFilter):
+    """Drops rows the reader could not turn into documents (not UTF-8, malformed JSON...)."""
+
+    name = "🧾 ingest errors"
+
+    def filter(self, doc: Document):
+        error = doc.metadata.get("error")
+        return (False, error.split(" ")[0]) if error else True
+
+class QualityFilter(BaseFilter):
+    """Gopher rules for prose, Codex/StarCoder rules for code (see pipeline.quality)."""
+
+    name = "🧪 quality"
+
+    def filter(self, doc: Document):
+        problem = quality_problem(doc.text, doc.metadata.get("lang", "unknown"))
+        return (False, problem) if problem else True
+
+class ShortDocSampler(BaseFilter):
+    """Keeps a fixed share of short documents, chosen by a hash of the id."""
+
+    name = "🎲 short-document sampling"
+
+    def __init__(self, max_chars: int, keep: float, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.max_chars, self.keep = max_chars, keep
+
+    def filter(self, doc: Document):
+        if len(doc.text) >= self.max_chars:
+            return True
+        h = int.from_bytes(hashlib.sha1(f"sample:{doc.id}".encode()).digest()[:8], "big") / 2**64
+        return True if h < self.keep else (False, "sampled_out_short")
+
+class PiiMasker(PipelineStep):
+    """Replaces personal data with placeholders; counts each kind."""
+
+    name = "🔒 PII masking"
+    type = "✂️ - FORMAT"
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        for doc in data:
+            with self.track_time():
+                doc.text, counts = mask_pii(doc.text)
+            self.stat_update("total")
+            for kind, n in counts.items():
+                self.stat_update(f"pii_{kind}", value=n)
+            if counts:
+                doc.metadata["pii"] = dict(counts)
+            yield doc
+
+class SplitTagger(PipelineStep):
+    """Tags each document train or validation."""
+
+    name = "✂️ train/validation split"
+    type = "✂️ - FORMAT"
+
+    def __init__(self, validation_share: float):
+        super().__init__()
+        self.validation_share = validation_share
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        for doc in data:
+            doc.metadata["split"] = _split_of(doc.id, self.validation_share)
+            self.stat_update(doc.metadata["split"])
+            yield doc
+
+class CodeAwareWordTokenizer(WordTokenizer):
+    """Words and single punctuation marks, in any script: fits code, English and Korean alike
+    (datatrove's default English tokenizer would split code and Korean poorly)."""
+
+    _pattern = re.compile(r"\w+|[^\w\s]")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return self._pattern.findall(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [s for s in re.split(r"(?<=[.!?。])\s+|\n{2,}", text) if s.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in self._pattern.finditer(text)]
+
+
+@dataclass
+class CleanStats:
+    input_documents: int
+    kept_documents: int
+    dropped: dict
+    pii: dict
+    splits: dict
+    kept_bytes: int
+    minhash_bands: list
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, progress: bool = True) -> CleanStats:
+    """Clean the JSONL `raw_files` into `output/clean/`, `output/rejected/` and `output/stats.json`.
+
+    Outputs are built in a scratch folder inside `output` and moved into place at the end, so
+    an interrupted run leaves the previous result untouched.
+    """
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import (
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.hashing import HashConfig
+
+    _quiet_datatrove()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    scratch = output / ".clean-scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    work, rejected, clean = scratch / "work", scratch / "rejected", scratch / "clean"
+    raw_dir = work / "raw"
+    raw_dir.mkdir(parents=True)
+    for i, f in enumerate(raw_files):  # datatrove reads a folder; link the inputs into one
+        (raw_dir / f"{i:05d}.jsonl").symlink_to(Path(f).resolve())
+    input_documents = sum(1 for f in raw_files for line in open(f, encoding="utf-8") if line.strip())
+
+    def rejects(step: str) -> JsonlWriter:
+        return JsonlWriter(
+            str(rejected), output_filename=f"{step}-${{rank}}.jsonl", compression=None,
+            adapter=functools.partial(_record, reason=step),
+        )  # fmt: skip
+
+    def reader(folder: Path) -> JsonlReader:
+        return JsonlReader(str(folder), glob_pattern="*.jsonl", compression=None, file_progress=False)
+
+    def intermediate(folder: Path) -> JsonlWriter:
+        return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None, adapter=_record)
+
+    # sha1 hashing: datatrove's xxhash path breaks with xxhash 4; sha1 has no such pin.
+    hash_config = HashConfig(precision=64, hash_fc="sha1")
+    exact_config = ExactDedupConfig(content_getter=_normalized, hash_config=hash_config)
+    bands, rows = minhash_bands(settings.minhash_threshold, settings.minhash_hashes)
+    minhash_config = MinhashConfig(
+        n_grams=settings.minhash_ngrams, num_buckets=bands, hashes_per_bucket=rows, hash_config=hash_config
+    )
+    tasks = settings.tasks
+    stages = [
+        ("filter", tasks, [
+            reader(raw_dir),
+            IngestErrorFilter(exclusion_writer=rejects("ingest")),
+            QualityFilter(exclusion_writer=rejects("quality")),
+            ShortDocSampler(settings.short_doc_chars, settings.short_doc_keep, exclusion_writer=rejects("sampling")),
+            intermediate(work / "filtered"),
+            ExactDedupSignature(str(work / "exact_sigs"), config=exact_config),
+        ]),
+        ("exact_find", 1, [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact_config)]),
+        ("exact_filter", tasks, [
+            reader(work / "filtered"),
+            ExactDedupFilter(str(work / "exact_dups"), config=exact_config, exclusion_writer=rejects("exact_duplicate")),
+            intermediate(work / "deduped"),
+            MinhashDedupSignature(str(work / "minhash_sigs"), config=minhash_config, language=CodeAwareWordTokenizer()),
+        ]),
+        ("minhash_buckets", bands, [MinhashDedupBuckets(str(work / "minhash_sigs"), str(work / "minhash_buckets"), config=minhash_config)]),
+        ("minhash_cluster", 1, [MinhashDedupCluster(str(work / "minhash_buckets"), str(work / "minhash_remove"), config=minhash_config)]),
+        ("final", tasks, [
+            reader(work / "deduped"),
+            MinhashDedupFilter(str(work / "minhash_remove"), exclusion_writer=rejects("near_duplicate")),
+            PiiMasker(),
+            SplitTagger(settings.validation_share),
+            JsonlWriter(str(clean), output_filename="${split}-${rank}.jsonl", compression=None, adapter=_record),
+        ]),
+    ]  # fmt: skip
+    from tqdm import tqdm
+
+    for name, n_tasks, steps in tqdm(stages, desc="clean_corpus", disable=not progress):
+        LocalPipelineExecutor(
+            steps, tasks=n_tasks, workers=min(n_tasks, settings.tasks), logging_dir=str(work / "logs" / name)
+        ).run()
+
+    stats = _count(input_documents, clean, rejected, [bands, rows])
+    write_json(scratch / "stats.json", stats.to_dict())
+    for name in ("clean", "rejected", "stats.json"):
+        target = scratch / name
+        if name == "rejected" and not target.exists():
+            target.mkdir()
+        with atomic_path(output / name) as tmp:
+            target.rename(tmp)
+    shutil.rmtree(scratch)
+    return stats
+
+
+def _count(input_documents: int, clean: Path, rejected: Path, bands: list) -> CleanStats:
+    """Stats read back from the written files, so they cannot disagree with them."""
+    dropped, pii, splits = Counter(), Counter(), Counter()
+    kept = kept_bytes = 0
+    for f in sorted(rejected.glob("*.jsonl")) if rejected.exists() else []:
+        for rec in read_jsonl(f):
+            dropped[rec["reason"]] += 1
+    for f in sorted(clean.glob("*.jsonl")) if clean.exists() else []:
+        for rec in read_jsonl(f):
+            kept += 1
+            kept_bytes += len(rec["text"].encode("utf-8"))
+            splits[rec["split"]] += 1
+            pii.update(rec.get("pii", {}))
+    total_dropped = sum(dropped.values())
+    if kept + total_dropped != input_documents:
+        raise RuntimeError(f"clean_corpus lost documents: {input_documents} in, {kept} kept, {total_dropped} dropped")
+    return CleanStats(
+        input_documents, kept, dict(sorted(dropped.items())), dict(sorted(pii.items())),
+        {"train": splits["train"], "validation": splits["validation"]}, kept_bytes, bands,
+    )  # fmt: skip
+
+
+def read_split(clean_dir: Path, split: str):
+    """Every record of one split of a cleaned corpus, in file order."""
+    for f in sorted(Path(clean_dir).glob(f"{split}-*.jsonl")):
+        yield from read_jsonl(f)
+
+
+def load_stats(output: Path) -> dict:
+    return json.loads((Path(output) / "stats.json").read_text(encoding="utf-8"))

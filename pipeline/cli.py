@@ -1,0 +1,131 @@
+"""The `kiln` command: each stage alone on your own files, the whole pipeline, and profiles.
+
+A user mistake (a missing file, a bad setting) prints one line, `kiln: error: ...`, and exits 2;
+no traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.errors import KilnError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from pipeline.clean import clean_corpus
+    from pipeline.ingest import Source, build_raw_corpus
+    from pipeline.profiles import load_profile
+
+    profile = load_profile(args.profile)
+    output = Path(args.output)
+    sources = [Source(path=p, text_field=args.text_field) for p in args.inputs]
+    for p in args.inputs:
+        if not Path(p).exists():
+            raise KilnError(f"{p}: no such file or folder")
+    raw = output / "raw.jsonl"
+    # Every document of every input: no byte budget and no code/prose mix for a user's own files.
+    ingest = build_raw_corpus(sources, raw, max_bytes=None, code_share=None, progress=not args.quiet)
+    stats = clean_corpus([raw], output, profile.clean, progress=not args.quiet)
+    raw.unlink()
+    summary = {"ingested": ingest.documents, **stats.to_dict()}
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    print(f"clean documents in {output / 'clean'}, rejected in {output / 'rejected'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    from pipeline.profiles import PROFILE_NAMES, load_profile
+
+    names = [args.name] if args.name else PROFILE_NAMES
+    for name in names:
+        profile = load_profile(name)
+        print(json.dumps(profile.to_dict(), indent=2, default=str))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Materialize every asset through Dagster's own command line, so the run is recorded in
+    DAGSTER_HOME exactly as one launched from the UI would be."""
+    from pipeline.profiles import load_profile
+
+    load_profile(args.profile)  # fail here, in one line, rather than inside Dagster
+    env = dict(os.environ)
+    env["KILN_PROFILE"] = args.profile
+    env.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster_home"))
+    Path(env["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    dagster = Path(sys.executable).with_name("dagster")
+    cmd = [str(dagster), "job", "execute", "-f", str(REPO_ROOT / "definitions.py"), "-j", args.job]
+    print("running:", " ".join(cmd), file=sys.stderr)
+    code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
+    if code != 0:
+        raise KilnError(f"the Dagster run of job {args.job!r} failed (exit {code}); its logs are in the Dagster UI")
+    work = REPO_ROOT / "data" / "work" / Path(args.profile).stem
+    print(
+        f"\nkiln: pipeline done on profile {args.profile!r}.\n"
+        f"  artifacts:     {work}\n"
+        f"  Dagster UI:    DAGSTER_HOME={env['DAGSTER_HOME']} .venv/bin/dagster dev   (then open http://127.0.0.1:3000)\n",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kiln",
+        description="kiln: raw text and code to an evaluated, versioned GGUF model. "
+        "Each subcommand runs one stage alone; `kiln run` runs the whole pipeline through Dagster.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "clean",
+        help="clean your own files: dedup, PII masking, quality filters, train/validation split",
+        description="Read text, code, JSONL or Parquet files (or folders of them) and write "
+        "OUTPUT/clean/{train,validation}-*.jsonl, OUTPUT/rejected/*.jsonl (each with its reason) "
+        "and OUTPUT/stats.json. Thresholds come from the profile's `clean` section.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders to clean")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for clean/, rejected/ and stats.json")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet rows (default: text)")
+    p.add_argument("--profile", default=None, help="profile name or YAML file (default: $KILN_PROFILE or tiny)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_clean)
+
+    p = sub.add_parser("profiles", help="print the built-in profiles (or one) with every setting")
+    p.add_argument("name", nargs="?", help="a profile name or YAML file")
+    p.set_defaults(func=_cmd_profiles)
+
+    p = sub.add_parser(
+        "run",
+        help="materialize the whole pipeline with Dagster (what `make run` does)",
+        description="Runs a Dagster job over definitions.py; the run shows in `dagster dev` afterwards.",
+    )
+    p.add_argument("--profile", default=os.environ.get("KILN_PROFILE", "tiny"), help="profile name or YAML file")
+    p.add_argument("--job", default="kiln_pipeline", help="Dagster job to run (default: kiln_pipeline, every asset)")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KilnError as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

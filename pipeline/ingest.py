@@ -1,0 +1,400 @@
+"""raw_corpus: read every source into one normalized JSONL (`id`, `text`, `source`, `lang`).
+
+Sources are plain text files, JSONL, Parquet, folders of any of these, Hugging Face datasets
+by name, and built-in real text found on every machine (the Python standard library's source
+and Python's reference documentation). Code and prose are mixed by a byte ratio.
+
+Nothing is dropped here. A row that cannot become a document (bytes that are not UTF-8, a
+malformed JSON line, a record without the text field) is still written, with an `error` field
+naming the problem; the cleaning stage then rejects it with that reason, so it is counted and
+kept aside like every other rejection. Problems with the request itself (a missing path, a
+file where no record has the text field, a dataset that cannot be loaded) raise `IngestError`.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import random
+import sysconfig
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from pipeline.errors import KilnError
+from pipeline.io import atomic_path
+
+CODE_SUFFIXES = {
+    ".py": "python", ".pyi": "python", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp",
+    ".hpp": "cpp", ".rs": "rust", ".go": "go", ".java": "java", ".js": "javascript",
+    ".ts": "typescript", ".sh": "shell", ".rb": "ruby", ".kt": "kotlin", ".swift": "swift",
+    ".scala": "scala", ".lua": "lua", ".sql": "sql", ".r": "r", ".jl": "julia",
+}  # fmt: skip
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
+JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+PARQUET_SUFFIXES = {".parquet"}
+BUILTINS = ("python_stdlib", "python_docs", "python_docstrings", "site_packages")
+
+
+class IngestError(KilnError):
+    """A source that cannot be read as asked: the message names the file or setting."""
+
+
+@dataclass
+class Source:
+    """One input of the corpus. Exactly one of `path`, `builtin` and `hf_dataset` is set."""
+
+    path: str | None = None
+    """A file or a folder (searched recursively) of text, code, JSONL or Parquet files."""
+    builtin: str | None = None
+    """Real text on every machine: python_stdlib (code), python_docs (Python's reference
+    documentation in pydoc_data), python_docstrings (the stdlib's docstrings, prose),
+    site_packages (the source of the installed Python packages, code)."""
+    hf_dataset: str | None = None
+    """A Hugging Face dataset name or local dataset folder, loaded with `datasets.load_dataset`."""
+    hf_config: str | None = None
+    """The dataset's configuration name, if it has several."""
+    split: str = "train"
+    """The dataset split to read."""
+    text_field: str = "text"
+    """The field holding the text in JSONL, Parquet and dataset records."""
+    kind: str = "auto"
+    """code, prose, or auto (code when the file's suffix is a programming language)."""
+
+    def __post_init__(self) -> None:
+        chosen = [n for n in ("path", "builtin", "hf_dataset") if getattr(self, n)]
+        if len(chosen) != 1:
+            raise IngestError(f"a source needs exactly one of path, builtin, hf_dataset; got {chosen or 'none'}")
+        if self.builtin and self.builtin not in BUILTINS:
+            raise IngestError(f"unknown builtin source {self.builtin!r}; choose from {', '.join(BUILTINS)}")
+        if self.kind not in ("auto", "code", "prose"):
+            raise IngestError(f"source kind must be auto, code or prose, not {self.kind!r}")
+
+    @property
+    def label(self) -> str:
+        return self.path or self.builtin or f"hf:{self.hf_dataset}"
+
+
+@dataclass
+class IngestStats:
+    documents: int = 0
+    bytes: int = 0
+    by_kind: dict = field(default_factory=dict)  # kind -> {"documents", "bytes"}
+    by_source: dict = field(default_factory=dict)  # source label -> documents
+    errors: dict = field(default_factory=dict)  # error -> rows carried to the cleaner
+
+
+def guess_lang(text: str, suffix: str = "") -> str:
+    """A programming language from the suffix, else 'ko' or 'en' from the script of the letters."""
+    if suffix.lower() in CODE_SUFFIXES:
+        return CODE_SUFFIXES[suffix.lower()]
+    letters = [c for c in text[:4000] if c.isalpha()]
+    if not letters:
+        return "unknown"
+    hangul = sum("\uac00" <= c <= "\ud7a3" or "\u3131" <= c <= "\u318e" for c in letters)
+    if hangul / len(letters) > 0.3:
+        return "ko"
+    latin = sum(c.isascii() for c in letters)
+    return "en" if latin / len(letters) > 0.7 else "other"
+
+
+def is_code(lang: str) -> bool:
+    return lang in CODE_SUFFIXES.values()
+
+
+def split_long(text: str, max_chars: int) -> list[str]:
+    """Split text longer than `max_chars` at blank lines (paragraph or top-level block ends)."""
+    if len(text) <= max_chars:
+        return [text]
+    chunks, current, size = [], [], 0
+    for block in text.split("\n\n"):
+        if size + len(block) > max_chars and current:
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+        current.append(block)
+        size += len(block) + 2
+    chunks.append("\n\n".join(current))
+    return chunks
+
+
+def _record(doc_id: str, text: str, source: str, lang: str, error: str | None = None) -> dict:
+    rec = {"id": doc_id, "text": text, "source": source, "lang": lang}
+    if error:
+        rec["error"] = error
+    return rec
+
+
+def _stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _read_text_file(path: Path, doc_id: str, source: str, max_chars: int) -> Iterator[dict]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Kept (decoded with replacement characters) so the rejection shows what was there.
+        where = f"byte {exc.start}"
+        yield _record(doc_id, raw.decode("utf-8", "replace"), source, "unknown", f"not_utf8 ({where})")
+        return
+    lang = guess_lang(text, path.suffix)
+    for i, chunk in enumerate(split_long(text, max_chars)):
+        yield _record(f"{doc_id}#{i}" if i else doc_id, chunk, source, lang)
+
+
+def _read_jsonl(path: Path, src: Source, max_chars: int) -> Iterator[dict]:
+    label, seen_text = str(path), False
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            doc_id = f"{label}:{lineno}"
+            if not raw.strip():
+                continue  # blank lines separate nothing in JSONL
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield _record(doc_id, raw.decode("utf-8", "replace"), label, "unknown", "not_utf8")
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield _record(doc_id, line.rstrip("\n"), label, "unknown", f"malformed_json ({exc.msg})")
+                continue
+            text = row.get(src.text_field) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                yield _record(doc_id, line.rstrip("\n"), label, "unknown", f"missing_text_field ({src.text_field})")
+                continue
+            seen_text = True
+            lang = row.get("lang") if isinstance(row.get("lang"), str) else guess_lang(text)
+            base = str(row.get("id", doc_id))
+            for i, chunk in enumerate(split_long(text, max_chars)):
+                yield _record(f"{base}#{i}" if i else base, chunk, label, lang)
+    if not seen_text and path.stat().st_size > 0:
+        raise IngestError(f"{path}: no record has a string field {src.text_field!r} (set text_field)")
+
+
+def _read_parquet(path: Path, src: Source, max_chars: int) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise IngestError(f"{path}: not a readable Parquet file ({exc})") from None
+    if src.text_field not in table.schema_arrow.names:
+        raise IngestError(f"{path}: no column {src.text_field!r} (columns: {', '.join(table.schema_arrow.names)})")
+    row_no = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            row_no += 1
+            text, doc_id = row.get(src.text_field), f"{path}:{row_no}"
+            if not isinstance(text, str):
+                yield _record(doc_id, "", str(path), "unknown", f"missing_text_field ({src.text_field})")
+                continue
+            base = str(row.get("id", doc_id))
+            for i, chunk in enumerate(split_long(text, max_chars)):
+                yield _record(f"{base}#{i}" if i else base, chunk, str(path), guess_lang(text))
+
+
+def _files_under(folder: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        files += [Path(root, n) for n in sorted(names) if not n.startswith(".")]
+    return files
+
+
+def _read_path(path: Path, src: Source, max_chars: int, rng: random.Random) -> Iterator[dict]:
+    if not path.exists():
+        raise IngestError(f"{path}: no such file or folder")
+    files = _files_under(path) if path.is_dir() else [path]
+    if path.is_dir():
+        rng.shuffle(files)  # a budget then takes a fair sample, not the alphabet's first letters
+    for f in files:
+        suffix = f.suffix.lower()
+        if suffix in JSONL_SUFFIXES:
+            yield from _read_jsonl(f, src, max_chars)
+        elif suffix in PARQUET_SUFFIXES:
+            yield from _read_parquet(f, src, max_chars)
+        elif suffix in CODE_SUFFIXES or suffix in TEXT_SUFFIXES or not path.is_dir():
+            yield from _read_text_file(f, str(f), str(f), max_chars)
+        # Other files inside a folder (images, archives, compiled files) are not text sources.
+
+
+def _read_builtin(name: str, max_chars: int, rng: random.Random) -> Iterator[dict]:
+    stdlib = _stdlib_dir()
+    if name == "python_docs":
+        from pydoc_data.topics import topics
+
+        for topic in sorted(topics):
+            yield _record(f"python_docs:{topic}", topics[topic].strip(), "python_docs", "en")
+        return
+    if name == "site_packages":
+        roots = sorted({Path(p) for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])})
+    else:
+        roots = [stdlib]
+    files = []
+    for root in roots:
+        files += [
+            f for f in _files_under(root)
+            if f.suffix == ".py" and (name == "site_packages" or "site-packages" not in f.parts)
+            and "pydoc_data" not in f.parts  # the docs source already carries that text
+        ]  # fmt: skip
+    rng.shuffle(files)
+    for f in files:
+        rel = str(f.relative_to(f.parent if name == "site_packages" else stdlib))
+        rel = str(f) if name == "site_packages" else rel
+        if name == "python_docstrings":
+            yield from _docstrings(f, f"python_docstrings:{rel}", max_chars)
+        else:
+            yield from _read_text_file(f, f"{name}:{rel}", name, max_chars)
+
+
+def _docstrings(path: Path, doc_id: str, max_chars: int) -> Iterator[dict]:
+    """The module's, classes' and functions' docstrings of one file, as one prose document."""
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError):
+        return  # the stdlib ships a few deliberately broken test files; they hold no docs
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    docs = [d for n in nodes if (d := ast.get_docstring(n)) and len(d) > 80]
+    if docs:
+        for i, chunk in enumerate(split_long("\n\n".join(docs), max_chars)):
+            yield _record(f"{doc_id}#{i}" if i else doc_id, chunk, "python_docstrings", "en")
+
+
+def _read_hf(src: Source, max_chars: int) -> Iterator[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.hf_dataset, src.hf_config, split=src.split, streaming=True)
+        first = next(iter(ds), None)
+    except Exception as exc:  # datasets raises many types for "cannot be found or loaded"
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise IngestError(f"hf dataset {src.hf_dataset!r}: cannot be loaded ({msg})") from None
+    if first is not None and src.text_field not in first:
+        raise IngestError(f"hf dataset {src.hf_dataset!r}: no field {src.text_field!r} (fields: {', '.join(first)})")
+    for n, row in enumerate(ds):
+        text = row.get(src.text_field)
+        doc_id = f"hf:{src.hf_dataset}:{src.split}:{n}"
+        if not isinstance(text, str):
+            yield _record(doc_id, "", f"hf:{src.hf_dataset}", "unknown", f"missing_text_field ({src.text_field})")
+            continue
+        for i, chunk in enumerate(split_long(text, max_chars)):
+            yield _record(f"{doc_id}#{i}" if i else doc_id, chunk, f"hf:{src.hf_dataset}", guess_lang(text))
+
+
+def read_source(src: Source, max_chars: int = 32_000, seed: int = 0) -> Iterator[dict]:
+    """Every record of one source, in a deterministic order."""
+    rng = random.Random(f"{seed}:{src.label}")
+    if src.builtin:
+        records = _read_builtin(src.builtin, max_chars, rng)
+    elif src.hf_dataset:
+        records = _read_hf(src, max_chars)
+    else:
+        records = _read_path(Path(src.path), src, max_chars, rng)
+    for rec in records:
+        if src.kind != "auto" and "error" not in rec:
+            rec["kind"] = src.kind
+        yield rec
+
+
+def _kind(rec: dict) -> str:
+    return rec.pop("kind", None) or ("code" if is_code(rec["lang"]) else "prose")
+
+
+def build_raw_corpus(
+    sources: list[Source],
+    output: Path,
+    max_bytes: int | None = None,
+    code_share: float | None = 0.6,
+    max_doc_chars: int = 32_000,
+    seed: int = 0,
+    progress: bool = True,
+) -> IngestStats:
+    """Read `sources` into `output` (JSONL), mixing code and prose by `code_share` of bytes.
+
+    With `max_bytes`, each kind gets its share of the budget. When one kind runs short, the
+    other is cut so the ratio still holds: a profile that says 60% code gets 60% code.
+    """
+    if not sources:
+        raise IngestError("no sources given")
+    if code_share is not None and not 0.0 <= code_share <= 1.0:
+        raise IngestError(f"code_share must be between 0 and 1, not {code_share}")
+    shares = {"code": code_share, "prose": None if code_share is None else 1.0 - code_share}
+    budgets = {k: (None if max_bytes is None or s is None else s * max_bytes) for k, s in shares.items()}
+    stats = IngestStats()
+    seen_ids: set[str] = set()
+    with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
+        parts = {k: Path(tmp, f"{k}.jsonl") for k in ("code", "prose", "error")}
+        handles = {k: p.open("w", encoding="utf-8") for k, p in parts.items()}
+        sizes = {k: 0 for k in parts}
+        counts = {k: 0 for k in parts}
+        bar = tqdm(desc="raw_corpus", unit="B", unit_scale=True, disable=not progress, total=max_bytes)
+        for src in sources:
+            for rec in read_source(src, max_doc_chars, seed):
+                kind = "error" if "error" in rec else _kind(rec)
+                if shares.get(kind, 1) == 0.0:
+                    continue  # a share of 0 asks for none of this kind
+                budget = budgets.get(kind)
+                nbytes = len(rec["text"].encode("utf-8"))
+                if budget is not None and sizes[kind] >= budget:
+                    if src.builtin or all(b is not None and sizes[k] >= b for k, b in budgets.items()):
+                        break  # a builtin holds one kind only; or every kind is full
+                    continue
+                rec["id"] = _unique_id(rec["id"], seen_ids)
+                handles[kind].write(json.dumps(rec, ensure_ascii=False) + "\n")
+                sizes[kind] += nbytes
+                counts[kind] += 1
+                stats.by_source[src.label] = stats.by_source.get(src.label, 0) + 1
+                if kind == "error":
+                    reason = rec["error"].split(" ")[0]
+                    stats.errors[reason] = stats.errors.get(reason, 0) + 1
+                bar.update(nbytes)
+        bar.close()
+        for h in handles.values():
+            h.close()
+        limits = _ratio_limits(sizes, code_share)
+        with atomic_path(output) as tmp_out, tmp_out.open("w", encoding="utf-8") as out:
+            for kind in ("code", "prose", "error"):
+                taken_docs = taken_bytes = 0
+                with parts[kind].open(encoding="utf-8") as fh:
+                    for line in fh:
+                        n = len(json.loads(line)["text"].encode("utf-8"))
+                        if limits.get(kind) is not None and taken_bytes + n > limits[kind] and taken_docs:
+                            break
+                        out.write(line)
+                        taken_docs += 1
+                        taken_bytes += n
+                if kind != "error":
+                    stats.by_kind[kind] = {"documents": taken_docs, "bytes": taken_bytes}
+                stats.documents += taken_docs
+                stats.bytes += taken_bytes
+            if stats.documents == 0:  # raised inside the block: no empty file is left behind
+                raise IngestError(f"no documents in {', '.join(s.label for s in sources)}")
+    return stats
+
+
+def _ratio_limits(sizes: dict, code_share: float | None) -> dict:
+    """Byte limits per kind so that code:prose matches `code_share` with what was collected."""
+    if code_share is None or code_share in (0.0, 1.0) or not sizes["code"] or not sizes["prose"]:
+        return {}
+    total = min(sizes["code"] / code_share, sizes["prose"] / (1 - code_share))
+    return {"code": total * code_share, "prose": total * (1 - code_share)}
+
+
+def _unique_id(doc_id: str, seen: set[str]) -> str:
+    """Ids must be unique for dedup and the split; a repeated id gets its content hash appended."""
+    if doc_id in seen:
+        doc_id = f"{doc_id}~{hashlib.sha1(f'{doc_id}{len(seen)}'.encode()).hexdigest()[:8]}"
+    seen.add(doc_id)
+    return doc_id
+
+
+def copy_sources_manifest(sources: list[Source]) -> list[dict]:
+    """The sources as plain dicts, for metadata and MLflow params."""
+    return [{k: v for k, v in s.__dict__.items() if v not in (None, "auto")} for s in sources]
+

@@ -1,0 +1,110 @@
+"""clean_corpus on datatrove: exact and near duplicates, rejections with reasons, stats, split."""
+
+import json
+import random
+
+import pytest
+
+from pipeline.clean import clean_corpus, minhash_bands, read_split
+from pipeline.io import read_jsonl
+from pipeline.profiles import CleanSettings
+
+
+CODE = (
+    "import os\n\n\ndef main():\n    \"\"\"Print the working directory and the environment.\"\"\"\n"
+    "    print(os.getcwd())\n    for key, value in sorted(os.environ.items()):\n        print(key, value)\n\n\n"
+    "if __name__ == '__main__':\n    main()\n"
+)
+
+
+def _prose(seed: int, words: int = 120) -> str:
+    rng = random.Random(seed)
+    vocab = [f"{w}{i}" for i, w in enumerate(["river", "stone", "garden", "window", "signal", "market"] * 60)]
+    return " ".join(rng.choice(vocab) for _ in range(words)) + "."
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    base = _prose(1, 200)
+    words = base.split()
+    near = " ".join(words[:-6] + ["changed"] * 6)  # Jaccard of 5-gram shingles well above 0.8
+    rows = [
+        {"id": "orig", "text": base, "source": "t", "lang": "en"},
+        {"id": "exact", "text": base.replace(" ", "  "), "source": "t", "lang": "en"},  # whitespace only
+        {"id": "near", "text": near, "source": "t", "lang": "en"},
+        {"id": "pii", "text": _prose(2) + " Contact kim.minsu@naver.com or 010-1234-5678.", "source": "t", "lang": "en"},
+        {"id": "short", "text": "tiny", "source": "t", "lang": "en"},
+        {"id": "broken", "text": "{oops", "source": "f.jsonl", "lang": "unknown", "error": "malformed_json (x)"},
+        {"id": "code", "text": CODE, "source": "t", "lang": "python"},
+        {"id": "short_code", "text": "a = 1\nb = 2\nc = a + b\n", "source": "t", "lang": "python"},
+    ] + [{"id": f"doc{i}", "text": _prose(100 + i), "source": "t", "lang": "en"} for i in range(40)]
+    raw = tmp_path / "raw.jsonl"
+    _write(raw, rows)
+    return raw, len(rows)
+
+
+def test_clean_removes_duplicates_masks_pii_and_counts_everything(tmp_path, corpus):
+    raw, n = corpus
+    out = tmp_path / "out"
+    stats = clean_corpus([raw], out, CleanSettings(short_doc_keep=0.0), progress=False)
+    assert stats.input_documents == n
+    assert stats.kept_documents + sum(stats.dropped.values()) == n
+    assert stats.dropped["exact_duplicate"] == 1
+    assert stats.dropped["near_duplicate"] == 1
+    assert stats.dropped["malformed_json"] == 1
+    assert stats.dropped["too_few_words"] == 1
+    assert stats.dropped["sampled_out_short"] == 1
+    assert stats.pii == {"email": 1, "phone": 1}
+
+    kept = {r["id"]: r for f in (out / "clean").glob("*.jsonl") for r in read_jsonl(f)}
+    assert "orig" in kept and "exact" not in kept and "near" not in kept and "code" in kept
+    assert "<EMAIL>" in kept["pii"]["text"] and "naver.com" not in kept["pii"]["text"]
+    rejected = [r for f in (out / "rejected").glob("*.jsonl") for r in read_jsonl(f)]
+    assert {r["id"]: r["reason"] for r in rejected}["near"] == "near_duplicate"
+    assert all(r["reason"] for r in rejected)
+    on_disk = json.loads((out / "stats.json").read_text())
+    assert on_disk["kept_documents"] == stats.kept_documents
+    assert not (out / ".clean-scratch").exists()
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path, corpus):
+    raw, _ = corpus
+    settings = CleanSettings(validation_share=0.2)
+    ids = []
+    for run in ("a", "b"):
+        clean_corpus([raw], tmp_path / run, settings, progress=False)
+        train = {r["id"] for r in read_split(tmp_path / run / "clean", "train")}
+        val = {r["id"] for r in read_split(tmp_path / run / "clean", "validation")}
+        assert train and val and not train & val
+        ids.append((train, val))
+    assert ids[0] == ids[1]
+
+
+def test_dissimilar_documents_are_kept(tmp_path):
+    a = _prose(7, 200)
+    words = a.split()
+    half = " ".join(words[:100] + _prose(8, 100).split())  # Jaccard about 0.3
+    raw = tmp_path / "raw.jsonl"
+    _write(raw, [{"id": "a", "text": a, "lang": "en"}, {"id": "b", "text": half, "lang": "en"}])
+    stats = clean_corpus([raw], tmp_path / "out", CleanSettings(), progress=False)
+    assert stats.kept_documents == 2
+
+
+def test_minhash_bands_follow_the_threshold():
+    b8, r8 = minhash_bands(0.8, 112)
+    b5, r5 = minhash_bands(0.5, 112)
+    assert b8 * r8 <= 112 and b5 * r5 <= 112
+    # The S-curve's midpoint (1/b)^(1/r) sits near the asked threshold.
+    assert abs((1 / b8) ** (1 / r8) - 0.8) < 0.08
+    assert abs((1 / b5) ** (1 / r5) - 0.5) < 0.08
+
+
+def test_invalid_settings_are_named():
+    from pipeline.profiles import ProfileError
+
+    with pytest.raises(ProfileError, match="minhash_threshold"):
+        CleanSettings(minhash_threshold=1.5)

@@ -1,0 +1,117 @@
+"""raw_corpus: every source format, the code/prose mix, and bad input."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.ingest import IngestError, Source, build_raw_corpus, guess_lang, read_source, split_long
+from pipeline.io import read_jsonl
+
+CODE = "def greet(name):\n    return f'hello {name}'\n"
+PROSE = "Dagster materializes assets. MLflow tracks runs and registers models for release.\n"
+
+
+def _rows(path):
+    return list(read_jsonl(path))
+
+
+def test_reads_text_jsonl_parquet_and_folders(tmp_path):
+    src = tmp_path / "src"
+    (src / "nested").mkdir(parents=True)
+    (src / "a.py").write_text(CODE)
+    (src / "nested" / "notes.md").write_text(PROSE)
+    (src / "rows.jsonl").write_text(json.dumps({"body": "안녕하세요. 한국어 문서입니다.", "id": "k1"}) + "\n")
+    pq.write_table(pa.table({"body": ["parquet prose row one", "row two"]}), src / "t.parquet")
+    (src / "image.png").write_bytes(b"\x89PNG\r\n")  # not a text source: skipped inside a folder
+    recs = list(read_source(Source(path=str(src), text_field="body")))
+    by_text = {r["text"]: r for r in recs}
+    assert set(by_text) == {CODE, PROSE, "안녕하세요. 한국어 문서입니다.", "parquet prose row one", "row two"}
+    assert by_text[CODE]["lang"] == "python"
+    assert by_text[PROSE]["lang"] == "en"
+    assert by_text["안녕하세요. 한국어 문서입니다."]["lang"] == "ko"
+    assert by_text["안녕하세요. 한국어 문서입니다."]["id"] == "k1"
+    assert all(set(r) >= {"id", "text", "source", "lang"} for r in recs)
+
+
+def test_builtin_sources_are_real_python_text():
+    code = next(read_source(Source(builtin="python_stdlib")))
+    docs = next(read_source(Source(builtin="python_docs")))
+    assert code["lang"] == "python" and code["id"].startswith("python_stdlib:")
+    assert docs["lang"] == "en" and len(docs["text"]) > 100
+
+
+def test_hf_dataset_from_a_local_folder(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(3)))
+    recs = list(read_source(Source(hf_dataset=str(folder))))
+    assert [r["text"] for r in recs] == ["document 0", "document 1", "document 2"]
+
+
+def test_unavailable_hf_dataset_is_a_clear_error():
+    with pytest.raises(IngestError, match="hf dataset 'no-such-org/no-such-dataset': cannot be loaded"):
+        list(read_source(Source(hf_dataset="no-such-org/no-such-dataset")))
+
+
+def test_code_share_holds_when_one_kind_runs_short(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"m{i}.py").write_text(f"# module {i}\n" + CODE * 2)
+    (src / "only.md").write_text(PROSE * 10)  # little prose: code must be cut to keep 60/40
+    stats = build_raw_corpus([Source(path=str(src))], tmp_path / "raw.jsonl", max_bytes=100_000, code_share=0.6, progress=False)
+    code, prose = stats.by_kind["code"]["bytes"], stats.by_kind["prose"]["bytes"]
+    assert prose == len(PROSE * 10)
+    assert 0.55 <= code / (code + prose) <= 0.65
+    assert len(_rows(tmp_path / "raw.jsonl")) == stats.documents
+
+
+def test_max_bytes_budget(tmp_path):
+    out = tmp_path / "raw.jsonl"
+    stats = build_raw_corpus(
+        [Source(builtin="python_stdlib"), Source(builtin="python_docs")], out, max_bytes=300_000, progress=False
+    )
+    assert 250_000 <= stats.bytes <= 360_000
+    share = stats.by_kind["code"]["bytes"] / stats.bytes
+    assert 0.5 < share < 0.7
+    ids = [r["id"] for r in _rows(out)]
+    assert len(ids) == len(set(ids))
+
+
+def test_bad_rows_are_carried_with_their_problem(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(
+        b'{"text": "good row"}\n{"text": broken\n{"other": 1}\n\xff\xfe{"text": "x"}\n'
+    )
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    recs = list(read_source(Source(path=str(bad)))) + list(read_source(Source(path=str(latin1))))
+    errors = [r.get("error", "").split(" ")[0] for r in recs]
+    assert errors == ["", "malformed_json", "missing_text_field", "not_utf8", "not_utf8"]
+    assert recs[1]["id"] == f"{bad}:2"  # names the file and line
+
+
+def test_request_problems_are_errors(tmp_path):
+    with pytest.raises(IngestError, match="no such file or folder"):
+        list(read_source(Source(path=str(tmp_path / "missing.txt"))))
+    wrong_field = tmp_path / "w.jsonl"
+    wrong_field.write_text('{"body": "a"}\n{"body": "b"}\n')
+    with pytest.raises(IngestError, match="no record has a string field 'text'"):
+        list(read_source(Source(path=str(wrong_field))))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(IngestError, match="no documents"):
+        build_raw_corpus([Source(path=str(empty))], tmp_path / "raw.jsonl", progress=False)
+    assert not (tmp_path / "raw.jsonl").exists()  # nothing half-written
+    with pytest.raises(IngestError, match="exactly one of"):
+        Source()
+
+
+def test_guess_lang_and_split_long():
+    assert guess_lang("fn main() {}", ".rs") == "rust"
+    assert guess_lang("이것은 한국어 문장입니다") == "ko"
+    assert guess_lang("1234 5678") == "unknown"
+    parts = split_long("a" * 50 + "\n\n" + "b" * 50 + "\n\n" + "c" * 50, 110)
+    assert parts == ["a" * 50 + "\n\n" + "b" * 50, "c" * 50]
