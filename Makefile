@@ -25,6 +25,7 @@ run: $(STAMP)
 	time $(BIN)/kiln run --profile $(PROFILE)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 ui: $(STAMP)

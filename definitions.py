@@ -6,7 +6,13 @@ KILN_WORK_DIR where the artifacts go (data/work by default).
 
 import os
 
-from dagster import Definitions, define_asset_job, load_asset_checks_from_modules, load_assets_from_modules
+from dagster import (
+    AssetSelection,
+    Definitions,
+    define_asset_job,
+    load_asset_checks_from_modules,
+    load_assets_from_modules,
+)
 
 from assets import corpus
 from resources import KilnSettings
@@ -17,8 +23,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 STAGE_MODULES = [corpus]
 
-kiln_pipeline = define_asset_job("kiln_pipeline", selection="*", description="Every asset, from sources to registry.")
-data_job = define_asset_job("data", selection="group:data", description="raw_corpus and clean_corpus.")
+kiln_pipeline = define_asset_job(
+    "kiln_pipeline", selection=AssetSelection.all(), description="Every asset, from sources to registry."
+)
+data_job = define_asset_job("data", selection=AssetSelection.groups("data"), description="raw_corpus and clean_corpus.")
 
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),

@@ -1,7 +1,5 @@
 """raw_corpus and clean_corpus, with their quality gates."""
 
-from __future__ import annotations
-
 import itertools
 
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
@@ -23,7 +21,9 @@ def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings) -> Materializ
     prose mixed by the profile's byte ratio."""
     corpus = kiln.load().corpus
     path = kiln.stage_dir("raw_corpus") / "raw.jsonl"
-    stats = build_raw_corpus(corpus.sources, path, corpus.max_bytes, corpus.code_share, corpus.max_doc_chars, corpus.seed)
+    stats = build_raw_corpus(
+        corpus.sources, path, corpus.max_bytes, corpus.code_share, corpus.max_doc_chars, corpus.seed
+    )
     context.log.info(f"raw_corpus: {stats.documents} documents, {stats.bytes:,} bytes -> {path}")
     return MaterializeResult(
         metadata={
@@ -65,10 +65,14 @@ def clean_corpus_not_empty(kiln: KilnSettings) -> AssetCheckResult:
     return AssetCheckResult(passed=splits["train"] > 0 and splits["validation"] > 0, metadata=splits)
 
 
-@asset_check(asset=clean_corpus, blocking=True, description="No personal data is found in a sample of the clean corpus.")
+@asset_check(
+    asset=clean_corpus, blocking=True, description="No personal data is found in a sample of the clean corpus."
+)
 def clean_corpus_pii_free(kiln: KilnSettings) -> AssetCheckResult:
     clean = kiln.stage_dir("clean_corpus") / "clean"
-    docs = itertools.islice(itertools.chain(read_split(clean, "train"), read_split(clean, "validation")), PII_SAMPLE_DOCS)
+    docs = itertools.islice(
+        itertools.chain(read_split(clean, "train"), read_split(clean, "validation")), PII_SAMPLE_DOCS
+    )
     found = [(d["id"], kind) for d in docs for kind, _ in find_pii(d["text"])]
     return AssetCheckResult(
         passed=not found,

@@ -15,10 +15,10 @@ Every filter has an exclusion writer, so each dropped document lands in `rejecte
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
-import logging
 import re
 import shutil
 from collections import Counter
@@ -30,21 +30,12 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
+from tqdm import tqdm
 
 from pipeline.io import atomic_path, read_jsonl, write_json
 from pipeline.pii import mask_pii
 from pipeline.profiles import CleanSettings
 from pipeline.quality import quality_problem
-
-# datatrove logs every step of every task through loguru at INFO: keep the console readable.
-logging.getLogger("datatrove").setLevel(logging.WARNING)
-
-
-def _quiet_datatrove() -> None:
-    from loguru import logger
-
-    logger.remove()
-    logger.add(lambda msg: None, level="WARNING")
 
 
 def minhash_bands(threshold: float, num_hashes: int) -> tuple[int, int]:
@@ -98,6 +89,7 @@ class IngestErrorFilter(BaseFilter):
         error = doc.metadata.get("error")
         return (False, error.split(" ")[0]) if error else True
 
+
 class QualityFilter(BaseFilter):
     """Gopher rules for prose, Codex/StarCoder rules for code (see pipeline.quality)."""
 
@@ -106,6 +98,7 @@ class QualityFilter(BaseFilter):
     def filter(self, doc: Document):
         problem = quality_problem(doc.text, doc.metadata.get("lang", "unknown"))
         return (False, problem) if problem else True
+
 
 class ShortDocSampler(BaseFilter):
     """Keeps a fixed share of short documents, chosen by a hash of the id."""
@@ -121,6 +114,7 @@ class ShortDocSampler(BaseFilter):
             return True
         h = int.from_bytes(hashlib.sha1(f"sample:{doc.id}".encode()).digest()[:8], "big") / 2**64
         return True if h < self.keep else (False, "sampled_out_short")
+
 
 class PiiMasker(PipelineStep):
     """Replaces personal data with placeholders; counts each kind."""
@@ -139,6 +133,7 @@ class PiiMasker(PipelineStep):
                 doc.metadata["pii"] = dict(counts)
             yield doc
 
+
 class SplitTagger(PipelineStep):
     """Tags each document train or validation."""
 
@@ -154,6 +149,7 @@ class SplitTagger(PipelineStep):
             doc.metadata["split"] = _split_of(doc.id, self.validation_share)
             self.stat_update(doc.metadata["split"])
             yield doc
+
 
 class CodeAwareWordTokenizer(WordTokenizer):
     """Words and single punctuation marks, in any script: fits code, English and Korean alike
@@ -186,7 +182,8 @@ class CleanStats:
 
 
 def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, progress: bool = True) -> CleanStats:
-    """Clean the JSONL `raw_files` into `output/clean/`, `output/rejected/` and `output/stats.json`.
+    """Clean the JSONL `raw_files` into `output/clean/`, `output/rejected/` and `output/stats.json`
+    (datatrove's logs and per-step stats in `output/logs/`).
 
     Outputs are built in a scratch folder inside `output` and moved into place at the end, so
     an interrupted run leaves the previous result untouched.
@@ -207,7 +204,6 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
 
-    _quiet_datatrove()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     scratch = output / ".clean-scratch"
@@ -238,7 +234,7 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
     minhash_config = MinhashConfig(
         n_grams=settings.minhash_ngrams, num_buckets=bands, hashes_per_bucket=rows, hash_config=hash_config
     )
-    tasks = settings.tasks
+    tasks, sigs, buckets = settings.tasks, str(work / "minhash_sigs"), str(work / "minhash_buckets")
     stages = [
         ("filter", tasks, [
             reader(raw_dir),
@@ -251,12 +247,12 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
         ("exact_find", 1, [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact_config)]),
         ("exact_filter", tasks, [
             reader(work / "filtered"),
-            ExactDedupFilter(str(work / "exact_dups"), config=exact_config, exclusion_writer=rejects("exact_duplicate")),
+            ExactDedupFilter(str(work / "exact_dups"), exact_config, exclusion_writer=rejects("exact_duplicate")),
             intermediate(work / "deduped"),
-            MinhashDedupSignature(str(work / "minhash_sigs"), config=minhash_config, language=CodeAwareWordTokenizer()),
+            MinhashDedupSignature(sigs, config=minhash_config, language=CodeAwareWordTokenizer()),
         ]),
-        ("minhash_buckets", bands, [MinhashDedupBuckets(str(work / "minhash_sigs"), str(work / "minhash_buckets"), config=minhash_config)]),
-        ("minhash_cluster", 1, [MinhashDedupCluster(str(work / "minhash_buckets"), str(work / "minhash_remove"), config=minhash_config)]),
+        ("minhash_buckets", bands, [MinhashDedupBuckets(sigs, buckets, config=minhash_config)]),
+        ("minhash_cluster", 1, [MinhashDedupCluster(buckets, str(work / "minhash_remove"), config=minhash_config)]),
         ("final", tasks, [
             reader(work / "deduped"),
             MinhashDedupFilter(str(work / "minhash_remove"), exclusion_writer=rejects("near_duplicate")),
@@ -265,12 +261,17 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
             JsonlWriter(str(clean), output_filename="${split}-${rank}.jsonl", compression=None, adapter=_record),
         ]),
     ]  # fmt: skip
-    from tqdm import tqdm
 
-    for name, n_tasks, steps in tqdm(stages, desc="clean_corpus", disable=not progress):
-        LocalPipelineExecutor(
-            steps, tasks=n_tasks, workers=min(n_tasks, settings.tasks), logging_dir=str(work / "logs" / name)
-        ).run()
+    # datatrove logs every task at INFO to stderr; its logs and per-step stats go to logs/ instead.
+    logs = output / "logs"
+    shutil.rmtree(logs, ignore_errors=True)  # datatrove skips tasks a previous run marked complete
+    logs.mkdir()
+    with open(logs / "console.log", "w", encoding="utf-8") as console:
+        for name, n_tasks, steps in tqdm(stages, desc="clean_corpus", disable=not progress):
+            with contextlib.redirect_stderr(console):
+                LocalPipelineExecutor(
+                    steps, tasks=n_tasks, workers=min(n_tasks, settings.tasks), logging_dir=str(logs / name)
+                ).run()
 
     stats = _count(input_documents, clean, rejected, [bands, rows])
     write_json(scratch / "stats.json", stats.to_dict())

@@ -59,7 +59,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env["KILN_PROFILE"] = args.profile
     env.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster_home"))
-    Path(env["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    home = Path(env["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():  # sqlite storage in DAGSTER_HOME; no telemetry calls
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     dagster = Path(sys.executable).with_name("dagster")
     cmd = [str(dagster), "job", "execute", "-f", str(REPO_ROOT / "definitions.py"), "-j", args.job]
     print("running:", " ".join(cmd), file=sys.stderr)

@@ -20,9 +20,9 @@ import os
 import random
 import sysconfig
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
@@ -397,4 +397,3 @@ def _unique_id(doc_id: str, seen: set[str]) -> str:
 def copy_sources_manifest(sources: list[Source]) -> list[dict]:
     """The sources as plain dicts, for metadata and MLflow params."""
     return [{k: v for k, v in s.__dict__.items() if v not in (None, "auto")} for s in sources]
-

@@ -36,7 +36,11 @@ class CorpusSettings:
     """raw_corpus: what to read and how much."""
 
     sources: list[Source] = field(
-        default_factory=lambda: [Source(builtin="python_stdlib"), Source(builtin="python_docs")]
+        default_factory=lambda: [
+            Source(builtin="python_stdlib"),
+            Source(builtin="python_docs"),
+            Source(builtin="python_docstrings"),
+        ]
     )
     """Where the text comes from (files, folders, HF datasets, builtins); see `pipeline.ingest.Source`."""
     code_share: float | None = 0.6
@@ -106,11 +110,6 @@ def _builtin_profiles() -> dict[str, Profile]:
         "small": Profile(
             "small",
             corpus=CorpusSettings(
-                sources=[
-                    Source(builtin="python_stdlib"),
-                    Source(builtin="python_docs"),
-                    Source(builtin="python_docstrings"),
-                ],
                 max_bytes=40_000_000,
             ),
             clean=CleanSettings(tasks=2),

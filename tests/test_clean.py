@@ -9,9 +9,8 @@ from pipeline.clean import clean_corpus, minhash_bands, read_split
 from pipeline.io import read_jsonl
 from pipeline.profiles import CleanSettings
 
-
 CODE = (
-    "import os\n\n\ndef main():\n    \"\"\"Print the working directory and the environment.\"\"\"\n"
+    'import os\n\n\ndef main():\n    """Print the working directory and the environment."""\n'
     "    print(os.getcwd())\n    for key, value in sorted(os.environ.items()):\n        print(key, value)\n\n\n"
     "if __name__ == '__main__':\n    main()\n"
 )
@@ -36,7 +35,12 @@ def corpus(tmp_path):
         {"id": "orig", "text": base, "source": "t", "lang": "en"},
         {"id": "exact", "text": base.replace(" ", "  "), "source": "t", "lang": "en"},  # whitespace only
         {"id": "near", "text": near, "source": "t", "lang": "en"},
-        {"id": "pii", "text": _prose(2) + " Contact kim.minsu@naver.com or 010-1234-5678.", "source": "t", "lang": "en"},
+        {
+            "id": "pii",
+            "text": _prose(2) + " Contact kim.minsu@naver.com or 010-1234-5678.",
+            "source": "t",
+            "lang": "en",
+        },
         {"id": "short", "text": "tiny", "source": "t", "lang": "en"},
         {"id": "broken", "text": "{oops", "source": "f.jsonl", "lang": "unknown", "error": "malformed_json (x)"},
         {"id": "code", "text": CODE, "source": "t", "lang": "python"},

@@ -61,7 +61,9 @@ def test_code_share_holds_when_one_kind_runs_short(tmp_path):
     for i in range(40):
         (src / f"m{i}.py").write_text(f"# module {i}\n" + CODE * 2)
     (src / "only.md").write_text(PROSE * 10)  # little prose: code must be cut to keep 60/40
-    stats = build_raw_corpus([Source(path=str(src))], tmp_path / "raw.jsonl", max_bytes=100_000, code_share=0.6, progress=False)
+    stats = build_raw_corpus(
+        [Source(path=str(src))], tmp_path / "raw.jsonl", max_bytes=100_000, code_share=0.6, progress=False
+    )
     code, prose = stats.by_kind["code"]["bytes"], stats.by_kind["prose"]["bytes"]
     assert prose == len(PROSE * 10)
     assert 0.55 <= code / (code + prose) <= 0.65
@@ -82,9 +84,7 @@ def test_max_bytes_budget(tmp_path):
 
 def test_bad_rows_are_carried_with_their_problem(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(
-        b'{"text": "good row"}\n{"text": broken\n{"other": 1}\n\xff\xfe{"text": "x"}\n'
-    )
+    bad.write_bytes(b'{"text": "good row"}\n{"text": broken\n{"other": 1}\n\xff\xfe{"text": "x"}\n')
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9".encode("latin-1"))
     recs = list(read_source(Source(path=str(bad)))) + list(read_source(Source(path=str(latin1))))

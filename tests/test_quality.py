@@ -8,14 +8,16 @@ GOOD_PROSE = (
     "documents teaches it grammar, facts and some reasoning. A small model learns less, but it "
     "still learns the shape of the language well enough to be useful for tests and for demos."
 )
-GOOD_CODE = "def add(a, b):\n    \"\"\"Sum.\"\"\"\n    return a + b\n\n\nprint(add(1, 2))\n"
+GOOD_CODE = 'def add(a, b):\n    """Sum."""\n    return a + b\n\n\nprint(add(1, 2))\n'
 
 
 def test_good_documents_pass():
     assert prose_problem(GOOD_PROSE) is None
     assert code_problem(GOOD_CODE) is None
-    korean = " ".join(["토크나이저는 텍스트를 모델이 배울 수 있는 조각으로 나눕니다."] * 1) + " " + " ".join(
-        f"문장 {i}번은 서로 다른 내용을 담고 있어서 반복으로 보이지 않습니다." for i in range(12)
+    korean = (
+        " ".join(["토크나이저는 텍스트를 모델이 배울 수 있는 조각으로 나눕니다."] * 1)
+        + " "
+        + " ".join(f"문장 {i}번은 서로 다른 내용을 담고 있어서 반복으로 보이지 않습니다." for i in range(12))
     )
     assert prose_problem(korean, lang="ko") is None
     assert prose_problem(korean, lang="en") == "mean_word_length"

@@ -1,0 +1,59 @@
+"""The kiln command line: `kiln clean` on a user's files, and one-line errors for mistakes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.cli import main
+
+KILN = [sys.executable, "-m", "pipeline.cli"]
+
+
+def _run(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    return subprocess.run(KILN + list(args), capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_clean_a_users_files(tmp_path, capsys):
+    src = tmp_path / "mine"
+    src.mkdir()
+    prose = " ".join(f"word{i} of a real looking sentence number {i} with enough letters" for i in range(12))
+    (src / "a.txt").write_text(prose + " Mail me at someone@example.org.")
+    (src / "b.txt").write_text(prose + " Mail me at someone@example.org.")  # exact duplicate
+    (src / "c.jsonl").write_text('{"text": "ok"}\n{bad json\n')
+    code = main(["clean", str(src), "--output", str(tmp_path / "out"), "--quiet"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["input_documents"] == 4
+    assert summary["dropped"] == {"exact_duplicate": 1, "malformed_json": 1, "too_few_words": 1}
+    assert summary["pii"] == {"email": 1}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clean", "logs", "rejected", "stats.json"]
+
+
+def test_missing_input_is_one_line_and_exit_2(tmp_path):
+    proc = _run("clean", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"kiln: error: {tmp_path / 'nope.txt'}: no such file or folder"
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_profile_is_one_line(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("clean:\n  minhash_threshold: 3\n")
+    proc = _run("profiles", str(bad))
+    assert proc.returncode == 2
+    assert "minhash_threshold must be in (0, 1)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    bad.write_text("clean:\n  no_such_setting: 1\n")
+    proc = _run("profiles", str(bad))
+    assert "p.yaml.clean.no_such_setting: unknown setting" in proc.stderr
+
+
+def test_help_explains_the_commands():
+    proc = _run("--help")
+    assert proc.returncode == 0
+    for command in ("clean", "profiles", "run"):
+        assert command in proc.stdout
