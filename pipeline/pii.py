@@ -47,7 +47,7 @@ _PHONE = re.compile(
 # standard library and only globally routable addresses are masked: loopback, private and
 # documentation ranges (127.0.0.1, 10.0.0.0/8, 2001:db8::/32) are configuration, not personal
 # data, and code is full of them (the same rule as the StarCoder PII pipeline).
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]|\.\d)")
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:.])")
 # A version string like "version 1.2.3.4" or "v1.2.3.4" is not an address.
 _VERSION_BEFORE = re.compile(r"(?:\b(?:version|ver\.?)\s*|\bv|(?:==|>=|<=|~=)\s*)$", re.IGNORECASE)
@@ -131,19 +131,20 @@ class PiiRule:
     pattern: re.Pattern
     valid: Callable[[re.Match], bool] | None = None
     group: int = 0  # which group is the personal part (the rest of the match stays)
+    needs: tuple[str, ...] = ()  # substrings, one of which any match contains: a fast pre-check
 
 
 # Order matters: e-mails first (they contain digits and dots), RRNs and cards before phones
 # (a card's digit groups could look like a phone), IBANs before bank accounts.
 RULES: tuple[PiiRule, ...] = (
-    PiiRule("email", "<EMAIL>", _EMAIL),
-    PiiRule("kr_rrn", "<KR_RRN>", _KR_RRN, _rrn_ok),
+    PiiRule("email", "<EMAIL>", _EMAIL, needs=("@",)),
+    PiiRule("kr_rrn", "<KR_RRN>", _KR_RRN, _rrn_ok, needs=("-",)),
     PiiRule("card", "<CARD>", _CARD, _card_ok),
     PiiRule("iban", "<IBAN>", _IBAN, _iban_ok),
-    PiiRule("bank_account", "<BANK_ACCOUNT>", _BANK_ACCOUNT, group=1),
+    PiiRule("bank_account", "<BANK_ACCOUNT>", _BANK_ACCOUNT, group=1, needs=("계좌", "ccount", "CCOUNT", "cct", "CCT")),
     PiiRule("phone", "<PHONE>", _PHONE),
-    PiiRule("ip", "<IP>", _IPV4, _ipv4_ok),
-    PiiRule("ip", "<IP>", _IPV6, _ipv6_ok),
+    PiiRule("ip", "<IP>", _IPV4, _ipv4_ok, needs=(".",)),
+    PiiRule("ip", "<IP>", _IPV6, _ipv6_ok, needs=(":",)),
 )
 
 # Two digits, a digit and a dot, "@" or ":" must appear for any rule to match: most code lines have none of the
@@ -157,6 +158,8 @@ def mask_pii(text: str) -> tuple[str, Counter]:
     if not _ANY_ANCHOR.search(text):
         return text, counts
     for rule in RULES:
+        if rule.needs and not any(n in text for n in rule.needs):
+            continue
 
         def replace(m: re.Match, rule: PiiRule = rule) -> str:
             if rule.valid is not None and not rule.valid(m):
