@@ -14,24 +14,27 @@ from dagster import (
     load_assets_from_modules,
 )
 
-from assets import corpus
+from assets import corpus, training
 from resources import KilnSettings
 from resources.kiln import REPO_ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-STAGE_MODULES = [corpus]
+STAGE_MODULES = [corpus, training]
 
 kiln_pipeline = define_asset_job(
     "kiln_pipeline", selection=AssetSelection.all(), description="Every asset, from sources to registry."
 )
 data_job = define_asset_job("data", selection=AssetSelection.groups("data"), description="raw_corpus and clean_corpus.")
+training_job = define_asset_job(
+    "training", selection=AssetSelection.groups("training"), description="tokenizer and base_model."
+)
 
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),
     asset_checks=load_asset_checks_from_modules(STAGE_MODULES),
-    jobs=[kiln_pipeline, data_job],
+    jobs=[kiln_pipeline, data_job, training_job],
     resources={
         "kiln": KilnSettings(
             profile=os.environ.get("KILN_PROFILE", "tiny"),

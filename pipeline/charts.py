@@ -25,3 +25,24 @@ def bar_chart(values: dict[str, float], title: str, xlabel: str = "") -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def loss_curve(history: list[dict], evals: list[dict], title: str) -> bytes:
+    """Training loss per step, validation loss at each evaluation, as PNG bytes."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, color="#c2410c", label="train loss")
+    if evals:
+        ax.plot(
+            [e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", color="#1d4ed8", label="validation loss"
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -210,10 +210,7 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
     shutil.rmtree(scratch, ignore_errors=True)
     work, rejected, clean = scratch / "work", scratch / "rejected", scratch / "clean"
     raw_dir = work / "raw"
-    raw_dir.mkdir(parents=True)
-    for i, f in enumerate(raw_files):  # datatrove reads a folder; link the inputs into one
-        (raw_dir / f"{i:05d}.jsonl").symlink_to(Path(f).resolve())
-    input_documents = sum(1 for f in raw_files for line in open(f, encoding="utf-8") if line.strip())
+    input_documents = _shard_inputs(raw_files, raw_dir, rejected, settings.tasks)
 
     def rejects(step: str) -> JsonlWriter:
         return JsonlWriter(
@@ -273,16 +270,44 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
                     steps, tasks=n_tasks, workers=min(n_tasks, settings.tasks), logging_dir=str(logs / name)
                 ).run()
 
+    if (rejected / "empty-00000.jsonl").stat().st_size == 0:
+        (rejected / "empty-00000.jsonl").unlink()
     stats = _count(input_documents, clean, rejected, [bands, rows])
     write_json(scratch / "stats.json", stats.to_dict())
     for name in ("clean", "rejected", "stats.json"):
         target = scratch / name
-        if name == "rejected" and not target.exists():
-            target.mkdir()
+        if name != "stats.json":
+            target.mkdir(exist_ok=True)  # a run that keeps or rejects nothing still has both folders
         with atomic_path(output / name) as tmp:
             target.rename(tmp)
     shutil.rmtree(scratch)
     return stats
+
+
+def _shard_inputs(raw_files: list[Path], raw_dir: Path, rejected: Path, shards: int) -> int:
+    """Copy the raw records into `shards` files (one per datatrove task) and return their count.
+
+    Records with empty text go straight to rejected/ as "empty": datatrove's readers skip
+    empty documents without a trace, and nothing may be lost silently.
+    """
+    raw_dir.mkdir(parents=True)
+    rejected.mkdir(parents=True)
+    outs = [open(raw_dir / f"{i:05d}.jsonl", "w", encoding="utf-8") for i in range(shards)]
+    n = 0
+    with open(rejected / "empty-00000.jsonl", "w", encoding="utf-8") as empty:
+        for f in raw_files:
+            for line in open(f, encoding="utf-8"):
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                if rec.get("text"):
+                    outs[n % shards].write(line if line.endswith("\n") else line + "\n")
+                else:
+                    empty.write(json.dumps({**rec, "reason": "empty"}, ensure_ascii=False) + "\n")
+                n += 1
+    for fh in outs:
+        fh.close()
+    return n
 
 
 def _count(input_documents: int, clean: Path, rejected: Path, bands: list) -> CleanStats:

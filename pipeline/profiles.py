@@ -93,12 +93,122 @@ class CleanSettings:
 
 
 @dataclass
+class TokenizerSettings:
+    """tokenizer: the byte-level BPE."""
+
+    vocab_size: int = 32_000
+    """Tokens in all, special tokens included."""
+    min_frequency: int = 2
+    """A pair must occur this often in the training text to become a merge."""
+    max_train_bytes: int | None = None
+    """Bytes of the train split the BPE trainer reads; None reads it all."""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size > 65_535:  # token ids are stored as uint16 on disk
+            raise ProfileError(f"tokenizer.vocab_size {self.vocab_size} is over 65,535")
+        if self.min_frequency < 1:
+            raise ProfileError("tokenizer.min_frequency must be at least 1")
+
+
+@dataclass
+class ModelShape:
+    """base_model: the Llama architecture's sizes. Hidden and MLP sizes are multiples of 256,
+    which llama.cpp's K-quants need."""
+
+    hidden_size: int = 256
+    """Width of the residual stream."""
+    intermediate_size: int = 768
+    """Width of the SwiGLU MLP."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention (query) heads; hidden_size / num_heads is the head dimension."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); divides num_heads."""
+    max_position: int = 1024
+    """Context length the model is built for (RoPE positions; the GGUF's context_length)."""
+    rope_theta: float = 10_000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output projection (most of a small model's weights)."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size"):
+            if getattr(self, name) % 256:
+                raise ProfileError(f"model.{name} {getattr(self, name)} is not a multiple of 256")
+        if self.hidden_size % self.num_heads:
+            raise ProfileError(f"model.hidden_size {self.hidden_size} does not divide by num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ProfileError("model: the head dimension hidden_size / num_heads must be even for RoPE")
+        if self.num_heads % self.num_kv_heads:
+            raise ProfileError(f"model.num_heads {self.num_heads} does not divide by num_kv_heads {self.num_kv_heads}")
+        if self.num_layers < 1:
+            raise ProfileError("model.num_layers must be at least 1")
+
+
+@dataclass
+class PretrainSettings:
+    """base_model: the training run."""
+
+    seq_len: int = 128
+    """Tokens per packed training sequence."""
+    micro_batch: int = 8
+    """Sequences per forward pass."""
+    grad_accum: int = 1
+    """Forward passes per optimizer step; the batch is micro_batch * grad_accum sequences."""
+    steps: int = 150
+    """Optimizer steps."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr * min_lr_ratio."""
+    warmup_steps: int = 15
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    eval_every: int = 50
+    """Validation loss and bits per byte every this many steps (and at the end)."""
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation."""
+    checkpoint_every: int = 50
+    """Steps between resumable checkpoints."""
+    seed: int = 0
+    """Seed of the weights, the data order and every random generator."""
+    compile: str = "auto"
+    """torch.compile: auto (on CUDA only), on, off."""
+    precision: str = "auto"
+    """auto (bf16 autocast where the GPU supports it, else fp32), bf16, fp32."""
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "micro_batch", "grad_accum", "steps", "eval_every", "eval_batches", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ProfileError(f"pretrain.{name} must be at least 1")
+        if self.compile not in ("auto", "on", "off"):
+            raise ProfileError(f"pretrain.compile must be auto, on or off, not {self.compile!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ProfileError(f"pretrain.precision must be auto, bf16 or fp32, not {self.precision!r}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ProfileError(f"pretrain.warmup_steps {self.warmup_steps} must be below steps {self.steps}")
+
+
+@dataclass
 class Profile:
     """Every size of one pipeline run."""
 
     name: str
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     clean: CleanSettings = field(default_factory=CleanSettings)
+    tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
+    model: ModelShape = field(default_factory=ModelShape)
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+
+    def __post_init__(self) -> None:
+        if self.pretrain.seq_len > self.model.max_position:
+            raise ProfileError(f"pretrain.seq_len {self.pretrain.seq_len} exceeds model.max_position")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,13 +216,33 @@ class Profile:
 
 def _builtin_profiles() -> dict[str, Profile]:
     return {
-        "tiny": Profile("tiny"),
+        # tiny's 4 MB corpus holds fewer than 32k pairs seen twice: merges of pairs seen once fill
+        # the vocabulary, so the tokenizer has the real size while the run stays short.
+        "tiny": Profile("tiny", tokenizer=TokenizerSettings(min_frequency=1)),
         "small": Profile(
             "small",
             corpus=CorpusSettings(
-                max_bytes=40_000_000,
+                sources=[
+                    Source(builtin="python_stdlib"),
+                    Source(builtin="site_packages"),
+                    Source(builtin="python_docs"),
+                    Source(builtin="python_docstrings"),
+                ],
+                code_share=0.75,
+                max_bytes=10_000_000,
             ),
             clean=CleanSettings(tasks=2),
+            model=ModelShape(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4),
+            pretrain=PretrainSettings(
+                seq_len=256,
+                micro_batch=8,
+                grad_accum=2,
+                steps=1500,
+                lr=1.5e-3,
+                warmup_steps=100,
+                eval_every=250,
+                checkpoint_every=250,
+            ),
         ),
         "300m": Profile(
             "300m",
@@ -126,6 +256,26 @@ def _builtin_profiles() -> dict[str, Profile]:
                 max_bytes=None,
             ),
             clean=CleanSettings(tasks=os.cpu_count() or 1),
+            model=ModelShape(
+                hidden_size=1024,
+                intermediate_size=2816,
+                num_layers=20,
+                num_heads=16,
+                num_kv_heads=8,
+                max_position=2048,
+                rope_theta=500_000.0,
+            ),
+            pretrain=PretrainSettings(
+                seq_len=1024,
+                micro_batch=32,
+                grad_accum=4,
+                steps=20_000,
+                lr=6e-4,
+                warmup_steps=1000,
+                eval_every=500,
+                eval_batches=32,
+                checkpoint_every=1000,
+            ),
         ),
     }
 

@@ -42,6 +42,8 @@ def corpus(tmp_path):
             "lang": "en",
         },
         {"id": "short", "text": "tiny", "source": "t", "lang": "en"},
+        {"id": "empty", "text": "", "source": "t/__init__.py", "lang": "python"},
+        {"id": "blank", "text": "  \n ", "source": "t", "lang": "en"},
         {"id": "broken", "text": "{oops", "source": "f.jsonl", "lang": "unknown", "error": "malformed_json (x)"},
         {"id": "code", "text": CODE, "source": "t", "lang": "python"},
         {"id": "short_code", "text": "a = 1\nb = 2\nc = a + b\n", "source": "t", "lang": "python"},
@@ -62,6 +64,7 @@ def test_clean_removes_duplicates_masks_pii_and_counts_everything(tmp_path, corp
     assert stats.dropped["malformed_json"] == 1
     assert stats.dropped["too_few_words"] == 1
     assert stats.dropped["sampled_out_short"] == 1
+    assert stats.dropped["empty"] == 2  # one empty text (datatrove's reader would skip it), one blank
     assert stats.pii == {"email": 1, "phone": 1}
 
     kept = {r["id"]: r for f in (out / "clean").glob("*.jsonl") for r in read_jsonl(f)}

@@ -1,0 +1,86 @@
+"""tokenizer and base_model, with their quality gates."""
+
+import json
+
+from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
+
+from assets.corpus import clean_corpus
+from assets.metadata import md_image
+from pipeline.base_model import build_base_model, build_tokenizer
+from pipeline.charts import loss_curve
+from resources import KilnSettings
+
+PARAMETER_LIMIT = 300_000_000
+
+
+@asset(group_name="training", code_version="1", deps=[clean_corpus])
+def tokenizer(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+    """A 32,000-token byte-level BPE (GPT-2 pre-tokenization) with bos/eos/pad, chat-role and
+    fill-in-the-middle tokens and a chat template, trained on the clean train split."""
+    out = kiln.stage_dir("tokenizer")
+    stats = build_tokenizer(kiln.stage_dir("clean_corpus") / "clean", out, kiln.load())
+    context.log.info(f"tokenizer: {stats['vocab_size']} tokens, bytes/token {stats['bytes_per_token']}")
+    bpt = stats["bytes_per_token"]
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(out / "tokenizer")),
+            "vocab_size": stats["vocab_size"],
+            "bytes_per_token_validation": bpt["validation"],
+            "bytes_per_token_code": bpt["code"] or float("nan"),
+            "bytes_per_token_prose": bpt["prose"] or float("nan"),
+        }
+    )
+
+
+@asset_check(asset=tokenizer, blocking=True, description="Held-out text (code, English, Korean, emoji) round-trips.")
+def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
+    stats = json.loads((kiln.stage_dir("tokenizer") / "stats.json").read_text())
+    failures = stats["round_trip_failures"]
+    return AssetCheckResult(
+        passed=not failures, metadata={"texts": stats["round_trip_texts"], "failures": MetadataValue.json(failures)}
+    )
+
+
+@asset(group_name="training", code_version="1", deps=[tokenizer])
+def base_model(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+    """A Llama-architecture model (RMSNorm, RoPE, SwiGLU, GQA) pretrained from scratch on the
+    packed train split; resumes from its last checkpoint if a run was interrupted."""
+    profile, out = kiln.load(), kiln.stage_dir("base_model")
+
+    def log_step(row: dict) -> None:
+        if "val_loss" in row or row["step"] % 10 == 0:
+            context.log.info(json.dumps(row))
+
+    result, baseline = build_base_model(
+        kiln.stage_dir("clean_corpus") / "clean", kiln.stage_dir("tokenizer") / "tokenizer", out, profile,
+        on_step=log_step,
+    )  # fmt: skip
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(out / "model")),
+            "parameters": result.parameters,
+            "steps": result.steps,
+            "tokens_seen": result.tokens_seen,
+            "tokens_per_s": result.tokens_per_s,
+            "final_train_loss": result.final_train_loss,
+            "val_loss": result.val_loss,
+            "val_bits_per_byte": result.val_bpb,
+            "unigram_bits_per_byte": baseline,
+            "resumed_from_step": result.resumed_from,
+            "loss_curve": md_image(loss_curve(result.history, result.evals, f"base_model ({profile.name})"), "loss"),
+        }
+    )
+
+
+@asset_check(asset=base_model, blocking=True, description="Validation bits per byte beat a unigram model's.")
+def base_model_beats_unigram(kiln: KilnSettings) -> AssetCheckResult:
+    s = json.loads((kiln.stage_dir("base_model") / "summary.json").read_text())
+    return AssetCheckResult(
+        passed=s["val_bpb"] < s["unigram_bpb"], metadata={"val_bpb": s["val_bpb"], "unigram_bpb": s["unigram_bpb"]}
+    )
+
+
+@asset_check(asset=base_model, blocking=True, description="The model has at most 300M parameters.")
+def base_model_parameter_budget(kiln: KilnSettings) -> AssetCheckResult:
+    n = json.loads((kiln.stage_dir("base_model") / "summary.json").read_text())["parameters"]
+    return AssetCheckResult(passed=n <= PARAMETER_LIMIT, metadata={"parameters": n, "limit": PARAMETER_LIMIT})

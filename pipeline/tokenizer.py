@@ -1,0 +1,164 @@
+"""tokenizer: a 32,000-token byte-level BPE trained on the clean train split.
+
+Pre-tokenization is GPT-2's byte-level scheme (its regex, no prefix space, no normalizer), so
+any byte sequence round-trips and llama.cpp's `gpt-2` pre-tokenizer splits text exactly as HF
+does. Special tokens: <|bos|>, <|eos|>, <|pad|>, chat roles (<|system|>, <|user|>,
+<|assistant|>, and <|end|> closing a turn) and fill-in-the-middle (<|fim_prefix|>,
+<|fim_middle|>, <|fim_suffix|>). The chat template, in tokenizer_config.json, is the one the
+SFT and DPO stages and the GGUF use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import KilnError
+from pipeline.io import atomic_path
+
+BOS, EOS, PAD, END = "<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"
+ROLES = ("<|system|>", "<|user|>", "<|assistant|>")
+FIM = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
+SPECIAL_TOKENS = [BOS, EOS, PAD, END, *ROLES, *FIM]
+
+# <|role|>\ncontent<|end|>\n per message; a generation prompt opens the assistant's turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# Text the round-trip check always covers, whatever the corpus: code, English, Korean, emoji.
+ROUND_TRIP_SAMPLES = [
+    "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "\tindented\twith tabs,   runs of  spaces\r\nand CRLF line ends\n\n\n",
+    "The quick brown fox jumps over the lazy dog. It's 3.11.7, isn't it?",
+    "한국어 문장도 손실 없이 복원되어야 합니다. 가나다라마바사!",
+    "Emoji and symbols: 🚀🔥👩‍💻 ∑ ≠ ∞ — “quotes” «guillemets» 日本語 中文",
+    "<|user|>special tokens inside text<|end|> and <|fim_prefix|> stay text-splittable",
+]
+
+
+@dataclass
+class TokenizerStats:
+    vocab_size: int
+    train_bytes: int
+    bytes_per_token: dict  # split/kind -> bytes per token on validation text
+    round_trip_failures: list
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 32_000, min_frequency: int = 2):
+    """Train the byte-level BPE on `texts` and save a transformers tokenizer folder at `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise KilnError(f"tokenizer.vocab_size {vocab_size} is below the 256 bytes plus special tokens")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,  # ids 0..9, in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    got = tok.get_vocab_size()
+    if got != vocab_size:
+        raise KilnError(
+            f"the training text supports only {got} tokens, not tokenizer.vocab_size={vocab_size}: "
+            "add text (corpus.max_bytes) or lower tokenizer.min_frequency"
+        )
+    save_tokenizer(tok, out_dir)
+    return load_tokenizer(out_dir)
+
+
+def save_tokenizer(tok, out_dir: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[END, *ROLES, *FIM],
+        clean_up_tokenization_spaces=False,  # the cleanup would change spaces before punctuation
+        model_max_length=1_000_000,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    with atomic_path(Path(out_dir)) as tmp:
+        hf.save_pretrained(tmp)
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise KilnError(f"{folder}: no tokenizer.json (materialize the tokenizer asset first)")
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def round_trip_failures(tokenizer, texts: Iterable[str]) -> list[str]:
+    """Texts that do not come back byte for byte from encode then decode (first 80 chars each)."""
+    failures = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if tokenizer.decode(ids, skip_special_tokens=False) != text:
+            failures.append(text[:80])
+    return failures
+
+
+def bytes_per_token(tokenizer, texts: Iterable[str]) -> float:
+    n_bytes = n_tokens = 0
+    for text in texts:
+        n_bytes += len(text.encode("utf-8"))
+        n_tokens += len(tokenizer.encode(text, add_special_tokens=False))
+    return n_bytes / max(n_tokens, 1)
+
+
+def token_byte_lengths(tokenizer) -> list[int]:
+    """UTF-8 bytes each token id stands for (0 for special tokens): bits per byte needs it."""
+    from tokenizers import decoders
+
+    byte_decoder = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
+    lengths = [0] * len(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    for token, idx in tokenizer.get_vocab().items():
+        if idx not in special and token not in SPECIAL_TOKENS:
+            lengths[idx] = sum(1 for ch in token if ch in byte_decoder)
+    del decoders
+    return lengths
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's map from the 256 byte values to printable characters, in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs, strict=True))
+    return [chr(table[b]) for b in range(256)]
+
+
+def texts_of(records: Iterable[dict], max_bytes: int | None = None) -> Iterator[str]:
+    """The `text` of each record, stopping once `max_bytes` have been yielded."""
+    seen = 0
+    for rec in records:
+        if max_bytes is not None and seen >= max_bytes:
+            return
+        seen += len(rec["text"].encode("utf-8"))
+        yield rec["text"]
+
+
+def write_tokenizer_stats(stats: TokenizerStats, path: Path) -> None:
+    path.write_text(json.dumps(stats.__dict__, indent=2) + "\n", encoding="utf-8")

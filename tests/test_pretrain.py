@@ -1,0 +1,101 @@
+"""Pretraining a test-sized Llama: a few steps learn, resume is exact, sizes and errors are checked."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.clean import read_split
+from pipeline.errors import KilnError
+from pipeline.pretrain import PackedTokens, count_parameters, lr_at, pretrain, tokenize_to_file, unigram_bpb
+from pipeline.profiles import ModelShape, PretrainSettings, ProfileError, load_profile
+from pipeline.tokenizer import texts_of, token_byte_lengths, train_tokenizer
+
+SHAPE = ModelShape(hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2, max_position=64)
+SETTINGS = PretrainSettings(
+    seq_len=32, micro_batch=4, grad_accum=2, steps=6, lr=3e-3, warmup_steps=2, eval_every=3, eval_batches=2,
+    checkpoint_every=2,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(small_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    tok = train_tokenizer(texts_of(read_split(small_corpus, "train")), root / "tok", vocab_size=512, min_frequency=1)
+    train = root / "train.bin"
+    val = root / "val.bin"
+    tokenize_to_file(texts_of(read_split(small_corpus, "train")), tok, train)
+    tokenize_to_file(texts_of(read_split(small_corpus, "validation")), tok, val)
+    return tok, train, val, token_byte_lengths(tok)
+
+
+def test_token_file_and_packing(data):
+    tok, train, _, _ = data
+    packed = PackedTokens(train, seq_len=32, seed=0)
+    assert packed.n == (len(packed.tokens) - 1) // 32
+    x, y = packed.batch(0, 4)
+    assert x.shape == y.shape == (4, 32)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+    assert int(packed.tokens.max()) < len(tok)
+    # the order is a pure function of (seed, k): a fresh reader gives the same samples
+    assert torch.equal(PackedTokens(train, 32, 0).batch(5, 3)[0], packed.batch(5, 3)[0])
+    assert tok.eos_token_id in packed.tokens  # documents are separated
+
+
+def test_few_steps_learn_and_save_a_loadable_model(data, tmp_path):
+    tok, train, val, tb = data
+    settings = dataclasses.replace(SETTINGS, steps=30, eval_every=30, checkpoint_every=30)
+    result = pretrain(train, val, tok, tb, tmp_path, SHAPE, settings, progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"] - 1.0
+    assert result.val_bpb < unigram_bpb(train, val, len(tok), tb)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
+    assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "model" / "tokenizer.json").exists()
+
+
+def test_resume_matches_an_uninterrupted_run(data, tmp_path):
+    tok, train, val, tb = data
+    straight = pretrain(train, val, tok, tb, tmp_path / "a", SHAPE, SETTINGS, progress=False)
+    partial = pretrain(train, val, tok, tb, tmp_path / "b", SHAPE, SETTINGS, progress=False, stop_after=3)
+    assert partial.steps == 3 and not (tmp_path / "b" / "model").exists()
+    resumed = pretrain(train, val, tok, tb, tmp_path / "b", SHAPE, SETTINGS, progress=False)
+    assert resumed.resumed_from == 3
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "model").state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corpus_too_small_and_vocab_mismatch(data, tmp_path):
+    tok, train, val, tb = data
+    big = dataclasses.replace(SETTINGS, micro_batch=100_000)
+    with pytest.raises(KilnError, match="one step needs 200000"):
+        pretrain(train, val, tok, tb, tmp_path, SHAPE, big, progress=False)
+    small_vocab = train_tokenizer(["abc abd abe"] * 10, tmp_path / "t2", vocab_size=270, min_frequency=1)
+    with pytest.raises(KilnError, match="token files and tokenizer differ"):
+        pretrain(train, val, small_vocab, tb, tmp_path, SHAPE, SETTINGS, progress=False)
+
+
+def test_shape_errors_name_the_setting():
+    with pytest.raises(ProfileError, match="hidden_size 300 is not a multiple of 256"):
+        ModelShape(hidden_size=300)
+    with pytest.raises(ProfileError, match="num_heads 4 does not divide by num_kv_heads 3"):
+        ModelShape(num_kv_heads=3)
+    with pytest.raises(ProfileError, match="does not divide by num_heads"):
+        ModelShape(hidden_size=512, num_heads=6, num_kv_heads=2)
+
+
+def test_300m_profile_fits_the_budget():
+    n = count_parameters(load_profile("300m").model)  # built on the meta device: no memory spent
+    assert 200_000_000 <= n <= 300_000_000
+    assert count_parameters(load_profile("tiny").model) < 20_000_000
+
+
+def test_schedule_warms_up_then_decays():
+    s = PretrainSettings(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, s) == pytest.approx(0.1)
+    assert lr_at(9, s) == pytest.approx(1.0)
+    assert lr_at(55, s) == pytest.approx(0.55)
+    assert lr_at(100, s) == pytest.approx(0.1)
