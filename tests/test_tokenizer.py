@@ -48,7 +48,8 @@ def test_chat_template(tok):
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], tokenize=False
     )
     assert text == "<|bos|><|user|>\nhi<|end|>\n<|assistant|>\nhello<|end|>\n"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    user = [{"role": "user", "content": "hi"}]
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|assistant|>\n")
 
 
