@@ -1,0 +1,111 @@
+"""Pretraining throughput: kiln's training loop against a minimal plain-PyTorch loop.
+
+    python benchmarks/pretrain_throughput.py [--profile tiny] [--steps 20] [--rounds 2]
+
+Both loops train the profile's model (same initial weights, same packed batches from the tiny
+corpus, same sequence length and micro-batch, gradient clipping in both) in this one process,
+alternating rounds so that machine noise falls on both. Each reports the median tokens/s of its
+steps after the first two (warm-up). The reference is what a minimal script writes:
+`torch.optim.AdamW(model.parameters(), lr)` with its defaults, a forward, cross-entropy, backward,
+clip, step. The ratio kiln / reference must be >= 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.pretrain import PackedTokens, llama_config, pretrain, tokenize_to_file
+from pipeline.profiles import load_profile
+from pipeline.tokenizer import load_tokenizer, texts_of, token_byte_lengths
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _prepare(profile, tmp: Path):
+    """Token files and tokenizer: the pipeline's own if `make run` made them, else built here."""
+    work = ROOT / "data" / "work" / profile.name
+    tok_dir, tokens = work / "tokenizer" / "tokenizer", work / "base_model" / "tokens"
+    if (tok_dir / "tokenizer.json").exists() and (tokens / "train.bin").exists():
+        return load_tokenizer(tok_dir), tokens / "train.bin", tokens / "validation.bin"
+    from pipeline.base_model import build_tokenizer
+    from pipeline.clean import clean_corpus, read_split
+    from pipeline.ingest import build_raw_corpus
+
+    c = profile.corpus
+    build_raw_corpus(c.sources, tmp / "raw.jsonl", c.max_bytes, c.code_share, progress=False)
+    clean_corpus([tmp / "raw.jsonl"], tmp / "clean_corpus", profile.clean, progress=False)
+    build_tokenizer(tmp / "clean_corpus" / "clean", tmp / "tok", profile)
+    tok = load_tokenizer(tmp / "tok" / "tokenizer")
+    for split, name in (("train", "train.bin"), ("validation", "validation.bin")):
+        tokenize_to_file(texts_of(read_split(tmp / "clean_corpus" / "clean", split)), tok, tmp / name)
+    return tok, tmp / "train.bin", tmp / "validation.bin"
+
+
+def reference_loop(tok, train: Path, profile, steps: int) -> list[float]:
+    """The minimal loop: tokens/s of each step."""
+    from transformers import LlamaForCausalLM
+
+    s = profile.pretrain
+    torch.manual_seed(s.seed)
+    cfg = llama_config(profile.model, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
+    data = PackedTokens(train, s.seq_len, s.seed)
+    rates = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        x, y = data.batch(step * s.micro_batch, s.micro_batch)
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()
+        rates.append(s.micro_batch * s.seq_len / (time.perf_counter() - t0))
+    return rates
+
+
+def kiln_loop(tok, train: Path, val: Path, profile, steps: int, out: Path) -> list[float]:
+    settings = dataclasses.replace(
+        profile.pretrain, steps=steps, grad_accum=1, warmup_steps=1, eval_every=steps, checkpoint_every=steps
+    )
+    result = pretrain(train, val, tok, token_byte_lengths(tok), out, profile.model, settings, progress=False)
+    return [h["tokens_per_s"] for h in result.history]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    profile = load_profile(args.profile)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tok, train, val = _prepare(profile, tmp)
+        ref, kiln = [], []
+        for r in range(args.rounds):
+            ref += reference_loop(tok, train, profile, args.steps)[2:]
+            kiln += kiln_loop(tok, train, val, profile, args.steps, tmp / f"run{r}")[2:]
+    s = profile.pretrain
+    print(
+        f"profile {profile.name}: {s.micro_batch} x {s.seq_len} tokens per step, {args.steps} steps x {args.rounds} "
+        f"rounds, {torch.get_num_threads()} threads, device cpu"
+    )
+    r, k = statistics.median(ref), statistics.median(kiln)
+    print(f"reference loop  {r:8.0f} tokens/s (median)")
+    print(f"kiln loop       {k:8.0f} tokens/s (median)")
+    print(f"ratio kiln/reference: {k / r:.2f}")
+
+
+if __name__ == "__main__":
+    main()
