@@ -34,6 +34,7 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/clean_throughput.py
 	$(BIN)/python benchmarks/pii_accuracy.py
+	$(BIN)/python benchmarks/pretrain_throughput.py
 
 clean-work:
 	rm -rf data/work

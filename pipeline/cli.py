@@ -41,13 +41,60 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
 
 def _cmd_profiles(args: argparse.Namespace) -> int:
+    from pipeline.pretrain import count_parameters
     from pipeline.profiles import PROFILE_NAMES, load_profile
 
     names = [args.name] if args.name else PROFILE_NAMES
     for name in names:
         profile = load_profile(name)
-        print(json.dumps(profile.to_dict(), indent=2, default=str))
+        n = count_parameters(profile.model, profile.tokenizer.vocab_size)
+        if args.json:
+            print(json.dumps({**profile.to_dict(), "parameters": n}, indent=2, default=str))
+            continue
+        m, t = profile.model, profile.pretrain
+        print(
+            f"{profile.name:>6}: {n:>12,} parameters  (hidden {m.hidden_size}, mlp {m.intermediate_size}, "
+            f"{m.num_layers} layers, {m.num_heads}/{m.num_kv_heads} heads, vocab {profile.tokenizer.vocab_size}); "
+            f"{t.steps} steps of {t.micro_batch * t.grad_accum}x{t.seq_len} tokens"
+        )
     return 0
+
+
+def _cmd_tokenizer(args: argparse.Namespace) -> int:
+    from pipeline.base_model import build_tokenizer
+    from pipeline.profiles import load_profile
+
+    clean = _clean_folder(args.clean)
+    stats = build_tokenizer(clean, Path(args.output), load_profile(args.profile))
+    print(json.dumps(stats, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from pipeline.base_model import build_base_model
+    from pipeline.profiles import load_profile
+
+    clean = _clean_folder(args.clean)
+    result, baseline = build_base_model(clean, Path(args.tokenizer), Path(args.output), load_profile(args.profile))
+    print(
+        json.dumps(
+            {"parameters": result.parameters, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+             "unigram_bpb": baseline, "tokens_per_s": result.tokens_per_s, "resumed_from": result.resumed_from},
+            indent=2,
+        )
+    )  # fmt: skip
+    print(f"model in {Path(args.output) / 'model'}", file=sys.stderr)
+    return 0
+
+
+def _clean_folder(path: str) -> Path:
+    """A `kiln clean` output folder or its clean/ folder: where train-*.jsonl and validation-*.jsonl are."""
+    folder = Path(path)
+    if (folder / "clean").is_dir():
+        folder = folder / "clean"
+    if not any(folder.glob("train-*.jsonl")):
+        raise KilnError(f"{path}: no train-*.jsonl here (give a `kiln clean` output folder)")
+    return folder
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -101,9 +148,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_clean)
 
-    p = sub.add_parser("profiles", help="print the built-in profiles (or one) with every setting")
+    p = sub.add_parser("profiles", help="list the profiles with their exact parameter counts (--json: every setting)")
     p.add_argument("name", nargs="?", help="a profile name or YAML file")
+    p.add_argument("--json", action="store_true", help="print every setting of each profile as JSON")
     p.set_defaults(func=_cmd_profiles)
+
+    p = sub.add_parser(
+        "tokenizer",
+        help="train the 32k byte-level BPE on a cleaned corpus",
+        description="Train the tokenizer on CLEAN/train-*.jsonl and measure it on CLEAN/validation-*.jsonl; "
+        "writes OUTPUT/tokenizer/ (a transformers tokenizer folder) and OUTPUT/stats.json.",
+    )
+    p.add_argument("--clean", required=True, metavar="DIR", help="a `kiln clean` output folder")
+    p.add_argument("--output", "-o", required=True, metavar="DIR")
+    p.add_argument("--profile", default=None, help="profile name or YAML file (default: $KILN_PROFILE or tiny)")
+    p.set_defaults(func=_cmd_tokenizer)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain the base model from scratch (resumes an interrupted run)",
+        description="Tokenize the cleaned corpus, then pretrain the profile's Llama model; writes "
+        "OUTPUT/model/ (save_pretrained with safetensors and the tokenizer), OUTPUT/checkpoints/, "
+        "OUTPUT/metrics.json and OUTPUT/summary.json. Run it again after an interruption to resume. "
+        "On several GPUs, launch it with `torchrun --nproc-per-node N -m pipeline.cli pretrain ...`.",
+    )
+    p.add_argument("--clean", required=True, metavar="DIR", help="a `kiln clean` output folder")
+    p.add_argument(
+        "--tokenizer", required=True, metavar="DIR", help="a tokenizer folder (kiln tokenizer's OUTPUT/tokenizer)"
+    )
+    p.add_argument("--output", "-o", required=True, metavar="DIR")
+    p.add_argument("--profile", default=None, help="profile name or YAML file (default: $KILN_PROFILE or tiny)")
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser(
         "run",

@@ -57,3 +57,42 @@ def test_help_explains_the_commands():
     assert proc.returncode == 0
     for command in ("clean", "profiles", "run"):
         assert command in proc.stdout
+
+
+def test_tokenizer_then_pretrain_alone(small_corpus, tmp_path, capsys):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        "base: tiny\n"
+        "tokenizer: {vocab_size: 600, min_frequency: 1}\n"
+        "model: {hidden_size: 256, intermediate_size: 256, num_layers: 1, max_position: 64}\n"
+        "pretrain: {seq_len: 32, micro_batch: 4, steps: 4, warmup_steps: 1, eval_every: 4, eval_batches: 1}\n"
+    )
+    assert (
+        main(
+            [
+                "tokenizer",
+                "--clean",
+                str(small_corpus.parent),
+                "--output",
+                str(tmp_path / "t"),
+                "--profile",
+                str(profile),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 600
+    code = main(
+        ["pretrain", "--clean", str(small_corpus), "--tokenizer", str(tmp_path / "t" / "tokenizer"),
+         "--output", str(tmp_path / "m"), "--profile", str(profile)]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["val_bpb"] > 0 and (tmp_path / "m" / "model" / "model.safetensors").exists()
+
+
+def test_profiles_lists_parameter_counts():
+    proc = _run("profiles")
+    assert proc.returncode == 0
+    assert "268,739,584 parameters" in proc.stdout  # 300m, counted on the meta device
+    assert [line.split(":")[0].strip() for line in proc.stdout.splitlines()] == ["tiny", "small", "300m"]
