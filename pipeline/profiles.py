@@ -196,6 +196,65 @@ class PretrainSettings:
 
 
 @dataclass
+class SFTSettings:
+    """sft_data and sft_model: the instruction set and QLoRA fine-tuning."""
+
+    files: list[str] = field(default_factory=list)
+    """Your SFT files (JSONL, TRL's conversational `messages`); empty mines pairs from the clean corpus."""
+    max_pairs: int = 200
+    """Instruction pairs mined from code (signature and docstring -> function)."""
+    eval_share: float = 0.1
+    """Share of pairs held out to measure the SFT task's loss."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scale numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    steps: int = 40
+    """Optimizer steps."""
+    batch: int = 4
+    """Rows per device batch."""
+    grad_accum: int = 1
+    """Batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (cosine schedule)."""
+    max_length: int = 512
+    """Tokens per row; longer rows are truncated."""
+    seed: int = 0
+    """Seed of the adapter init and the data order."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eval_share < 0.5:
+            raise ProfileError(f"eval_share must be in (0, 0.5), not {self.eval_share}")
+        if min(self.lora_r, self.steps, self.batch, self.grad_accum, self.max_pairs) < 1:
+            raise ProfileError("lora_r, steps, batch, grad_accum and max_pairs must be at least 1")
+
+
+@dataclass
+class DPOSettings(SFTSettings):
+    """dpo_data and dpo_model: the preference set and DPO from the SFT checkpoint."""
+
+    files: list[str] = field(default_factory=list)
+    """Your preference files (JSONL with prompt, chosen, rejected); empty mines pairs from the clean corpus."""
+    max_pairs: int = 120
+    """Preference pairs mined from code (chosen: the real function; rejected: a wrong one)."""
+    beta: float = 0.1
+    """DPO's KL strength: higher keeps the model closer to the reference."""
+    quantize: bool = False
+    """Load the SFT checkpoint in 4-bit NF4 (QLoRA) for DPO too."""
+    steps: int = 30
+    """Optimizer steps."""
+    lr: float = 5e-4
+    """Peak learning rate (cosine schedule)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ProfileError(f"dpo.beta must be positive, not {self.beta}")
+
+
+@dataclass
 class Profile:
     """Every size of one pipeline run."""
 
@@ -205,6 +264,8 @@ class Profile:
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
     model: ModelShape = field(default_factory=ModelShape)
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    sft: SFTSettings = field(default_factory=SFTSettings)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
 
     def __post_init__(self) -> None:
         if self.pretrain.seq_len > self.model.max_position:

@@ -1,0 +1,104 @@
+"""What SFT and DPO share: loading a checkpoint (4-bit NF4 for QLoRA), LoRA adapters, training
+arguments for the device, a loss-history callback, and merging the adapter into full weights."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import KilnError
+from pipeline.io import atomic_path
+
+# Every attention and MLP projection of the Llama block gets an adapter.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def compute_dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_for_training(checkpoint: Path, quantize: bool):
+    """The checkpoint ready for LoRA: 4-bit NF4 with double quantization (QLoRA) when `quantize`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if not (Path(checkpoint) / "config.json").is_file():
+        raise KilnError(f"{checkpoint}: not a model folder (no config.json)")
+    kwargs = {"dtype": compute_dtype(), "device_map": "cuda" if torch.cuda.is_available() else "cpu"}
+    if quantize:
+        from peft import prepare_model_for_kbit_training
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,  # quantize the quantization constants too
+            bnb_4bit_compute_dtype=compute_dtype(),
+        )
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint), **kwargs)
+        # casts norms to fp32 and enables input gradients, so LoRA trains stably on 4-bit weights
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return AutoModelForCausalLM.from_pretrained(str(checkpoint), **kwargs)
+
+
+def lora_config(r: int, alpha: int, dropout: float):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def training_arguments(cls, out_dir: Path, steps: int, batch: int, grad_accum: int, lr: float, seed: int, **extra):
+    """TRL config `cls` (SFTConfig, DPOConfig) with kiln's defaults for this device."""
+    on_gpu = torch.cuda.is_available()
+    return cls(
+        output_dir=str(out_dir / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 10),
+        logging_steps=1,
+        eval_strategy="no",  # kiln evaluates once at the end, on the held-out slice
+        save_strategy="no",  # the adapter and the merged model are saved by kiln
+        report_to="none",  # metrics go to the asset metadata (and MLflow through kiln)
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not on_gpu,
+        bf16=compute_dtype() == torch.bfloat16,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        gradient_checkpointing=False,  # small models fit; recomputing activations would cost a third more time
+        **extra,
+    )
+
+
+def history_callback(history: list):
+    """A TrainerCallback that appends every logged dict (with its step) to `history`."""
+    from transformers import TrainerCallback
+
+    class _History(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                history.append({"step": state.global_step, "time": time.time(), **logs})
+
+    return _History()
+
+
+def merge_adapter(base_checkpoint: Path, adapter_dir: Path, tokenizer, out: Path) -> None:
+    """Merge the LoRA adapter into a full-precision copy of the base weights (merging into the
+    4-bit weights would lose precision) and save a plain HF checkpoint with the tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_checkpoint), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with atomic_path(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
