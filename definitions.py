@@ -14,14 +14,14 @@ from dagster import (
     load_assets_from_modules,
 )
 
-from assets import corpus, training
+from assets import corpus, post_training, training
 from resources import KilnSettings
 from resources.kiln import REPO_ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-STAGE_MODULES = [corpus, training]
+STAGE_MODULES = [corpus, training, post_training]
 
 kiln_pipeline = define_asset_job(
     "kiln_pipeline", selection=AssetSelection.all(), description="Every asset, from sources to registry."
@@ -31,10 +31,14 @@ training_job = define_asset_job(
     "training", selection=AssetSelection.groups("training"), description="tokenizer and base_model."
 )
 
+post_training_job = define_asset_job(
+    "post_training", selection=AssetSelection.groups("post_training"), description="SFT and DPO data and models."
+)
+
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),
     asset_checks=load_asset_checks_from_modules(STAGE_MODULES),
-    jobs=[kiln_pipeline, data_job, training_job],
+    jobs=[kiln_pipeline, data_job, training_job, post_training_job],
     resources={
         "kiln": KilnSettings(
             profile=os.environ.get("KILN_PROFILE", "tiny"),

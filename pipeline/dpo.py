@@ -31,7 +31,9 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
 
     tokenizer = AutoTokenizer.from_pretrained(str(sft_checkpoint))
     train, held, _ = _datasets(data_dir, s.batch, "preference")
-    model = get_peft_model(load_for_training(sft_checkpoint, s.quantize), lora_config(s.lora_r, s.lora_alpha, s.lora_dropout))
+    model = get_peft_model(
+        load_for_training(sft_checkpoint, s.quantize), lora_config(s.lora_r, s.lora_alpha, s.lora_dropout)
+    )
     trainable, total = trainable_parameters(model)
     history: list[dict] = []
     args = training_arguments(
@@ -62,4 +64,3 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
             "train_rows": len(train), "eval_rows": len(held),
         },
     )  # fmt: skip
-

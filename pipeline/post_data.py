@@ -69,7 +69,9 @@ def mine_functions(code: str, min_body_lines: int = 2, max_chars: int = 1500) ->
         if len(body_lines) < min_body_lines or len(source) > max_chars:
             continue
         header = source.splitlines()[: node.body[0].lineno - node.lineno + len(node.decorator_list)]
-        signature = "\n".join(ln for ln in header if ln.lstrip().startswith(("def ", "async def ", "@")) or ln.endswith(":"))
+        signature = "\n".join(
+            ln for ln in header if ln.lstrip().startswith(("def ", "async def ", "@")) or ln.endswith(":")
+        )
         request = f"Write a Python function `{signature.strip()}`.\n\n{doc.strip()}"
         yield MinedFunction(request, source.rstrip() + "\n", signature, "\n".join(body_lines))
 
@@ -126,7 +128,7 @@ def _check_messages(messages, where: str) -> str | None:
         return "messages is not a non-empty list"
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            return "a message lacks a role (system/user/assistant) or a string content"
+            return "a message lacks a role or a string content (roles: system, user, assistant)"
     if messages[-1]["role"] != "assistant":
         return "the last message is not the assistant's"
     if not messages[-1]["content"].strip():

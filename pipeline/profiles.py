@@ -211,7 +211,7 @@ class SFTSettings:
     """LoRA scale numerator (the update is scaled by alpha / r)."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch."""
-    steps: int = 40
+    steps: int = 30
     """Optimizer steps."""
     batch: int = 4
     """Rows per device batch."""
@@ -243,10 +243,12 @@ class DPOSettings(SFTSettings):
     """DPO's KL strength: higher keeps the model closer to the reference."""
     quantize: bool = False
     """Load the SFT checkpoint in 4-bit NF4 (QLoRA) for DPO too."""
-    steps: int = 30
+    steps: int = 20
     """Optimizer steps."""
-    lr: float = 5e-4
+    lr: float = 1e-3
     """Peak learning rate (cosine schedule)."""
+    max_length: int = 384
+    """Tokens per prompt plus answer; longer pairs are truncated."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

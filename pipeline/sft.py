@@ -8,7 +8,6 @@ base weights: the result is a plain HF checkpoint.
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -79,16 +78,16 @@ def _datasets(data_dir: Path, batch: int, what: str):
     return Dataset.from_list(train), Dataset.from_list(held), held
 
 
-def train_sft(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettings) -> TuneResult:
+def make_sft_trainer(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettings, history: list):
+    """The SFTTrainer on a 4-bit NF4 base with LoRA adapters, and the held-out rows."""
     from peft import get_peft_model
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_checkpoint))
-    train, held, held_rows = _datasets(data_dir, s.batch, "SFT")
-    model = get_peft_model(load_for_training(base_checkpoint, quantize=True), lora_config(s.lora_r, s.lora_alpha, s.lora_dropout))
-    trainable, total = trainable_parameters(model)
-    history: list[dict] = []
+    train, _, held_rows = _datasets(data_dir, s.batch, "SFT")
+    base = load_for_training(base_checkpoint, quantize=True)
+    model = get_peft_model(base, lora_config(s.lora_r, s.lora_alpha, s.lora_dropout))
     args = training_arguments(
         SFTConfig, out_dir, s.steps, s.batch, s.grad_accum, s.lr, s.seed,
         max_length=s.max_length, completion_only_loss=True, packing=False,
@@ -96,7 +95,14 @@ def train_sft(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettin
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[history_callback(history)]
     )
-    before = completion_loss(model, tokenizer, held_rows)
+    return trainer, tokenizer, held_rows
+
+
+def train_sft(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettings) -> TuneResult:
+    history: list[dict] = []
+    trainer, tokenizer, held_rows = make_sft_trainer(base_checkpoint, data_dir, out_dir, s, history)
+    trainable, total = trainable_parameters(trainer.model)
+    before = completion_loss(trainer.model, tokenizer, held_rows)  # adapters start at zero: the base model's loss
     t0 = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t0
@@ -107,7 +113,10 @@ def train_sft(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettin
         trainable=trainable, total=total, steps=out.global_step, train_loss=out.training_loss,
         eval_loss_before=before, eval_loss_after=after, tokens_per_s=tokens_seen(history) / seconds,
         peak_memory_mb=peak_memory_mb(), seconds=seconds, history=history,
-        extra={"quantized_modules": _count_4bit(trainer.model), "eval_rows": len(held), "train_rows": len(train)},
+        extra={
+            "quantized_modules": count_4bit(trainer.model), "eval_rows": len(held_rows),
+            "train_rows": len(trainer.train_dataset),
+        },
     )  # fmt: skip
 
 
@@ -117,11 +126,17 @@ def tokens_seen(history: list[dict]) -> float:
     return float(counts[-1]) if counts else 0.0
 
 
-def _count_4bit(model) -> int:
+def count_4bit(model) -> int:
+    """Linear layers held in bitsandbytes 4-bit."""
     import bitsandbytes as bnb
 
     return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50))
+def sft_task_loss(checkpoint: Path, sft_data_dir: Path) -> float:
+    """The completion loss of any checkpoint on the held-out SFT rows: base, SFT and DPO compare."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    return completion_loss(model, tokenizer, load_rows(Path(sft_data_dir) / "eval.jsonl"))

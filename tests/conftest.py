@@ -39,3 +39,25 @@ def small_corpus(tmp_path_factory) -> Path:
                     text, lang = " ".join(rng.choice(_WORDS) for _ in range(120)) + " 🚀", "en"
                 fh.write(json.dumps({"id": f"{split}{i}", "text": text, "lang": lang, "split": split}) + "\n")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base(small_corpus, tmp_path_factory) -> Path:
+    """A test-sized pretrained checkpoint (one layer, 600-token vocabulary) with its tokenizer."""
+    from pipeline.clean import read_split
+    from pipeline.pretrain import pretrain, tokenize_to_file
+    from pipeline.profiles import ModelShape, PretrainSettings
+    from pipeline.tokenizer import texts_of, token_byte_lengths, train_tokenizer
+
+    root = tmp_path_factory.mktemp("base")
+    tok = train_tokenizer(texts_of(read_split(small_corpus, "train")), root / "tok", vocab_size=600, min_frequency=1)
+    for split in ("train", "validation"):
+        tokenize_to_file(texts_of(read_split(small_corpus, split)), tok, root / f"{split}.bin")
+    shape = ModelShape(
+        hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2, max_position=512
+    )
+    settings = PretrainSettings(seq_len=64, micro_batch=4, steps=20, warmup_steps=2, eval_every=20, eval_batches=1)
+    pretrain(
+        root / "train.bin", root / "validation.bin", tok, token_byte_lengths(tok), root, shape, settings, progress=False
+    )
+    return root / "model"

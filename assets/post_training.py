@@ -1,0 +1,97 @@
+"""sft_data, dpo_data, sft_model and dpo_model."""
+
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from assets.corpus import clean_corpus
+from assets.metadata import md_image, md_table
+from assets.training import base_model
+from pipeline.charts import loss_curve
+from pipeline.clean import read_split
+from pipeline.dpo import train_dpo
+from pipeline.post_data import build_post_data
+from pipeline.sft import TuneResult, sft_task_loss, train_sft
+from resources import KilnSettings
+
+
+def _data_asset(kind: str, kiln: KilnSettings) -> MaterializeResult:
+    s = getattr(kiln.load(), kind)
+    out = kiln.stage_dir(f"{kind}_data")
+    train_split = read_split(kiln.stage_dir("clean_corpus") / "clean", "train")  # never the validation split
+    stats = build_post_data(kind, train_split, s.files, out, s.max_pairs, s.eval_share, s.seed)
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(out)),
+            "train_rows": stats.train,
+            "eval_rows": stats.eval,
+            "sources": md_table(stats.sources, "source", "rows"),
+            "rejected": md_table(stats.rejected, "reason", "rows"),
+        }
+    )
+
+
+@asset(group_name="post_training", code_version="1", deps=[clean_corpus])
+def sft_data(kiln: KilnSettings) -> MaterializeResult:
+    """Instruction pairs (prompt -> completion, chat format): the profile's SFT files, or functions
+    mined from the clean train split's code (signature and docstring -> the function)."""
+    return _data_asset("sft", kiln)
+
+
+@asset(group_name="post_training", code_version="1", deps=[clean_corpus])
+def dpo_data(kiln: KilnSettings) -> MaterializeResult:
+    """Preference pairs (prompt, chosen, rejected): the profile's files, or mined from code with the
+    real function chosen and another body or a truncated one rejected."""
+    return _data_asset("dpo", kiln)
+
+
+def _tune_metadata(result: TuneResult, title: str) -> dict:
+    return {
+        "trainable_parameters": result.trainable,
+        "trainable_share": result.trainable / result.total,
+        "steps": result.steps,
+        "train_loss": result.train_loss,
+        "tokens_per_s": result.tokens_per_s,
+        "peak_memory_mb": result.peak_memory_mb,
+        "train_seconds": result.seconds,
+        "loss_curve": md_image(loss_curve([h for h in result.history if "loss" in h], [], title), "loss"),
+    }
+
+
+@asset(group_name="post_training", code_version="1", deps=[base_model, sft_data])
+def sft_model(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+    """QLoRA SFT: the base model in 4-bit NF4, LoRA on every projection, completion-only loss (TRL
+    SFTTrainer); the adapter merged into full-precision base weights."""
+    out = kiln.stage_dir("sft_model")
+    result = train_sft(kiln.stage_dir("base_model") / "model", kiln.stage_dir("sft_data"), out, kiln.load().sft)
+    context.log.info(f"sft: held-out completion loss {result.eval_loss_before:.3f} -> {result.eval_loss_after:.3f}")
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(out / "model")),
+            "base_eval_loss": result.eval_loss_before,
+            "sft_eval_loss": result.eval_loss_after,
+            "quantized_layers": result.extra["quantized_modules"],
+            **_tune_metadata(result, "sft_model"),
+        }
+    )
+
+
+@asset(group_name="post_training", code_version="1", deps=[sft_model, dpo_data])
+def dpo_model(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+    """DPO (TRL DPOTrainer) from the SFT checkpoint with LoRA, the adapter-disabled model as the
+    frozen reference; the adapter merged into full-precision weights."""
+    out = kiln.stage_dir("dpo_model")
+    result = train_dpo(kiln.stage_dir("sft_model") / "model", kiln.stage_dir("dpo_data"), out, kiln.load().dpo)
+    sft_task = sft_task_loss(out / "model", kiln.stage_dir("sft_data"))
+    x = result.extra
+    context.log.info(f"dpo: held-out margin {x['margin_before']:.3f} -> {x['margin_after']:.3f}")
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(out / "model")),
+            "eval_dpo_loss": result.eval_loss_after,
+            "reward_margin_before": x["margin_before"],
+            "reward_margin_after": x["margin_after"],
+            "preference_accuracy_before": x["accuracy_before"],
+            "preference_accuracy_after": x["accuracy_after"],
+            "sft_task_eval_loss": sft_task,
+            **_tune_metadata(result, "dpo_model"),
+        }
+    )

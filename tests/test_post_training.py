@@ -1,0 +1,147 @@
+"""Post-training: the mined and user datasets, QLoRA SFT on 4-bit weights, DPO, merging."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.clean import read_split
+from pipeline.dpo import train_dpo
+from pipeline.errors import KilnError
+from pipeline.post_data import build_post_data, dpo_records, mine_functions
+from pipeline.profiles import DPOSettings, SFTSettings
+from pipeline.sft import count_4bit, make_sft_trainer, train_sft
+
+CODE = '''
+import os
+
+
+def join_all(parts, sep=","):
+    """Join the parts with a separator, skipping empty ones."""
+    kept = [p for p in parts if p]
+    return sep.join(kept)
+
+
+def no_doc(x):
+    return x
+
+
+def short(x):
+    """Too short a body to teach anything."""
+    return x
+'''
+
+SFT = SFTSettings(steps=4, batch=2, lr=5e-3, max_pairs=40, lora_r=4, lora_alpha=8, max_length=256)
+
+
+def test_mine_functions_from_code():
+    found = list(mine_functions(CODE))
+    assert [f.signature for f in found] == ['def join_all(parts, sep=","):']
+    fn = found[0]
+    assert "Join the parts with a separator" in fn.request and fn.request.startswith("Write a Python function")
+    assert fn.answer.startswith("def join_all") and "return sep.join(kept)" in fn.answer
+    assert fn.body.strip().startswith("kept =")
+
+
+def test_preference_pairs_have_a_wrong_rejected(small_corpus):
+    from pipeline.post_data import mine_from_corpus
+
+    functions = mine_from_corpus(read_split(small_corpus, "train"), 20)
+    pairs = list(dpo_records(functions))
+    assert len(pairs) >= 15
+    for p in pairs:
+        assert p["chosen"][0]["content"] != p["rejected"][0]["content"]
+        assert p["prompt"][0]["role"] == "user" and p["chosen"][0]["role"] == "assistant"
+
+
+def test_validation_documents_never_feed_the_sets(small_corpus, tmp_path):
+    build_post_data("sft", read_split(small_corpus, "train"), [], tmp_path / "sft", 1000, 0.1)
+    val_answers = {f.answer for r in read_split(small_corpus, "validation") for f in mine_functions(r["text"])}
+    rows = [json.loads(line) for f in ("train.jsonl", "eval.jsonl") for line in open(tmp_path / "sft" / f)]
+    assert rows and not {r["completion"][0]["content"] for r in rows} & val_answers
+
+
+def test_bad_user_rows_are_rejected_with_file_and_line(tmp_path):
+    sft = tmp_path / "sft.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    sft.write_text(
+        "\n".join(
+            [
+                json.dumps(good),
+                json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),
+                json.dumps({"messages": "not a list"}),
+                "{broken",
+                json.dumps(good | {"messages": [{"role": "wizard", "content": "x"}, good["messages"][1]]}),
+            ]
+        )
+        + "\n"
+    )
+    stats = build_post_data("sft", [], [str(sft)], tmp_path / "out", 10, 0.1)
+    assert stats.train + stats.eval == 1
+    assert stats.rejected == {
+        "the last message is not the assistant's": 1,
+        "messages is not a non-empty list": 1,
+        "malformed_json": 1,
+        "a message lacks a role or a string content": 1,
+    }
+    rejected = [json.loads(line) for line in open(tmp_path / "out" / "rejected.jsonl")]
+    assert rejected[0]["where"] == f"{sft}:2"
+
+    dpo = tmp_path / "dpo.jsonl"
+    dpo.write_text(json.dumps({"prompt": "q", "chosen": "", "rejected": "no"}) + "\n")
+    with pytest.raises(KilnError, match="no usable dpo rows .*empty chosen"):
+        build_post_data("dpo", [], [str(dpo)], tmp_path / "out2", 10, 0.1)
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.fixture(scope="module")
+def sft_data(small_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sftdata") / "sft"
+    build_post_data("sft", read_split(small_corpus, "train"), [], out, 40, 0.1)
+    return out
+
+
+def test_sft_trains_4bit_layers_with_masked_prompt(tiny_base, sft_data, tmp_path):
+    import bitsandbytes as bnb
+
+    history: list = []
+    trainer, tokenizer, _ = make_sft_trainer(tiny_base, sft_data, tmp_path, SFT, history)
+    projections = [
+        m for n, m in trainer.model.named_modules() if n.endswith(("q_proj.base_layer", "down_proj.base_layer"))
+    ]
+    assert projections and all(isinstance(m, bnb.nn.Linear4bit) for m in projections)
+    assert count_4bit(trainer.model) == 7  # every projection of the one layer
+    example = trainer.train_dataset[0]
+    batch = trainer.data_collator([example])
+    labels, ids = batch["labels"][0], batch["input_ids"][0]
+    row = json.loads(open(sft_data / "train.jsonl").readline())
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert (labels[:n_prompt] == -100).all()  # the prompt does not count
+    assert (labels[n_prompt:] == ids[n_prompt:]).all()  # the completion does
+
+
+def test_sft_merges_into_a_loadable_checkpoint(tiny_base, sft_data, tmp_path):
+    result = train_sft(tiny_base, sft_data, tmp_path, SFT)
+    assert result.extra["quantized_modules"] == 7
+    assert 0 < result.trainable < result.total * 0.5
+    assert result.eval_loss_after < result.eval_loss_before
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    assert not any(type(m).__name__.startswith("Lora") for m in merged.modules())
+    w_merged = merged.model.layers[0].self_attn.q_proj.weight
+    assert w_merged.dtype == torch.float32
+    assert not torch.equal(w_merged, base.model.layers[0].self_attn.q_proj.weight)  # the adapter was merged in
+
+
+def test_dpo_raises_the_margin_on_its_own_pairs(tiny_base, small_corpus, tmp_path):
+    data = tmp_path / "dpo"
+    build_post_data("dpo", read_split(small_corpus, "train"), [], data, 8, 0.1)
+    shutil.copy(data / "train.jsonl", data / "eval.jsonl")  # measure on the pairs it trains on
+    settings = DPOSettings(steps=8, batch=4, lr=5e-3, beta=0.1, lora_r=4, lora_alpha=8, max_length=256)
+    result = train_dpo(tiny_base, data, tmp_path / "out", settings)
+    assert result.extra["margin_before"] == pytest.approx(0.0, abs=1e-6)  # zero-initialized adapter = reference
+    assert result.extra["margin_after"] > 0.0
+    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
