@@ -229,9 +229,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _run_key(shape: ModelShape, settings: PretrainSettings, vocab: int, n_train: int) -> str:
-    """What a checkpoint must match to be resumed: same shape, settings and data."""
-    blob = json.dumps([asdict(shape), asdict(settings), vocab, n_train], sort_keys=True)
+def _run_key(shape: ModelShape, settings: PretrainSettings, vocab: int, train_tokens: Path) -> str:
+    """What a checkpoint must match to be resumed: same shape, settings and training tokens."""
+    digest = hashlib.sha256()
+    with open(train_tokens, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    blob = json.dumps([asdict(shape), asdict(settings), vocab, digest.hexdigest()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -268,7 +272,8 @@ def pretrain(
 ) -> PretrainResult:
     """Train, checkpointing to `out_dir/checkpoints`, and save the model to `out_dir/model`.
 
-    A checkpoint left by an interrupted run with the same settings and data is resumed.
+    A checkpoint left by an interrupted run with the same settings and training tokens is resumed;
+    one left by a finished run is reused as it is (the weights would come out the same).
     `stop_after` ends this call after that many steps of the run (as a kill would, right after
     a checkpoint): the next call resumes.
     """
@@ -310,7 +315,7 @@ def pretrain(
     )  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, s) / s.lr)
 
-    key = _run_key(shape, s, vocab, len(train.tokens))
+    key = _run_key(shape, s, vocab, Path(train_tokens))
     latest = ckpt_dir / "latest.pt"
     start, history, evals = 0, [], []
     if latest.exists():

@@ -51,3 +51,56 @@ def test_materialize_raw_to_clean(tmp_path):
     stats = json.loads((tmp_path / "work" / "test" / "clean_corpus" / "stats.json").read_text())
     assert stats["pii"]["email"] == 30
     assert stats["input_documents"] == stats["kept_documents"] + sum(stats["dropped"].values())
+
+
+def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
+    """Every asset and check, sources to dpo_model, on a test-sized profile."""
+    from dagster import load_assets_from_modules
+
+    import definitions
+    from assets import corpus, post_training, training
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(1)
+    words = "model token stage corpus river table window engine signal garden market letter".split()
+    for i in range(60):
+        lines = "\n".join(f"    v{j} = v{j - 1} * {rng.randrange(2, 9)} + {rng.randrange(99)}" for j in range(1, 6))
+        doc = " ".join(rng.choice(words) for _ in range(8))
+        (src / f"m{i}.py").write_text(f'def f{i}(v0):\n    """{doc}."""\n{lines}\n    return v5\n')
+        (src / f"n{i}.txt").write_text(" ".join(rng.choice(words) + str(rng.randrange(9)) for _ in range(90)) + ".")
+    profile = tmp_path / "e2e.yaml"
+    profile.write_text(
+        yaml.safe_dump(
+            {
+                "base": "tiny",
+                "corpus": {"sources": [{"path": str(src)}], "max_bytes": None},
+                "clean": {"validation_share": 0.15, "short_doc_keep": 1.0},
+                "tokenizer": {"vocab_size": 400, "min_frequency": 1},
+                "model": {"hidden_size": 256, "intermediate_size": 256, "num_layers": 1, "max_position": 512},
+                "pretrain": {"seq_len": 64, "micro_batch": 4, "steps": 30, "warmup_steps": 2, "eval_every": 30},
+                "sft": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
+                "dpo": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
+            }
+        )
+    )
+    kiln = KilnSettings(profile=str(profile), work_dir=str(tmp_path / "work"))
+    modules = [corpus, training, post_training]
+    assets = load_assets_from_modules(modules)
+    checks = list(definitions.load_asset_checks_from_modules(modules))
+    result = materialize([*assets, *checks], resources={"kiln": kiln})
+    assert result.success
+    done = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
+    assert done == {
+        "raw_corpus",
+        "clean_corpus",
+        "tokenizer",
+        "base_model",
+        "sft_data",
+        "dpo_data",
+        "sft_model",
+        "dpo_model",
+    }
+    checks_passed = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert all(checks_passed.values()) and len(checks_passed) == 5
+    assert (tmp_path / "work" / "e2e" / "dpo_model" / "model" / "model.safetensors").exists()
