@@ -14,14 +14,14 @@ from dagster import (
     load_assets_from_modules,
 )
 
-from assets import corpus, post_training, training
+from assets import corpus, post_training, release, training
 from resources import KilnSettings
 from resources.kiln import REPO_ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-STAGE_MODULES = [corpus, training, post_training]
+STAGE_MODULES = [corpus, training, post_training, release]
 
 kiln_pipeline = define_asset_job(
     "kiln_pipeline", selection=AssetSelection.all(), description="Every asset, from sources to registry."
@@ -35,10 +35,14 @@ post_training_job = define_asset_job(
     "post_training", selection=AssetSelection.groups("post_training"), description="SFT and DPO data and models."
 )
 
+release_job = define_asset_job(
+    "release", selection=AssetSelection.groups("release"), description="GGUF files and their benchmark."
+)
+
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),
     asset_checks=load_asset_checks_from_modules(STAGE_MODULES),
-    jobs=[kiln_pipeline, data_job, training_job, post_training_job],
+    jobs=[kiln_pipeline, data_job, training_job, post_training_job, release_job],
     resources={
         "kiln": KilnSettings(
             profile=os.environ.get("KILN_PROFILE", "tiny"),

@@ -46,3 +46,24 @@ def loss_curve(history: list[dict], evals: list[dict], title: str) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def gguf_comparison(results: dict) -> bytes:
+    """Size, generation speed and prompt speed of each GGUF file, side by side, as PNG bytes."""
+    kinds = list(results)
+    panels = [
+        ("size (MB)", [results[k]["size_bytes"] / 2**20 for k in kinds]),
+        ("tg128 (tokens/s)", [results[k]["tg128_tokens_per_s"]["median"] for k in kinds]),
+        ("pp512 (tokens/s)", [results[k]["pp512_tokens_per_s"]["median"] for k in kinds]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.2), dpi=100)
+    for ax, (title, values) in zip(axes, panels, strict=True):
+        bars = ax.bar(kinds, values, color=["#1d4ed8", "#c2410c", "#15803d"][: len(kinds)])
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_title(title)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

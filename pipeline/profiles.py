@@ -257,6 +257,24 @@ class DPOSettings(SFTSettings):
 
 
 @dataclass
+class GGUFSettings:
+    """gguf_model and gguf_benchmark."""
+
+    eval_tokens: int = 4096
+    """Held-out tokens the perplexity parity is measured on."""
+    window: int = 256
+    """Tokens per perplexity window (each window is evaluated from an empty context)."""
+    price_per_hour: float = 0.10
+    """Hourly price of the machine that serves the model, for the cost per million tokens."""
+    quick: bool = False
+    """One repeat and five requests instead of three and twenty, and one context size for memory."""
+
+    def __post_init__(self) -> None:
+        if self.eval_tokens < 2 or self.window < 1 or self.price_per_hour < 0:
+            raise ProfileError("gguf: eval_tokens >= 2, window >= 1 and price_per_hour >= 0 are needed")
+
+
+@dataclass
 class Profile:
     """Every size of one pipeline run."""
 
@@ -268,6 +286,7 @@ class Profile:
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
     sft: SFTSettings = field(default_factory=SFTSettings)
     dpo: DPOSettings = field(default_factory=DPOSettings)
+    gguf: GGUFSettings = field(default_factory=GGUFSettings)
 
     def __post_init__(self) -> None:
         if self.pretrain.seq_len > self.model.max_position:

@@ -1,0 +1,67 @@
+"""gguf_model and gguf_benchmark, with the parity gate."""
+
+import json
+
+from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
+
+from assets.corpus import clean_corpus
+from assets.metadata import md_image
+from assets.post_training import dpo_model
+from pipeline.charts import gguf_comparison
+from pipeline.clean import read_split
+from pipeline.gguf_bench import benchmark_all, markdown_table
+from pipeline.gguf_export import export_all
+from pipeline.io import write_json
+from resources import KilnSettings
+
+
+@asset(group_name="release", code_version="1", deps=[dpo_model])
+def gguf_model(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+    """The final checkpoint as GGUF F16 (our converter on the `gguf` library: tokenizer, chat
+    template and hyper-parameters included), then Q8_0 and Q4_K_M from llama.cpp's quantizer."""
+    profile, out = kiln.load(), kiln.stage_dir("gguf_model")
+    files = export_all(kiln.stage_dir("dpo_model") / "model", out, f"kiln-{profile.name}", context.run_id[:8])
+    write_json(out / "files.json", {k: str(v) for k, v in files.items()})
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(out)),
+            **{f"{k}_bytes": p.stat().st_size for k, p in files.items()},
+        }
+    )
+
+
+@asset(group_name="release", code_version="1", deps=[gguf_model, clean_corpus])
+def gguf_benchmark(kiln: KilnSettings) -> MaterializeResult:
+    """llama.cpp on every GGUF file: tokenizer and perplexity parity against the HF model,
+    pp512/tg128 tokens/s, time to first token, latency percentiles, peak memory per context,
+    share of the memory-bandwidth bound, cost per million tokens."""
+    out = kiln.stage_dir("gguf_benchmark")
+    files = json.loads((kiln.stage_dir("gguf_model") / "files.json").read_text())
+    validation = [r["text"] for r in read_split(kiln.stage_dir("clean_corpus") / "clean", "validation")]
+    report = benchmark_all(files, kiln.stage_dir("dpo_model") / "model", validation, kiln.load().gguf)
+    write_json(out / "benchmark.json", report)
+    r = report["files"]
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(out / "benchmark.json")),
+            "table": MetadataValue.md(markdown_table(r)),
+            "comparison": md_image(gguf_comparison(r), "GGUF comparison"),
+            "machine_bandwidth_gb_s": report["machine_bandwidth_gb_s"],
+            **{f"{k}_tg128_tokens_per_s": v["tg128_tokens_per_s"]["median"] for k, v in r.items()},
+            **{f"{k}_perplexity_rel_diff": v["parity"]["perplexity_rel_diff"] for k, v in r.items()},
+        }
+    )
+
+
+@asset_check(
+    asset=gguf_benchmark,
+    blocking=True,
+    description="GGUF tokenization equals HF's; F16 perplexity within 1% of HF's, Q8_0 within 3%.",
+)
+def gguf_parity(kiln: KilnSettings) -> AssetCheckResult:
+    report = json.loads((kiln.stage_dir("gguf_benchmark") / "benchmark.json").read_text())
+    parity = {k: v["parity"] for k, v in report["files"].items()}
+    return AssetCheckResult(
+        passed=all(p["passed"] for p in parity.values()),
+        metadata={k: MetadataValue.json(p) for k, p in parity.items()},
+    )
