@@ -87,6 +87,35 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gguf(args: argparse.Namespace) -> int:
+    from pipeline.gguf_export import export_all
+
+    files = export_all(Path(args.model), Path(args.output), args.name)
+    for kind, path in files.items():
+        print(f"{kind:>7}  {path.stat().st_size / 2**20:8.1f} MB  {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.gguf_bench import benchmark_file, markdown_table, memory_bandwidth
+
+    for path in args.files:  # every file is checked before any is measured
+        from pipeline.gguf_bench import check_gguf
+
+        check_gguf(Path(path))
+    bandwidth = memory_bandwidth()
+    prompt = list(range(100, 612))  # token ids below every real vocabulary's size: speed only, not sense
+    results = {
+        Path(p).name: benchmark_file(Path(p), prompt, bandwidth, args.price_per_hour, quick=args.quick)
+        for p in args.files
+    }
+    print(markdown_table(results))
+    print(f"\nmachine bandwidth {bandwidth / 1e9:.1f} GB/s; {os.cpu_count()} threads", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def _clean_folder(path: str) -> Path:
     """A `kiln clean` output folder or its clean/ folder: where train-*.jsonl and validation-*.jsonl are."""
     folder = Path(path)
@@ -179,6 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, metavar="DIR")
     p.add_argument("--profile", default=None, help="profile name or YAML file (default: $KILN_PROFILE or tiny)")
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser(
+        "gguf",
+        help="convert a HF Llama checkpoint to GGUF F16, Q8_0 and Q4_K_M",
+        description="Write NAME-F16.gguf (kiln's converter) and NAME-Q8_0.gguf, NAME-Q4_K_M.gguf "
+        "(llama.cpp's quantizer) into OUTPUT. The checkpoint folder needs its tokenizer.",
+    )
+    p.add_argument(
+        "--model", required=True, metavar="DIR", help="a save_pretrained folder (config, safetensors, tokenizer)"
+    )
+    p.add_argument("--output", "-o", required=True, metavar="DIR")
+    p.add_argument("--name", default="kiln", help="file name prefix and the GGUF's general.name")
+    p.set_defaults(func=_cmd_gguf)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure GGUF files with llama.cpp: pp512, tg128, TTFT, latency, memory, bandwidth share, cost",
+        description="Runs kiln's llama-bench-style measurement on any GGUF files and prints a Markdown table.",
+    )
+    p.add_argument("files", nargs="+", metavar="GGUF")
+    p.add_argument("--price-per-hour", type=float, default=0.10, help="machine price for the cost per million tokens")
+    p.add_argument("--quick", action="store_true", help="one repeat, five requests, one context size")
+    p.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(
         "run",
