@@ -54,11 +54,11 @@ def test_materialize_raw_to_clean(tmp_path):
 
 
 def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
-    """Every asset and check, sources to dpo_model, on a test-sized profile."""
+    """Every asset and check, sources to gguf_benchmark, on a test-sized profile."""
     from dagster import load_assets_from_modules
 
     import definitions
-    from assets import corpus, post_training, training
+    from assets import corpus, post_training, release, training
 
     src = tmp_path / "src"
     src.mkdir()
@@ -81,11 +81,12 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
                 "pretrain": {"seq_len": 64, "micro_batch": 4, "steps": 30, "warmup_steps": 2, "eval_every": 30},
                 "sft": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
                 "dpo": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
+                "gguf": {"eval_tokens": 512, "window": 128, "quick": True},
             }
         )
     )
     kiln = KilnSettings(profile=str(profile), work_dir=str(tmp_path / "work"))
-    modules = [corpus, training, post_training]
+    modules = [corpus, training, post_training, release]
     assets = load_assets_from_modules(modules)
     checks = list(definitions.load_asset_checks_from_modules(modules))
     result = materialize([*assets, *checks], resources={"kiln": kiln})
@@ -102,5 +103,5 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
         "dpo_model",
     }
     checks_passed = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert all(checks_passed.values()) and len(checks_passed) == 5
-    assert (tmp_path / "work" / "e2e" / "dpo_model" / "model" / "model.safetensors").exists()
+    assert all(checks_passed.values()) and len(checks_passed) == 6
+    assert (tmp_path / "work" / "e2e" / "gguf_model" / "kiln-e2e-Q4_K_M.gguf").exists()

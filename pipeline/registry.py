@@ -1,0 +1,230 @@
+"""The MLflow model registry: register GGUF versions, promote, roll back, pull.
+
+A registered model per profile (`kiln-<profile>`). Each version holds the GGUF files, the
+merged HF checkpoint, the model card and the reports, with a `sha256.<file>` tag per file.
+Aliases, not the deprecated stages: `candidate` (set when the quality gate passed) and
+`production`. Every promotion and rollback appends one `kiln.history.NNNN` tag to the
+registered model (who, when, from which version to which): the history is append-only and
+nothing is ever deleted. Changes are serialized by a lock, so two concurrent promotions both
+land in the history, one after the other.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.errors import KilnError
+from pipeline.tracking import client, file_lock, lock_dir
+
+CANDIDATE, PRODUCTION = "candidate", "production"
+HISTORY = "kiln.history."
+
+
+def model_name(profile: str) -> str:
+    return f"kiln-{profile}"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _lock(uri: str, name: str):
+    return file_lock(lock_dir(uri) / f".{name}.registry.lock")
+
+
+def _call(uri: str, what: str, fn):
+    """Run a registry call; an unreachable or broken store becomes one clear line."""
+    try:
+        return fn()
+    except KilnError:
+        raise
+    except Exception as exc:  # mlflow raises many types for these
+        raise KilnError(f"{what}: the registry at {uri} answered: {str(exc).splitlines()[0][:200]}") from None
+
+
+def register(uri: str, profile: str, run_id: str, bundle: Path, tags: dict, gate_passed: bool) -> str:
+    """Log `bundle` (a folder of files) to the run and register it as a new version."""
+    c = client(uri)
+    name = model_name(profile)
+    hashes = {f"sha256.{rel}": sha256(p) for rel, p in _files(bundle).items()}
+
+    def do() -> str:
+        c.log_artifacts(run_id, str(bundle), "registered")
+        source = f"{c.get_run(run_id).info.artifact_uri}/registered"
+        with _lock(uri, name):
+            try:
+                c.get_registered_model(name)
+            except Exception:  # not there yet
+                c.create_registered_model(name, description=f"kiln GGUF models, profile {profile}")
+            version = c.create_model_version(name, source, run_id=run_id, tags={**tags, **hashes})
+            if gate_passed:
+                c.set_registered_model_alias(name, CANDIDATE, version.version)
+        return str(version.version)
+
+    return _call(uri, f"registering {name}", do)
+
+
+def _versions(c, name: str) -> list:
+    return sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+
+
+def list_versions(uri: str, profile: str) -> list[dict]:
+    c = client(uri)
+    name = model_name(profile)
+
+    def do():
+        try:
+            aliases = c.get_registered_model(name).aliases  # alias -> version
+        except Exception:
+            raise KilnError(f"no registered model {name} at {uri} (run the pipeline first)") from None
+        by_version: dict[str, list[str]] = {}
+        for alias, v in aliases.items():
+            by_version.setdefault(str(v), []).append(alias)
+        return [
+            {
+                "version": str(v.version),
+                "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
+                "aliases": ",".join(sorted(by_version.get(str(v.version), []))),
+                **{k.removeprefix("metric."): val for k, val in v.tags.items() if k.startswith("metric.")},
+                **{k.removeprefix("size."): val for k, val in v.tags.items() if k.startswith("size.")},
+            }
+            for v in _versions(c, name)
+        ]
+
+    return _call(uri, "listing versions", do)
+
+
+def history(uri: str, profile: str) -> list[dict]:
+    c = client(uri)
+    tags = _call(uri, "reading history", lambda: c.get_registered_model(model_name(profile)).tags)
+    return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(HISTORY)]
+
+
+def _production_stack(events: list[dict]) -> list[str]:
+    """Versions that held production, oldest first, after replaying promotions and rollbacks."""
+    stack: list[str] = []
+    for e in events:
+        if e["action"] == "promote":
+            stack.append(e["to"])
+        elif e["action"] == "rollback" and stack:
+            stack.pop()
+    return stack
+
+
+def verify(uri: str, profile: str, version: str, dst: Path | None = None) -> Path:
+    """Download a version's files and check each against its sha256 tag; returns the folder."""
+    import mlflow.artifacts
+
+    c = client(uri)
+    name = model_name(profile)
+    mv = _call(uri, "reading the version", lambda: c.get_model_version(name, version))
+    dst = Path(dst or tempfile.mkdtemp(prefix="kiln-verify-"))
+    local = _call(
+        uri, "downloading the files",
+        lambda: mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=uri),
+    )  # fmt: skip
+    files = _files(Path(local))
+    expected = {k.removeprefix("sha256."): h for k, h in mv.tags.items() if k.startswith("sha256.")}
+    if not expected:
+        raise KilnError(f"{name} version {version} has no sha256 tags to verify against")
+    for rel, digest in expected.items():
+        if rel not in files:
+            raise KilnError(f"{name} version {version}: {rel} is missing from the stored files")
+        if sha256(files[rel]) != digest:
+            raise KilnError(f"{name} version {version}: {rel} does not match its sha256 tag (files changed)")
+    return Path(local)
+
+
+def _resolve(c, name: str, alias_or_version: str) -> str:
+    if alias_or_version.isdigit():
+        try:
+            return str(c.get_model_version(name, alias_or_version).version)
+        except Exception:
+            raise KilnError(f"{name} has no version {alias_or_version}") from None
+    try:
+        return str(c.get_model_version_by_alias(name, alias_or_version).version)
+    except Exception:
+        raise KilnError(f"{name} has no version with alias {alias_or_version!r}") from None
+
+
+def _record(c, name: str, event: dict) -> None:
+    index = sum(1 for k in c.get_registered_model(name).tags if k.startswith(HISTORY))
+    c.set_registered_model_tag(name, f"{HISTORY}{index:04d}", json.dumps(event))
+
+
+def _who() -> str:
+    return os.environ.get("KILN_USER") or getpass.getuser()
+
+
+def promote(uri: str, profile: str, version: str | None = None) -> dict:
+    """Point `production` at `version` (default: the candidate) after verifying its files."""
+    c = client(uri)
+    name = model_name(profile)
+    target = _call(uri, "promote", lambda: _resolve(c, name, version or CANDIDATE))
+    checked = verify(uri, profile, target)
+    shutil.rmtree(checked, ignore_errors=True)
+
+    def do():
+        with _lock(uri, name):  # read the current production and write the event as one step
+            previous = _current(c, name)
+            c.set_registered_model_alias(name, PRODUCTION, target)
+            event = {"action": "promote", "to": target, "from": previous, "who": _who(), "when": time.time()}
+            _record(c, name, event)
+            return event
+
+    return _call(uri, "promote", do)
+
+
+def _current(c, name: str) -> str | None:
+    try:
+        return str(c.get_model_version_by_alias(name, PRODUCTION).version)
+    except Exception:
+        return None
+
+
+def rollback(uri: str, profile: str) -> dict:
+    """Point `production` back to the version that held it before the last promotion."""
+    c = client(uri)
+    name = model_name(profile)
+
+    def do():
+        with _lock(uri, name):
+            stack = _production_stack(history(uri, profile))
+            if len(stack) < 2:
+                raise KilnError(f"{name}: no earlier production version to roll back to")
+            previous, target = stack[-1], stack[-2]
+            c.set_registered_model_alias(name, PRODUCTION, target)
+            event = {"action": "rollback", "to": target, "from": previous, "who": _who(), "when": time.time()}
+            _record(c, name, event)
+            return event
+
+    return _call(uri, "rollback", do)
+
+
+def pull(uri: str, profile: str, alias_or_version: str, out: Path) -> Path:
+    """Download a version's files into `out`, verified against their hashes."""
+    c = client(uri)
+    version = _call(uri, "pull", lambda: _resolve(c, model_name(profile), alias_or_version))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = verify(uri, profile, version, Path(tmp))
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for rel, p in _files(local).items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, out / rel)
+    return out

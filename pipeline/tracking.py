@@ -1,0 +1,165 @@
+"""MLflow tracking: one experiment per profile, one MLflow run per pipeline run.
+
+Every stage of one pipeline run logs into the same MLflow run (found by its
+`kiln.pipeline_run_id` tag), its parameters prefixed by the stage, its step metrics as curves,
+its files as artifacts, so that `mlflow ui` compares whole pipeline runs side by side. The
+embedded default is `sqlite:///registry/mlflow.db` with artifacts under `registry/artifacts`;
+MLFLOW_TRACKING_URI points kiln at any tracking server instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.errors import KilnError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REGISTRY_DIR = REPO_ROOT / "registry"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REGISTRY_DIR / 'mlflow.db'}"
+
+
+def lock_dir(uri: str) -> Path:
+    """Where the locks that serialize runs and promotions live: beside a local store, else /tmp
+    (a tracking server shared by several machines would need its own lock; see README)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent
+    return Path("/tmp")
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts beside a local sqlite store; a server keeps its own artifact store."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return None
+
+
+def client(uri: str):
+    import logging
+
+    from mlflow import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its sqlite migrations log at INFO
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes on this machine (runs, promotions)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def experiment_id(c, profile: str, uri: str) -> str:
+    name = f"kiln-{profile}"
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=artifact_root(uri) and f"{artifact_root(uri)}/{name}")
+
+
+def pipeline_run(uri: str, profile: str, pipeline_run_id: str) -> str:
+    """The MLflow run of this pipeline run, created by whichever stage asks first."""
+    c = client(uri)
+    try:
+        with file_lock(
+            lock_dir(uri) / f".kiln-{profile}.run.lock"
+        ):  # parallel stages of one pipeline run must not create two runs
+            exp = experiment_id(c, profile, uri)
+            found = c.search_runs([exp], f"tags.`kiln.pipeline_run_id` = '{pipeline_run_id}'", max_results=1)
+            if found:
+                return found[0].info.run_id
+            run = c.create_run(
+                exp,
+                run_name=f"{profile}-{pipeline_run_id[:8]}",
+                tags={"kiln.pipeline_run_id": pipeline_run_id, "kiln.profile": profile, "git_commit": git_commit()},
+            )
+            return run.info.run_id
+    except KilnError:
+        raise
+    except Exception as exc:  # mlflow raises many types for an unreachable or broken store
+        raise KilnError(f"MLflow tracking at {uri} is not usable: {str(exc).splitlines()[0][:200]}") from None
+
+
+def flatten(prefix: str, values: dict) -> dict:
+    """Nested settings as flat `prefix.key.sub` parameters."""
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            out.update(flatten(name, value))
+        else:
+            out[name] = str(value)[:500]
+    return out
+
+
+class StageLogger:
+    """What one stage logs into the pipeline run."""
+
+    def __init__(self, uri: str, run_id: str, stage: str):
+        self.c, self.run_id, self.stage = client(uri), run_id, stage
+
+    def params(self, values: dict) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in flatten(self.stage, values).items()]
+        for i in range(0, len(params), 100):
+            self.c.log_batch(self.run_id, params=params[i : i + 100])
+
+    def metrics(self, values: dict, step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(f"{self.stage}.{k}", float(v), now, step or 0) for k, v in values.items() if _is_number(v)]
+        for i in range(0, len(ms), 500):
+            self.c.log_batch(self.run_id, metrics=ms[i : i + 500])
+
+    def history(self, rows: list[dict], keys: tuple[str, ...]) -> None:
+        """Per-step curves: each row has `step` and some of `keys`."""
+        for row in rows:
+            self.metrics({k: row[k] for k in keys if k in row}, step=int(row["step"]))
+
+    def artifact(self, path: Path, folder: str = "") -> None:
+        path = Path(path)
+        where = f"{self.stage}/{folder}".rstrip("/")
+        if path.is_dir():
+            self.c.log_artifacts(self.run_id, str(path), where)
+        elif path.exists():
+            self.c.log_artifact(self.run_id, str(path), where)
+
+    def image(self, png: bytes, name: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            f = Path(tmp) / name
+            f.write_bytes(png)
+            self.artifact(f)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v  # NaN is not logged

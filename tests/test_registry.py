@@ -1,0 +1,125 @@
+"""The MLflow registry on a real sqlite store in tmp_path: register, promote, roll back, verify, pull."""
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from pipeline import registry
+from pipeline.errors import KilnError
+from pipeline.tracking import StageLogger, pipeline_run
+
+
+def _bundle(root: Path, n: int) -> Path:
+    folder = root / f"bundle{n}"
+    (folder / "gguf").mkdir(parents=True)
+    (folder / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(b"GGUF" + bytes([n]) * 1000)
+    (folder / "MODEL_CARD.md").write_text(f"# version {n}\n")
+    return folder
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    versions = []
+    for n in (1, 2):
+        run = pipeline_run(uri, "test", f"dagster-run-{n}")
+        StageLogger(uri, run, "base_model").metrics({"val_bpb": 2.0 - n / 10})
+        tags = {"metric.val_bpb": str(2.0 - n / 10), "dagster_run_id": f"dagster-run-{n}"}
+        versions.append(registry.register(uri, "test", run, _bundle(tmp_path, n), tags, gate_passed=True))
+    return uri, versions
+
+
+def test_one_mlflow_run_per_pipeline_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    a = pipeline_run(uri, "test", "run-a")
+    assert pipeline_run(uri, "test", "run-a") == a  # a second stage of the same run finds it
+    assert pipeline_run(uri, "test", "run-b") != a
+
+
+def test_promote_promote_rollback_rollback(store):
+    uri, (v1, v2) = store
+    assert [r["version"] for r in registry.list_versions(uri, "test")] == ["1", "2"]
+    assert registry.list_versions(uri, "test")[1]["aliases"] == "candidate"
+
+    assert registry.promote(uri, "test", v1)["to"] == "1"
+    assert registry.promote(uri, "test")["to"] == "2"  # default: the candidate
+    aliases = {r["version"]: r["aliases"] for r in registry.list_versions(uri, "test")}
+    assert aliases == {"1": "", "2": "candidate,production"}
+
+    back = registry.rollback(uri, "test")
+    assert (back["from"], back["to"]) == ("2", "1")
+    with pytest.raises(KilnError, match="no earlier production version"):
+        registry.rollback(uri, "test")  # only version 1 ever held production before
+    events = registry.history(uri, "test")
+    assert [(e["action"], e["from"], e["to"]) for e in events] == [
+        ("promote", None, "1"),
+        ("promote", "1", "2"),
+        ("rollback", "2", "1"),
+    ]
+    assert all(e["who"] and e["when"] for e in events)
+    assert [r["version"] for r in registry.list_versions(uri, "test")] == ["1", "2"]  # nothing deleted
+
+
+def test_rollback_twice_walks_back(store, tmp_path):
+    uri, (v1, v2) = store
+    run = pipeline_run(uri, "test", "dagster-run-3")
+    v3 = registry.register(uri, "test", run, _bundle(tmp_path, 3), {}, gate_passed=False)
+    for v in (v1, v2, v3):
+        registry.promote(uri, "test", v)
+    assert registry.rollback(uri, "test")["to"] == "2"
+    assert registry.rollback(uri, "test")["to"] == "1"
+    assert {r["version"]: r["aliases"] for r in registry.list_versions(uri, "test")}["1"] == "production"
+
+
+def test_tampered_files_refuse_promotion(store, tmp_path):
+    uri, (v1, _) = store
+    import mlflow
+
+    stored = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=registry.client(uri).get_model_version("kiln-test", v1).source, tracking_uri=uri,
+        dst_path=str(tmp_path / "peek"),
+    ))  # fmt: skip
+    assert (stored / "MODEL_CARD.md").exists()
+    source = registry.client(uri).get_model_version("kiln-test", v1).source.removeprefix("file://")
+    (Path(source) / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(b"GGUF tampered")
+    with pytest.raises(KilnError, match="does not match its sha256 tag"):
+        registry.promote(uri, "test", v1)
+    assert registry.history(uri, "test") == []  # registry unchanged
+
+
+def test_bad_requests_are_clear(store, tmp_path):
+    uri, _ = store
+    with pytest.raises(KilnError, match="has no version 9"):
+        registry.promote(uri, "test", "9")
+    with pytest.raises(KilnError, match="no earlier production version"):
+        registry.rollback(uri, "test")
+    with pytest.raises(KilnError, match="no registered model kiln-other"):
+        registry.list_versions(uri, "other")
+    out = registry.pull(uri, "test", "candidate", tmp_path / "pulled")
+    assert (out / "gguf" / "kiln-test-Q4_K_M.gguf").read_bytes() == b"GGUF" + bytes([2]) * 1000
+
+
+def _promote(uri, version, queue):
+    try:
+        queue.put(registry.promote(uri, "test", version)["to"])
+    except Exception as exc:  # report, never hang the test
+        queue.put(repr(exc))
+
+
+def test_concurrent_promotions_keep_a_consistent_history(store):
+    uri, (v1, v2) = store
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_promote, args=(uri, v, queue)) for v in (v1, v2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert sorted(queue.get(timeout=5) for _ in procs) == ["1", "2"]
+    events = registry.history(uri, "test")
+    assert len(events) == 2
+    # serialized: the second promotion saw the first one's result as its "from"
+    assert events[0]["from"] is None and events[1]["from"] == events[0]["to"]
+    current = {r["version"]: r["aliases"] for r in registry.list_versions(uri, "test")}
+    assert "production" in current[events[1]["to"]]
