@@ -1,7 +1,8 @@
 """The one Dagster code location of kiln: assets, checks, jobs and resources.
 
 The resources are chosen by environment: KILN_PROFILE picks the profile (tiny by default),
-KILN_WORK_DIR where the artifacts go (data/work by default).
+KILN_WORK_DIR where the artifacts go (data/work by default), MLFLOW_TRACKING_URI where runs and
+models are tracked (sqlite under registry/ by default; a tracking server in production).
 """
 
 import os
@@ -15,7 +16,7 @@ from dagster import (
 )
 
 from assets import corpus, post_training, release, training
-from resources import KilnSettings
+from resources import KilnSettings, MLflowTracking
 from resources.kiln import REPO_ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,7 +37,9 @@ post_training_job = define_asset_job(
 )
 
 release_job = define_asset_job(
-    "release", selection=AssetSelection.groups("release"), description="GGUF files and their benchmark."
+    "release",
+    selection=AssetSelection.groups("release"),
+    description="GGUF files, their benchmark, the registered version.",
 )
 
 defs = Definitions(
@@ -47,6 +50,7 @@ defs = Definitions(
         "kiln": KilnSettings(
             profile=os.environ.get("KILN_PROFILE", "tiny"),
             work_dir=os.environ.get("KILN_WORK_DIR", str(REPO_ROOT / "data" / "work")),
-        )
+        ),
+        "mlflow": MLflowTracking(),
     },
 )

@@ -4,19 +4,19 @@ import itertools
 
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
 
-from assets.metadata import md_image, md_table
+from assets.metadata import md_image, md_table, record
 from pipeline.charts import bar_chart
 from pipeline.clean import clean_corpus as run_clean
 from pipeline.clean import load_stats, read_split
 from pipeline.ingest import build_raw_corpus
 from pipeline.pii import find_pii
-from resources import KilnSettings
+from resources import KilnSettings, MLflowTracking
 
 PII_SAMPLE_DOCS = 2000
 
 
 @asset(group_name="data", code_version="1")
-def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """Every source of the profile in one normalized JSONL (id, text, source, lang), code and
     prose mixed by the profile's byte ratio."""
     corpus = kiln.load().corpus
@@ -25,38 +25,41 @@ def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings) -> Materializ
         corpus.sources, path, corpus.max_bytes, corpus.code_share, corpus.max_doc_chars, corpus.seed
     )
     context.log.info(f"raw_corpus: {stats.documents} documents, {stats.bytes:,} bytes -> {path}")
-    return MaterializeResult(
-        metadata={
-            "path": MetadataValue.path(str(path)),
-            "documents": stats.documents,
-            "bytes": stats.bytes,
-            "by_kind": MetadataValue.json(stats.by_kind),
-            "by_source": md_table(stats.by_source, "source", "documents"),
-            "unreadable_rows": md_table(stats.errors, "problem", "rows"),
-        }
-    )
+    metadata = {
+        "path": MetadataValue.path(str(path)),
+        "documents": stats.documents,
+        "bytes": stats.bytes,
+        "by_kind": MetadataValue.json(stats.by_kind),
+        "by_source": md_table(stats.by_source, "source", "documents"),
+        "unreadable_rows": md_table(stats.errors, "problem", "rows"),
+    }
+    with mlflow.stage(context.run_id, kiln.load().name, "raw_corpus") as log:
+        record(log, metadata, params=corpus)
+    return MaterializeResult(metadata=metadata)
 
 
 @asset(group_name="data", code_version="1", deps=[raw_corpus])
-def clean_corpus(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+def clean_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """Quality filters, exact and MinHash near-duplicate removal, PII masking and a deterministic
     train/validation split (datatrove). Rejected documents are kept in rejected/ with a reason."""
     out = kiln.stage_dir("clean_corpus")
     stats = run_clean([kiln.stage_dir("raw_corpus") / "raw.jsonl"], out, kiln.load().clean)
     context.log.info(f"clean_corpus: kept {stats.kept_documents} of {stats.input_documents}; dropped {stats.dropped}")
-    return MaterializeResult(
-        metadata={
-            "path": MetadataValue.path(str(out / "clean")),
-            "input_documents": stats.input_documents,
-            "kept_documents": stats.kept_documents,
-            "kept_bytes": stats.kept_bytes,
-            "train_documents": stats.splits["train"],
-            "validation_documents": stats.splits["validation"],
-            "dropped": md_table(stats.dropped, "reason", "documents"),
-            "pii_masked": md_table(stats.pii, "kind", "masks"),
-            "dropped_chart": md_image(bar_chart(stats.dropped, "Documents dropped, by reason"), "dropped by reason"),
-        }
-    )
+    chart = bar_chart(stats.dropped, "Documents dropped, by reason")
+    metadata = {
+        "path": MetadataValue.path(str(out / "clean")),
+        "input_documents": stats.input_documents,
+        "kept_documents": stats.kept_documents,
+        "kept_bytes": stats.kept_bytes,
+        "train_documents": stats.splits["train"],
+        "validation_documents": stats.splits["validation"],
+        "dropped": md_table(stats.dropped, "reason", "documents"),
+        "pii_masked": md_table(stats.pii, "kind", "masks"),
+        "dropped_chart": md_image(chart, "dropped by reason"),
+    }
+    with mlflow.stage(context.run_id, kiln.load().name, "clean_corpus") as log:
+        record(log, metadata, params=kiln.load().clean, files=[out / "stats.json"], images={"dropped.png": chart})
+    return MaterializeResult(metadata=metadata)
 
 
 @asset_check(asset=clean_corpus, blocking=True, description="The clean corpus has training and validation documents.")

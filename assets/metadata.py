@@ -15,3 +15,20 @@ def md_table(rows: dict, key: str, value: str) -> MetadataValue:
 def md_image(png: bytes, alt: str) -> MetadataValue:
     """A PNG shown inline in the Dagster UI's metadata panel."""
     return MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def record(log, metadata: dict, params=None, files=(), images=None, history=None, history_keys=()) -> None:
+    """Log a stage into MLflow: numeric metadata as metrics, its settings as parameters, files and
+    pictures as artifacts, per-step rows as metric curves."""
+    import dataclasses
+
+    numbers = {k: v for k, v in metadata.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    log.metrics(numbers)
+    if params is not None:
+        log.params(dataclasses.asdict(params) if dataclasses.is_dataclass(params) else params)
+    for f in files:
+        log.artifact(f)
+    for name, png in (images or {}).items():
+        log.image(png, name)
+    if history:
+        log.history(history, history_keys)

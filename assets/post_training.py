@@ -3,14 +3,14 @@
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from assets.corpus import clean_corpus
-from assets.metadata import md_image, md_table
+from assets.metadata import md_image, md_table, record
 from assets.training import base_model
 from pipeline.charts import loss_curve
 from pipeline.clean import read_split
 from pipeline.dpo import train_dpo
 from pipeline.post_data import build_post_data
 from pipeline.sft import TuneResult, sft_task_loss, train_sft
-from resources import KilnSettings
+from resources import KilnSettings, MLflowTracking
 
 
 def _data_asset(kind: str, kiln: KilnSettings) -> MaterializeResult:
@@ -43,7 +43,7 @@ def dpo_data(kiln: KilnSettings) -> MaterializeResult:
     return _data_asset("dpo", kiln)
 
 
-def _tune_metadata(result: TuneResult, title: str) -> dict:
+def _tune_metadata(result: TuneResult, curve: bytes) -> dict:
     return {
         "trainable_parameters": result.trainable,
         "trainable_share": result.trainable / result.total,
@@ -52,39 +52,53 @@ def _tune_metadata(result: TuneResult, title: str) -> dict:
         "tokens_per_s": result.tokens_per_s,
         "peak_memory_mb": result.peak_memory_mb,
         "train_seconds": result.seconds,
-        "loss_curve": md_image(loss_curve([h for h in result.history if "loss" in h], [], title), "loss"),
+        "loss_curve": md_image(curve, "loss"),
     }
 
 
+def _record_tune(log, result: TuneResult, metadata: dict, settings, curve: bytes, out) -> None:
+    record(
+        log, metadata, params=settings, files=[out / "adapter"], images={"loss_curve.png": curve},
+        history=result.history, history_keys=("loss", "grad_norm", "learning_rate", "rewards/margins"),
+    )  # fmt: skip
+
+
+def _curve(result: TuneResult, title: str) -> bytes:
+    return loss_curve([h for h in result.history if "loss" in h], [], title)
+
+
 @asset(group_name="post_training", code_version="1", deps=[base_model, sft_data])
-def sft_model(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+def sft_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """QLoRA SFT: the base model in 4-bit NF4, LoRA on every projection, completion-only loss (TRL
     SFTTrainer); the adapter merged into full-precision base weights."""
-    out = kiln.stage_dir("sft_model")
-    result = train_sft(kiln.stage_dir("base_model") / "model", kiln.stage_dir("sft_data"), out, kiln.load().sft)
-    context.log.info(f"sft: held-out completion loss {result.eval_loss_before:.3f} -> {result.eval_loss_after:.3f}")
-    return MaterializeResult(
-        metadata={
+    out, settings = kiln.stage_dir("sft_model"), kiln.load().sft
+    with mlflow.stage(context.run_id, kiln.load().name, "sft_model") as log:
+        result = train_sft(kiln.stage_dir("base_model") / "model", kiln.stage_dir("sft_data"), out, settings)
+        context.log.info(f"sft: held-out completion loss {result.eval_loss_before:.3f} -> {result.eval_loss_after:.3f}")
+        curve = _curve(result, "sft_model")
+        metadata = {
             "path": MetadataValue.path(str(out / "model")),
             "base_eval_loss": result.eval_loss_before,
             "sft_eval_loss": result.eval_loss_after,
             "quantized_layers": result.extra["quantized_modules"],
-            **_tune_metadata(result, "sft_model"),
+            **_tune_metadata(result, curve),
         }
-    )
+        _record_tune(log, result, metadata, settings, curve, out)
+    return MaterializeResult(metadata=metadata)
 
 
 @asset(group_name="post_training", code_version="1", deps=[sft_model, dpo_data])
-def dpo_model(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+def dpo_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """DPO (TRL DPOTrainer) from the SFT checkpoint with LoRA, the adapter-disabled model as the
     frozen reference; the adapter merged into full-precision weights."""
-    out = kiln.stage_dir("dpo_model")
-    result = train_dpo(kiln.stage_dir("sft_model") / "model", kiln.stage_dir("dpo_data"), out, kiln.load().dpo)
-    sft_task = sft_task_loss(out / "model", kiln.stage_dir("sft_data"))
-    x = result.extra
-    context.log.info(f"dpo: held-out margin {x['margin_before']:.3f} -> {x['margin_after']:.3f}")
-    return MaterializeResult(
-        metadata={
+    out, settings = kiln.stage_dir("dpo_model"), kiln.load().dpo
+    with mlflow.stage(context.run_id, kiln.load().name, "dpo_model") as log:
+        result = train_dpo(kiln.stage_dir("sft_model") / "model", kiln.stage_dir("dpo_data"), out, settings)
+        sft_task = sft_task_loss(out / "model", kiln.stage_dir("sft_data"))
+        x = result.extra
+        context.log.info(f"dpo: held-out margin {x['margin_before']:.3f} -> {x['margin_after']:.3f}")
+        curve = _curve(result, "dpo_model")
+        metadata = {
             "path": MetadataValue.path(str(out / "model")),
             "eval_dpo_loss": result.eval_loss_after,
             "reward_margin_before": x["margin_before"],
@@ -92,6 +106,7 @@ def dpo_model(context: AssetExecutionContext, kiln: KilnSettings) -> Materialize
             "preference_accuracy_before": x["accuracy_before"],
             "preference_accuracy_after": x["accuracy_after"],
             "sft_task_eval_loss": sft_task,
-            **_tune_metadata(result, "dpo_model"),
+            **_tune_metadata(result, curve),
         }
-    )
+        _record_tune(log, result, metadata, settings, curve, out)
+    return MaterializeResult(metadata=metadata)

@@ -1,37 +1,37 @@
-"""gguf_model and gguf_benchmark, with the parity gate."""
+"""gguf_model, gguf_benchmark (with the parity gate) and registered_model."""
 
 import json
 
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
 
 from assets.corpus import clean_corpus
-from assets.metadata import md_image
+from assets.metadata import md_image, md_table, record
 from assets.post_training import dpo_model
 from pipeline.charts import gguf_comparison
 from pipeline.clean import read_split
 from pipeline.gguf_bench import benchmark_all, markdown_table
 from pipeline.gguf_export import export_all
 from pipeline.io import write_json
-from resources import KilnSettings
+from pipeline.model_card import build_bundle
+from pipeline.registry import quality_gate, register
+from resources import KilnSettings, MLflowTracking
 
 
 @asset(group_name="release", code_version="1", deps=[dpo_model])
-def gguf_model(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+def gguf_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """The final checkpoint as GGUF F16 (our converter on the `gguf` library: tokenizer, chat
     template and hyper-parameters included), then Q8_0 and Q4_K_M from llama.cpp's quantizer."""
     profile, out = kiln.load(), kiln.stage_dir("gguf_model")
     files = export_all(kiln.stage_dir("dpo_model") / "model", out, f"kiln-{profile.name}", context.run_id[:8])
     write_json(out / "files.json", {k: str(v) for k, v in files.items()})
-    return MaterializeResult(
-        metadata={
-            "path": MetadataValue.path(str(out)),
-            **{f"{k}_bytes": p.stat().st_size for k, p in files.items()},
-        }
-    )
+    metadata = {"path": MetadataValue.path(str(out)), **{f"{k}_bytes": p.stat().st_size for k, p in files.items()}}
+    with mlflow.stage(context.run_id, profile.name, "gguf_model") as log:
+        record(log, metadata)
+    return MaterializeResult(metadata=metadata)
 
 
 @asset(group_name="release", code_version="1", deps=[gguf_model, clean_corpus])
-def gguf_benchmark(kiln: KilnSettings) -> MaterializeResult:
+def gguf_benchmark(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """llama.cpp on every GGUF file: tokenizer and perplexity parity against the HF model,
     pp512/tg128 tokens/s, time to first token, latency percentiles, peak memory per context,
     share of the memory-bandwidth bound, cost per million tokens."""
@@ -41,16 +41,20 @@ def gguf_benchmark(kiln: KilnSettings) -> MaterializeResult:
     report = benchmark_all(files, kiln.stage_dir("dpo_model") / "model", validation, kiln.load().gguf)
     write_json(out / "benchmark.json", report)
     r = report["files"]
-    return MaterializeResult(
-        metadata={
-            "path": MetadataValue.path(str(out / "benchmark.json")),
-            "table": MetadataValue.md(markdown_table(r)),
-            "comparison": md_image(gguf_comparison(r), "GGUF comparison"),
-            "machine_bandwidth_gb_s": report["machine_bandwidth_gb_s"],
-            **{f"{k}_tg128_tokens_per_s": v["tg128_tokens_per_s"]["median"] for k, v in r.items()},
-            **{f"{k}_perplexity_rel_diff": v["parity"]["perplexity_rel_diff"] for k, v in r.items()},
-        }
-    )
+    chart = gguf_comparison(r)
+    metadata = {
+        "path": MetadataValue.path(str(out / "benchmark.json")),
+        "table": MetadataValue.md(markdown_table(r)),
+        "comparison": md_image(chart, "GGUF comparison"),
+        "machine_bandwidth_gb_s": report["machine_bandwidth_gb_s"],
+        **{f"{k}_tg128_tokens_per_s": v["tg128_tokens_per_s"]["median"] for k, v in r.items()},
+        **{f"{k}_pp512_tokens_per_s": v["pp512_tokens_per_s"]["median"] for k, v in r.items()},
+        **{f"{k}_size_bytes": v["size_bytes"] for k, v in r.items()},
+        **{f"{k}_perplexity_rel_diff": v["parity"]["perplexity_rel_diff"] for k, v in r.items()},
+    }
+    with mlflow.stage(context.run_id, kiln.load().name, "gguf_benchmark") as log:
+        record(log, metadata, params=kiln.load().gguf, files=[out / "benchmark.json"], images={"gguf.png": chart})
+    return MaterializeResult(metadata=metadata)
 
 
 @asset_check(
@@ -64,4 +68,38 @@ def gguf_parity(kiln: KilnSettings) -> AssetCheckResult:
     return AssetCheckResult(
         passed=all(p["passed"] for p in parity.values()),
         metadata={k: MetadataValue.json(p) for k, p in parity.items()},
+    )
+
+
+@asset(group_name="release", code_version="1", deps=[gguf_benchmark])
+def registered_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
+    """A model version in the MLflow registry (`kiln-<profile>`): the GGUF files, the merged HF
+    checkpoint, the model card and reports, a sha256 tag per file; alias `candidate` when the
+    quality gate passes (GGUF parity, no regression past production)."""
+    profile = kiln.load()
+    work = kiln.stage_dir("registered_model").parent
+    bundle_dir = kiln.stage_dir("registered_model") / "bundle"
+    table = markdown_table(json.loads((kiln.stage_dir("gguf_benchmark") / "benchmark.json").read_text())["files"])
+    bundle = build_bundle(work, profile, context.run_id, bundle_dir, table)
+    m = bundle["metrics"]
+    passed, why = quality_gate(
+        mlflow.tracking_uri, profile.name, bundle["parity"], m["base_val_bpb"], profile.registry.max_regression
+    )
+    tags = {
+        "dagster_run_id": context.run_id,
+        "gate": why,
+        **{f"metric.{k}": f"{v:.6g}" for k, v in m.items() if isinstance(v, int | float)},
+        **{f"size.{k}": str(v) for k, v in bundle["sizes"].items()},
+    }
+    with mlflow.stage(context.run_id, profile.name, "registered_model") as log:
+        version = register(mlflow.tracking_uri, profile.name, log.run_id, bundle_dir, tags, passed)
+    context.log.info(f"registered kiln-{profile.name} version {version}; candidate: {passed} ({why})")
+    return MaterializeResult(
+        metadata={
+            "model": f"kiln-{profile.name}",
+            "version": int(version),
+            "candidate": passed,
+            "gate": why,
+            "files": md_table(bundle["sizes"], "file", "bytes"),
+        }
     )

@@ -5,31 +5,32 @@ import json
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
 
 from assets.corpus import clean_corpus
-from assets.metadata import md_image
+from assets.metadata import md_image, record
 from pipeline.base_model import build_base_model, build_tokenizer
 from pipeline.charts import loss_curve
-from resources import KilnSettings
+from resources import KilnSettings, MLflowTracking
 
 PARAMETER_LIMIT = 300_000_000
 
 
 @asset(group_name="training", code_version="1", deps=[clean_corpus])
-def tokenizer(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+def tokenizer(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A 32,000-token byte-level BPE (GPT-2 pre-tokenization) with bos/eos/pad, chat-role and
     fill-in-the-middle tokens and a chat template, trained on the clean train split."""
     out = kiln.stage_dir("tokenizer")
     stats = build_tokenizer(kiln.stage_dir("clean_corpus") / "clean", out, kiln.load())
     context.log.info(f"tokenizer: {stats['vocab_size']} tokens, bytes/token {stats['bytes_per_token']}")
     bpt = stats["bytes_per_token"]
-    return MaterializeResult(
-        metadata={
-            "path": MetadataValue.path(str(out / "tokenizer")),
-            "vocab_size": stats["vocab_size"],
-            "bytes_per_token_validation": bpt["validation"],
-            "bytes_per_token_code": bpt["code"] or float("nan"),
-            "bytes_per_token_prose": bpt["prose"] or float("nan"),
-        }
-    )
+    metadata = {
+        "path": MetadataValue.path(str(out / "tokenizer")),
+        "vocab_size": stats["vocab_size"],
+        "bytes_per_token_validation": bpt["validation"],
+        "bytes_per_token_code": bpt["code"] or float("nan"),
+        "bytes_per_token_prose": bpt["prose"] or float("nan"),
+    }
+    with mlflow.stage(context.run_id, kiln.load().name, "tokenizer") as log:
+        record(log, metadata, params=kiln.load().tokenizer, files=[out / "tokenizer", out / "stats.json"])
+    return MaterializeResult(metadata=metadata)
 
 
 @asset_check(asset=tokenizer, blocking=True, description="Held-out text (code, English, Korean, emoji) round-trips.")
@@ -42,7 +43,7 @@ def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
 
 
 @asset(group_name="training", code_version="1", deps=[tokenizer])
-def base_model(context: AssetExecutionContext, kiln: KilnSettings) -> MaterializeResult:
+def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A Llama-architecture model (RMSNorm, RoPE, SwiGLU, GQA) pretrained from scratch on the
     packed train split; resumes from its last checkpoint if a run was interrupted."""
     profile, out = kiln.load(), kiln.stage_dir("base_model")
@@ -51,12 +52,13 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings) -> Materializ
         if "val_loss" in row or row["step"] % 10 == 0:
             context.log.info(json.dumps(row))
 
-    result, baseline = build_base_model(
-        kiln.stage_dir("clean_corpus") / "clean", kiln.stage_dir("tokenizer") / "tokenizer", out, profile,
-        on_step=log_step,
-    )  # fmt: skip
-    return MaterializeResult(
-        metadata={
+    with mlflow.stage(context.run_id, profile.name, "base_model") as log:  # system metrics while training
+        result, baseline = build_base_model(
+            kiln.stage_dir("clean_corpus") / "clean", kiln.stage_dir("tokenizer") / "tokenizer", out, profile,
+            on_step=log_step,
+        )  # fmt: skip
+        curve = loss_curve(result.history, result.evals, f"base_model ({profile.name})")
+        metadata = {
             "path": MetadataValue.path(str(out / "model")),
             "parameters": result.parameters,
             "steps": result.steps,
@@ -67,9 +69,14 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings) -> Materializ
             "val_bits_per_byte": result.val_bpb,
             "unigram_bits_per_byte": baseline,
             "resumed_from_step": result.resumed_from,
-            "loss_curve": md_image(loss_curve(result.history, result.evals, f"base_model ({profile.name})"), "loss"),
+            "loss_curve": md_image(curve, "loss"),
         }
-    )
+        record(
+            log, metadata, params={"model": profile.model.__dict__, "pretrain": profile.pretrain.__dict__},
+            files=[out / "summary.json", out / "metrics.json"], images={"loss_curve.png": curve},
+            history=result.history + result.evals, history_keys=("loss", "lr", "grad_norm", "val_loss", "val_bpb"),
+        )  # fmt: skip
+    return MaterializeResult(metadata=metadata)
 
 
 @asset_check(asset=base_model, blocking=True, description="Validation bits per byte beat a unigram model's.")

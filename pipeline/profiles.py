@@ -275,6 +275,15 @@ class GGUFSettings:
 
 
 @dataclass
+class RegistrySettings:
+    """registered_model: the quality gate before the `candidate` alias."""
+
+    max_regression: float = 0.05
+    """Relative worsening of the base model's validation bits per byte, against the current
+    production version, that still passes the gate."""
+
+
+@dataclass
 class Profile:
     """Every size of one pipeline run."""
 
@@ -287,6 +296,7 @@ class Profile:
     sft: SFTSettings = field(default_factory=SFTSettings)
     dpo: DPOSettings = field(default_factory=DPOSettings)
     gguf: GGUFSettings = field(default_factory=GGUFSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
 
     def __post_init__(self) -> None:
         if self.pretrain.seq_len > self.model.max_position:

@@ -228,3 +228,25 @@ def pull(uri: str, profile: str, alias_or_version: str, out: Path) -> Path:
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(p, out / rel)
     return out
+
+
+def quality_gate(
+    uri: str, profile: str, parity: bool, val_bpb: float | None, max_regression: float
+) -> tuple[bool, str]:
+    """Parity passed, and the base model's bits per byte no worse than production's beyond the tolerance."""
+    if not parity:
+        return False, "GGUF parity failed"
+    c = client(uri)
+    try:
+        prod = c.get_model_version_by_alias(model_name(profile), PRODUCTION)
+    except Exception:
+        return True, "parity passed; no production version to compare with"
+    ref = prod.tags.get("metric.base_val_bpb")
+    if ref is None or val_bpb is None:
+        return True, "parity passed; production has no bits-per-byte figure"
+    if val_bpb > float(ref) * (1 + max_regression):
+        return (
+            False,
+            f"bits per byte {val_bpb:.4f} regresses past production's {float(ref):.4f} (+{max_regression:.0%})",
+        )
+    return True, f"parity passed; bits per byte {val_bpb:.4f} vs production {float(ref):.4f}"

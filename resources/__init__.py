@@ -1,5 +1,6 @@
-"""Dagster resources: which profile a deployment runs, and where it writes."""
+"""Dagster resources: which profile a deployment runs, where it writes, where it tracks."""
 
 from resources.kiln import KilnSettings
+from resources.tracking import MLflowTracking
 
-__all__ = ["KilnSettings"]
+__all__ = ["KilnSettings", "MLflowTracking"]

@@ -7,7 +7,7 @@ import yaml
 from dagster import materialize
 
 from assets.corpus import clean_corpus, clean_corpus_not_empty, clean_corpus_pii_free, raw_corpus
-from resources import KilnSettings
+from resources import KilnSettings, MLflowTracking
 
 
 def test_materialize_raw_to_clean(tmp_path):
@@ -35,8 +35,10 @@ def test_materialize_raw_to_clean(tmp_path):
         )
     )
     kiln = KilnSettings(profile=str(profile), work_dir=str(tmp_path / "work"))
+    mlflow = MLflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", system_metrics=False)
     result = materialize(
-        [raw_corpus, clean_corpus, clean_corpus_not_empty, clean_corpus_pii_free], resources={"kiln": kiln}
+        [raw_corpus, clean_corpus, clean_corpus_not_empty, clean_corpus_pii_free],
+        resources={"kiln": kiln, "mlflow": mlflow},
     )
     assert result.success
     mats = {
@@ -89,7 +91,10 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
     modules = [corpus, training, post_training, release]
     assets = load_assets_from_modules(modules)
     checks = list(definitions.load_asset_checks_from_modules(modules))
-    result = materialize([*assets, *checks], resources={"kiln": kiln})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = materialize(
+        [*assets, *checks], resources={"kiln": kiln, "mlflow": MLflowTracking(tracking_uri=uri, system_metrics=False)}
+    )
     assert result.success
     done = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert done == {
@@ -101,7 +106,23 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
         "dpo_data",
         "sft_model",
         "dpo_model",
+        "gguf_model",
+        "gguf_benchmark",
+        "registered_model",
     }
     checks_passed = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert all(checks_passed.values()) and len(checks_passed) == 6
     assert (tmp_path / "work" / "e2e" / "gguf_model" / "kiln-e2e-Q4_K_M.gguf").exists()
+    # one MLflow run holds every stage's figures; the version is registered as the candidate
+    from pipeline import registry
+    from pipeline.tracking import client
+
+    runs = client(uri).search_runs([client(uri).get_experiment_by_name("kiln-e2e").experiment_id])
+    assert len(runs) == 1
+    metrics = runs[0].data.metrics
+    assert {"base_model.val_bits_per_byte", "clean_corpus.kept_documents", "gguf_benchmark.Q4_K_M_size_bytes"} <= set(
+        metrics
+    )
+    assert len(client(uri).get_metric_history(runs[0].info.run_id, "base_model.loss")) == 30  # the curve
+    versions = registry.list_versions(uri, "e2e")
+    assert [v["aliases"] for v in versions] == ["candidate"]

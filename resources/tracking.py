@@ -1,0 +1,27 @@
+"""MLflow as a Dagster resource: where runs and models are tracked."""
+
+import contextlib
+import os
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from pipeline.tracking import StageLogger, default_tracking_uri, pipeline_run
+
+
+class MLflowTracking(ConfigurableResource):
+    """MLflow tracking and registry: sqlite under registry/ by default, any server by URI."""
+
+    tracking_uri: str = Field(default_factory=default_tracking_uri, description="MLflow tracking/registry URI")
+    system_metrics: bool = Field(default=True, description="log CPU, memory (and GPU) usage while a stage runs")
+
+    @contextlib.contextmanager
+    def stage(self, dagster_run_id: str, profile: str, stage: str):
+        """Log one stage into the MLflow run of this Dagster run; system metrics while it works."""
+        import mlflow
+
+        run_id = pipeline_run(self.tracking_uri, profile, dagster_run_id)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
+        with mlflow.start_run(run_id=run_id, log_system_metrics=self.system_metrics):
+            yield StageLogger(self.tracking_uri, run_id, stage)
