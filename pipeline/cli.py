@@ -116,6 +116,67 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _release_args(args: argparse.Namespace) -> tuple[str, str]:
+    from pipeline.profiles import load_profile
+    from pipeline.tracking import default_tracking_uri
+
+    return args.tracking_uri or default_tracking_uri(), load_profile(args.profile).name
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from pipeline.registry import list_versions
+
+    uri, profile = _release_args(args)
+    rows = list_versions(uri, profile)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    keys = ["version", "created", "aliases"] + sorted({k for r in rows for k in r} - {"version", "created", "aliases"})
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join(str(r.get(k, "")) for k in keys))
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from pipeline.registry import promote
+
+    uri, profile = _release_args(args)
+    e = promote(uri, profile, args.version)
+    print(f"kiln-{profile}: production -> version {e['to']} (was {e['from'] or 'none'}); files verified")
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from pipeline.registry import rollback
+
+    uri, profile = _release_args(args)
+    e = rollback(uri, profile)
+    print(f"kiln-{profile}: production rolled back from version {e['from']} to {e['to']}")
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from pipeline.registry import pull
+
+    uri, profile = _release_args(args)
+    out = pull(uri, profile, args.which, Path(args.output))
+    print(f"kiln-{profile} {args.which}: files verified and written to {out}")
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    import time
+
+    from pipeline.registry import history
+
+    uri, profile = _release_args(args)
+    for e in history(uri, profile):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["when"]))
+        print(f"{when}  {e['action']:<8} {e['from'] or '-':>4} -> {e['to']:<4} by {e['who']}")
+    return 0
+
+
 def _clean_folder(path: str) -> Path:
     """A `kiln clean` output folder or its clean/ folder: where train-*.jsonl and validation-*.jsonl are."""
     folder = Path(path)
@@ -232,6 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one repeat, five requests, one context size")
     p.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     p.set_defaults(func=_cmd_bench)
+
+    def release_parser(name: str, help_text: str):
+        q = sub.add_parser(name, help=help_text, description=help_text)
+        q.add_argument("--profile", default=None, help="whose registered model: kiln-<profile> (default: tiny)")
+        q.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or registry/)")
+        return q
+
+    p = release_parser("models", "list the registered versions: created, aliases, key metrics, file sizes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_models)
+    p = release_parser("promote", "verify a version's files against their sha256 tags and make it production")
+    p.add_argument("version", nargs="?", default=None, help="version number or alias (default: the candidate)")
+    p.set_defaults(func=_cmd_promote)
+    p = release_parser("rollback", "point production back to the version that held it before the last promotion")
+    p.set_defaults(func=_cmd_rollback)
+    p = release_parser("pull", "download a version's files, verified against their hashes")
+    p.add_argument("which", metavar="ALIAS_OR_VERSION")
+    p.add_argument("--output", "-o", required=True, metavar="DIR")
+    p.set_defaults(func=_cmd_pull)
+    p = release_parser("history", "the promotion history: who moved production, when, from which version")
+    p.set_defaults(func=_cmd_history)
 
     p = sub.add_parser(
         "run",

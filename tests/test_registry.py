@@ -123,3 +123,32 @@ def test_concurrent_promotions_keep_a_consistent_history(store):
     assert events[0]["from"] is None and events[1]["from"] == events[0]["to"]
     current = {r["version"]: r["aliases"] for r in registry.list_versions(uri, "test")}
     assert "production" in current[events[1]["to"]]
+
+
+def test_release_commands(store, tmp_path, capsys, monkeypatch):
+    import pipeline.registry as reg
+    from pipeline.cli import main
+
+    uri, _ = store
+
+    # the store was made for profile "test": point the CLI at it through a YAML profile named test
+    profile = tmp_path / "test.yaml"
+    profile.write_text("base: tiny\n")
+    base = ["--profile", str(profile), "--tracking-uri", uri]
+    assert main(["models", *base]) == 0
+    listing = capsys.readouterr().out
+    assert listing.splitlines()[0].startswith("version | created | aliases")
+    assert main(["promote", *base]) == 0
+    assert "production -> version 2" in capsys.readouterr().out
+    assert main(["promote", "1", *base]) == 0
+    assert main(["rollback", *base]) == 0
+    assert "rolled back from version 1 to 2" in capsys.readouterr().out
+    assert main(["pull", "production", "--output", str(tmp_path / "p"), *base]) == 0
+    assert (tmp_path / "p" / "MODEL_CARD.md").read_text() == "# version 2\n"
+    assert main(["promote", "7", *base]) == 2
+    assert capsys.readouterr().err.strip() == "kiln: error: kiln-test has no version 7"
+    assert len(reg.history(uri, "test")) == 3  # the refused promotion recorded nothing
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    bad = ["--profile", str(profile), "--tracking-uri", "http://127.0.0.1:9"]  # nothing listens there
+    assert main(["models", *bad]) == 2
+    assert "http://127.0.0.1:9" in capsys.readouterr().err
