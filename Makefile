@@ -31,6 +31,9 @@ test: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/registry/mlflow.db --host 127.0.0.1 --port 5000
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/clean_throughput.py
 	$(BIN)/python benchmarks/pii_accuracy.py

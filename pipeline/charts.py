@@ -10,6 +10,14 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _png(fig) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def bar_chart(values: dict[str, float], title: str, xlabel: str = "") -> bytes:
     """A horizontal bar chart, largest bar on top, as PNG bytes."""
     items = sorted(values.items(), key=lambda kv: kv[1])
@@ -20,11 +28,7 @@ def bar_chart(values: dict[str, float], title: str, xlabel: str = "") -> bytes:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def loss_curve(history: list[dict], evals: list[dict], title: str) -> bytes:
@@ -41,11 +45,7 @@ def loss_curve(history: list[dict], evals: list[dict], title: str) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def gguf_comparison(results: dict) -> bytes:
@@ -62,8 +62,4 @@ def gguf_comparison(results: dict) -> bytes:
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_title(title)
         ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)

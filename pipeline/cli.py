@@ -210,7 +210,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(
         f"\nkiln: pipeline done on profile {args.profile!r}.\n"
         f"  artifacts:     {work}\n"
-        f"  Dagster UI:    DAGSTER_HOME={env['DAGSTER_HOME']} .venv/bin/dagster dev   (then open http://127.0.0.1:3000)\n",
+        f"  Dagster UI:    make ui         (http://127.0.0.1:3000; runs are in DAGSTER_HOME={env['DAGSTER_HOME']})\n"
+        f"  MLflow UI:     make mlflow-ui  (http://127.0.0.1:5000; experiment kiln-{Path(args.profile).stem})\n"
+        f"  versions:      .venv/bin/kiln models --profile {args.profile}\n",
         file=sys.stderr,
     )
     return 0
