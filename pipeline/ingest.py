@@ -392,8 +392,3 @@ def _unique_id(doc_id: str, seen: set[str]) -> str:
         doc_id = f"{doc_id}~{hashlib.sha1(f'{doc_id}{len(seen)}'.encode()).hexdigest()[:8]}"
     seen.add(doc_id)
     return doc_id
-
-
-def copy_sources_manifest(sources: list[Source]) -> list[dict]:
-    """The sources as plain dicts, for metadata and MLflow params."""
-    return [{k: v for k, v in s.__dict__.items() if v not in (None, "auto")} for s in sources]

@@ -10,9 +10,7 @@ SFT and DPO stages and the GGUF use.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import KilnError
@@ -41,14 +39,6 @@ ROUND_TRIP_SAMPLES = [
     "Emoji and symbols: 🚀🔥👩‍💻 ∑ ≠ ∞ — “quotes” «guillemets» 日本語 中文",
     "<|user|>special tokens inside text<|end|> and <|fim_prefix|> stay text-splittable",
 ]
-
-
-@dataclass
-class TokenizerStats:
-    vocab_size: int
-    train_bytes: int
-    bytes_per_token: dict  # split/kind -> bytes per token on validation text
-    round_trip_failures: list
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 32_000, min_frequency: int = 2):
@@ -124,15 +114,12 @@ def bytes_per_token(tokenizer, texts: Iterable[str]) -> float:
 
 def token_byte_lengths(tokenizer) -> list[int]:
     """UTF-8 bytes each token id stands for (0 for special tokens): bits per byte needs it."""
-    from tokenizers import decoders
-
     byte_decoder = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
     lengths = [0] * len(tokenizer)
     special = set(tokenizer.all_special_ids)
     for token, idx in tokenizer.get_vocab().items():
         if idx not in special and token not in SPECIAL_TOKENS:
             lengths[idx] = sum(1 for ch in token if ch in byte_decoder)
-    del decoders
     return lengths
 
 
@@ -158,7 +145,3 @@ def texts_of(records: Iterable[dict], max_bytes: int | None = None) -> Iterator[
             return
         seen += len(rec["text"].encode("utf-8"))
         yield rec["text"]
-
-
-def write_tokenizer_stats(stats: TokenizerStats, path: Path) -> None:
-    path.write_text(json.dumps(stats.__dict__, indent=2) + "\n", encoding="utf-8")
