@@ -16,6 +16,7 @@ from dagster import (
 )
 
 from assets import corpus, post_training, release, training
+from assets.automation import new_data_sensor, retrain_schedule
 from resources import KilnSettings, MLflowTracking
 from resources.kiln import REPO_ROOT
 
@@ -42,15 +43,28 @@ release_job = define_asset_job(
     description="GGUF files, their benchmark, the registered version.",
 )
 
+
+def resources_for(deployment: str) -> dict:
+    """local (the default): everything inside the checkout. production: every location from the
+    environment, and a missing one is an error at load time rather than a run writing locally."""
+    if deployment == "production":
+        missing = [v for v in ("KILN_WORK_DIR", "MLFLOW_TRACKING_URI") if not os.environ.get(v)]
+        if missing:
+            raise RuntimeError(f"KILN_DEPLOYMENT=production needs {', '.join(missing)} set")
+        work_dir = os.environ["KILN_WORK_DIR"]
+    else:
+        work_dir = os.environ.get("KILN_WORK_DIR", str(REPO_ROOT / "data" / "work"))
+    return {
+        "kiln": KilnSettings(profile=os.environ.get("KILN_PROFILE", "tiny"), work_dir=work_dir),
+        "mlflow": MLflowTracking(),  # MLFLOW_TRACKING_URI, else sqlite under registry/
+    }
+
+
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),
     asset_checks=load_asset_checks_from_modules(STAGE_MODULES),
     jobs=[kiln_pipeline, data_job, training_job, post_training_job, release_job],
-    resources={
-        "kiln": KilnSettings(
-            profile=os.environ.get("KILN_PROFILE", "tiny"),
-            work_dir=os.environ.get("KILN_WORK_DIR", str(REPO_ROOT / "data" / "work")),
-        ),
-        "mlflow": MLflowTracking(),
-    },
+    schedules=[retrain_schedule(kiln_pipeline)],
+    sensors=[new_data_sensor(kiln_pipeline)],
+    resources=resources_for(os.environ.get("KILN_DEPLOYMENT", "local")),
 )

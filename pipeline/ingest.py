@@ -392,3 +392,21 @@ def _unique_id(doc_id: str, seen: set[str]) -> str:
         doc_id = f"{doc_id}~{hashlib.sha1(f'{doc_id}{len(seen)}'.encode()).hexdigest()[:8]}"
     seen.add(doc_id)
     return doc_id
+
+
+def watched_files(sources: list[Source]) -> list[tuple[str, float]]:
+    """(path, modification time) of every file under the profile's path sources: what the
+    new-data sensor watches. Builtins and HF datasets are not watched."""
+    found = []
+    for src in sources:
+        if not src.path or not Path(src.path).exists():
+            continue
+        root = Path(src.path)
+        for f in _files_under(root) if root.is_dir() else [root]:
+            found.append((str(f), f.stat().st_mtime))
+    return sorted(found)
+
+
+def data_fingerprint(files: list[tuple[str, float]]) -> str:
+    """A run key from file names and modification times: the same files trigger once."""
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]

@@ -4,7 +4,7 @@ import json
 import random
 
 import yaml
-from dagster import materialize
+from dagster import DagsterInstance, Definitions, materialize
 
 from assets.corpus import clean_corpus, clean_corpus_not_empty, clean_corpus_pii_free, raw_corpus
 from resources import KilnSettings, MLflowTracking
@@ -92,9 +92,9 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
     assets = load_assets_from_modules(modules)
     checks = list(definitions.load_asset_checks_from_modules(modules))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = materialize(
-        [*assets, *checks], resources={"kiln": kiln, "mlflow": MLflowTracking(tracking_uri=uri, system_metrics=False)}
-    )
+    instance = DagsterInstance.ephemeral()
+    resources = {"kiln": kiln, "mlflow": MLflowTracking(tracking_uri=uri, system_metrics=False)}
+    result = materialize([*assets, *checks], resources=resources, instance=instance)
     assert result.success
     done = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert done == {
@@ -126,3 +126,26 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
     assert len(client(uri).get_metric_history(runs[0].info.run_id, "base_model.loss")) == 30  # the curve
     versions = registry.list_versions(uri, "e2e")
     assert [v["aliases"] for v in versions] == ["candidate"]
+
+    # Staleness: a new DPO code version marks dpo_model stale, then what follows it; nothing upstream.
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.loader import LoadingContextForTest
+
+    def stale(asset_defs):
+        graph = Definitions(assets=asset_defs, resources=resources).resolve_asset_graph()
+        resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+        return {k.path[-1] for k in graph.materializable_asset_keys if resolver.get_status(k) == StaleStatus.STALE}
+
+    assert stale(assets) == set()
+    changed = [
+        a.map_asset_specs(lambda spec: spec.replace_attributes(code_version="2"))
+        if a.key.path[-1] == "dpo_model"
+        else a
+        for a in assets
+    ]
+    assert stale(changed) == {"dpo_model"}  # upstream of it and beside it stay fresh
+    # materializing the stale asset runs only it; its new data version then makes its direct
+    # downstream stale (Dagster marks staleness one step at a time as each asset is re-run)
+    rerun = materialize(changed, selection=["dpo_model"], resources=resources, instance=instance)
+    assert {e.asset_key.path[-1] for e in rerun.get_asset_materialization_events()} == {"dpo_model"}
+    assert stale(changed) == {"gguf_model"}
