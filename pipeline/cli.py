@@ -97,11 +97,9 @@ def _cmd_gguf(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.gguf_bench import benchmark_file, markdown_table, memory_bandwidth
+    from pipeline.gguf_bench import benchmark_file, check_gguf, markdown_table, memory_bandwidth
 
     for path in args.files:  # every file is checked before any is measured
-        from pipeline.gguf_bench import check_gguf
-
         check_gguf(Path(path))
     bandwidth = memory_bandwidth()
     prompt = list(range(100, 612))  # token ids below every real vocabulary's size: speed only, not sense

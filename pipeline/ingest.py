@@ -245,8 +245,7 @@ def _read_builtin(name: str, max_chars: int, rng: random.Random) -> Iterator[dic
         ]  # fmt: skip
     rng.shuffle(files)
     for f in files:
-        rel = str(f.relative_to(f.parent if name == "site_packages" else stdlib))
-        rel = str(f) if name == "site_packages" else rel
+        rel = str(f) if name == "site_packages" else str(f.relative_to(stdlib))
         if name == "python_docstrings":
             yield from _docstrings(f, f"python_docstrings:{rel}", max_chars)
         else:

@@ -15,7 +15,6 @@ against a determined attacker (that needs a container or a VM), as with HumanEva
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal
@@ -116,7 +115,3 @@ def run_program(source: str, timeout: float = 5.0, memory_mb: int = 512) -> Outc
         if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
             return Outcome(False, "timeout")
         return Outcome(False, f"failed: {last[:200]}")
-
-
-def outcome_json(o: Outcome) -> str:
-    return json.dumps({"passed": o.passed, "result": o.reason})

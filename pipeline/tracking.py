@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,8 +134,6 @@ class StageLogger:
             self.c.log_batch(self.run_id, params=params[i : i + 100])
 
     def metrics(self, values: dict, step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
