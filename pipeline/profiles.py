@@ -275,12 +275,53 @@ class GGUFSettings:
 
 
 @dataclass
+class EvalSettings:
+    """eval_report: what base, SFT, DPO (and the shipped GGUF) are measured on."""
+
+    bpb_max_bytes: int | None = 400_000
+    """Held-out validation bytes scored for bits per byte (None: the whole split)."""
+    lm_eval_limit: int | None = 200
+    """Documents per lm-eval task (None: all of them)."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """Standard lm-eval task names run besides kiln's own (hellaswag, arc_easy, ...); one whose
+    data cannot be loaded is reported as unavailable."""
+    batch_size: int = 8
+    """Sequences per forward pass in bits per byte and lm-eval."""
+    humaneval_problems: int | None = 20
+    """The first this many HumanEval problems (None: all 164)."""
+    humaneval_samples: int = 1
+    """Completions per problem: 1 is greedy decoding; more are sampled at `temperature`."""
+    temperature: float = 0.8
+    """Sampling temperature when humaneval_samples > 1."""
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    """The k of each pass@k reported (k <= humaneval_samples)."""
+    max_new_tokens: int = 128
+    """Tokens generated per completion at most; generation also stops at a new top-level statement."""
+    timeout: float = 5.0
+    """Seconds each generated program may run in the sandbox."""
+    gguf_file: str | None = "Q4_K_M"
+    """The GGUF quantization also evaluated on HumanEval through llama.cpp (None: none)."""
+
+    def __post_init__(self) -> None:
+        if self.humaneval_samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.timeout <= 0:
+            raise ProfileError("eval: humaneval_samples, max_new_tokens, batch_size >= 1 and timeout > 0 are needed")
+        bad = [k for k in self.pass_k if not 1 <= k <= self.humaneval_samples]
+        if bad:
+            raise ProfileError(f"eval.pass_k {bad[0]} must be between 1 and humaneval_samples ({self.humaneval_samples})")
+        if self.humaneval_problems is not None and not 0 <= self.humaneval_problems <= 164:
+            raise ProfileError("eval.humaneval_problems must be between 0 and 164")
+
+
+@dataclass
 class RegistrySettings:
     """registered_model: the quality gate before the `candidate` alias."""
 
     max_regression: float = 0.05
-    """Relative worsening of the base model's validation bits per byte, against the current
+    """Relative worsening of the shipped model's validation bits per byte, against the current
     production version, that still passes the gate."""
+    max_score_drop: float = 0.05
+    """Absolute drop of an accuracy or pass@k (against production, and from the HF model to
+    its quantized GGUF) that still passes the gate."""
 
 
 @dataclass
@@ -296,6 +337,7 @@ class Profile:
     sft: SFTSettings = field(default_factory=SFTSettings)
     dpo: DPOSettings = field(default_factory=DPOSettings)
     gguf: GGUFSettings = field(default_factory=GGUFSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
 
     def __post_init__(self) -> None:
@@ -310,7 +352,13 @@ def _builtin_profiles() -> dict[str, Profile]:
     return {
         # tiny's 4 MB corpus holds fewer than 32k pairs seen twice: merges of pairs seen once fill
         # the vocabulary, so the tokenizer has the real size while the run stays short.
-        "tiny": Profile("tiny", tokenizer=TokenizerSettings(min_frequency=1)),
+        # tiny lists one standard lm-eval task: offline its data is missing, and the report says so.
+        # 100 documents per task: on a CPU the 32k-vocabulary logits make each choice ~0.1 s.
+        "tiny": Profile(
+            "tiny",
+            tokenizer=TokenizerSettings(min_frequency=1),
+            eval=EvalSettings(lm_eval_tasks=["arc_easy"], lm_eval_limit=100),
+        ),
         "small": Profile(
             "small",
             corpus=CorpusSettings(
@@ -335,6 +383,7 @@ def _builtin_profiles() -> dict[str, Profile]:
                 eval_every=250,
                 checkpoint_every=250,
             ),
+            eval=EvalSettings(lm_eval_tasks=["hellaswag", "arc_easy", "piqa"], humaneval_problems=None),
         ),
         "300m": Profile(
             "300m",
@@ -367,6 +416,16 @@ def _builtin_profiles() -> dict[str, Profile]:
                 eval_every=500,
                 eval_batches=32,
                 checkpoint_every=1000,
+            ),
+            eval=EvalSettings(
+                bpb_max_bytes=None,
+                lm_eval_limit=None,
+                lm_eval_tasks=["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande"],
+                batch_size=32,
+                humaneval_problems=None,
+                humaneval_samples=20,
+                pass_k=[1, 10],
+                max_new_tokens=384,
             ),
         ),
     }

@@ -1,0 +1,294 @@
+"""eval_report: base, SFT and DPO (and the shipped GGUF) measured on the same tasks, side by side.
+
+Three kinds of measurement:
+- bits per byte on the held-out validation split: total negative log-likelihood in bits over
+  the UTF-8 bytes of the text, so models with different tokenizers compare;
+- lm-evaluation-harness (`simple_evaluate`, HF backend) on kiln's own tasks, derived from the
+  validation split and written as lm-eval task YAML over local JSONL (see `lm_tasks`), plus any
+  standard task the profile names whose data can be loaded (offline, most cannot: the report
+  says so per task);
+- HumanEval pass@k, completions executed in the sandbox.
+
+Metric keys are flat (`kiln_body_choice.acc`, `humaneval.pass_at_1`), the same in the report,
+in MLflow and in the registry's tags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from pipeline.humaneval import generate, score, task_ids
+from pipeline.io import atomic_path, write_json
+from pipeline.lm_tasks import KILN_TASKS, write_kiln_tasks
+from pipeline.profiles import EvalSettings
+
+LOWER_IS_BETTER = {"bits_per_byte"}
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@torch.no_grad()
+def bits_per_byte(checkpoint: Path, texts: list[str], batch_size: int = 8, window: int = 512) -> dict:
+    """Bits per UTF-8 byte of `texts` under the model, in the layout it was trained on: each text
+    after <|eos|>, scored in consecutive windows. The <|eos|> separators are context only: they
+    are not text, so predicting them is not scored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoint))
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).to(_device()).eval()
+    window = min(window, model.config.max_position_embeddings)
+    eos = tok.eos_token_id
+    stream = [eos]
+    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+        stream += [*ids, eos]
+    x = torch.tensor(stream[:-1])
+    y = torch.tensor(stream[1:]).masked_fill(torch.tensor(stream[1:]) == eos, -100)
+    pad = -len(x) % window
+    x = torch.nn.functional.pad(x, (0, pad), value=eos).view(-1, window)
+    y = torch.nn.functional.pad(y, (0, pad), value=-100).view(-1, window)
+    nll = 0.0
+    for i in range(0, len(x), batch_size):
+        logits = model(input_ids=x[i : i + batch_size].to(model.device)).logits.float()
+        target = y[i : i + batch_size].to(model.device)
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"bits_per_byte": nll / torch.log(torch.tensor(2.0)).item() / n_bytes, "bytes": n_bytes}
+
+
+def held_out_texts(records: list[dict], max_bytes: int | None) -> list[str]:
+    """Validation texts in split order, up to `max_bytes` of them (always at least one)."""
+    texts, total = [], 0
+    for r in records:
+        if texts and max_bytes is not None and total + len(r["text"].encode()) > max_bytes:
+            break
+        texts.append(r["text"])
+        total += len(r["text"].encode())
+    return texts
+
+
+def task_manager(task_dir: Path, standard: list[str]):
+    """lm-eval's task index over kiln's task folder; lm-eval's own (thousands of YAML files,
+    seconds to index) only when the profile names standard tasks."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(task_dir), include_defaults=bool(standard))
+
+
+def loadable(tm, names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Split standard task names into those whose data loads and those that cannot run here, with why."""
+    ok, unavailable = [], {}
+    for name in names:
+        try:
+            tm.load([name])
+            ok.append(name)
+        except Exception as exc:  # unknown name, no network, missing dataset: each is a reason, not a crash
+            unavailable[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return ok, unavailable
+
+
+def lm_eval_scores(checkpoint: Path, tm, tasks: list[str], limit: int | None, batch_size: int) -> dict:
+    """{task: {"scores": {metric: value}, "stderr": {metric: value}, "higher_is_better": {...}, "n": docs}}."""
+    from lm_eval import simple_evaluate
+
+    out = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(checkpoint), "dtype": "float32", "device": _device()},
+        tasks=tasks,
+        task_manager=tm,
+        limit=limit,
+        batch_size=batch_size,
+        log_samples=False,
+        bootstrap_iters=1000,
+    )
+    found = {}
+    for task, row in out["results"].items():
+        scores = {k.split(",")[0]: v for k, v in row.items() if "," in k and "_stderr" not in k}
+        stderr = {
+            k.split(",")[0].removesuffix("_stderr"): v
+            for k, v in row.items()
+            if "_stderr," in k and isinstance(v, int | float)
+        }
+        found[task] = {
+            "scores": scores,
+            "stderr": stderr,
+            "higher_is_better": out["higher_is_better"].get(task, {}),
+            "n": out["n-samples"].get(task, {}).get("effective"),
+        }
+    return found
+
+
+class Report:
+    """The report being built: metric values per model, their stderr and direction, times."""
+
+    def __init__(self, models: list[str], settings: EvalSettings):
+        self.data: dict = {
+            "models": {m: {} for m in models},
+            "stderr": {m: {} for m in models},
+            "higher_is_better": {},
+            "tasks": {},
+            "unavailable": {},
+            "seconds": {},
+            "settings": dataclasses.asdict(settings),
+        }
+
+    def put(self, model: str, metric: str, value: float, stderr: float | None = None, higher_is_better=True):
+        self.data["models"][model][metric] = value
+        if stderr is not None:
+            self.data["stderr"][model][metric] = stderr
+        self.data["higher_is_better"][metric] = higher_is_better
+
+    @contextmanager
+    def timed(self, part: str):
+        start = time.perf_counter()
+        yield
+        self.data["seconds"][part] = round(self.data["seconds"].get(part, 0) + time.perf_counter() - start, 2)
+
+
+def evaluate_all(
+    models: dict[str, Path],
+    validation: list[dict],
+    out: Path,
+    s: EvalSettings,
+    gguf: tuple[str, Path] | None = None,
+    say: Callable[[str], None] = print,
+) -> dict:
+    """Evaluate each HF checkpoint in `models` (name -> folder) and, on HumanEval, the `gguf`
+    (name, file); write report.json, report.md, lm-eval task files and HumanEval samples into `out`."""
+    out = Path(out)
+    names = list(models) + ([gguf[0]] if gguf else [])
+    report = Report(names, s)
+    data = report.data
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # per-request chatter; results come back here
+
+    with report.timed("bits_per_byte"):
+        texts = held_out_texts(validation, s.bpb_max_bytes)
+        for name, path in models.items():
+            r = bits_per_byte(path, texts, s.batch_size)
+            report.put(name, "bits_per_byte", r["bits_per_byte"], higher_is_better=False)
+            say(f"{name}: {r['bits_per_byte']:.4f} bits/byte over {r['bytes']:,} held-out bytes")
+        data["bpb_bytes"] = r["bytes"] if models else 0
+
+    with report.timed("lm_eval"):
+        task_dir = out / "lm_eval_tasks"
+        written, skipped = write_kiln_tasks(validation, task_dir, s.lm_eval_limit)
+        data["unavailable"].update(skipped)
+        tm = task_manager(task_dir, s.lm_eval_tasks)
+        standard, unavailable = loadable(tm, s.lm_eval_tasks)
+        data["unavailable"].update(unavailable)
+        for task, why in unavailable.items():
+            say(f"lm-eval task {task} unavailable: {why}")
+        tasks = [t for t in KILN_TASKS if t in written] + standard
+        for name, path in models.items():
+            for task, r in (lm_eval_scores(path, tm, tasks, s.lm_eval_limit, s.batch_size) if tasks else {}).items():
+                data["tasks"][task] = r["n"]
+                for metric, value in r["scores"].items():
+                    better = r["higher_is_better"].get(metric, True)
+                    report.put(name, f"{task}.{metric}", value, r["stderr"].get(metric), better)
+            say(f"{name}: lm-eval {', '.join(tasks)} done")
+
+    with report.timed("humaneval"):
+        ids = task_ids(s.humaneval_problems)
+        data["humaneval_problems"] = len(ids)
+        runs = {**models, **({gguf[0]: gguf[1]} if gguf else {})}
+        for name, path in runs.items():
+            samples = generate(
+                path, ids, s.humaneval_samples, s.temperature, s.max_new_tokens, batch_size=s.batch_size,
+                progress=False,
+            )  # fmt: skip
+            result, per_sample = score(samples, s.pass_k, s.timeout)
+            _write_jsonl(out / "humaneval" / f"{name}.jsonl", samples)
+            _write_jsonl(out / "humaneval" / f"{name}_results.jsonl", per_sample)
+            for k in s.pass_k:
+                if f"pass@{k}" in result:
+                    report.put(name, f"humaneval.pass_at_{k}", result[f"pass@{k}"])
+            say(f"{name}: HumanEval {result}")
+
+    write_json(out / "report.json", data)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(markdown_table(data))
+    return data
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def metric_table(report: dict) -> dict[str, dict[str, float]]:
+    """metric -> model -> value, in first-seen order."""
+    table: dict[str, dict[str, float]] = {}
+    for model, values in report["models"].items():
+        for metric, value in values.items():
+            table.setdefault(metric, {})[model] = value
+    return table
+
+
+def markdown_table(report: dict) -> str:
+    models = list(report["models"])
+    lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for metric, values in metric_table(report).items():
+        arrow = "↓" if not report["higher_is_better"].get(metric, True) else "↑"
+        cells = []
+        for m in models:
+            if m not in values:
+                cells.append("—")
+                continue
+            err = report["stderr"][m].get(metric)
+            cells.append(f"{values[m]:.4f}" + (f" ± {err:.4f}" if err else ""))
+        lines.append(f"| {metric} {arrow} | " + " | ".join(cells) + " |")
+    s = report["settings"]
+    notes = [
+        f"bits per byte over {report.get('bpb_bytes', 0):,} held-out bytes; lm-eval documents per task: "
+        + ", ".join(f"{t} {n}" for t, n in report["tasks"].items()),
+        f"HumanEval: {report.get('humaneval_problems')} of 164 problems, {s['humaneval_samples']} sample(s) each "
+        + ("(greedy)" if s["humaneval_samples"] == 1 else f"at temperature {s['temperature']}")
+        + f", at most {s['max_new_tokens']} new tokens",
+        *[f"unavailable: {t} ({why})" for t, why in report["unavailable"].items()],
+    ]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def flat_metrics(report: dict, models: list[str]) -> dict[str, float]:
+    """`model.metric` -> value for the given models: what MLflow and the registry tags carry."""
+    return {f"{m}.{k}": v for m in models for k, v in report["models"].get(m, {}).items()}
+
+
+def gate(
+    report: dict, shipped: str, production: dict[str, float] | None, max_regression: float, max_score_drop: float,
+    quantized: str | None = None,
+) -> tuple[bool, list[str]]:  # fmt: skip
+    """The eval gate before `candidate`. Against production (its `shipped` metrics): bits per byte
+    may worsen by `max_regression` (relative), a score may drop by `max_score_drop` (absolute).
+    Within this run: the `quantized` GGUF's scores may trail the HF model's by `max_score_drop`."""
+    ours, better = report["models"][shipped], report["higher_is_better"]
+    failures, passes = [], []
+
+    def compare(who: str, metric: str, value: float, ref: float, against: str) -> None:
+        if not better.get(metric, True):
+            ok, limit = value <= ref * (1 + max_regression), f"+{max_regression:.0%}"
+        else:
+            ok, limit = value >= ref - max_score_drop, f"-{max_score_drop:g}"
+        line = f"{who} {metric} {value:.4f} vs {against} {ref:.4f} (allowed {limit})"
+        (passes if ok else failures).append(line)
+
+    for metric, value in ours.items():
+        if production and f"{shipped}.{metric}" in production:
+            compare(shipped, metric, value, production[f"{shipped}.{metric}"], "production")
+    if quantized:
+        for metric, value in report["models"].get(quantized, {}).items():
+            if metric in ours:
+                compare(quantized, metric, value, ours[metric], shipped)
+    if production is None:
+        passes.append("no production version to compare with")
+    return not failures, failures or passes

@@ -1,0 +1,122 @@
+"""kiln's own lm-evaluation-harness tasks, derived from the held-out validation split.
+
+Written as lm-eval task YAML over local JSONL, so `TaskManager(include_path=...)` runs them with
+no download:
+- kiln_body_choice (multiple choice): a Python function's signature and docstring; which of
+  four bodies is its own? The three others are bodies of other held-out functions. acc and
+  acc_norm (length-normalized), chance 0.25.
+- kiln_next_line (multiple choice): up to 12 lines of held-out code; which of four lines of the
+  same file comes next? acc and acc_norm, chance 0.25.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import yaml
+
+from pipeline.ingest import is_code
+from pipeline.io import atomic_path
+from pipeline.post_data import mine_functions
+
+KILN_TASKS = ("kiln_body_choice", "kiln_next_line")
+CHOICES = 4
+CONTEXT_LINES = 12
+
+
+def body_choice_rows(records: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
+    functions, seen = [], set()
+    for r in records:
+        if r.get("lang") == "python":
+            for fn in mine_functions(r["text"]):
+                if fn.body in fn.answer and fn.body not in seen:
+                    seen.add(fn.body)
+                    functions.append(fn)
+    if len(functions) < CHOICES:
+        return []
+    rng = random.Random(seed)
+    rows = []
+    for i, fn in enumerate(functions):
+        others = rng.sample([f.body for j, f in enumerate(functions) if j != i], CHOICES - 1)
+        choices = [fn.body, *others]
+        rng.shuffle(choices)
+        query = fn.answer[: fn.answer.index(fn.body)].rstrip("\n")
+        rows.append({"query": query, "choices": ["\n" + c for c in choices], "gold": choices.index(fn.body)})
+    rng.shuffle(rows)
+    return rows[:limit]
+
+
+def next_line_rows(records: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
+    """Lines of held-out code with up to CONTEXT_LINES lines before them; the distractors are
+    other lines of the same file, so only the context tells them apart."""
+    candidates = []
+    for d, r in enumerate(records):
+        if not is_code(r.get("lang", "")):
+            continue
+        lines = r["text"].splitlines()
+        for i in range(1, len(lines)):
+            if _substantive(lines[i]):
+                candidates.append((d, i))
+    rng = random.Random(seed)
+    rng.shuffle(candidates)
+    rows = []
+    for d, i in candidates:
+        lines = records[d]["text"].splitlines()
+        pool = sorted({ln for ln in lines if _substantive(ln) and ln.strip() != lines[i].strip()})
+        if len(pool) < CHOICES - 1:
+            continue
+        choices = [lines[i], *rng.sample(pool, CHOICES - 1)]
+        rng.shuffle(choices)
+        context = "\n".join(lines[max(0, i - CONTEXT_LINES) : i])
+        rows.append({"query": context, "choices": ["\n" + c for c in choices], "gold": choices.index(lines[i])})
+        if limit is not None and len(rows) == limit:
+            break
+    return rows
+
+
+def _substantive(line: str) -> bool:
+    stripped = line.strip()
+    return len(stripped) >= 4 and not stripped.startswith("#")
+
+
+def _task_yaml(name: str, data: Path, cache: Path) -> dict:
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(cache)},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{query}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{gold}}",
+        # The newline opens each choice, not the query: the byte-level BPE merges a newline with
+        # the next line's indentation, so a query ending in "\n" would split a token the model
+        # never saw split. With no delimiter the two join exactly as in the source.
+        "target_delimiter": "",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+def write_kiln_tasks(records: list[dict], out: Path, limit: int | None) -> tuple[dict[str, int], dict[str, str]]:
+    """Write each task's JSONL and YAML into `out` (replaced whole). Returns (task -> rows written,
+    task -> why it was skipped)."""
+    out = Path(out)
+    rows = {"kiln_body_choice": body_choice_rows(records, limit), "kiln_next_line": next_line_rows(records, limit)}
+    written, skipped = {}, {}
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        for name, task_rows in rows.items():
+            if not task_rows:
+                skipped[name] = "too few held-out Python functions or code lines to build it"
+                continue
+            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_rows))
+            spec = _task_yaml(name, out / f"{name}.jsonl", out / "cache")
+            (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+            written[name] = len(task_rows)
+    return written, skipped
