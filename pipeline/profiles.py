@@ -307,7 +307,7 @@ class EvalSettings:
             raise ProfileError("eval: humaneval_samples, max_new_tokens, batch_size >= 1 and timeout > 0 are needed")
         bad = [k for k in self.pass_k if not 1 <= k <= self.humaneval_samples]
         if bad:
-            raise ProfileError(f"eval.pass_k {bad[0]} must be between 1 and humaneval_samples ({self.humaneval_samples})")
+            raise ProfileError(f"eval.pass_k {bad[0]} must be between 1 and humaneval_samples {self.humaneval_samples}")
         if self.humaneval_problems is not None and not 0 <= self.humaneval_problems <= 164:
             raise ProfileError("eval.humaneval_problems must be between 0 and 164")
 
