@@ -15,7 +15,7 @@ from dagster import (
     load_assets_from_modules,
 )
 
-from assets import corpus, post_training, release, training
+from assets import corpus, evaluation, post_training, release, training
 from assets.automation import new_data_sensor, retrain_schedule
 from resources import KilnSettings, MLflowTracking
 from resources.kiln import REPO_ROOT
@@ -23,7 +23,7 @@ from resources.kiln import REPO_ROOT
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-STAGE_MODULES = [corpus, training, post_training, release]
+STAGE_MODULES = [corpus, training, post_training, evaluation, release]
 
 kiln_pipeline = define_asset_job(
     "kiln_pipeline", selection=AssetSelection.all(), description="Every asset, from sources to registry."
@@ -35,6 +35,10 @@ training_job = define_asset_job(
 
 post_training_job = define_asset_job(
     "post_training", selection=AssetSelection.groups("post_training"), description="SFT and DPO data and models."
+)
+
+evaluation_job = define_asset_job(
+    "evaluation", selection=AssetSelection.groups("evaluation"), description="eval_report and its gate."
 )
 
 release_job = define_asset_job(
@@ -63,7 +67,7 @@ def resources_for(deployment: str) -> dict:
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),
     asset_checks=load_asset_checks_from_modules(STAGE_MODULES),
-    jobs=[kiln_pipeline, data_job, training_job, post_training_job, release_job],
+    jobs=[kiln_pipeline, data_job, training_job, post_training_job, evaluation_job, release_job],
     schedules=[retrain_schedule(kiln_pipeline)],
     sensors=[new_data_sensor(kiln_pipeline)],
     resources=resources_for(os.environ.get("KILN_DEPLOYMENT", "local")),

@@ -9,11 +9,12 @@ from assets.metadata import md_image, md_table, record
 from assets.post_training import dpo_model
 from pipeline.charts import gguf_comparison
 from pipeline.clean import read_split
+from pipeline.evaluation import flat_metrics
 from pipeline.gguf_bench import benchmark_all, markdown_table
 from pipeline.gguf_export import export_all
 from pipeline.io import write_json
 from pipeline.model_card import build_bundle
-from pipeline.registry import quality_gate, register
+from pipeline.registry import EVAL_TAG, SHIPPED, quality_gate, register
 from resources import KilnSettings, MLflowTracking
 
 
@@ -71,24 +72,24 @@ def gguf_parity(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="release", code_version="1", deps=[gguf_benchmark])
+@asset(group_name="release", code_version="1", deps=[gguf_benchmark, "eval_report"])  # by key: assets.evaluation
 def registered_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A model version in the MLflow registry (`kiln-<profile>`): the GGUF files, the merged HF
     checkpoint, the model card and reports, a sha256 tag per file; alias `candidate` when the
-    quality gate passes (GGUF parity, no regression past production)."""
+    quality gate passes (GGUF parity, and the eval gate: no regression past production)."""
     profile = kiln.load()
     work = kiln.stage_dir("registered_model").parent
     bundle_dir = kiln.stage_dir("registered_model") / "bundle"
     table = markdown_table(json.loads((kiln.stage_dir("gguf_benchmark") / "benchmark.json").read_text())["files"])
     bundle = build_bundle(work, profile, context.run_id, bundle_dir, table)
-    m = bundle["metrics"]
-    passed, why = quality_gate(
-        mlflow.tracking_uri, profile.name, bundle["parity"], m["base_val_bpb"], profile.registry.max_regression
-    )
+    report = json.loads((kiln.stage_dir("eval_report") / "report.json").read_text())
+    passed, why = quality_gate(mlflow.tracking_uri, profile.name, bundle["parity"], report, profile.registry)
+    evals = flat_metrics(report, [SHIPPED, report["quantized"]] if report["quantized"] else [SHIPPED])
     tags = {
         "dagster_run_id": context.run_id,
         "gate": why,
-        **{f"metric.{k}": f"{v:.6g}" for k, v in m.items() if isinstance(v, int | float)},
+        **{f"metric.{k}": f"{v:.6g}" for k, v in bundle["metrics"].items() if isinstance(v, int | float)},
+        **{f"{EVAL_TAG}{k}": f"{v:.6g}" for k, v in evals.items()},
         **{f"size.{k}": str(v) for k, v in bundle["sizes"].items()},
     }
     with mlflow.stage(context.run_id, profile.name, "registered_model") as log:

@@ -63,3 +63,23 @@ def gguf_comparison(results: dict) -> bytes:
         ax.set_title(title)
         ax.spines[["top", "right"]].set_visible(False)
     return _png(fig)
+
+
+def metric_panels(table: dict[str, dict[str, float]], title: str, lower_is_better: set[str] = frozenset()) -> bytes:
+    """One small bar panel per metric (metric -> model -> value), models in the same colours
+    throughout, so each stage's gain or loss on every task reads at a glance."""
+    models = list(dict.fromkeys(m for values in table.values() for m in values))
+    colours = dict(zip(models, ["#94a3b8", "#1d4ed8", "#c2410c", "#15803d", "#7c3aed"], strict=False))
+    cols = min(3, max(len(table), 1))
+    rows = -(-max(len(table), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows + 0.4), dpi=100, squeeze=False)
+    for ax, (metric, values) in zip(axes.flat, table.items(), strict=False):
+        bars = ax.bar(list(values), list(values.values()), color=[colours[m] for m in values])
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.set_title(f"{metric} ({'lower' if metric in lower_is_better else 'higher'} is better)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in list(axes.flat)[len(table) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return _png(fig)

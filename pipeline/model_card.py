@@ -16,13 +16,15 @@ def _load(path: Path) -> dict:
 
 def build_bundle(work: Path, profile: Profile, run_id: str, out: Path, benchmark_table: str) -> dict:
     """Gather what a registered version holds into `out`: gguf/, hf/ (merged checkpoint and
-    tokenizer), MODEL_CARD.md, benchmark.json, clean_stats.json, profile.json. Returns the key
+    tokenizer), MODEL_CARD.md, benchmark.json, eval_report.json, clean_stats.json, profile.json. Returns the key
     metrics for tags."""
     base = _load(work / "base_model" / "summary.json")
     bench = _load(work / "gguf_benchmark" / "benchmark.json")
     clean = _load(work / "clean_corpus" / "stats.json")
     tok = _load(work / "tokenizer" / "stats.json")
     files = _load(work / "gguf_model" / "files.json")
+    report_md = work / "eval_report" / "report.md"
+    evals = report_md.read_text() if report_md.exists() else ""
     metrics = {
         "base_val_bpb": base.get("val_bpb"),
         "unigram_bpb": base.get("unigram_bpb"),
@@ -51,11 +53,14 @@ Pretraining: {json.dumps(profile.pretrain.__dict__)}; validation bits per byte {
 SFT (QLoRA, NF4): steps {profile.sft.steps}, LoRA r {profile.sft.lora_r}.
 DPO: steps {profile.dpo.steps}, beta {profile.dpo.beta}.
 
+## Evaluation (held-out data; HumanEval in a sandbox)
+{evals or "(no eval_report)"}
 ## GGUF files and llama.cpp measurements (parity {"passed" if parity else "FAILED"})
 {benchmark_table}
 
 ## Lineage
-raw_corpus -> clean_corpus -> tokenizer -> base_model -> sft_model -> dpo_model -> gguf_model -> gguf_benchmark
+raw_corpus -> clean_corpus -> tokenizer -> base_model -> sft_model -> dpo_model -> gguf_model -> gguf_benchmark,
+eval_report
 """
     with atomic_path(out) as tmp:
         (tmp / "gguf").mkdir(parents=True)
@@ -64,6 +69,8 @@ raw_corpus -> clean_corpus -> tokenizer -> base_model -> sft_model -> dpo_model 
         shutil.copytree(work / "dpo_model" / "model", tmp / "hf")
         (tmp / "MODEL_CARD.md").write_text(card)
         (tmp / "benchmark.json").write_text(json.dumps(bench, indent=2))
+        if report_md.exists():
+            shutil.copy2(work / "eval_report" / "report.json", tmp / "eval_report.json")
         (tmp / "clean_stats.json").write_text(json.dumps(clean, indent=2))
         (tmp / "profile.json").write_text(json.dumps(profile.to_dict(), indent=2, default=str))
     sizes = {Path(p).name: Path(p).stat().st_size for p in files.values()}

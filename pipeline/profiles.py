@@ -308,8 +308,10 @@ class EvalSettings:
         bad = [k for k in self.pass_k if not 1 <= k <= self.humaneval_samples]
         if bad:
             raise ProfileError(f"eval.pass_k {bad[0]} must be between 1 and humaneval_samples {self.humaneval_samples}")
-        if self.humaneval_problems is not None and not 0 <= self.humaneval_problems <= 164:
-            raise ProfileError("eval.humaneval_problems must be between 0 and 164")
+        if self.gguf_file not in (None, "F16", "Q8_0", "Q4_K_M"):
+            raise ProfileError(f"eval.gguf_file must be F16, Q8_0, Q4_K_M or null, not {self.gguf_file!r}")
+        if self.humaneval_problems is not None and not 1 <= self.humaneval_problems <= 164:
+            raise ProfileError("eval.humaneval_problems must be between 1 and 164 (or null for all)")
 
 
 @dataclass

@@ -25,6 +25,8 @@ from pipeline.tracking import client, file_lock, lock_dir
 
 CANDIDATE, PRODUCTION = "candidate", "production"
 HISTORY = "kiln.history."
+EVAL_TAG = "eval."  # eval.<model>.<metric>: what the next version's gate compares against
+SHIPPED = "dpo"  # the checkpoint that becomes the GGUF files
 
 
 def model_name(profile: str) -> str:
@@ -230,23 +232,24 @@ def pull(uri: str, profile: str, alias_or_version: str, out: Path) -> Path:
     return out
 
 
-def quality_gate(
-    uri: str, profile: str, parity: bool, val_bpb: float | None, max_regression: float
-) -> tuple[bool, str]:
-    """Parity passed, and the base model's bits per byte no worse than production's beyond the tolerance."""
+def production_metrics(uri: str, profile: str) -> dict[str, float] | None:
+    """The `eval.*` figures tagged on the production version (None when nothing is in production)."""
+    try:
+        prod = client(uri).get_model_version_by_alias(model_name(profile), PRODUCTION)
+    except Exception:  # no such model or alias yet
+        return None
+    return {k.removeprefix(EVAL_TAG): float(v) for k, v in prod.tags.items() if k.startswith(EVAL_TAG)}
+
+
+def quality_gate(uri: str, profile: str, parity: bool, report: dict, settings) -> tuple[bool, str]:
+    """The gate before `candidate`: GGUF parity, then the eval gate (`evaluation.gate`) of the
+    shipped model against production and of its quantized GGUF against it."""
+    from pipeline.evaluation import gate
+
     if not parity:
         return False, "GGUF parity failed"
-    c = client(uri)
-    try:
-        prod = c.get_model_version_by_alias(model_name(profile), PRODUCTION)
-    except Exception:
-        return True, "parity passed; no production version to compare with"
-    ref = prod.tags.get("metric.base_val_bpb")
-    if ref is None or val_bpb is None:
-        return True, "parity passed; production has no bits-per-byte figure"
-    if val_bpb > float(ref) * (1 + max_regression):
-        return (
-            False,
-            f"bits per byte {val_bpb:.4f} regresses past production's {float(ref):.4f} (+{max_regression:.0%})",
-        )
-    return True, f"parity passed; bits per byte {val_bpb:.4f} vs production {float(ref):.4f}"
+    passed, lines = gate(
+        report, SHIPPED, production_metrics(uri, profile), settings.max_regression, settings.max_score_drop,
+        quantized=report.get("quantized"),
+    )  # fmt: skip
+    return passed, "; ".join(lines)

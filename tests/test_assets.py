@@ -3,6 +3,7 @@
 import json
 import random
 
+import pytest
 import yaml
 from dagster import DagsterInstance, Definitions, materialize
 
@@ -60,7 +61,7 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
     from dagster import load_assets_from_modules
 
     import definitions
-    from assets import corpus, post_training, release, training
+    from assets import corpus, evaluation, post_training, release, training
 
     src = tmp_path / "src"
     src.mkdir()
@@ -84,11 +85,15 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
                 "sft": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
                 "dpo": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
                 "gguf": {"eval_tokens": 512, "window": 128, "quick": True},
+                "eval": {
+                    "bpb_max_bytes": 20_000, "lm_eval_limit": 8, "lm_eval_tasks": [], "batch_size": 4,
+                    "humaneval_problems": 2, "max_new_tokens": 16,
+                },  # fmt: skip
             }
         )
     )
     kiln = KilnSettings(profile=str(profile), work_dir=str(tmp_path / "work"))
-    modules = [corpus, training, post_training, release]
+    modules = [corpus, training, post_training, evaluation, release]
     assets = load_assets_from_modules(modules)
     checks = list(definitions.load_asset_checks_from_modules(modules))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -108,10 +113,11 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
         "dpo_model",
         "gguf_model",
         "gguf_benchmark",
+        "eval_report",
         "registered_model",
     }
     checks_passed = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert all(checks_passed.values()) and len(checks_passed) == 6
+    assert all(checks_passed.values()) and len(checks_passed) == 7
     assert (tmp_path / "work" / "e2e" / "gguf_model" / "kiln-e2e-Q4_K_M.gguf").exists()
     # one MLflow run holds every stage's figures; the version is registered as the candidate
     from pipeline import registry
@@ -120,12 +126,25 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
     runs = client(uri).search_runs([client(uri).get_experiment_by_name("kiln-e2e").experiment_id])
     assert len(runs) == 1
     metrics = runs[0].data.metrics
-    assert {"base_model.val_bits_per_byte", "clean_corpus.kept_documents", "gguf_benchmark.Q4_K_M_size_bytes"} <= set(
-        metrics
-    )
+    assert {
+        "base_model.val_bits_per_byte", "clean_corpus.kept_documents", "gguf_benchmark.Q4_K_M_size_bytes",
+        "eval_report.base.bits_per_byte", "eval_report.dpo.kiln_body_choice.acc", "eval_report.dpo.humaneval.pass_at_1",
+        "eval_report.dpo_Q4_K_M.humaneval.pass_at_1",
+    } <= set(metrics)  # fmt: skip
+    # the report: every model on every task, in the table and on disk
+    report = json.loads((tmp_path / "work" / "e2e" / "eval_report" / "report.json").read_text())
+    assert set(report["models"]) == {"base", "sft", "dpo", "dpo_Q4_K_M"}
+    task_dir = tmp_path / "work" / "e2e" / "eval_report" / "lm_eval_tasks"
+    rows = {t: len((task_dir / f"{t}.jsonl").read_text().splitlines()) for t in report["tasks"]}
+    assert report["tasks"] == rows and rows["kiln_next_line"] == 8 and 4 <= rows["kiln_body_choice"] <= 8
+    for model in ("base", "sft", "dpo"):
+        assert 0 < report["models"][model]["bits_per_byte"] < 8
+        assert 0 <= report["models"][model]["kiln_next_line.acc"] <= 1
     assert len(client(uri).get_metric_history(runs[0].info.run_id, "base_model.loss")) == 30  # the curve
     versions = registry.list_versions(uri, "e2e")
     assert [v["aliases"] for v in versions] == ["candidate"]
+    tags = client(uri).get_model_version("kiln-e2e", "1").tags
+    assert float(tags["eval.dpo.bits_per_byte"]) == pytest.approx(report["models"]["dpo"]["bits_per_byte"], rel=1e-5)
 
     # Staleness: a new DPO code version marks dpo_model stale, then what follows it; nothing upstream.
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
@@ -148,4 +167,4 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
     # downstream stale (Dagster marks staleness one step at a time as each asset is re-run)
     rerun = materialize(changed, selection=["dpo_model"], resources=resources, instance=instance)
     assert {e.asset_key.path[-1] for e in rerun.get_asset_materialization_events()} == {"dpo_model"}
-    assert stale(changed) == {"gguf_model"}
+    assert stale(changed) == {"gguf_model", "eval_report"}
