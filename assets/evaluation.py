@@ -31,7 +31,7 @@ def eval_report(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLfl
         gguf = (f"dpo_{s.gguf_file}", Path(files[s.gguf_file]))
     validation = list(read_split(kiln.stage_dir("clean_corpus") / "clean", "validation"))
     with mlflow.stage(context.run_id, profile.name, "eval_report") as log:
-        report = evaluate_all(models, validation, out, s, gguf, say=context.log.info)
+        report = evaluate_all(models, validation, out, s, gguf, profile.pretrain.seq_len, say=context.log.info)
         chart = metric_panels(metric_table(report), f"eval_report ({profile.name})", LOWER_IS_BETTER)
         metadata = {
             "path": MetadataValue.path(str(out / "report.json")),

@@ -191,6 +191,25 @@ def _cmd_humaneval_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_humaneval_generate(args: argparse.Namespace) -> int:
+    from pipeline.humaneval import generate, task_ids
+    from pipeline.io import atomic_path
+
+    model = Path(args.model)
+    if not model.exists():
+        raise KilnError(f"{model}: no such checkpoint folder or GGUF file")
+    if args.problems is not None and not 1 <= args.problems <= 164:
+        raise KilnError(f"--problems {args.problems}: choose 1 to 164")
+    if args.samples < 1:
+        raise KilnError(f"--samples {args.samples}: at least 1")
+    out = Path(args.output or f"{model.stem if model.suffix == '.gguf' else model.name}_samples.jsonl")
+    rows = generate(model, task_ids(args.problems), args.samples, args.temperature, args.max_new_tokens, args.seed)
+    with atomic_path(out) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{len(rows)} completions -> {out}; score them with: kiln humaneval score {out}", file=sys.stderr)
+    return 0
+
+
 def _clean_folder(path: str) -> Path:
     """A `kiln clean` output folder or its clean/ folder: where train-*.jsonl and validation-*.jsonl are."""
     folder = Path(path)
@@ -310,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("humaneval", help="HumanEval: score completions in a sandbox (pass@k)")
+    p = sub.add_parser("humaneval", help="HumanEval: generate completions, score them in a sandbox (pass@k)")
     he = p.add_subparsers(dest="humaneval_command", required=True, metavar="ACTION")
     p = he.add_parser(
         "score",
@@ -322,6 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="1,10", help="comma-separated k values (default 1,10)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per program (default 5)")
     p.set_defaults(func=_cmd_humaneval_score)
+    p = he.add_parser(
+        "generate",
+        help="write completions of the HumanEval prompts from a HF checkpoint or a GGUF file",
+        description="Greedy decoding with --samples 1 (for pass@1), else sampling at --temperature (for pass@k). "
+        "A completion stops at a new top-level statement (class, def, #, if, print), as in the Codex paper.",
+    )
+    p.add_argument("--model", required=True, help="a save_pretrained folder or a .gguf file")
+    p.add_argument("--output", "-o", default=None, help="SAMPLES.jsonl to write (default: <model>_samples.jsonl)")
+    p.add_argument("--problems", type=int, default=None, help="the first N problems (default: all 164)")
+    p.add_argument("--samples", type=int, default=1, help="completions per problem (default 1: greedy)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion at most (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_humaneval_generate)
 
     def release_parser(name: str, help_text: str):
         q = sub.add_parser(name, help=help_text, description=help_text)

@@ -40,8 +40,9 @@ def _device() -> str:
 @torch.no_grad()
 def bits_per_byte(checkpoint: Path, texts: list[str], batch_size: int = 8, window: int = 512) -> dict:
     """Bits per UTF-8 byte of `texts` under the model, in the layout it was trained on: each text
-    after <|eos|>, scored in consecutive windows. The <|eos|> separators are context only: they
-    are not text, so predicting them is not scored."""
+    after <|eos|>, scored in consecutive windows of `window` tokens (the training sequence
+    length: positions past it were never trained). The <|eos|> separators are context only:
+    they are not text, so predicting them is not scored."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
@@ -96,13 +97,19 @@ def loadable(tm, names: list[str]) -> tuple[list[str], dict[str, str]]:
     return ok, unavailable
 
 
-def lm_eval_scores(checkpoint: Path, tm, tasks: list[str], limit: int | None, batch_size: int) -> dict:
-    """{task: {"scores": {metric: value}, "stderr": {metric: value}, "higher_is_better": {...}, "n": docs}}."""
+def lm_eval_scores(
+    checkpoint: Path, tm, tasks: list[str], limit: int | None, batch_size: int, max_length: int | None = None
+) -> dict:
+    """{task: {"scores": {metric: value}, "stderr": {metric: value}, "higher_is_better": {...}, "n": docs}}.
+    Contexts longer than `max_length` tokens keep their end (lm-eval's left truncation)."""
     from lm_eval import simple_evaluate
 
     out = simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(checkpoint), "dtype": "float32", "device": _device()},
+        model_args={
+            "pretrained": str(checkpoint), "dtype": "float32", "device": _device(),
+            **({"max_length": max_length} if max_length else {}),
+        },  # fmt: skip
         tasks=tasks,
         task_manager=tm,
         limit=limit,
@@ -160,10 +167,13 @@ def evaluate_all(
     out: Path,
     s: EvalSettings,
     gguf: tuple[str, Path] | None = None,
+    context: int = 512,
     say: Callable[[str], None] = print,
 ) -> dict:
     """Evaluate each HF checkpoint in `models` (name -> folder) and, on HumanEval, the `gguf`
-    (name, file); write report.json, report.md, lm-eval task files and HumanEval samples into `out`."""
+    (name, file); write report.json, report.md, lm-eval task files and HumanEval samples into `out`.
+    `context` is the sequence length the models were trained at: bits per byte and lm-eval score
+    within it. (HumanEval prompts alone are often longer; generation uses the model's full context.)"""
     out = Path(out)
     names = list(models) + ([gguf[0]] if gguf else [])
     report = Report(names, s)
@@ -174,7 +184,7 @@ def evaluate_all(
     with report.timed("bits_per_byte"):
         texts = held_out_texts(validation, s.bpb_max_bytes)
         for name, path in models.items():
-            r = bits_per_byte(path, texts, s.batch_size)
+            r = bits_per_byte(path, texts, s.batch_size, context)
             report.put(name, "bits_per_byte", r["bits_per_byte"], higher_is_better=False)
             say(f"{name}: {r['bits_per_byte']:.4f} bits/byte over {r['bytes']:,} held-out bytes")
         data["bpb_bytes"] = r["bytes"] if models else 0
@@ -190,7 +200,8 @@ def evaluate_all(
             say(f"lm-eval task {task} unavailable: {why}")
         tasks = [t for t in KILN_TASKS if t in written] + standard
         for name, path in models.items():
-            for task, r in (lm_eval_scores(path, tm, tasks, s.lm_eval_limit, s.batch_size) if tasks else {}).items():
+            scores = lm_eval_scores(path, tm, tasks, s.lm_eval_limit, s.batch_size, context) if tasks else {}
+            for task, r in scores.items():
                 data["tasks"][task] = r["n"]
                 for metric, value in r["scores"].items():
                     better = r["higher_is_better"].get(metric, True)

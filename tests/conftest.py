@@ -61,3 +61,11 @@ def tiny_base(small_corpus, tmp_path_factory) -> Path:
         root / "train.bin", root / "validation.bin", tok, token_byte_lengths(tok), root, shape, settings, progress=False
     )
     return root / "model"
+
+
+@pytest.fixture(scope="session")
+def ggufs(tiny_base, tmp_path_factory) -> dict:
+    """tiny_base as GGUF: {"F16": path, "Q8_0": path, "Q4_K_M": path}."""
+    from pipeline.gguf_export import export_all
+
+    return export_all(tiny_base, tmp_path_factory.mktemp("gguf"), "test")

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.errors import KilnError
 from pipeline.gguf_bench import benchmark_file, gguf_perplexity, hf_perplexity, load, tokenization_mismatches
-from pipeline.gguf_export import convert_to_gguf, export_all, rotary_permute
+from pipeline.gguf_export import convert_to_gguf, rotary_permute
 from pipeline.tokenizer import ROUND_TRIP_SAMPLES
 
 TEXTS = [
@@ -19,11 +19,6 @@ TEXTS = [
     "emoji 🚀🔥👩‍💻 and symbols ∑≠∞",
     *ROUND_TRIP_SAMPLES,
 ]
-
-
-@pytest.fixture(scope="module")
-def ggufs(tiny_base, tmp_path_factory):
-    return export_all(tiny_base, tmp_path_factory.mktemp("gguf"), "test")
 
 
 def test_conversion_writes_three_loadable_files(ggufs):

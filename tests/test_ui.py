@@ -17,10 +17,11 @@ ASSETS = {
     "raw_corpus": "data", "clean_corpus": "data", "tokenizer": "training", "base_model": "training",
     "sft_data": "post_training", "dpo_data": "post_training", "sft_model": "post_training",
     "dpo_model": "post_training", "gguf_model": "release", "gguf_benchmark": "release", "registered_model": "release",
+    "eval_report": "evaluation",
 }  # fmt: skip
 CHECKS = {
     "clean_corpus_not_empty", "clean_corpus_pii_free", "tokenizer_round_trip", "base_model_beats_unigram",
-    "base_model_parameter_budget", "gguf_parity",
+    "base_model_parameter_budget", "gguf_parity", "eval_gate",
 }  # fmt: skip
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -89,7 +90,7 @@ def test_code_location_has_every_asset_check_job_schedule_and_sensor(webserver):
     checks = {c["name"] for n in nodes.values() for c in n["assetChecksOrError"].get("checks", [])}
     assert checks == CHECKS
     repo = data["repositoriesOrError"]["nodes"][0]
-    assert {"kiln_pipeline", "data", "training", "post_training", "release"} <= {j["name"] for j in repo["jobs"]}
+    assert {"kiln_pipeline", "data", "training", "post_training", "evaluation", "release"} <= {j["name"] for j in repo["jobs"]}
     assert [s["name"] for s in repo["schedules"]] == ["weekly_retrain"]
     assert [s["name"] for s in repo["sensors"]] == ["new_raw_data"]
 
