@@ -90,7 +90,8 @@ def test_code_location_has_every_asset_check_job_schedule_and_sensor(webserver):
     checks = {c["name"] for n in nodes.values() for c in n["assetChecksOrError"].get("checks", [])}
     assert checks == CHECKS
     repo = data["repositoriesOrError"]["nodes"][0]
-    assert {"kiln_pipeline", "data", "training", "post_training", "evaluation", "release"} <= {j["name"] for j in repo["jobs"]}
+    jobs = {j["name"] for j in repo["jobs"]}
+    assert {"kiln_pipeline", "data", "training", "post_training", "evaluation", "release"} <= jobs
     assert [s["name"] for s in repo["schedules"]] == ["weekly_retrain"]
     assert [s["name"] for s in repo["sensors"]] == ["new_raw_data"]
 
