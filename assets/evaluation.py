@@ -1,7 +1,6 @@
 """eval_report and the eval gate before `candidate`."""
 
 import json
-from pathlib import Path
 
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
 
@@ -12,6 +11,7 @@ from assets.release import gguf_model
 from assets.training import base_model
 from pipeline.charts import metric_panels
 from pipeline.clean import read_split
+from pipeline.errors import KilnError
 from pipeline.evaluation import LOWER_IS_BETTER, evaluate_all, flat_metrics, gate, markdown_table, metric_table
 from pipeline.registry import SHIPPED, production_metrics
 from resources import KilnSettings, MLflowTracking
@@ -25,10 +25,11 @@ def eval_report(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLfl
     profile, out = kiln.load(), kiln.stage_dir("eval_report")
     s = profile.eval
     models = {m: kiln.stage_dir(f"{m}_model") / "model" for m in ("base", "sft", "dpo")}
-    gguf = None
-    if s.gguf_file:
-        files = json.loads((kiln.stage_dir("gguf_model") / "files.json").read_text())
-        gguf = (f"dpo_{s.gguf_file}", Path(files[s.gguf_file]))
+    gguf_file = kiln.stage_dir("gguf_model") / f"kiln-{profile.name}-{s.gguf_file}.gguf"
+    gguf = (f"dpo_{s.gguf_file}", gguf_file) if s.gguf_file else None
+    for path in [*models.values(), *([gguf_file] if gguf else [])]:
+        if not path.exists():
+            raise KilnError(f"{path}: not there yet; materialize the assets upstream of eval_report first")
     validation = list(read_split(kiln.stage_dir("clean_corpus") / "clean", "validation"))
     with mlflow.stage(context.run_id, profile.name, "eval_report") as log:
         report = evaluate_all(models, validation, out, s, gguf, profile.pretrain.seq_len, say=context.log.info)

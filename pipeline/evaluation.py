@@ -107,7 +107,9 @@ def lm_eval_scores(
     out = simple_evaluate(
         model="hf",
         model_args={
-            "pretrained": str(checkpoint), "dtype": "float32", "device": _device(),
+            "pretrained": str(checkpoint),
+            "dtype": "float32",
+            "device": _device(),
             **({"max_length": max_length} if max_length else {}),
         },  # fmt: skip
         tasks=tasks,

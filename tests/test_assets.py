@@ -86,8 +86,12 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
                 "dpo": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
                 "gguf": {"eval_tokens": 512, "window": 128, "quick": True},
                 "eval": {
-                    "bpb_max_bytes": 20_000, "lm_eval_limit": 8, "lm_eval_tasks": [], "batch_size": 4,
-                    "humaneval_problems": 2, "max_new_tokens": 16,
+                    "bpb_max_bytes": 20_000,
+                    "lm_eval_limit": 8,
+                    "lm_eval_tasks": [],
+                    "batch_size": 4,
+                    "humaneval_problems": 2,
+                    "max_new_tokens": 16,
                 },  # fmt: skip
             }
         )
