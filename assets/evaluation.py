@@ -7,7 +7,7 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 from assets.corpus import clean_corpus
 from assets.metadata import md_image, record
 from assets.post_training import dpo_model, sft_model
-from assets.release import gguf_model
+from assets.release import gguf_benchmark
 from assets.training import base_model
 from pipeline.charts import metric_panels
 from pipeline.clean import read_split
@@ -17,7 +17,9 @@ from pipeline.registry import SHIPPED, production_metrics
 from resources import KilnSettings, MLflowTracking
 
 
-@asset(group_name="evaluation", code_version="1", deps=[base_model, sft_model, dpo_model, gguf_model, clean_corpus])
+# After gguf_benchmark, not beside it: two CPU-heavy steps at once would skew the benchmark's
+# speed figures, and a GGUF that failed parity is not worth evaluating.
+@asset(group_name="evaluation", code_version="1", deps=[base_model, sft_model, dpo_model, gguf_benchmark, clean_corpus])
 def eval_report(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """base, SFT and DPO side by side: held-out bits per byte, lm-eval (kiln's tasks from held-out
     code, and the profile's standard tasks where their data loads), HumanEval pass@k in the

@@ -97,21 +97,13 @@ def loadable(tm, names: list[str]) -> tuple[list[str], dict[str, str]]:
     return ok, unavailable
 
 
-def lm_eval_scores(
-    checkpoint: Path, tm, tasks: list[str], limit: int | None, batch_size: int, max_length: int | None = None
-) -> dict:
-    """{task: {"scores": {metric: value}, "stderr": {metric: value}, "higher_is_better": {...}, "n": docs}}.
-    Contexts longer than `max_length` tokens keep their end (lm-eval's left truncation)."""
+def lm_eval_scores(checkpoint: Path, tm, tasks: list[str], limit: int | None, batch_size: int) -> dict:
+    """{task: {"scores": {metric: value}, "stderr": {metric: value}, "higher_is_better": {...}, "n": docs}}."""
     from lm_eval import simple_evaluate
 
     out = simple_evaluate(
         model="hf",
-        model_args={
-            "pretrained": str(checkpoint),
-            "dtype": "float32",
-            "device": _device(),
-            **({"max_length": max_length} if max_length else {}),
-        },  # fmt: skip
+        model_args={"pretrained": str(checkpoint), "dtype": "float32", "device": _device()},
         tasks=tasks,
         task_manager=tm,
         limit=limit,
@@ -174,8 +166,8 @@ def evaluate_all(
 ) -> dict:
     """Evaluate each HF checkpoint in `models` (name -> folder) and, on HumanEval, the `gguf`
     (name, file); write report.json, report.md, lm-eval task files and HumanEval samples into `out`.
-    `context` is the sequence length the models were trained at: bits per byte and lm-eval score
-    within it. (HumanEval prompts alone are often longer; generation uses the model's full context.)"""
+    `context` is the sequence length the models were trained at: bits per byte scores windows of
+    it. lm-eval and HumanEval use the model's full context: a function body alone can be longer."""
     out = Path(out)
     names = list(models) + ([gguf[0]] if gguf else [])
     report = Report(names, s)
@@ -202,7 +194,7 @@ def evaluate_all(
             say(f"lm-eval task {task} unavailable: {why}")
         tasks = [t for t in KILN_TASKS if t in written] + standard
         for name, path in models.items():
-            scores = lm_eval_scores(path, tm, tasks, s.lm_eval_limit, s.batch_size, context) if tasks else {}
+            scores = lm_eval_scores(path, tm, tasks, s.lm_eval_limit, s.batch_size) if tasks else {}
             for task, r in scores.items():
                 data["tasks"][task] = r["n"]
                 for metric, value in r["scores"].items():
