@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/clean_throughput.py
 	$(BIN)/python benchmarks/pii_accuracy.py
 	$(BIN)/python benchmarks/pretrain_throughput.py
+	$(BIN)/python benchmarks/humaneval_generation.py
 
 clean-work:
 	rm -rf data/work
