@@ -35,7 +35,7 @@ def eval_report(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLfl
     validation = list(read_split(kiln.stage_dir("clean_corpus") / "clean", "validation"))
     with mlflow.stage(context.run_id, profile.name, "eval_report") as log:
         report = evaluate_all(models, validation, out, s, gguf, profile.pretrain.seq_len, say=context.log.info)
-        chart = metric_panels(metric_table(report), f"eval_report ({profile.name})", LOWER_IS_BETTER)
+        chart = metric_panels(metric_table(report), f"eval_report ({profile.name})", LOWER_IS_BETTER, report["chance"])
         metadata = {
             "path": MetadataValue.path(str(out / "report.json")),
             "table": MetadataValue.md(markdown_table(report)),

@@ -65,9 +65,12 @@ def gguf_comparison(results: dict) -> bytes:
     return _png(fig)
 
 
-def metric_panels(table: dict[str, dict[str, float]], title: str, lower_is_better: set[str] = frozenset()) -> bytes:
+def metric_panels(
+    table: dict[str, dict[str, float]], title: str, lower_is_better=frozenset(), chance: dict[str, float] | None = None
+) -> bytes:
     """One small bar panel per metric (metric -> model -> value), models in the same colours
-    throughout, so each stage's gain or loss on every task reads at a glance."""
+    throughout, so each stage's gain or loss on every task reads at a glance; a dashed line
+    where a metric has a chance level."""
     models = list(dict.fromkeys(m for values in table.values() for m in values))
     colours = dict(zip(models, ["#94a3b8", "#1d4ed8", "#c2410c", "#15803d", "#7c3aed"], strict=False))
     cols = min(3, max(len(table), 1))
@@ -76,6 +79,9 @@ def metric_panels(table: dict[str, dict[str, float]], title: str, lower_is_bette
     for ax, (metric, values) in zip(axes.flat, table.items(), strict=False):
         bars = ax.bar(list(values), list(values.values()), color=[colours[m] for m in values])
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        if chance and metric in chance:
+            ax.axhline(chance[metric], color="black", lw=0.8, ls="--", label="chance")
+            ax.legend(fontsize=6, loc="lower right")
         ax.set_title(f"{metric} ({'lower' if metric in lower_is_better else 'higher'} is better)", fontsize=8)
         ax.tick_params(axis="x", labelsize=7, rotation=20)
         ax.spines[["top", "right"]].set_visible(False)

@@ -27,7 +27,7 @@ import torch
 
 from pipeline.humaneval import generate, score, task_ids
 from pipeline.io import atomic_path, write_json
-from pipeline.lm_tasks import KILN_TASKS, write_kiln_tasks
+from pipeline.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
 from pipeline.profiles import EvalSettings
 
 LOWER_IS_BETTER = {"bits_per_byte"}
@@ -193,6 +193,7 @@ def evaluate_all(
         for task, why in unavailable.items():
             say(f"lm-eval task {task} unavailable: {why}")
         tasks = [t for t in KILN_TASKS if t in written] + standard
+        data["chance"] = {f"{t}.{m}": 1 / CHOICES for t in written for m in ("acc", "acc_norm")}
         for name, path in models.items():
             scores = lm_eval_scores(path, tm, tasks, s.lm_eval_limit, s.batch_size) if tasks else {}
             for task, r in scores.items():
@@ -256,7 +257,8 @@ def markdown_table(report: dict) -> str:
     s = report["settings"]
     notes = [
         f"bits per byte over {report.get('bpb_bytes', 0):,} held-out bytes; lm-eval documents per task: "
-        + ", ".join(f"{t} {n}" for t, n in report["tasks"].items()),
+        + ", ".join(f"{t} {n}" for t, n in report["tasks"].items())
+        + f"; kiln tasks have {CHOICES} choices (chance {1 / CHOICES:.2f}), ± is the standard error",
         f"HumanEval: {report.get('humaneval_problems')} of 164 problems, {s['humaneval_samples']} sample(s) each "
         + ("(greedy)" if s["humaneval_samples"] == 1 else f"at temperature {s['temperature']}")
         + f", at most {s['max_new_tokens']} new tokens",

@@ -141,6 +141,7 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
     task_dir = tmp_path / "work" / "e2e" / "eval_report" / "lm_eval_tasks"
     rows = {t: len((task_dir / f"{t}.jsonl").read_text().splitlines()) for t in report["tasks"]}
     assert report["tasks"] == rows and rows["kiln_next_line"] == 8 and 4 <= rows["kiln_body_choice"] <= 8
+    assert report["chance"]["kiln_next_line.acc"] == 0.25
     for model in ("base", "sft", "dpo"):
         assert 0 < report["models"][model]["bits_per_byte"] < 8
         assert 0 <= report["models"][model]["kiln_next_line.acc"] <= 1
