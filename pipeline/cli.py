@@ -177,6 +177,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 def _cmd_humaneval_score(args: argparse.Namespace) -> int:
     from pipeline.humaneval import read_samples, score
+    from pipeline.io import write_jsonl
 
     try:
         ks = sorted({int(k) for k in args.k.split(",")})
@@ -185,7 +186,7 @@ def _cmd_humaneval_score(args: argparse.Namespace) -> int:
     samples_path = Path(args.samples)
     report, results = score(read_samples(samples_path), ks, timeout=args.timeout)
     out = samples_path.with_name(samples_path.stem + "_results.jsonl")
-    out.write_text("".join(json.dumps(r) + "\n" for r in results))
+    write_jsonl(out, results)
     print(json.dumps(report, indent=2))
     print(f"per-sample results in {out}", file=sys.stderr)
     return 0
@@ -193,7 +194,7 @@ def _cmd_humaneval_score(args: argparse.Namespace) -> int:
 
 def _cmd_humaneval_generate(args: argparse.Namespace) -> int:
     from pipeline.humaneval import generate, task_ids
-    from pipeline.io import atomic_path
+    from pipeline.io import write_jsonl
 
     model = Path(args.model)
     if not model.exists():
@@ -204,8 +205,7 @@ def _cmd_humaneval_generate(args: argparse.Namespace) -> int:
         raise KilnError(f"--samples {args.samples}: at least 1")
     out = Path(args.output or f"{model.stem if model.suffix == '.gguf' else model.name}_samples.jsonl")
     rows = generate(model, task_ids(args.problems), args.samples, args.temperature, args.max_new_tokens, args.seed)
-    with atomic_path(out) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(out, rows)
     print(f"{len(rows)} completions -> {out}; score them with: kiln humaneval score {out}", file=sys.stderr)
     return 0
 

@@ -16,7 +16,6 @@ in MLflow and in the registry's tags.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pipeline.humaneval import generate, score, task_ids
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, write_json, write_jsonl
 from pipeline.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
 from pipeline.profiles import EvalSettings
 
@@ -213,8 +212,8 @@ def evaluate_all(
                 progress=False,
             )  # fmt: skip
             result, per_sample = score(samples, s.pass_k, s.timeout)
-            _write_jsonl(out / "humaneval" / f"{name}.jsonl", samples)
-            _write_jsonl(out / "humaneval" / f"{name}_results.jsonl", per_sample)
+            write_jsonl(out / "humaneval" / f"{name}.jsonl", samples)
+            write_jsonl(out / "humaneval" / f"{name}_results.jsonl", per_sample)
             for k in s.pass_k:
                 if f"pass@{k}" in result:
                     report.put(name, f"humaneval.pass_at_{k}", result[f"pass@{k}"])
@@ -224,12 +223,6 @@ def evaluate_all(
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(markdown_table(data))
     return data
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def metric_table(report: dict) -> dict[str, dict[str, float]]:

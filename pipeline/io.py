@@ -44,6 +44,12 @@ def read_jsonl(path: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
+def write_jsonl(path: Path, rows) -> None:
+    """One JSON object per line, written atomically."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
 def write_json(path: Path, obj) -> None:
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

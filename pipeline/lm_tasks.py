@@ -11,14 +11,13 @@ no download:
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import yaml
 
 from pipeline.ingest import is_code
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, write_jsonl
 from pipeline.post_data import mine_functions
 
 KILN_TASKS = ("kiln_body_choice", "kiln_next_line")
@@ -115,7 +114,7 @@ def write_kiln_tasks(records: list[dict], out: Path, limit: int | None) -> tuple
             if not task_rows:
                 skipped[name] = "too few held-out Python functions or code lines to build it"
                 continue
-            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_rows))
+            write_jsonl(tmp / f"{name}.jsonl", task_rows)
             spec = _task_yaml(name, out / f"{name}.jsonl", out / "cache")
             (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
             written[name] = len(task_rows)
