@@ -19,7 +19,8 @@ PII_SAMPLE_DOCS = 2000
 def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """Every source of the profile in one normalized JSONL (id, text, source, lang), code and
     prose mixed by the profile's byte ratio."""
-    corpus = kiln.load().corpus
+    profile = kiln.load()
+    corpus = profile.corpus
     path = kiln.stage_dir("raw_corpus") / "raw.jsonl"
     stats = build_raw_corpus(
         corpus.sources, path, corpus.max_bytes, corpus.code_share, corpus.max_doc_chars, corpus.seed
@@ -33,7 +34,7 @@ def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
         "by_source": md_table(stats.by_source, "source", "documents"),
         "unreadable_rows": md_table(stats.errors, "problem", "rows"),
     }
-    with mlflow.stage(context.run_id, kiln.load().name, "raw_corpus") as log:
+    with mlflow.stage(context.run_id, profile.name, "raw_corpus") as log:
         record(log, metadata, params=corpus)
     return MaterializeResult(metadata=metadata)
 
@@ -42,8 +43,8 @@ def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
 def clean_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """Quality filters, exact and MinHash near-duplicate removal, PII masking and a deterministic
     train/validation split (datatrove). Rejected documents are kept in rejected/ with a reason."""
-    out = kiln.stage_dir("clean_corpus")
-    stats = run_clean([kiln.stage_dir("raw_corpus") / "raw.jsonl"], out, kiln.load().clean)
+    profile, out = kiln.load(), kiln.stage_dir("clean_corpus")
+    stats = run_clean([kiln.stage_dir("raw_corpus") / "raw.jsonl"], out, profile.clean)
     context.log.info(f"clean_corpus: kept {stats.kept_documents} of {stats.input_documents}; dropped {stats.dropped}")
     chart = bar_chart(stats.dropped, "Documents dropped, by reason")
     metadata = {
@@ -57,8 +58,8 @@ def clean_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLf
         "pii_masked": md_table(stats.pii, "kind", "masks"),
         "dropped_chart": md_image(chart, "dropped by reason"),
     }
-    with mlflow.stage(context.run_id, kiln.load().name, "clean_corpus") as log:
-        record(log, metadata, params=kiln.load().clean, files=[out / "stats.json"], images={"dropped.png": chart})
+    with mlflow.stage(context.run_id, profile.name, "clean_corpus") as log:
+        record(log, metadata, params=profile.clean, files=[out / "stats.json"], images={"dropped.png": chart})
     return MaterializeResult(metadata=metadata)
 
 

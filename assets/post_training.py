@@ -71,8 +71,9 @@ def _curve(result: TuneResult, title: str) -> bytes:
 def sft_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """QLoRA SFT: the base model in 4-bit NF4, LoRA on every projection, completion-only loss (TRL
     SFTTrainer); the adapter merged into full-precision base weights."""
-    out, settings = kiln.stage_dir("sft_model"), kiln.load().sft
-    with mlflow.stage(context.run_id, kiln.load().name, "sft_model") as log:
+    profile, out = kiln.load(), kiln.stage_dir("sft_model")
+    settings = profile.sft
+    with mlflow.stage(context.run_id, profile.name, "sft_model") as log:
         result = train_sft(kiln.stage_dir("base_model") / "model", kiln.stage_dir("sft_data"), out, settings)
         context.log.info(f"sft: held-out completion loss {result.eval_loss_before:.3f} -> {result.eval_loss_after:.3f}")
         curve = _curve(result, "sft_model")
@@ -91,8 +92,9 @@ def sft_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflow
 def dpo_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """DPO (TRL DPOTrainer) from the SFT checkpoint with LoRA, the adapter-disabled model as the
     frozen reference; the adapter merged into full-precision weights."""
-    out, settings = kiln.stage_dir("dpo_model"), kiln.load().dpo
-    with mlflow.stage(context.run_id, kiln.load().name, "dpo_model") as log:
+    profile, out = kiln.load(), kiln.stage_dir("dpo_model")
+    settings = profile.dpo
+    with mlflow.stage(context.run_id, profile.name, "dpo_model") as log:
         result = train_dpo(kiln.stage_dir("sft_model") / "model", kiln.stage_dir("dpo_data"), out, settings)
         sft_task = sft_task_loss(out / "model", kiln.stage_dir("sft_data"))
         x = result.extra

@@ -36,10 +36,10 @@ def gguf_benchmark(context: AssetExecutionContext, kiln: KilnSettings, mlflow: M
     """llama.cpp on every GGUF file: tokenizer and perplexity parity against the HF model,
     pp512/tg128 tokens/s, time to first token, latency percentiles, peak memory per context,
     share of the memory-bandwidth bound, cost per million tokens."""
-    out = kiln.stage_dir("gguf_benchmark")
+    profile, out = kiln.load(), kiln.stage_dir("gguf_benchmark")
     files = json.loads((kiln.stage_dir("gguf_model") / "files.json").read_text())
     validation = [r["text"] for r in read_split(kiln.stage_dir("clean_corpus") / "clean", "validation")]
-    report = benchmark_all(files, kiln.stage_dir("dpo_model") / "model", validation, kiln.load().gguf)
+    report = benchmark_all(files, kiln.stage_dir("dpo_model") / "model", validation, profile.gguf)
     write_json(out / "benchmark.json", report)
     r = report["files"]
     chart = gguf_comparison(r)
@@ -53,8 +53,8 @@ def gguf_benchmark(context: AssetExecutionContext, kiln: KilnSettings, mlflow: M
         **{f"{k}_size_bytes": v["size_bytes"] for k, v in r.items()},
         **{f"{k}_perplexity_rel_diff": v["parity"]["perplexity_rel_diff"] for k, v in r.items()},
     }
-    with mlflow.stage(context.run_id, kiln.load().name, "gguf_benchmark") as log:
-        record(log, metadata, params=kiln.load().gguf, files=[out / "benchmark.json"], images={"gguf.png": chart})
+    with mlflow.stage(context.run_id, profile.name, "gguf_benchmark") as log:
+        record(log, metadata, params=profile.gguf, files=[out / "benchmark.json"], images={"gguf.png": chart})
     return MaterializeResult(metadata=metadata)
 
 

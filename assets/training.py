@@ -17,8 +17,8 @@ PARAMETER_LIMIT = 300_000_000
 def tokenizer(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A 32,000-token byte-level BPE (GPT-2 pre-tokenization) with bos/eos/pad, chat-role and
     fill-in-the-middle tokens and a chat template, trained on the clean train split."""
-    out = kiln.stage_dir("tokenizer")
-    stats = build_tokenizer(kiln.stage_dir("clean_corpus") / "clean", out, kiln.load())
+    profile, out = kiln.load(), kiln.stage_dir("tokenizer")
+    stats = build_tokenizer(kiln.stage_dir("clean_corpus") / "clean", out, profile)
     context.log.info(f"tokenizer: {stats['vocab_size']} tokens, bytes/token {stats['bytes_per_token']}")
     bpt = stats["bytes_per_token"]
     metadata = {
@@ -28,8 +28,8 @@ def tokenizer(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflow
         "bytes_per_token_code": bpt["code"] or float("nan"),
         "bytes_per_token_prose": bpt["prose"] or float("nan"),
     }
-    with mlflow.stage(context.run_id, kiln.load().name, "tokenizer") as log:
-        record(log, metadata, params=kiln.load().tokenizer, files=[out / "tokenizer", out / "stats.json"])
+    with mlflow.stage(context.run_id, profile.name, "tokenizer") as log:
+        record(log, metadata, params=profile.tokenizer, files=[out / "tokenizer", out / "stats.json"])
     return MaterializeResult(metadata=metadata)
 
 

@@ -28,6 +28,7 @@ from pipeline.humaneval import generate, score, task_ids
 from pipeline.io import atomic_path, write_json, write_jsonl
 from pipeline.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
 from pipeline.profiles import EvalSettings
+from pipeline.tokenizer import texts_of
 
 LOWER_IS_BETTER = {"bits_per_byte"}
 
@@ -63,17 +64,6 @@ def bits_per_byte(checkpoint: Path, texts: list[str], batch_size: int = 8, windo
         nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"bits_per_byte": nll / torch.log(torch.tensor(2.0)).item() / n_bytes, "bytes": n_bytes}
-
-
-def held_out_texts(records: list[dict], max_bytes: int | None) -> list[str]:
-    """Validation texts in split order, up to `max_bytes` of them (always at least one)."""
-    texts, total = [], 0
-    for r in records:
-        if texts and max_bytes is not None and total + len(r["text"].encode()) > max_bytes:
-            break
-        texts.append(r["text"])
-        total += len(r["text"].encode())
-    return texts
 
 
 def task_manager(task_dir: Path, standard: list[str]):
@@ -175,7 +165,7 @@ def evaluate_all(
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # per-request chatter; results come back here
 
     with report.timed("bits_per_byte"):
-        texts = held_out_texts(validation, s.bpb_max_bytes)
+        texts = list(texts_of(validation, s.bpb_max_bytes))
         for name, path in models.items():
             r = bits_per_byte(path, texts, s.batch_size, context)
             report.put(name, "bits_per_byte", r["bits_per_byte"], higher_is_better=False)

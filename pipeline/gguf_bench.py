@@ -215,12 +215,10 @@ def benchmark_file(
     }
 
 
-def parity(path: Path, checkpoint: Path, texts: list[str], eval_ids: list[int], window: int, hf_ppl: float) -> dict:
-    from transformers import AutoTokenizer
-
+def parity(path: Path, tokenizer, texts: list[str], eval_ids: list[int], window: int, hf_ppl: float) -> dict:
     llm = load(path, n_ctx=max(window + 8, 512), logits_all=True)
     try:
-        mismatches = tokenization_mismatches(llm, AutoTokenizer.from_pretrained(str(checkpoint)), texts)
+        mismatches = tokenization_mismatches(llm, tokenizer, texts)
         ppl = gguf_perplexity(llm, eval_ids, window)
     finally:
         llm.close()
@@ -274,7 +272,7 @@ def benchmark_all(files: dict, checkpoint: Path, validation_texts: list[str], se
     results = {}
     for kind, path in files.items():
         r = benchmark_file(path, ids[:512], bandwidth, settings.price_per_hour, quick=settings.quick)
-        r["parity"] = parity(path, checkpoint, texts, ids, settings.window, hf_ppl)
+        r["parity"] = parity(path, tok, texts, ids, settings.window, hf_ppl)
         r["parity"]["passed"] = parity_passed(kind, r["parity"])
         results[kind] = r
     return {"machine_bandwidth_gb_s": bandwidth / 1e9, "threads": os.cpu_count(), "files": results}

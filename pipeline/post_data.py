@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import KilnError
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, write_json, write_jsonl
 
 ROLES = ("system", "user", "assistant")
 
@@ -215,12 +215,6 @@ def build_post_data(
     with atomic_path(Path(out_dir)) as tmp:
         tmp.mkdir()
         for name, part in (("train", train), ("eval", held), ("rejected", rejected)):
-            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+            write_jsonl(tmp / f"{name}.jsonl", part)
         write_json(tmp / "stats.json", stats.__dict__)
     return stats
-
-
-def load_rows(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]

@@ -192,11 +192,17 @@ def promote(uri: str, profile: str, version: str | None = None) -> dict:
     return _call(uri, "promote", do)
 
 
-def _current(c, name: str) -> str | None:
+def _production(c, name: str):
+    """The model version `production` points at, or None."""
     try:
-        return str(c.get_model_version_by_alias(name, PRODUCTION).version)
-    except Exception:
+        return c.get_model_version_by_alias(name, PRODUCTION)
+    except Exception:  # no such model or alias yet
         return None
+
+
+def _current(c, name: str) -> str | None:
+    prod = _production(c, name)
+    return str(prod.version) if prod else None
 
 
 def rollback(uri: str, profile: str) -> dict:
@@ -234,9 +240,8 @@ def pull(uri: str, profile: str, alias_or_version: str, out: Path) -> Path:
 
 def production_metrics(uri: str, profile: str) -> dict[str, float] | None:
     """The `eval.*` figures tagged on the production version (None when nothing is in production)."""
-    try:
-        prod = client(uri).get_model_version_by_alias(model_name(profile), PRODUCTION)
-    except Exception:  # no such model or alias yet
+    prod = _production(client(uri), model_name(profile))
+    if prod is None:
         return None
     return {k.removeprefix(EVAL_TAG): float(v) for k, v in prod.tags.items() if k.startswith(EVAL_TAG)}
 

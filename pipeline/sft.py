@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import KilnError
+from pipeline.io import read_jsonl
 from pipeline.lora import (
     history_callback,
     load_for_training,
@@ -24,7 +25,6 @@ from pipeline.lora import (
     trainable_parameters,
     training_arguments,
 )
-from pipeline.post_data import load_rows
 from pipeline.profiles import SFTSettings
 
 
@@ -72,7 +72,7 @@ def completion_loss(model, tokenizer, rows: list[dict]) -> float:
 def _datasets(data_dir: Path, batch: int, what: str):
     from datasets import Dataset
 
-    train, held = load_rows(data_dir / "train.jsonl"), load_rows(data_dir / "eval.jsonl")
+    train, held = list(read_jsonl(data_dir / "train.jsonl")), list(read_jsonl(data_dir / "eval.jsonl"))
     if len(train) < batch:
         raise KilnError(f"{data_dir / 'train.jsonl'}: {len(train)} {what} rows, fewer than one batch of {batch}")
     return Dataset.from_list(train), Dataset.from_list(held), held
@@ -139,4 +139,4 @@ def sft_task_loss(checkpoint: Path, sft_data_dir: Path) -> float:
 
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    return completion_loss(model, tokenizer, load_rows(Path(sft_data_dir) / "eval.jsonl"))
+    return completion_loss(model, tokenizer, list(read_jsonl(Path(sft_data_dir) / "eval.jsonl")))

@@ -27,19 +27,21 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REGISTRY_DIR / 'mlflow.db'}"
 
 
+def _store_dir(uri: str) -> Path | None:
+    """The folder of a local sqlite store; None for a tracking server."""
+    return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+
+
 def lock_dir(uri: str) -> Path:
     """Where the locks that serialize runs and promotions live: beside a local store, else /tmp
     (a tracking server shared by several machines would need its own lock; see README)."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).parent
-    return Path("/tmp")
+    return _store_dir(uri) or Path("/tmp")
 
 
 def artifact_root(uri: str) -> str | None:
     """Artifacts beside a local sqlite store; a server keeps its own artifact store."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return None
+    store = _store_dir(uri)
+    return (store / "artifacts").as_uri() if store else None
 
 
 def client(uri: str):
@@ -52,8 +54,9 @@ def client(uri: str):
     # an unreachable server should fail in seconds, not after MLflow's default minutes of retries
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    store = _store_dir(uri)
+    if store:
+        store.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -134,17 +137,20 @@ class StageLogger:
             self.c.log_batch(self.run_id, params=params[i : i + 100])
 
     def metrics(self, values: dict, step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        ms = [Metric(f"{self.stage}.{k}", float(v), now, step or 0) for k, v in values.items() if _is_number(v)]
-        for i in range(0, len(ms), 500):
-            self.c.log_batch(self.run_id, metrics=ms[i : i + 500])
+        self._log([(k, v, step or 0) for k, v in values.items()])
 
     def history(self, rows: list[dict], keys: tuple[str, ...]) -> None:
         """Per-step curves: each row has `step` and some of `keys`."""
-        for row in rows:
-            self.metrics({k: row[k] for k in keys if k in row}, step=int(row["step"]))
+        self._log([(k, row[k], int(row["step"])) for row in rows for k in keys if k in row])
+
+    def _log(self, points: list[tuple[str, float, int]]) -> None:
+        """(name, value, step) points in batches of 500, MLflow's limit per call."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(f"{self.stage}.{k}", float(v), now, step) for k, v, step in points if _is_number(v)]
+        for i in range(0, len(ms), 500):
+            self.c.log_batch(self.run_id, metrics=ms[i : i + 500])
 
     def artifact(self, path: Path, folder: str = "") -> None:
         path = Path(path)
