@@ -17,8 +17,8 @@ from dagster import (
 
 from assets import corpus, evaluation, post_training, release, training
 from assets.automation import new_data_sensor, retrain_schedule
+from pipeline.layout import work_dir_from_env
 from resources import KilnSettings, MLflowTracking
-from resources.kiln import REPO_ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -57,7 +57,7 @@ def resources_for(deployment: str) -> dict:
             raise RuntimeError(f"KILN_DEPLOYMENT=production needs {', '.join(missing)} set")
         work_dir = os.environ["KILN_WORK_DIR"]
     else:
-        work_dir = os.environ.get("KILN_WORK_DIR", str(REPO_ROOT / "data" / "work"))
+        work_dir = str(work_dir_from_env())
     return {
         "kiln": KilnSettings(profile=os.environ.get("KILN_PROFILE", "tiny"), work_dir=work_dir),
         "mlflow": MLflowTracking(),  # MLFLOW_TRACKING_URI, else sqlite under registry/

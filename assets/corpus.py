@@ -6,10 +6,10 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 
 from assets.metadata import md_image, md_table, record
 from pipeline.charts import bar_chart
-from pipeline.clean import clean_corpus as run_clean
-from pipeline.clean import load_stats, read_split
-from pipeline.ingest import build_raw_corpus
-from pipeline.pii import find_pii
+from pipeline.data.clean import clean_corpus as run_clean
+from pipeline.data.clean import load_stats, read_split
+from pipeline.data.ingest import build_raw_corpus
+from pipeline.data.pii import find_pii
 from resources import KilnSettings, MLflowTracking
 
 PII_SAMPLE_DOCS = 2000

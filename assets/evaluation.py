@@ -10,10 +10,10 @@ from assets.post_training import dpo_model, sft_model
 from assets.release import gguf_benchmark
 from assets.training import base_model
 from pipeline.charts import metric_panels
-from pipeline.clean import read_split
+from pipeline.data.clean import read_split
 from pipeline.errors import KilnError
-from pipeline.evaluation import LOWER_IS_BETTER, evaluate_all, flat_metrics, gate, markdown_table, metric_table
-from pipeline.registry import SHIPPED, production_metrics
+from pipeline.eval.evaluation import LOWER_IS_BETTER, evaluate_all, flat_metrics, gate, markdown_table, metric_table
+from pipeline.release.registry import SHIPPED, production_metrics
 from resources import KilnSettings, MLflowTracking
 
 

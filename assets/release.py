@@ -8,13 +8,13 @@ from assets.corpus import clean_corpus
 from assets.metadata import md_image, md_table, record
 from assets.post_training import dpo_model
 from pipeline.charts import gguf_comparison
-from pipeline.clean import read_split
-from pipeline.evaluation import flat_metrics
-from pipeline.gguf_bench import benchmark_all, markdown_table
-from pipeline.gguf_export import export_all
+from pipeline.data.clean import read_split
+from pipeline.eval.evaluation import flat_metrics
+from pipeline.release.gguf_bench import benchmark_all, markdown_table
+from pipeline.release.gguf_export import export_all
 from pipeline.io import write_json
-from pipeline.model_card import build_bundle
-from pipeline.registry import EVAL_TAG, SHIPPED, quality_gate, register
+from pipeline.release.model_card import build_bundle
+from pipeline.release.registry import EVAL_TAG, SHIPPED, quality_gate, register
 from resources import KilnSettings, MLflowTracking
 
 

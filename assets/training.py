@@ -6,7 +6,7 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 
 from assets.corpus import clean_corpus
 from assets.metadata import md_image, record
-from pipeline.base_model import build_base_model, build_tokenizer
+from pipeline.train.base_model import build_base_model, build_tokenizer
 from pipeline.charts import loss_curve
 from resources import KilnSettings, MLflowTracking
 

@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from pipeline.pii import find_pii
+from pipeline.data.pii import find_pii
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,14 +14,13 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import KilnError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from pipeline.layout import DAGSTER_HOME, REPO_ROOT, Layout
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
-    from pipeline.clean import clean_corpus
-    from pipeline.ingest import Source, build_raw_corpus
-    from pipeline.profiles import load_profile
+    from pipeline.data.clean import clean_corpus
+    from pipeline.data.ingest import Source, build_raw_corpus
+    from pipeline.config import load_profile
 
     profile = load_profile(args.profile)
     output = Path(args.output)
@@ -41,8 +40,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
 
 def _cmd_profiles(args: argparse.Namespace) -> int:
-    from pipeline.pretrain import count_parameters
-    from pipeline.profiles import PROFILE_NAMES, load_profile
+    from pipeline.train.pretrain import count_parameters
+    from pipeline.config import PROFILE_NAMES, load_profile
 
     names = [args.name] if args.name else PROFILE_NAMES
     for name in names:
@@ -61,8 +60,8 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
-    from pipeline.base_model import build_tokenizer
-    from pipeline.profiles import load_profile
+    from pipeline.train.base_model import build_tokenizer
+    from pipeline.config import load_profile
 
     clean = _clean_folder(args.clean)
     stats = build_tokenizer(clean, Path(args.output), load_profile(args.profile))
@@ -71,8 +70,8 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from pipeline.base_model import build_base_model
-    from pipeline.profiles import load_profile
+    from pipeline.train.base_model import build_base_model
+    from pipeline.config import load_profile
 
     clean = _clean_folder(args.clean)
     result, baseline = build_base_model(clean, Path(args.tokenizer), Path(args.output), load_profile(args.profile))
@@ -88,7 +87,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_gguf(args: argparse.Namespace) -> int:
-    from pipeline.gguf_export import export_all
+    from pipeline.release.gguf_export import export_all
 
     files = export_all(Path(args.model), Path(args.output), args.name)
     for kind, path in files.items():
@@ -97,7 +96,7 @@ def _cmd_gguf(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.gguf_bench import benchmark_file, check_gguf, markdown_table, memory_bandwidth
+    from pipeline.release.gguf_bench import benchmark_file, check_gguf, markdown_table, memory_bandwidth
 
     for path in args.files:  # every file is checked before any is measured
         check_gguf(Path(path))
@@ -115,14 +114,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _release_args(args: argparse.Namespace) -> tuple[str, str]:
-    from pipeline.profiles import load_profile
+    from pipeline.config import load_profile
     from pipeline.tracking import default_tracking_uri
 
     return args.tracking_uri or default_tracking_uri(), load_profile(args.profile).name
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from pipeline.registry import list_versions
+    from pipeline.release.registry import list_versions
 
     uri, profile = _release_args(args)
     rows = list_versions(uri, profile)
@@ -137,7 +136,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from pipeline.registry import promote
+    from pipeline.release.registry import promote
 
     uri, profile = _release_args(args)
     e = promote(uri, profile, args.version)
@@ -146,7 +145,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from pipeline.registry import rollback
+    from pipeline.release.registry import rollback
 
     uri, profile = _release_args(args)
     e = rollback(uri, profile)
@@ -155,7 +154,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from pipeline.registry import pull
+    from pipeline.release.registry import pull
 
     uri, profile = _release_args(args)
     out = pull(uri, profile, args.which, Path(args.output))
@@ -166,7 +165,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 def _cmd_history(args: argparse.Namespace) -> int:
     import time
 
-    from pipeline.registry import history
+    from pipeline.release.registry import history
 
     uri, profile = _release_args(args)
     for e in history(uri, profile):
@@ -176,7 +175,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 
 def _cmd_humaneval_score(args: argparse.Namespace) -> int:
-    from pipeline.humaneval import read_samples, score
+    from pipeline.eval.humaneval import read_samples, score
     from pipeline.io import write_jsonl
 
     try:
@@ -193,7 +192,7 @@ def _cmd_humaneval_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_humaneval_generate(args: argparse.Namespace) -> int:
-    from pipeline.humaneval import generate, task_ids
+    from pipeline.eval.humaneval import generate, task_ids
     from pipeline.io import write_jsonl
 
     model = Path(args.model)
@@ -223,12 +222,12 @@ def _clean_folder(path: str) -> Path:
 def _cmd_run(args: argparse.Namespace) -> int:
     """Materialize every asset through Dagster's own command line, so the run is recorded in
     DAGSTER_HOME exactly as one launched from the UI would be."""
-    from pipeline.profiles import load_profile
+    from pipeline.config import load_profile
 
     load_profile(args.profile)  # fail here, in one line, rather than inside Dagster
     env = dict(os.environ)
     env["KILN_PROFILE"] = args.profile
-    env.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster_home"))
+    env.setdefault("DAGSTER_HOME", str(DAGSTER_HOME))
     home = Path(env["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():  # sqlite storage in DAGSTER_HOME; no telemetry calls
@@ -239,7 +238,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
     if code != 0:
         raise KilnError(f"the Dagster run of job {args.job!r} failed (exit {code}); its logs are in the Dagster UI")
-    work = REPO_ROOT / "data" / "work" / Path(args.profile).stem
+    work = Layout.for_profile(Path(args.profile).stem).root  # KILN_WORK_DIR, else data/work
     print(
         f"\nkiln: pipeline done on profile {args.profile!r}.\n"
         f"  artifacts:     {work}\n"

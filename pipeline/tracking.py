@@ -18,9 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import KilnError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-REGISTRY_DIR = REPO_ROOT / "registry"
+from pipeline.layout import REGISTRY_DIR, REPO_ROOT
 
 
 def default_tracking_uri() -> str:

@@ -44,10 +44,10 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(small_corpus, tmp_path_factory) -> Path:
     """A test-sized pretrained checkpoint (one layer, 600-token vocabulary) with its tokenizer."""
-    from pipeline.clean import read_split
-    from pipeline.pretrain import pretrain, tokenize_to_file
-    from pipeline.profiles import ModelShape, PretrainSettings
-    from pipeline.tokenizer import texts_of, token_byte_lengths, train_tokenizer
+    from pipeline.data.clean import read_split
+    from pipeline.train.pretrain import pretrain, tokenize_to_file
+    from pipeline.config import ModelShape, PretrainSettings
+    from pipeline.train.tokenizer import texts_of, token_byte_lengths, train_tokenizer
 
     root = tmp_path_factory.mktemp("base")
     tok = train_tokenizer(texts_of(read_split(small_corpus, "train")), root / "tok", vocab_size=600, min_frequency=1)
@@ -66,6 +66,6 @@ def tiny_base(small_corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ggufs(tiny_base, tmp_path_factory) -> dict:
     """tiny_base as GGUF: {"F16": path, "Q8_0": path, "Q4_K_M": path}."""
-    from pipeline.gguf_export import export_all
+    from pipeline.release.gguf_export import export_all
 
     return export_all(tiny_base, tmp_path_factory.mktemp("gguf"), "test")

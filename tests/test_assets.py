@@ -124,7 +124,7 @@ def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
     assert all(checks_passed.values()) and len(checks_passed) == 7
     assert (tmp_path / "work" / "e2e" / "gguf_model" / "kiln-e2e-Q4_K_M.gguf").exists()
     # one MLflow run holds every stage's figures; the version is registered as the candidate
-    from pipeline import registry
+    from pipeline.release import registry
     from pipeline.tracking import client
 
     runs = client(uri).search_runs([client(uri).get_experiment_by_name("kiln-e2e").experiment_id])

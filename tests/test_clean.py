@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from pipeline.clean import clean_corpus, minhash_bands, read_split
+from pipeline.data.clean import clean_corpus, minhash_bands, read_split
 from pipeline.io import read_jsonl
-from pipeline.profiles import CleanSettings
+from pipeline.config import CleanSettings
 
 CODE = (
     'import os\n\n\ndef main():\n    """Print the working directory and the environment."""\n'
@@ -111,7 +111,7 @@ def test_minhash_bands_follow_the_threshold():
 
 
 def test_invalid_settings_are_named():
-    from pipeline.profiles import ProfileError
+    from pipeline.config import ProfileError
 
     with pytest.raises(ProfileError, match="minhash_threshold"):
         CleanSettings(minhash_threshold=1.5)

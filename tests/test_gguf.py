@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.errors import KilnError
-from pipeline.gguf_bench import benchmark_file, gguf_perplexity, hf_perplexity, load, tokenization_mismatches
-from pipeline.gguf_export import convert_to_gguf, rotary_permute
-from pipeline.tokenizer import ROUND_TRIP_SAMPLES
+from pipeline.release.gguf_bench import benchmark_file, gguf_perplexity, hf_perplexity, load, tokenization_mismatches
+from pipeline.release.gguf_export import convert_to_gguf, rotary_permute
+from pipeline.train.tokenizer import ROUND_TRIP_SAMPLES
 
 TEXTS = [
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",

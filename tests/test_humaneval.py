@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import KilnError
-from pipeline.humaneval import pass_at_k, problems, score
-from pipeline.sandbox import run_program
+from pipeline.eval.humaneval import pass_at_k, problems, score
+from pipeline.eval.sandbox import run_program
 
 
 def test_pass_at_k_by_hand():
@@ -52,7 +52,7 @@ def test_bad_samples_are_clear(tmp_path):
 
 
 def score_file(path):
-    from pipeline.humaneval import read_samples
+    from pipeline.eval.humaneval import read_samples
 
     return score(read_samples(path), [1])
 

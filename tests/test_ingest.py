@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.ingest import IngestError, Source, build_raw_corpus, guess_lang, read_source, split_long
+from pipeline.data.ingest import IngestError, Source, build_raw_corpus, guess_lang, read_source, split_long
 from pipeline.io import read_jsonl
 
 CODE = "def greet(name):\n    return f'hello {name}'\n"

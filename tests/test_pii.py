@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.pii import find_pii, luhn_valid, mask_pii
+from pipeline.data.pii import find_pii, luhn_valid, mask_pii
 
 MASKED = [
     ("write to jane.doe+news@example.co.uk today", "write to <EMAIL> today", "email"),

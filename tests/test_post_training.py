@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.clean import read_split
-from pipeline.dpo import train_dpo
+from pipeline.data.clean import read_split
+from pipeline.train.dpo import train_dpo
 from pipeline.errors import KilnError
-from pipeline.post_data import build_post_data, dpo_records, mine_functions
-from pipeline.profiles import DPOSettings, SFTSettings
-from pipeline.sft import count_4bit, make_sft_trainer, train_sft
+from pipeline.data.post_data import build_post_data, dpo_records, mine_functions
+from pipeline.config import DPOSettings, SFTSettings
+from pipeline.train.sft import count_4bit, make_sft_trainer, train_sft
 
 CODE = '''
 import os
@@ -46,7 +46,7 @@ def test_mine_functions_from_code():
 
 
 def test_preference_pairs_have_a_wrong_rejected(small_corpus):
-    from pipeline.post_data import mine_from_corpus
+    from pipeline.data.post_data import mine_from_corpus
 
     functions = mine_from_corpus(read_split(small_corpus, "train"), 20)
     pairs = list(dpo_records(functions))

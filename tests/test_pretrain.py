@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.clean import read_split
+from pipeline.data.clean import read_split
 from pipeline.errors import KilnError
-from pipeline.pretrain import (
+from pipeline.train.pretrain import (
     ChunkedLinearCrossEntropy,
     PackedTokens,
     count_parameters,
@@ -17,8 +17,8 @@ from pipeline.pretrain import (
     tokenize_to_file,
     unigram_bpb,
 )
-from pipeline.profiles import ModelShape, PretrainSettings, ProfileError, load_profile
-from pipeline.tokenizer import texts_of, token_byte_lengths, train_tokenizer
+from pipeline.config import ModelShape, PretrainSettings, ProfileError, load_profile
+from pipeline.train.tokenizer import texts_of, token_byte_lengths, train_tokenizer
 
 SHAPE = ModelShape(hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2, max_position=64)
 SETTINGS = PretrainSettings(

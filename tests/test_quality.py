@@ -1,6 +1,6 @@
 """Quality rules on literal documents."""
 
-from pipeline.quality import code_problem, duplicate_line_share, prose_problem, quality_problem
+from pipeline.data.quality import code_problem, duplicate_line_share, prose_problem, quality_problem
 
 GOOD_PROSE = (
     "The tokenizer splits text into pieces that the model can learn from. Each piece maps to an "

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import registry
+from pipeline.release import registry
 from pipeline.errors import KilnError
 from pipeline.tracking import StageLogger, pipeline_run
 
@@ -126,7 +126,7 @@ def test_concurrent_promotions_keep_a_consistent_history(store):
 
 
 def test_release_commands(store, tmp_path, capsys, monkeypatch):
-    import pipeline.registry as reg
+    import pipeline.release.registry as reg
     from pipeline.cli import main
 
     uri, _ = store

@@ -3,9 +3,9 @@
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.clean import read_split
+from pipeline.data.clean import read_split
 from pipeline.errors import KilnError
-from pipeline.tokenizer import (
+from pipeline.train.tokenizer import (
     ROUND_TRIP_SAMPLES,
     SPECIAL_TOKENS,
     bytes_per_token,

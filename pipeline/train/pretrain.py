@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from pipeline.errors import KilnError
 from pipeline.io import atomic_path, write_json
-from pipeline.profiles import ModelShape, PretrainSettings
+from pipeline.config import ModelShape, PretrainSettings
 
 TOKEN_DTYPE = np.uint16  # 32k vocabulary fits; a quarter of int64's disk and memory
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.humaneval import generate, score, task_ids
+from pipeline.eval.humaneval import generate, score, task_ids
 from pipeline.io import atomic_path, write_json, write_jsonl
-from pipeline.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
-from pipeline.profiles import EvalSettings
-from pipeline.tokenizer import texts_of
+from pipeline.eval.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
+from pipeline.config import EvalSettings
+from pipeline.train.tokenizer import texts_of
 
 LOWER_IS_BETTER = {"bits_per_byte"}
 

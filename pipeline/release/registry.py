@@ -249,7 +249,7 @@ def production_metrics(uri: str, profile: str) -> dict[str, float] | None:
 def quality_gate(uri: str, profile: str, parity: bool, report: dict, settings) -> tuple[bool, str]:
     """The gate before `candidate`: GGUF parity, then the eval gate (`evaluation.gate`) of the
     shipped model against production and of its quantized GGUF against it."""
-    from pipeline.evaluation import gate
+    from pipeline.eval.evaluation import gate
 
     if not parity:
         return False, "GGUF parity failed"

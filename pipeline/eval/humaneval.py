@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KilnError
-from pipeline.sandbox import run_program
+from pipeline.eval.sandbox import run_program
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
@@ -123,7 +123,7 @@ class _StopAtSequences:
 
 
 def _gguf_completer(path: Path, samples: int, temperature: float, max_new_tokens: int, seed: int):
-    from pipeline.gguf_bench import load
+    from pipeline.release.gguf_bench import load
 
     llm = load(path, n_ctx=1024)
     room = llm.n_ctx() - max_new_tokens

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.lora import (
+from pipeline.train.lora import (
     history_callback,
     load_for_training,
     lora_config,
@@ -20,8 +20,8 @@ from pipeline.lora import (
     trainable_parameters,
     training_arguments,
 )
-from pipeline.profiles import DPOSettings
-from pipeline.sft import TuneResult, _datasets, peak_memory_mb, tokens_seen
+from pipeline.config import DPOSettings
+from pipeline.train.sft import TuneResult, _datasets, peak_memory_mb, tokens_seen
 
 
 def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSettings) -> TuneResult:

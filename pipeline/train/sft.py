@@ -17,7 +17,7 @@ import torch
 
 from pipeline.errors import KilnError
 from pipeline.io import read_jsonl
-from pipeline.lora import (
+from pipeline.train.lora import (
     history_callback,
     load_for_training,
     lora_config,
@@ -25,7 +25,7 @@ from pipeline.lora import (
     trainable_parameters,
     training_arguments,
 )
-from pipeline.profiles import SFTSettings
+from pipeline.config import SFTSettings
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.errors import KilnError
 from pipeline.io import atomic_path
-from pipeline.tokenizer import END, SPECIAL_TOKENS
+from pipeline.train.tokenizer import END, SPECIAL_TOKENS
 
 QUANTS = ("Q8_0", "Q4_K_M")
 

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import KilnError
-from pipeline.ingest import Source
+from pipeline.data.ingest import Source
 
 
 class ProfileError(KilnError):
@@ -42,7 +42,7 @@ class CorpusSettings:
             Source(builtin="python_docstrings"),
         ]
     )
-    """Where the text comes from (files, folders, HF datasets, builtins); see `pipeline.ingest.Source`."""
+    """Where the text comes from (files, folders, HF datasets, builtins); see `pipeline.data.ingest.Source`."""
     code_share: float | None = 0.6
     """Share of bytes that is code (the rest prose); None keeps every document of every source."""
     max_bytes: int | None = 4_000_000

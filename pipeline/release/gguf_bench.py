@@ -46,7 +46,7 @@ def check_gguf(path: Path) -> None:
 def load(path: Path, n_ctx: int = 1024, logits_all: bool = False):
     import llama_cpp
 
-    from pipeline.gguf_export import quiet_native
+    from pipeline.release.gguf_export import quiet_native
 
     check_gguf(path)
     try:
@@ -255,7 +255,7 @@ def benchmark_all(files: dict, checkpoint: Path, validation_texts: list[str], se
     """Parity against `checkpoint` and speed/memory for each GGUF in `files` (kind -> path)."""
     from transformers import AutoTokenizer
 
-    from pipeline.tokenizer import ROUND_TRIP_SAMPLES
+    from pipeline.train.tokenizer import ROUND_TRIP_SAMPLES
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
     ids: list[int] = []

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.io import atomic_path
-from pipeline.profiles import Profile
+from pipeline.config import Profile
 
 
 def _load(path: Path) -> dict:

@@ -33,9 +33,9 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from tqdm import tqdm
 
 from pipeline.io import atomic_path, read_jsonl, write_json
-from pipeline.pii import mask_pii
-from pipeline.profiles import CleanSettings
-from pipeline.quality import quality_problem
+from pipeline.data.pii import mask_pii
+from pipeline.config import CleanSettings
+from pipeline.data.quality import quality_problem
 
 
 def minhash_bands(threshold: float, num_hashes: int) -> tuple[int, int]:
@@ -91,7 +91,7 @@ class IngestErrorFilter(BaseFilter):
 
 
 class QualityFilter(BaseFilter):
-    """Gopher rules for prose, Codex/StarCoder rules for code (see pipeline.quality)."""
+    """Gopher rules for prose, Codex/StarCoder rules for code (see pipeline.data.quality)."""
 
     name = "🧪 quality"
 

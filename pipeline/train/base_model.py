@@ -1,18 +1,18 @@
 """The tokenizer and base_model stages end to end: from the clean corpus folder to artifacts.
 
 The assets and `kiln pretrain` both call these two functions; the pieces they compose live in
-`pipeline.tokenizer` and `pipeline.pretrain`.
+`pipeline.train.tokenizer` and `pipeline.train.pretrain`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.clean import read_split
+from pipeline.data.clean import read_split
 from pipeline.io import write_json
-from pipeline.pretrain import PretrainResult, count_parameters, pretrain, tokenize_to_file, unigram_bpb
-from pipeline.profiles import Profile
-from pipeline.tokenizer import (
+from pipeline.train.pretrain import PretrainResult, count_parameters, pretrain, tokenize_to_file, unigram_bpb
+from pipeline.config import Profile
+from pipeline.train.tokenizer import (
     ROUND_TRIP_SAMPLES,
     bytes_per_token,
     load_tokenizer,

@@ -1,0 +1,1 @@
+"""Corpus stages: ingest, quality filters, cleaning, PII masking, post-training data."""

@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte, lm-eval tasks, HumanEval and its sandbox."""

@@ -1,0 +1,123 @@
+"""Where every artifact lives. One `Layout` names every path; nothing else spells them.
+
+    <work_dir>/<profile>/
+        raw_corpus/raw.jsonl
+        clean_corpus/{clean/,rejected/,logs/,stats.json}
+        tokenizer/{tokenizer/,stats.json}
+        base_model/{model/,tokens/,checkpoints/,summary.json,metrics.json}
+        sft_data/, dpo_data/                 train.jsonl, eval.jsonl, rejected.jsonl, stats.json
+        sft_model/, dpo_model/               {adapter/,model/,metrics.json}
+        gguf_model/kiln-<profile>-<quant>.gguf, files.json
+        gguf_benchmark/benchmark.json
+        eval_report/{report.json,report.md,humaneval/,lm_eval_tasks/}
+        registered_model/bundle/
+
+The work folder is `data/work` in the checkout unless `KILN_WORK_DIR` names another.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORK_DIR = REPO_ROOT / "data" / "work"
+REGISTRY_DIR = REPO_ROOT / "registry"  # the local MLflow store (sqlite + artifacts)
+DAGSTER_HOME = REPO_ROOT / ".dagster_home"
+QUANTS = ("F16", "Q8_0", "Q4_K_M")  # the GGUF files every version ships
+
+
+def work_dir_from_env() -> Path:
+    return Path(os.environ.get("KILN_WORK_DIR") or DEFAULT_WORK_DIR)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The artifact tree of one profile under one work folder."""
+
+    work_dir: Path
+    profile: str
+
+    @classmethod
+    def for_profile(cls, profile: str, work_dir: str | Path | None = None) -> Layout:
+        return cls(Path(work_dir) if work_dir else work_dir_from_env(), profile)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.work_dir) / self.profile
+
+    def stage(self, name: str) -> Path:
+        """The folder of one asset, created on first use."""
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # data
+    @property
+    def raw_corpus(self) -> Path:
+        return self.stage("raw_corpus") / "raw.jsonl"
+
+    @property
+    def clean_dir(self) -> Path:
+        """clean_corpus's output: clean/, rejected/, logs/, stats.json."""
+        return self.stage("clean_corpus")
+
+    @property
+    def clean_splits(self) -> Path:
+        """The train and validation JSONL shards."""
+        return self.clean_dir / "clean"
+
+    # training
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.stage("tokenizer")
+
+    @property
+    def tokenizer(self) -> Path:
+        """The transformers tokenizer folder (AutoTokenizer.from_pretrained)."""
+        return self.tokenizer_dir / "tokenizer"
+
+    def stage_of(self, kind: str) -> Path:
+        """base_model, sft_model or dpo_model's folder, by kind: base, sft, dpo."""
+        return self.stage(f"{kind}_model")
+
+    def model_dir(self, kind: str) -> Path:
+        """The saved HF checkpoint of base, sft or dpo (AutoModelForCausalLM.from_pretrained)."""
+        return self.stage_of(kind) / "model"
+
+    def post_data(self, kind: str) -> Path:
+        """sft_data or dpo_data."""
+        return self.stage(f"{kind}_data")
+
+    # release
+    @property
+    def gguf_dir(self) -> Path:
+        return self.stage("gguf_model")
+
+    @property
+    def gguf_name(self) -> str:
+        return f"kiln-{self.profile}"
+
+    def gguf(self, quant: str) -> Path:
+        return self.gguf_dir / f"{self.gguf_name}-{quant}.gguf"
+
+    @property
+    def benchmark_dir(self) -> Path:
+        return self.stage("gguf_benchmark")
+
+    @property
+    def benchmark_json(self) -> Path:
+        return self.benchmark_dir / "benchmark.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.stage("eval_report")
+
+    @property
+    def eval_report(self) -> Path:
+        return self.eval_dir / "report.json"
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.stage("registered_model") / "bundle"

@@ -1,0 +1,1 @@
+"""Release: GGUF export and benchmark, model card, MLflow registry."""

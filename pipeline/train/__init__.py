@@ -1,0 +1,1 @@
+"""Training stages: tokenizer, pretraining, LoRA helpers, SFT, DPO."""
