@@ -4,8 +4,8 @@ import os
 
 from dagster import DefaultScheduleStatus, RunRequest, SensorEvaluationContext, SkipReason, sensor
 
-from pipeline.data.ingest import data_fingerprint, watched_files
 from pipeline.config import load_profile
+from pipeline.data.ingest import data_fingerprint, watched_files
 
 RETRAIN_CRON = os.environ.get("KILN_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:00 by default
 

@@ -7,8 +7,8 @@ from assets.metadata import md_image, md_table, record
 from assets.training import base_model
 from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
-from pipeline.train.dpo import train_dpo
 from pipeline.data.post_data import build_post_data
+from pipeline.train.dpo import train_dpo
 from pipeline.train.sft import TuneResult, sft_task_loss, train_sft
 from resources import KilnSettings, MLflowTracking
 

@@ -10,9 +10,9 @@ from assets.post_training import dpo_model
 from pipeline.charts import gguf_comparison
 from pipeline.data.clean import read_split
 from pipeline.eval.evaluation import flat_metrics
+from pipeline.io import write_json
 from pipeline.release.gguf_bench import benchmark_all, markdown_table
 from pipeline.release.gguf_export import export_all
-from pipeline.io import write_json
 from pipeline.release.model_card import build_bundle
 from pipeline.release.registry import EVAL_TAG, SHIPPED, quality_gate, register
 from resources import KilnSettings, MLflowTracking

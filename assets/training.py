@@ -6,8 +6,8 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 
 from assets.corpus import clean_corpus
 from assets.metadata import md_image, record
-from pipeline.train.base_model import build_base_model, build_tokenizer
 from pipeline.charts import loss_curve
+from pipeline.train.base_model import build_base_model, build_tokenizer
 from resources import KilnSettings, MLflowTracking
 
 PARAMETER_LIMIT = 300_000_000

@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.config import load_profile
 from pipeline.data.clean import clean_corpus
 from pipeline.data.ingest import build_raw_corpus
-from pipeline.io import read_jsonl
 from pipeline.data.pii import mask_pii
-from pipeline.config import load_profile
+from pipeline.io import read_jsonl
 
 
 def _reference_pass(raw: Path, out: Path) -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.eval.humaneval import STOP_SEQUENCES, generate, problems, task_ids, truncate
 from pipeline.config import load_profile
+from pipeline.eval.humaneval import STOP_SEQUENCES, generate, problems, task_ids, truncate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.train.pretrain import PackedTokens, llama_config, pretrain, tokenize_to_file
 from pipeline.config import load_profile
+from pipeline.train.pretrain import PackedTokens, llama_config, pretrain, tokenize_to_file
 from pipeline.train.tokenizer import load_tokenizer, texts_of, token_byte_lengths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,9 +35,9 @@ def _prepare(profile, tmp: Path):
     tok_dir, tokens = work / "tokenizer" / "tokenizer", work / "base_model" / "tokens"
     if (tok_dir / "tokenizer.json").exists() and (tokens / "train.bin").exists():
         return load_tokenizer(tok_dir), tokens / "train.bin", tokens / "validation.bin"
-    from pipeline.train.base_model import build_tokenizer
     from pipeline.data.clean import clean_corpus, read_split
     from pipeline.data.ingest import build_raw_corpus
+    from pipeline.train.base_model import build_tokenizer
 
     c = profile.corpus
     build_raw_corpus(c.sources, tmp / "raw.jsonl", c.max_bytes, c.code_share, progress=False)

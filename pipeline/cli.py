@@ -18,9 +18,9 @@ from pipeline.layout import DAGSTER_HOME, REPO_ROOT, Layout
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
+    from pipeline.config import load_profile
     from pipeline.data.clean import clean_corpus
     from pipeline.data.ingest import Source, build_raw_corpus
-    from pipeline.config import load_profile
 
     profile = load_profile(args.profile)
     output = Path(args.output)
@@ -40,8 +40,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
 
 def _cmd_profiles(args: argparse.Namespace) -> int:
-    from pipeline.train.pretrain import count_parameters
     from pipeline.config import PROFILE_NAMES, load_profile
+    from pipeline.train.pretrain import count_parameters
 
     names = [args.name] if args.name else PROFILE_NAMES
     for name in names:
@@ -60,8 +60,8 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
-    from pipeline.train.base_model import build_tokenizer
     from pipeline.config import load_profile
+    from pipeline.train.base_model import build_tokenizer
 
     clean = _clean_folder(args.clean)
     stats = build_tokenizer(clean, Path(args.output), load_profile(args.profile))
@@ -70,8 +70,8 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from pipeline.train.base_model import build_base_model
     from pipeline.config import load_profile
+    from pipeline.train.base_model import build_base_model
 
     clean = _clean_folder(args.clean)
     result, baseline = build_base_model(clean, Path(args.tokenizer), Path(args.output), load_profile(args.profile))

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import KilnError
 from pipeline.data.ingest import Source
+from pipeline.errors import KilnError
 
 
 class ProfileError(KilnError):

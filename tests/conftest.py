@@ -44,9 +44,9 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(small_corpus, tmp_path_factory) -> Path:
     """A test-sized pretrained checkpoint (one layer, 600-token vocabulary) with its tokenizer."""
+    from pipeline.config import ModelShape, PretrainSettings
     from pipeline.data.clean import read_split
     from pipeline.train.pretrain import pretrain, tokenize_to_file
-    from pipeline.config import ModelShape, PretrainSettings
     from pipeline.train.tokenizer import texts_of, token_byte_lengths, train_tokenizer
 
     root = tmp_path_factory.mktemp("base")

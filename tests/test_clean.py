@@ -5,9 +5,9 @@ import random
 
 import pytest
 
+from pipeline.config import CleanSettings
 from pipeline.data.clean import clean_corpus, minhash_bands, read_split
 from pipeline.io import read_jsonl
-from pipeline.config import CleanSettings
 
 CODE = (
     'import os\n\n\ndef main():\n    """Print the working directory and the environment."""\n'

@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.release import registry
-from pipeline.data.clean import read_split
 from pipeline.cli import main
+from pipeline.config import RegistrySettings
+from pipeline.data.clean import read_split
 from pipeline.eval.evaluation import bits_per_byte, gate, lm_eval_scores, loadable, markdown_table, task_manager
 from pipeline.eval.humaneval import STOP_SEQUENCES, generate, task_ids
 from pipeline.eval.lm_tasks import body_choice_rows, next_line_rows, write_kiln_tasks
-from pipeline.config import RegistrySettings
+from pipeline.release import registry
 from pipeline.tracking import pipeline_run
 
 

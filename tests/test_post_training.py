@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.data.clean import read_split
-from pipeline.train.dpo import train_dpo
-from pipeline.errors import KilnError
-from pipeline.data.post_data import build_post_data, dpo_records, mine_functions
 from pipeline.config import DPOSettings, SFTSettings
+from pipeline.data.clean import read_split
+from pipeline.data.post_data import build_post_data, dpo_records, mine_functions
+from pipeline.errors import KilnError
+from pipeline.train.dpo import train_dpo
 from pipeline.train.sft import count_4bit, make_sft_trainer, train_sft
 
 CODE = '''

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pipeline.config import ModelShape, PretrainSettings, ProfileError, load_profile
 from pipeline.data.clean import read_split
 from pipeline.errors import KilnError
 from pipeline.train.pretrain import (
@@ -17,7 +18,6 @@ from pipeline.train.pretrain import (
     tokenize_to_file,
     unigram_bpb,
 )
-from pipeline.config import ModelShape, PretrainSettings, ProfileError, load_profile
 from pipeline.train.tokenizer import texts_of, token_byte_lengths, train_tokenizer
 
 SHAPE = ModelShape(hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2, max_position=64)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.release import registry
 from pipeline.errors import KilnError
+from pipeline.release import registry
 from pipeline.tracking import StageLogger, pipeline_run
 
 

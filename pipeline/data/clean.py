@@ -32,10 +32,10 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
 from tqdm import tqdm
 
-from pipeline.io import atomic_path, read_jsonl, write_json
-from pipeline.data.pii import mask_pii
 from pipeline.config import CleanSettings
+from pipeline.data.pii import mask_pii
 from pipeline.data.quality import quality_problem
+from pipeline.io import atomic_path, read_jsonl, write_json
 
 
 def minhash_bands(threshold: float, num_hashes: int) -> tuple[int, int]:

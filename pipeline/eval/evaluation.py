@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.eval.humaneval import generate, score, task_ids
-from pipeline.io import atomic_path, write_json, write_jsonl
-from pipeline.eval.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
 from pipeline.config import EvalSettings
+from pipeline.eval.humaneval import generate, score, task_ids
+from pipeline.eval.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
+from pipeline.io import atomic_path, write_json, write_jsonl
 from pipeline.train.tokenizer import texts_of
 
 LOWER_IS_BETTER = {"bits_per_byte"}

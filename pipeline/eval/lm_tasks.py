@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.data.ingest import is_code
-from pipeline.io import atomic_path, write_jsonl
 from pipeline.data.post_data import mine_functions
+from pipeline.io import atomic_path, write_jsonl
 
 KILN_TASKS = ("kiln_body_choice", "kiln_next_line")
 CHOICES = 4

@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.io import atomic_path
 from pipeline.config import Profile
+from pipeline.io import atomic_path
 
 
 def _load(path: Path) -> dict:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.config import Profile
 from pipeline.data.clean import read_split
 from pipeline.io import write_json
 from pipeline.train.pretrain import PretrainResult, count_parameters, pretrain, tokenize_to_file, unigram_bpb
-from pipeline.config import Profile
 from pipeline.train.tokenizer import (
     ROUND_TRIP_SAMPLES,
     bytes_per_token,

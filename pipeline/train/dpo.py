@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pipeline.config import DPOSettings
 from pipeline.train.lora import (
     history_callback,
     load_for_training,
@@ -20,7 +21,6 @@ from pipeline.train.lora import (
     trainable_parameters,
     training_arguments,
 )
-from pipeline.config import DPOSettings
 from pipeline.train.sft import TuneResult, _datasets, peak_memory_mb, tokens_seen
 
 

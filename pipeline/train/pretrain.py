@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.config import ModelShape, PretrainSettings
 from pipeline.errors import KilnError
 from pipeline.io import atomic_path, write_json
-from pipeline.config import ModelShape, PretrainSettings
 
 TOKEN_DTYPE = np.uint16  # 32k vocabulary fits; a quarter of int64's disk and memory
 

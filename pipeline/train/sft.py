@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import SFTSettings
 from pipeline.errors import KilnError
 from pipeline.io import read_jsonl
 from pipeline.train.lora import (
@@ -25,7 +26,6 @@ from pipeline.train.lora import (
     trainable_parameters,
     training_arguments,
 )
-from pipeline.config import SFTSettings
 
 
 @dataclass
