@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.cli import main
+import pytest
+
+from pipeline.cli import COMMANDS, main
+from pipeline.cli.command import Group
 
 KILN = [sys.executable, "-m", "pipeline.cli"]
 
@@ -96,3 +99,64 @@ def test_profiles_lists_parameter_counts():
     assert proc.returncode == 0
     assert "268,739,584 parameters" in proc.stdout  # 300m, counted on the meta device
     assert [line.split(":")[0].strip() for line in proc.stdout.splitlines()] == ["tiny", "small", "300m"]
+
+
+def _every_command():
+    """(argv prefix, command) for every `kiln` command and every action of a group."""
+    for name, command in COMMANDS.items():
+        if isinstance(command, Group):
+            yield from (([name, action], sub) for action, sub in command.actions.items())
+        yield [name], command
+
+
+TAKES_PROFILE = {"clean", "tokenizer", "pretrain", "models", "promote", "rollback", "pull", "history", "run"}
+EVERY_COMMAND = list(_every_command())
+
+
+@pytest.mark.parametrize("argv,command", EVERY_COMMAND, ids=[" ".join(argv) for argv, _ in EVERY_COMMAND])
+def test_every_command_explains_itself(argv, command, capsys):
+    def help_of(argv):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--help"])
+        assert exit_.value.code == 0
+        return capsys.readouterr().out
+
+    def words(text):  # argparse rewraps the texts, breaking lines at spaces and hyphens
+        return "".join(text.split())
+
+    out = help_of(argv)
+    assert out.startswith(f"usage: kiln {' '.join(argv)}")
+    assert words(command.description or command.help) in words(out)
+    assert words(command.help) in words(help_of(argv[:-1]))  # its line in `kiln --help` (or the group's)
+    assert ("--profile" in out) == (argv[0] in TAKES_PROFILE)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["clean", "IN", "--output", "OUT"],
+        ["tokenizer", "--clean", "CORPUS", "--output", "OUT"],
+        ["pretrain", "--clean", "CORPUS", "--tokenizer", "TOK", "--output", "OUT"],
+        ["models"],
+        ["pull", "production", "--output", "OUT"],
+        ["run"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_unknown_profile_is_one_line_and_exit_2(argv, small_corpus, tmp_path, capsys):
+    (tmp_path / "IN").write_text("some text")
+    paths = {"IN": tmp_path / "IN", "OUT": tmp_path / "out", "CORPUS": small_corpus, "TOK": tmp_path / "tok"}
+    argv = [str(paths.get(a, a)) for a in argv]
+    assert main([*argv, "--profile", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln: error: ") and "'nope'" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_names_the_artifacts_under_kiln_work_dir(tmp_path, monkeypatch):
+    from pipeline.cli.run import done_message
+
+    monkeypatch.setenv("KILN_WORK_DIR", str(tmp_path / "work"))
+    message = done_message("my.yaml", "mine", "/somewhere/.dagster_home")
+    assert f"artifacts:     {tmp_path / 'work' / 'mine'}\n" in message
+    assert "experiment kiln-mine)" in message and "kiln models --profile my.yaml\n" in message

@@ -1,0 +1,165 @@
+"""`kiln gguf`, `kiln bench`: GGUF files from a checkpoint, and their speed. `kiln models`, `promote`,
+`rollback`, `pull`, `history`: one profile's versions in the MLflow registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline.cli.command import Command, add_profile
+
+
+class Gguf(Command):
+    help = "convert a HF Llama checkpoint to GGUF F16, Q8_0 and Q4_K_M"
+    description = (
+        "Write NAME-F16.gguf (kiln's converter) and NAME-Q8_0.gguf, NAME-Q4_K_M.gguf "
+        "(llama.cpp's quantizer) into OUTPUT. The checkpoint folder needs its tokenizer."
+    )
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--model", required=True, metavar="DIR", help="a save_pretrained folder (config, safetensors, tokenizer)"
+        )
+        parser.add_argument("--output", "-o", required=True, metavar="DIR")
+        parser.add_argument("--name", default="kiln", help="file name prefix and the GGUF's general.name")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.release.gguf_export import export_all
+
+        files = export_all(Path(args.model), Path(args.output), args.name)
+        for kind, path in files.items():
+            print(f"{kind:>7}  {path.stat().st_size / 2**20:8.1f} MB  {path}")
+        return 0
+
+
+class Bench(Command):
+    help = "measure GGUF files with llama.cpp: pp512, tg128, TTFT, latency, memory, bandwidth share, cost"
+    description = "Runs kiln's llama-bench-style measurement on any GGUF files and prints a Markdown table."
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("files", nargs="+", metavar="GGUF")
+        parser.add_argument(
+            "--price-per-hour", type=float, default=0.10, help="machine price for the cost per million tokens"
+        )
+        parser.add_argument("--quick", action="store_true", help="one repeat, five requests, one context size")
+        parser.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.release.gguf_bench import benchmark_file, check_gguf, markdown_table, memory_bandwidth
+
+        for path in args.files:  # every file is checked before any is measured
+            check_gguf(Path(path))
+        bandwidth = memory_bandwidth()
+        prompt = list(range(100, 612))  # token ids below every real vocabulary's size: speed only, not sense
+        results = {
+            Path(p).name: benchmark_file(Path(p), prompt, bandwidth, args.price_per_hour, quick=args.quick)
+            for p in args.files
+        }
+        print(markdown_table(results))
+        print(f"\nmachine bandwidth {bandwidth / 1e9:.1f} GB/s; {os.cpu_count()} threads", file=sys.stderr)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
+
+
+class RegistryCommand(Command):
+    """A command on kiln-<profile>, the registered model of one profile: every one takes --profile and
+    --tracking-uri, before its own arguments."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_profile(parser, help="whose registered model: kiln-<profile> (default: $KILN_PROFILE or tiny)")
+        parser.add_argument(
+            "--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or registry/)"
+        )
+
+    @staticmethod
+    def target(args: argparse.Namespace) -> tuple[str, str]:
+        """The tracking URI and the profile name whose versions the command reads or moves."""
+        from pipeline.config import load_profile
+        from pipeline.tracking import default_tracking_uri
+
+        return args.tracking_uri or default_tracking_uri(), load_profile(args.profile).name
+
+
+class Models(RegistryCommand):
+    help = "list the registered versions: created, aliases, key metrics, file sizes"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--json", action="store_true")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.release.registry import list_versions
+
+        rows = list_versions(*self.target(args))
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        first = ["version", "created", "aliases"]
+        keys = first + sorted({k for r in rows for k in r} - set(first))
+        print(" | ".join(keys))
+        for r in rows:
+            print(" | ".join(str(r.get(k, "")) for k in keys))
+        return 0
+
+
+class Promote(RegistryCommand):
+    help = "verify a version's files against their sha256 tags and make it production"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("version", nargs="?", default=None, help="version number or alias (default: the candidate)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.release.registry import promote
+
+        uri, profile = self.target(args)
+        e = promote(uri, profile, args.version)
+        print(f"kiln-{profile}: production -> version {e['to']} (was {e['from'] or 'none'}); files verified")
+        return 0
+
+
+class Rollback(RegistryCommand):
+    help = "point production back to the version that held it before the last promotion"
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.release.registry import rollback
+
+        uri, profile = self.target(args)
+        e = rollback(uri, profile)
+        print(f"kiln-{profile}: production rolled back from version {e['from']} to {e['to']}")
+        return 0
+
+
+class Pull(RegistryCommand):
+    help = "download a version's files, verified against their hashes"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("which", metavar="ALIAS_OR_VERSION")
+        parser.add_argument("--output", "-o", required=True, metavar="DIR")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.release.registry import pull
+
+        uri, profile = self.target(args)
+        out = pull(uri, profile, args.which, Path(args.output))
+        print(f"kiln-{profile} {args.which}: files verified and written to {out}")
+        return 0
+
+
+class History(RegistryCommand):
+    help = "the promotion history: who moved production, when, from which version"
+
+    def run(self, args: argparse.Namespace) -> int:
+        import time
+
+        from pipeline.release.registry import history
+
+        for e in history(*self.target(args)):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["when"]))
+            print(f"{when}  {e['action']:<8} {e['from'] or '-':>4} -> {e['to']:<4} by {e['who']}")
+        return 0

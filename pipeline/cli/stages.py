@@ -1,0 +1,147 @@
+"""`kiln clean`, `kiln tokenizer`, `kiln pretrain`: one stage alone on your own files; `kiln profiles`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.cli.command import Command, add_profile
+from pipeline.errors import KilnError
+
+
+class Clean(Command):
+    help = "clean your own files: dedup, PII masking, quality filters, train/validation split"
+    description = (
+        "Read text, code, JSONL or Parquet files (or folders of them) and write "
+        "OUTPUT/clean/{train,validation}-*.jsonl, OUTPUT/rejected/*.jsonl (each with its reason) "
+        "and OUTPUT/stats.json. Thresholds come from the profile's `clean` section."
+    )
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders to clean")
+        parser.add_argument(
+            "--output", "-o", required=True, metavar="DIR", help="folder for clean/, rejected/ and stats.json"
+        )
+        parser.add_argument(
+            "--text-field", default="text", help="field holding the text in JSONL/Parquet rows (default: text)"
+        )
+        add_profile(parser)
+        parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.config import load_profile
+        from pipeline.data.clean import clean_corpus
+        from pipeline.data.ingest import Source, build_raw_corpus
+
+        profile = load_profile(args.profile)
+        output = Path(args.output)
+        sources = [Source(path=p, text_field=args.text_field) for p in args.inputs]
+        for p in args.inputs:
+            if not Path(p).exists():
+                raise KilnError(f"{p}: no such file or folder")
+        raw = output / "raw.jsonl"
+        # Every document of every input: no byte budget and no code/prose mix for a user's own files.
+        ingest = build_raw_corpus(sources, raw, max_bytes=None, code_share=None, progress=not args.quiet)
+        stats = clean_corpus([raw], output, profile.clean, progress=not args.quiet)
+        raw.unlink()
+        summary = {"ingested": ingest.documents, **stats.to_dict()}
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        print(f"clean documents in {output / 'clean'}, rejected in {output / 'rejected'}", file=sys.stderr)
+        return 0
+
+
+class Profiles(Command):
+    help = "list the profiles with their exact parameter counts (--json: every setting)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", nargs="?", help="a profile name or YAML file")
+        parser.add_argument("--json", action="store_true", help="print every setting of each profile as JSON")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.config import PROFILE_NAMES, load_profile
+        from pipeline.train.pretrain import count_parameters
+
+        names = [args.name] if args.name else PROFILE_NAMES
+        for name in names:
+            profile = load_profile(name)
+            n = count_parameters(profile.model, profile.tokenizer.vocab_size)
+            if args.json:
+                print(json.dumps({**profile.to_dict(), "parameters": n}, indent=2, default=str))
+                continue
+            m, t = profile.model, profile.pretrain
+            print(
+                f"{profile.name:>6}: {n:>12,} parameters  (hidden {m.hidden_size}, mlp {m.intermediate_size}, "
+                f"{m.num_layers} layers, {m.num_heads}/{m.num_kv_heads} heads, "
+                f"vocab {profile.tokenizer.vocab_size}); "
+                f"{t.steps} steps of {t.micro_batch * t.grad_accum}x{t.seq_len} tokens"
+            )
+        return 0
+
+
+def clean_folder(path: str) -> Path:
+    """A `kiln clean` output folder or its clean/ folder: where train-*.jsonl and validation-*.jsonl are."""
+    folder = Path(path)
+    if (folder / "clean").is_dir():
+        folder = folder / "clean"
+    if not any(folder.glob("train-*.jsonl")):
+        raise KilnError(f"{path}: no train-*.jsonl here (give a `kiln clean` output folder)")
+    return folder
+
+
+class Tokenizer(Command):
+    help = "train the 32k byte-level BPE on a cleaned corpus"
+    description = (
+        "Train the tokenizer on CLEAN/train-*.jsonl and measure it on CLEAN/validation-*.jsonl; "
+        "writes OUTPUT/tokenizer/ (a transformers tokenizer folder) and OUTPUT/stats.json."
+    )
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--clean", required=True, metavar="DIR", help="a `kiln clean` output folder")
+        parser.add_argument("--output", "-o", required=True, metavar="DIR")
+        add_profile(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.config import load_profile
+        from pipeline.train.base_model import build_tokenizer
+
+        clean = clean_folder(args.clean)
+        stats = build_tokenizer(clean, Path(args.output), load_profile(args.profile))
+        print(json.dumps(stats, indent=2, ensure_ascii=False))
+        return 0
+
+
+class Pretrain(Command):
+    help = "pretrain the base model from scratch (resumes an interrupted run)"
+    description = (
+        "Tokenize the cleaned corpus, then pretrain the profile's Llama model; writes "
+        "OUTPUT/model/ (save_pretrained with safetensors and the tokenizer), OUTPUT/checkpoints/, "
+        "OUTPUT/metrics.json and OUTPUT/summary.json. Run it again after an interruption to resume. "
+        "On several GPUs, launch it with `torchrun --nproc-per-node N -m pipeline.cli pretrain ...`."
+    )
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--clean", required=True, metavar="DIR", help="a `kiln clean` output folder")
+        parser.add_argument(
+            "--tokenizer", required=True, metavar="DIR", help="a tokenizer folder (kiln tokenizer's OUTPUT/tokenizer)"
+        )
+        parser.add_argument("--output", "-o", required=True, metavar="DIR")
+        add_profile(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.config import load_profile
+        from pipeline.train.base_model import build_base_model
+
+        clean = clean_folder(args.clean)
+        output = Path(args.output)
+        result, baseline = build_base_model(clean, Path(args.tokenizer), output, load_profile(args.profile))
+        print(
+            json.dumps(
+                {"parameters": result.parameters, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+                 "unigram_bpb": baseline, "tokens_per_s": result.tokens_per_s, "resumed_from": result.resumed_from},
+                indent=2,
+            )
+        )  # fmt: skip
+        print(f"model in {output / 'model'}", file=sys.stderr)
+        return 0
