@@ -164,7 +164,7 @@ def _resolve(c, name: str, alias_or_version: str) -> str:
         raise KilnError(f"{name} has no version with alias {alias_or_version!r}") from None
 
 
-def _record(c, name: str, event: dict) -> None:
+def _append_history(c, name: str, event: dict) -> None:
     index = sum(1 for k in c.get_registered_model(name).tags if k.startswith(HISTORY))
     c.set_registered_model_tag(name, f"{HISTORY}{index:04d}", json.dumps(event))
 
@@ -186,7 +186,7 @@ def promote(uri: str, profile: str, version: str | None = None) -> dict:
             previous = _current(c, name)
             c.set_registered_model_alias(name, PRODUCTION, target)
             event = {"action": "promote", "to": target, "from": previous, "who": _who(), "when": time.time()}
-            _record(c, name, event)
+            _append_history(c, name, event)
             return event
 
     return _call(uri, "promote", do)
@@ -218,7 +218,7 @@ def rollback(uri: str, profile: str) -> dict:
             previous, target = stack[-1], stack[-2]
             c.set_registered_model_alias(name, PRODUCTION, target)
             event = {"action": "rollback", "to": target, "from": previous, "who": _who(), "when": time.time()}
-            _record(c, name, event)
+            _append_history(c, name, event)
             return event
 
     return _call(uri, "rollback", do)
