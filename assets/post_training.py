@@ -9,7 +9,8 @@ from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
 from pipeline.data.post_data import build_post_data
 from pipeline.train.dpo import train_dpo
-from pipeline.train.sft import TuneResult, sft_task_loss, train_sft
+from pipeline.train.lora import TuneResult
+from pipeline.train.sft import sft_task_loss, train_sft
 from resources import KilnSettings, MLflowTracking
 
 
@@ -81,7 +82,7 @@ def sft_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflow
             "path": MetadataValue.path(str(out / "model")),
             "base_eval_loss": result.eval_loss_before,
             "sft_eval_loss": result.eval_loss_after,
-            "quantized_layers": result.extra["quantized_modules"],
+            "quantized_layers": result.quantized_modules,
             **_tune_metadata(result, curve),
         }
         _record_tune(log, result, metadata, settings, curve, out)
@@ -97,16 +98,15 @@ def dpo_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflow
     with mlflow.stage(context.run_id, profile.name, "dpo_model") as log:
         result = train_dpo(kiln.stage_dir("sft_model") / "model", kiln.stage_dir("dpo_data"), out, settings)
         sft_task = sft_task_loss(out / "model", kiln.stage_dir("sft_data"))
-        x = result.extra
-        context.log.info(f"dpo: held-out margin {x['margin_before']:.3f} -> {x['margin_after']:.3f}")
+        context.log.info(f"dpo: held-out margin {result.margin_before:.3f} -> {result.margin_after:.3f}")
         curve = _curve(result, "dpo_model")
         metadata = {
             "path": MetadataValue.path(str(out / "model")),
             "eval_dpo_loss": result.eval_loss_after,
-            "reward_margin_before": x["margin_before"],
-            "reward_margin_after": x["margin_after"],
-            "preference_accuracy_before": x["accuracy_before"],
-            "preference_accuracy_after": x["accuracy_after"],
+            "reward_margin_before": result.margin_before,
+            "reward_margin_after": result.margin_after,
+            "preference_accuracy_before": result.accuracy_before,
+            "preference_accuracy_after": result.accuracy_after,
             "sft_task_eval_loss": sft_task,
             **_tune_metadata(result, curve),
         }
