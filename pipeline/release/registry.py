@@ -258,3 +258,19 @@ def quality_gate(uri: str, profile: str, parity: bool, report: dict, settings) -
         quantized=report.get("quantized"),
     )  # fmt: skip
     return passed, "; ".join(lines)
+
+
+def version_tags(dagster_run_id: str, gate: str, bundle: dict, report: dict) -> dict[str, str]:
+    """A new version's tags: its pipeline run, the gate's verdict, the bundle's key metrics and file
+    sizes (`build_bundle`), and the eval figures of the shipped model and its quantized GGUF
+    (`eval.*`, what the next version's gate compares against)."""
+    from pipeline.eval.evaluation import flat_metrics
+
+    evals = flat_metrics(report, [SHIPPED, report["quantized"]] if report["quantized"] else [SHIPPED])
+    return {
+        "dagster_run_id": dagster_run_id,
+        "gate": gate,
+        **{f"metric.{k}": f"{v:.6g}" for k, v in bundle["metrics"].items() if isinstance(v, int | float)},
+        **{f"{EVAL_TAG}{k}": f"{v:.6g}" for k, v in evals.items()},
+        **{f"size.{k}": str(v) for k, v in bundle["sizes"].items()},
+    }
