@@ -4,7 +4,7 @@ import itertools
 
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
 
-from assets.metadata import md_image, md_table, record
+from assets.metadata import log_to_mlflow, md_image, md_table
 from pipeline.charts import bar_chart
 from pipeline.data.clean import clean_corpus as run_clean
 from pipeline.data.clean import load_stats, read_split
@@ -19,9 +19,8 @@ PII_SAMPLE_DOCS = 2000
 def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """Every source of the profile in one normalized JSONL (id, text, source, lang), code and
     prose mixed by the profile's byte ratio."""
-    profile = kiln.load()
-    corpus = profile.corpus
-    path = kiln.stage_dir("raw_corpus") / "raw.jsonl"
+    profile, layout = kiln.load_with_layout()
+    corpus, path = profile.corpus, layout.raw_corpus
     stats = build_raw_corpus(
         corpus.sources, path, corpus.max_bytes, corpus.code_share, corpus.max_doc_chars, corpus.seed
     )
@@ -34,8 +33,8 @@ def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
         "by_source": md_table(stats.by_source, "source", "documents"),
         "unreadable_rows": md_table(stats.errors, "problem", "rows"),
     }
-    with mlflow.stage(context.run_id, profile.name, "raw_corpus") as log:
-        record(log, metadata, params=corpus)
+    with mlflow.stage(context.run.run_id, profile.name, "raw_corpus") as log:
+        log_to_mlflow(log, metadata, params=corpus)
     return MaterializeResult(metadata=metadata)
 
 
@@ -43,12 +42,12 @@ def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
 def clean_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """Quality filters, exact and MinHash near-duplicate removal, PII masking and a deterministic
     train/validation split (datatrove). Rejected documents are kept in rejected/ with a reason."""
-    profile, out = kiln.load(), kiln.stage_dir("clean_corpus")
-    stats = run_clean([kiln.stage_dir("raw_corpus") / "raw.jsonl"], out, profile.clean)
+    profile, layout = kiln.load_with_layout()
+    stats = run_clean([layout.raw_corpus], layout.clean_dir, profile.clean)
     context.log.info(f"clean_corpus: kept {stats.kept_documents} of {stats.input_documents}; dropped {stats.dropped}")
     chart = bar_chart(stats.dropped, "Documents dropped, by reason")
     metadata = {
-        "path": MetadataValue.path(str(out / "clean")),
+        "path": MetadataValue.path(str(layout.clean_splits)),
         "input_documents": stats.input_documents,
         "kept_documents": stats.kept_documents,
         "kept_bytes": stats.kept_bytes,
@@ -58,14 +57,14 @@ def clean_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLf
         "pii_masked": md_table(stats.pii, "kind", "masks"),
         "dropped_chart": md_image(chart, "dropped by reason"),
     }
-    with mlflow.stage(context.run_id, profile.name, "clean_corpus") as log:
-        record(log, metadata, params=profile.clean, files=[out / "stats.json"], images={"dropped.png": chart})
+    with mlflow.stage(context.run.run_id, profile.name, "clean_corpus") as log:
+        log_to_mlflow(log, metadata, params=profile.clean, files=[layout.clean_stats], images={"dropped.png": chart})
     return MaterializeResult(metadata=metadata)
 
 
 @asset_check(asset=clean_corpus, blocking=True, description="The clean corpus has training and validation documents.")
 def clean_corpus_not_empty(kiln: KilnSettings) -> AssetCheckResult:
-    splits = load_stats(kiln.stage_dir("clean_corpus"))["splits"]
+    splits = load_stats(kiln.layout.clean_dir)["splits"]
     return AssetCheckResult(passed=splits["train"] > 0 and splits["validation"] > 0, metadata=splits)
 
 
@@ -73,7 +72,7 @@ def clean_corpus_not_empty(kiln: KilnSettings) -> AssetCheckResult:
     asset=clean_corpus, blocking=True, description="No personal data is found in a sample of the clean corpus."
 )
 def clean_corpus_pii_free(kiln: KilnSettings) -> AssetCheckResult:
-    clean = kiln.stage_dir("clean_corpus") / "clean"
+    clean = kiln.layout.clean_splits
     docs = itertools.islice(
         itertools.chain(read_split(clean, "train"), read_split(clean, "validation")), PII_SAMPLE_DOCS
     )

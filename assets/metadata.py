@@ -1,4 +1,5 @@
-"""Shapes for materialization metadata: Markdown tables and inline pictures."""
+"""Shapes for materialization metadata (Markdown tables, inline pictures), and the same figures
+logged to MLflow."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def md_image(png: bytes, alt: str) -> MetadataValue:
     return MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def record(log, metadata: dict, params=None, files=(), images=None, history=None, history_keys=()) -> None:
+def log_to_mlflow(log, metadata: dict, params=None, files=(), images=None, history=None, history_keys=()) -> None:
     """Log a stage into MLflow: numeric metadata as metrics, its settings as parameters, files and
     pictures as artifacts, per-step rows as metric curves."""
     import dataclasses

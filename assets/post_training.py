@@ -3,20 +3,21 @@
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from assets.corpus import clean_corpus
-from assets.metadata import md_image, md_table, record
+from assets.metadata import log_to_mlflow, md_image, md_table
 from assets.training import base_model
 from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
 from pipeline.data.post_data import build_post_data
 from pipeline.train.dpo import train_dpo
-from pipeline.train.sft import TuneResult, sft_task_loss, train_sft
+from pipeline.train.lora import TuneResult
+from pipeline.train.sft import sft_task_loss, train_sft
 from resources import KilnSettings, MLflowTracking
 
 
 def _data_asset(kind: str, kiln: KilnSettings) -> MaterializeResult:
-    s = getattr(kiln.load(), kind)
-    out = kiln.stage_dir(f"{kind}_data")
-    train_split = read_split(kiln.stage_dir("clean_corpus") / "clean", "train")  # never the validation split
+    profile, layout = kiln.load_with_layout()
+    s, out = getattr(profile, kind), layout.post_data(kind)
+    train_split = read_split(layout.clean_splits, "train")  # never the validation split
     stats = build_post_data(kind, train_split, s.files, out, s.max_pairs, s.eval_share, s.seed)
     return MaterializeResult(
         metadata={
@@ -56,9 +57,9 @@ def _tune_metadata(result: TuneResult, curve: bytes) -> dict:
     }
 
 
-def _record_tune(log, result: TuneResult, metadata: dict, settings, curve: bytes, out) -> None:
-    record(
-        log, metadata, params=settings, files=[out / "adapter"], images={"loss_curve.png": curve},
+def _log_tune(log, result: TuneResult, metadata: dict, settings, curve: bytes, adapter_dir) -> None:
+    log_to_mlflow(
+        log, metadata, params=settings, files=[adapter_dir], images={"loss_curve.png": curve},
         history=result.history, history_keys=("loss", "grad_norm", "learning_rate", "rewards/margins"),
     )  # fmt: skip
 
@@ -71,20 +72,20 @@ def _curve(result: TuneResult, title: str) -> bytes:
 def sft_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """QLoRA SFT: the base model in 4-bit NF4, LoRA on every projection, completion-only loss (TRL
     SFTTrainer); the adapter merged into full-precision base weights."""
-    profile, out = kiln.load(), kiln.stage_dir("sft_model")
+    profile, layout = kiln.load_with_layout()
     settings = profile.sft
-    with mlflow.stage(context.run_id, profile.name, "sft_model") as log:
-        result = train_sft(kiln.stage_dir("base_model") / "model", kiln.stage_dir("sft_data"), out, settings)
+    with mlflow.stage(context.run.run_id, profile.name, "sft_model") as log:
+        result = train_sft(layout.model_dir("base"), layout.post_data("sft"), layout.stage_of("sft"), settings)
         context.log.info(f"sft: held-out completion loss {result.eval_loss_before:.3f} -> {result.eval_loss_after:.3f}")
         curve = _curve(result, "sft_model")
         metadata = {
-            "path": MetadataValue.path(str(out / "model")),
+            "path": MetadataValue.path(str(layout.model_dir("sft"))),
             "base_eval_loss": result.eval_loss_before,
             "sft_eval_loss": result.eval_loss_after,
-            "quantized_layers": result.extra["quantized_modules"],
+            "quantized_layers": result.quantized_modules,
             **_tune_metadata(result, curve),
         }
-        _record_tune(log, result, metadata, settings, curve, out)
+        _log_tune(log, result, metadata, settings, curve, layout.adapter_dir("sft"))
     return MaterializeResult(metadata=metadata)
 
 
@@ -92,23 +93,22 @@ def sft_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflow
 def dpo_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """DPO (TRL DPOTrainer) from the SFT checkpoint with LoRA, the adapter-disabled model as the
     frozen reference; the adapter merged into full-precision weights."""
-    profile, out = kiln.load(), kiln.stage_dir("dpo_model")
+    profile, layout = kiln.load_with_layout()
     settings = profile.dpo
-    with mlflow.stage(context.run_id, profile.name, "dpo_model") as log:
-        result = train_dpo(kiln.stage_dir("sft_model") / "model", kiln.stage_dir("dpo_data"), out, settings)
-        sft_task = sft_task_loss(out / "model", kiln.stage_dir("sft_data"))
-        x = result.extra
-        context.log.info(f"dpo: held-out margin {x['margin_before']:.3f} -> {x['margin_after']:.3f}")
+    with mlflow.stage(context.run.run_id, profile.name, "dpo_model") as log:
+        result = train_dpo(layout.model_dir("sft"), layout.post_data("dpo"), layout.stage_of("dpo"), settings)
+        sft_task = sft_task_loss(layout.model_dir("dpo"), layout.post_data("sft"))
+        context.log.info(f"dpo: held-out margin {result.margin_before:.3f} -> {result.margin_after:.3f}")
         curve = _curve(result, "dpo_model")
         metadata = {
-            "path": MetadataValue.path(str(out / "model")),
+            "path": MetadataValue.path(str(layout.model_dir("dpo"))),
             "eval_dpo_loss": result.eval_loss_after,
-            "reward_margin_before": x["margin_before"],
-            "reward_margin_after": x["margin_after"],
-            "preference_accuracy_before": x["accuracy_before"],
-            "preference_accuracy_after": x["accuracy_after"],
+            "reward_margin_before": result.margin_before,
+            "reward_margin_after": result.margin_after,
+            "preference_accuracy_before": result.accuracy_before,
+            "preference_accuracy_after": result.accuracy_after,
             "sft_task_eval_loss": sft_task,
             **_tune_metadata(result, curve),
         }
-        _record_tune(log, result, metadata, settings, curve, out)
+        _log_tune(log, result, metadata, settings, curve, layout.adapter_dir("dpo"))
     return MaterializeResult(metadata=metadata)

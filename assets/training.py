@@ -5,8 +5,9 @@ import json
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
 
 from assets.corpus import clean_corpus
-from assets.metadata import md_image, record
+from assets.metadata import log_to_mlflow, md_image
 from pipeline.charts import loss_curve
+from pipeline.io import read_json
 from pipeline.train.base_model import build_base_model, build_tokenizer
 from resources import KilnSettings, MLflowTracking
 
@@ -17,25 +18,25 @@ PARAMETER_LIMIT = 300_000_000
 def tokenizer(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A 32,000-token byte-level BPE (GPT-2 pre-tokenization) with bos/eos/pad, chat-role and
     fill-in-the-middle tokens and a chat template, trained on the clean train split."""
-    profile, out = kiln.load(), kiln.stage_dir("tokenizer")
-    stats = build_tokenizer(kiln.stage_dir("clean_corpus") / "clean", out, profile)
+    profile, layout = kiln.load_with_layout()
+    stats = build_tokenizer(layout.clean_splits, layout.tokenizer_dir, profile)
     context.log.info(f"tokenizer: {stats['vocab_size']} tokens, bytes/token {stats['bytes_per_token']}")
     bpt = stats["bytes_per_token"]
     metadata = {
-        "path": MetadataValue.path(str(out / "tokenizer")),
+        "path": MetadataValue.path(str(layout.tokenizer)),
         "vocab_size": stats["vocab_size"],
         "bytes_per_token_validation": bpt["validation"],
         "bytes_per_token_code": bpt["code"] or float("nan"),
         "bytes_per_token_prose": bpt["prose"] or float("nan"),
     }
-    with mlflow.stage(context.run_id, profile.name, "tokenizer") as log:
-        record(log, metadata, params=profile.tokenizer, files=[out / "tokenizer", out / "stats.json"])
+    with mlflow.stage(context.run.run_id, profile.name, "tokenizer") as log:
+        log_to_mlflow(log, metadata, params=profile.tokenizer, files=[layout.tokenizer, layout.tokenizer_stats])
     return MaterializeResult(metadata=metadata)
 
 
 @asset_check(asset=tokenizer, blocking=True, description="Held-out text (code, English, Korean, emoji) round-trips.")
 def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
-    stats = json.loads((kiln.stage_dir("tokenizer") / "stats.json").read_text())
+    stats = read_json(kiln.layout.tokenizer_stats)
     failures = stats["round_trip_failures"]
     return AssetCheckResult(
         passed=not failures, metadata={"texts": stats["round_trip_texts"], "failures": MetadataValue.json(failures)}
@@ -46,20 +47,19 @@ def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
 def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A Llama-architecture model (RMSNorm, RoPE, SwiGLU, GQA) pretrained from scratch on the
     packed train split; resumes from its last checkpoint if a run was interrupted."""
-    profile, out = kiln.load(), kiln.stage_dir("base_model")
+    profile, layout = kiln.load_with_layout()
 
     def log_step(row: dict) -> None:
         if "val_loss" in row or row["step"] % 10 == 0:
             context.log.info(json.dumps(row))
 
-    with mlflow.stage(context.run_id, profile.name, "base_model") as log:  # system metrics while training
+    with mlflow.stage(context.run.run_id, profile.name, "base_model") as log:  # system metrics while training
         result, baseline = build_base_model(
-            kiln.stage_dir("clean_corpus") / "clean", kiln.stage_dir("tokenizer") / "tokenizer", out, profile,
-            on_step=log_step,
-        )  # fmt: skip
+            layout.clean_splits, layout.tokenizer, layout.stage_of("base"), profile, on_step=log_step
+        )
         curve = loss_curve(result.history, result.evals, f"base_model ({profile.name})")
         metadata = {
-            "path": MetadataValue.path(str(out / "model")),
+            "path": MetadataValue.path(str(layout.model_dir("base"))),
             "parameters": result.parameters,
             "steps": result.steps,
             "tokens_seen": result.tokens_seen,
@@ -71,9 +71,9 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
             "resumed_from_step": result.resumed_from,
             "loss_curve": md_image(curve, "loss"),
         }
-        record(
+        log_to_mlflow(
             log, metadata, params={"model": profile.model.__dict__, "pretrain": profile.pretrain.__dict__},
-            files=[out / "summary.json", out / "metrics.json"], images={"loss_curve.png": curve},
+            files=[layout.base_summary, layout.base_metrics], images={"loss_curve.png": curve},
             history=result.history + result.evals, history_keys=("loss", "lr", "grad_norm", "val_loss", "val_bpb"),
         )  # fmt: skip
     return MaterializeResult(metadata=metadata)
@@ -81,7 +81,7 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
 
 @asset_check(asset=base_model, blocking=True, description="Validation bits per byte beat a unigram model's.")
 def base_model_beats_unigram(kiln: KilnSettings) -> AssetCheckResult:
-    s = json.loads((kiln.stage_dir("base_model") / "summary.json").read_text())
+    s = read_json(kiln.layout.base_summary)
     return AssetCheckResult(
         passed=s["val_bpb"] < s["unigram_bpb"], metadata={"val_bpb": s["val_bpb"], "unigram_bpb": s["unigram_bpb"]}
     )
@@ -89,5 +89,5 @@ def base_model_beats_unigram(kiln: KilnSettings) -> AssetCheckResult:
 
 @asset_check(asset=base_model, blocking=True, description="The model has at most 300M parameters.")
 def base_model_parameter_budget(kiln: KilnSettings) -> AssetCheckResult:
-    n = json.loads((kiln.stage_dir("base_model") / "summary.json").read_text())["parameters"]
+    n = read_json(kiln.layout.base_summary)["parameters"]
     return AssetCheckResult(passed=n <= PARAMETER_LIMIT, metadata={"parameters": n, "limit": PARAMETER_LIMIT})

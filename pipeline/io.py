@@ -1,4 +1,4 @@
-"""Small file helpers shared by the stages: atomic writes and JSONL reading."""
+"""Small file helpers shared by the stages: atomic writes, JSON and JSONL reading."""
 
 from __future__ import annotations
 
@@ -53,3 +53,7 @@ def write_jsonl(path: Path, rows) -> None:
 def write_json(path: Path, obj) -> None:
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))

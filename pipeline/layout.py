@@ -6,8 +6,8 @@
         tokenizer/{tokenizer/,stats.json}
         base_model/{model/,tokens/,checkpoints/,summary.json,metrics.json}
         sft_data/, dpo_data/                 train.jsonl, eval.jsonl, rejected.jsonl, stats.json
-        sft_model/, dpo_model/               {adapter/,model/,metrics.json}
-        gguf_model/kiln-<profile>-<quant>.gguf, files.json
+        sft_model/, dpo_model/               {adapter/,model/,trainer/}
+        gguf_model/{kiln-<profile>-<quant>.gguf,files.json}
         gguf_benchmark/benchmark.json
         eval_report/{report.json,report.md,humaneval/,lm_eval_tasks/}
         registered_model/bundle/
@@ -68,6 +68,11 @@ class Layout:
         """The train and validation JSONL shards."""
         return self.clean_dir / "clean"
 
+    @property
+    def clean_stats(self) -> Path:
+        """Documents in, kept, dropped by reason, PII masked, per split."""
+        return self.clean_dir / "stats.json"
+
     # training
     @property
     def tokenizer_dir(self) -> Path:
@@ -78,6 +83,11 @@ class Layout:
         """The transformers tokenizer folder (AutoTokenizer.from_pretrained)."""
         return self.tokenizer_dir / "tokenizer"
 
+    @property
+    def tokenizer_stats(self) -> Path:
+        """Vocabulary size, bytes per token, round-trip failures."""
+        return self.tokenizer_dir / "stats.json"
+
     def stage_of(self, kind: str) -> Path:
         """base_model, sft_model or dpo_model's folder, by kind: base, sft, dpo."""
         return self.stage(f"{kind}_model")
@@ -85,6 +95,20 @@ class Layout:
     def model_dir(self, kind: str) -> Path:
         """The saved HF checkpoint of base, sft or dpo (AutoModelForCausalLM.from_pretrained)."""
         return self.stage_of(kind) / "model"
+
+    def adapter_dir(self, kind: str) -> Path:
+        """The LoRA adapter of sft or dpo, before it was merged."""
+        return self.stage_of(kind) / "adapter"
+
+    @property
+    def base_summary(self) -> Path:
+        """Parameters, validation loss and bits per byte, the unigram baseline, tokens/s."""
+        return self.stage_of("base") / "summary.json"
+
+    @property
+    def base_metrics(self) -> Path:
+        """Pretraining's per-step history and evaluations."""
+        return self.stage_of("base") / "metrics.json"
 
     def post_data(self, kind: str) -> Path:
         """sft_data or dpo_data."""
@@ -103,6 +127,11 @@ class Layout:
         return self.gguf_dir / f"{self.gguf_name}-{quant}.gguf"
 
     @property
+    def gguf_files(self) -> Path:
+        """files.json: quant -> path of each GGUF file gguf_model wrote."""
+        return self.gguf_dir / "files.json"
+
+    @property
     def benchmark_dir(self) -> Path:
         return self.stage("gguf_benchmark")
 
@@ -117,6 +146,21 @@ class Layout:
     @property
     def eval_report(self) -> Path:
         return self.eval_dir / "report.json"
+
+    @property
+    def eval_markdown(self) -> Path:
+        """report.json's table as Markdown (the model card includes it)."""
+        return self.eval_dir / "report.md"
+
+    @property
+    def humaneval_samples(self) -> Path:
+        """Each model's HumanEval completions and their results."""
+        return self.eval_dir / "humaneval"
+
+    @property
+    def lm_eval_tasks(self) -> Path:
+        """kiln's lm-eval task files, written from held-out code."""
+        return self.eval_dir / "lm_eval_tasks"
 
     @property
     def bundle_dir(self) -> Path:

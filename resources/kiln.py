@@ -23,8 +23,9 @@ class KilnSettings(ConfigurableResource):
     @property
     def layout(self) -> Layout:
         """Every artifact path of this profile under work_dir."""
-        return Layout(Path(self.work_dir), self.load().name)
+        return self.load_with_layout()[1]
 
-    def stage_dir(self, stage: str) -> Path:
-        """data/work/<profile>/<stage>: one folder per asset, per profile."""
-        return self.layout.stage(stage)
+    def load_with_layout(self) -> tuple[Profile, Layout]:
+        """The profile and its artifact paths, the profile read once."""
+        profile = self.load()
+        return profile, Layout(Path(self.work_dir), profile.name)

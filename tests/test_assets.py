@@ -1,39 +1,72 @@
-"""The corpus assets under Dagster: materialize raw_corpus -> clean_corpus into tmp_path."""
+"""The assets under Dagster, materialized into a temporary folder on test-sized profiles.
+
+The corpus assets run alone first. The rest share one run of every asset and check (the module
+fixture `e2e`, about a minute and a half) and each test reads one side of its result.
+"""
 
 import json
 import random
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import yaml
-from dagster import DagsterInstance, Definitions, materialize
+from dagster import (
+    AssetsDefinition,
+    DagsterInstance,
+    Definitions,
+    ExecuteInProcessResult,
+    load_asset_checks_from_modules,
+    load_assets_from_modules,
+    materialize,
+)
 
+from assets import corpus, evaluation, post_training, release, training
 from assets.corpus import clean_corpus, clean_corpus_not_empty, clean_corpus_pii_free, raw_corpus
+from pipeline.layout import QUANTS, Layout
+from pipeline.release import registry
+from pipeline.tracking import client
 from resources import KilnSettings, MLflowTracking
+
+pytestmark = pytest.mark.slow
+
+WORDS = "model token stage corpus river table window engine signal garden market letter".split()
+STAGE_MODULES = [corpus, training, post_training, evaluation, release]
+ASSETS = {
+    "raw_corpus", "clean_corpus", "tokenizer", "base_model", "sft_data", "dpo_data", "sft_model", "dpo_model",
+    "gguf_model", "gguf_benchmark", "eval_report", "registered_model",
+}  # fmt: skip
+
+
+def write_profile(path: Path, profile: dict) -> Path:
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+def materialized(result: ExecuteInProcessResult) -> set[str]:
+    return {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
 
 
 def test_materialize_raw_to_clean(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     rng = random.Random(0)
-    words = "model token stage corpus river table window engine signal garden market letter".split()
 
     def phrase(n):  # distinct documents: random word order defeats the near-duplicate filter
-        return " ".join(rng.choice(words) + str(rng.randrange(50)) for _ in range(n))
+        return " ".join(rng.choice(WORDS) + str(rng.randrange(50)) for _ in range(n))
 
     for i in range(30):
-        body = "\n".join(f"    {w} = '{phrase(4)}'" for w in words)
+        body = "\n".join(f"    {w} = '{phrase(4)}'" for w in WORDS)
         (src / f"mod{i}.py").write_text(f'"""{phrase(6)}."""\n\n\ndef f{i}():\n{body}\n    return locals()\n')
     notes = [f"{phrase(80)}. Reach the owner at owner{i}@example.com today." for i in range(30)]
     (src / "notes.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in notes))
-    profile = tmp_path / "test.yaml"
-    profile.write_text(
-        yaml.safe_dump(
-            {
-                "base": "tiny",
-                "corpus": {"sources": [{"path": str(src)}], "max_bytes": None, "code_share": None},
-                "clean": {"validation_share": 0.2},
-            }
-        )
+    profile = write_profile(
+        tmp_path / "test.yaml",
+        {
+            "base": "tiny",
+            "corpus": {"sources": [{"path": str(src)}], "max_bytes": None, "code_share": None},
+            "clean": {"validation_share": 0.2},
+        },
     )
     kiln = KilnSettings(profile=str(profile), work_dir=str(tmp_path / "work"))
     mlflow = MLflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", system_metrics=False)
@@ -56,120 +89,156 @@ def test_materialize_raw_to_clean(tmp_path):
     assert stats["input_documents"] == stats["kept_documents"] + sum(stats["dropped"].values())
 
 
-def test_materialize_the_whole_pipeline_on_a_test_profile(tmp_path):
-    """Every asset and check, sources to gguf_benchmark, on a test-sized profile."""
-    from dagster import load_assets_from_modules
+# Every stage at the smallest size that still trains, evaluates and exports something.
+E2E_PROFILE = {
+    "base": "tiny",
+    "clean": {"validation_share": 0.15, "short_doc_keep": 1.0},
+    "tokenizer": {"vocab_size": 400, "min_frequency": 1},
+    "model": {"hidden_size": 256, "intermediate_size": 256, "num_layers": 1, "max_position": 512},
+    "pretrain": {"seq_len": 64, "micro_batch": 4, "steps": 30, "warmup_steps": 2, "eval_every": 30},
+    "sft": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
+    "dpo": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
+    "gguf": {"eval_tokens": 512, "window": 128, "quick": True},
+    "eval": {
+        "bpb_max_bytes": 20_000, "lm_eval_limit": 8, "lm_eval_tasks": [], "batch_size": 4,
+        "humaneval_problems": 2, "max_new_tokens": 16,
+    },
+}  # fmt: skip
 
-    import definitions
-    from assets import corpus, evaluation, post_training, release, training
 
-    src = tmp_path / "src"
+def write_e2e_sources(src: Path) -> None:
+    """60 small Python functions with docstrings (for SFT and DPO pairs and the code tasks) and
+    60 prose files."""
     src.mkdir()
     rng = random.Random(1)
-    words = "model token stage corpus river table window engine signal garden market letter".split()
     for i in range(60):
         lines = "\n".join(f"    v{j} = v{j - 1} * {rng.randrange(2, 9)} + {rng.randrange(99)}" for j in range(1, 6))
-        doc = " ".join(rng.choice(words) for _ in range(8))
+        doc = " ".join(rng.choice(WORDS) for _ in range(8))
         (src / f"m{i}.py").write_text(f'def f{i}(v0):\n    """{doc}."""\n{lines}\n    return v5\n')
-        (src / f"n{i}.txt").write_text(" ".join(rng.choice(words) + str(rng.randrange(9)) for _ in range(90)) + ".")
-    profile = tmp_path / "e2e.yaml"
-    profile.write_text(
-        yaml.safe_dump(
-            {
-                "base": "tiny",
-                "corpus": {"sources": [{"path": str(src)}], "max_bytes": None},
-                "clean": {"validation_share": 0.15, "short_doc_keep": 1.0},
-                "tokenizer": {"vocab_size": 400, "min_frequency": 1},
-                "model": {"hidden_size": 256, "intermediate_size": 256, "num_layers": 1, "max_position": 512},
-                "pretrain": {"seq_len": 64, "micro_batch": 4, "steps": 30, "warmup_steps": 2, "eval_every": 30},
-                "sft": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
-                "dpo": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
-                "gguf": {"eval_tokens": 512, "window": 128, "quick": True},
-                "eval": {
-                    "bpb_max_bytes": 20_000,
-                    "lm_eval_limit": 8,
-                    "lm_eval_tasks": [],
-                    "batch_size": 4,
-                    "humaneval_problems": 2,
-                    "max_new_tokens": 16,
-                },  # fmt: skip
-            }
-        )
-    )
-    kiln = KilnSettings(profile=str(profile), work_dir=str(tmp_path / "work"))
-    modules = [corpus, training, post_training, evaluation, release]
-    assets = load_assets_from_modules(modules)
-    checks = list(definitions.load_asset_checks_from_modules(modules))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    instance = DagsterInstance.ephemeral()
-    resources = {"kiln": kiln, "mlflow": MLflowTracking(tracking_uri=uri, system_metrics=False)}
-    result = materialize([*assets, *checks], resources=resources, instance=instance)
-    assert result.success
-    done = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
-    assert done == {
-        "raw_corpus",
-        "clean_corpus",
-        "tokenizer",
-        "base_model",
-        "sft_data",
-        "dpo_data",
-        "sft_model",
-        "dpo_model",
-        "gguf_model",
-        "gguf_benchmark",
-        "eval_report",
-        "registered_model",
-    }
-    checks_passed = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert all(checks_passed.values()) and len(checks_passed) == 7
-    assert (tmp_path / "work" / "e2e" / "gguf_model" / "kiln-e2e-Q4_K_M.gguf").exists()
-    # one MLflow run holds every stage's figures; the version is registered as the candidate
-    from pipeline.release import registry
-    from pipeline.tracking import client
+        (src / f"n{i}.txt").write_text(" ".join(rng.choice(WORDS) + str(rng.randrange(9)) for _ in range(90)) + ".")
 
-    runs = client(uri).search_runs([client(uri).get_experiment_by_name("kiln-e2e").experiment_id])
+
+@dataclass
+class PipelineRun:
+    """One materialization of every asset and check, and where it wrote."""
+
+    result: ExecuteInProcessResult
+    work_dir: Path
+    layout: Layout
+    tracking_uri: str
+    instance: DagsterInstance
+    assets: list[AssetsDefinition]
+    resources: dict
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory) -> PipelineRun:
+    root = tmp_path_factory.mktemp("e2e")
+    write_e2e_sources(root / "src")
+    profile = write_profile(
+        root / "e2e.yaml", {**E2E_PROFILE, "corpus": {"sources": [{"path": str(root / "src")}], "max_bytes": None}}
+    )
+    kiln = KilnSettings(profile=str(profile), work_dir=str(root / "work"))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    resources = {"kiln": kiln, "mlflow": MLflowTracking(tracking_uri=uri, system_metrics=False)}
+    assets = list(load_assets_from_modules(STAGE_MODULES))
+    checks = list(load_asset_checks_from_modules(STAGE_MODULES))
+    instance = DagsterInstance.ephemeral()
+    result = materialize([*assets, *checks], resources=resources, instance=instance)
+    return PipelineRun(result, root / "work", kiln.layout, uri, instance, assets, resources)
+
+
+def test_every_asset_materializes(e2e):
+    assert e2e.result.success
+    assert materialized(e2e.result) == ASSETS
+
+
+def test_every_check_passes(e2e):
+    checks_passed = {e.check_name: e.passed for e in e2e.result.get_asset_check_evaluations()}
+    assert all(checks_passed.values()) and len(checks_passed) == 7
+
+
+def test_the_artifacts_are_where_the_layout_names_them(e2e):
+    assert (e2e.work_dir / "e2e" / "gguf_model" / "kiln-e2e-Q4_K_M.gguf").exists()
+    layout = e2e.layout
+    named = [
+        layout.raw_corpus, layout.clean_splits, layout.clean_stats, layout.tokenizer, layout.tokenizer_stats,
+        layout.base_summary, layout.base_metrics, *(layout.model_dir(k) for k in ("base", "sft", "dpo")),
+        *(layout.adapter_dir(k) for k in ("sft", "dpo")), *(layout.post_data(k) / "eval.jsonl" for k in ("sft", "dpo")),
+        *(layout.gguf(q) for q in QUANTS), layout.gguf_files, layout.benchmark_json, layout.eval_report,
+        layout.eval_markdown, layout.humaneval_samples, layout.lm_eval_tasks,
+    ]  # fmt: skip
+    assert [p for p in named if not p.exists()] == []
+    bundle = sorted(p.name for p in layout.bundle_dir.iterdir())
+    assert bundle == [
+        "MODEL_CARD.md",
+        "benchmark.json",
+        "clean_stats.json",
+        "eval_report.json",
+        "gguf",
+        "hf",
+        "profile.json",
+    ]
+    assert sorted(p.name for p in (layout.bundle_dir / "gguf").iterdir()) == sorted(layout.gguf(q).name for q in QUANTS)
+
+
+def test_one_mlflow_run_holds_every_stage(e2e):
+    c = client(e2e.tracking_uri)
+    runs = c.search_runs([c.get_experiment_by_name("kiln-e2e").experiment_id])
     assert len(runs) == 1
-    metrics = runs[0].data.metrics
     assert {
         "base_model.val_bits_per_byte", "clean_corpus.kept_documents", "gguf_benchmark.Q4_K_M_size_bytes",
         "eval_report.base.bits_per_byte", "eval_report.dpo.kiln_body_choice.acc", "eval_report.dpo.humaneval.pass_at_1",
         "eval_report.dpo_Q4_K_M.humaneval.pass_at_1",
-    } <= set(metrics)  # fmt: skip
-    # the report: every model on every task, in the table and on disk
-    report = json.loads((tmp_path / "work" / "e2e" / "eval_report" / "report.json").read_text())
+    } <= set(runs[0].data.metrics)  # fmt: skip
+    assert len(c.get_metric_history(runs[0].info.run_id, "base_model.loss")) == 30  # the curve
+
+
+def test_the_eval_report_scores_every_model_on_every_task(e2e):
+    report = json.loads((e2e.work_dir / "e2e" / "eval_report" / "report.json").read_text())
     assert set(report["models"]) == {"base", "sft", "dpo", "dpo_Q4_K_M"}
-    task_dir = tmp_path / "work" / "e2e" / "eval_report" / "lm_eval_tasks"
+    task_dir = e2e.work_dir / "e2e" / "eval_report" / "lm_eval_tasks"
     rows = {t: len((task_dir / f"{t}.jsonl").read_text().splitlines()) for t in report["tasks"]}
     assert report["tasks"] == rows and rows["kiln_next_line"] == 8 and 4 <= rows["kiln_body_choice"] <= 8
     assert report["chance"]["kiln_next_line.acc"] == 0.25
     for model in ("base", "sft", "dpo"):
         assert 0 < report["models"][model]["bits_per_byte"] < 8
         assert 0 <= report["models"][model]["kiln_next_line.acc"] <= 1
-    assert len(client(uri).get_metric_history(runs[0].info.run_id, "base_model.loss")) == 30  # the curve
-    versions = registry.list_versions(uri, "e2e")
-    assert [v["aliases"] for v in versions] == ["candidate"]
+
+
+def test_the_version_is_registered_as_the_candidate(e2e):
+    uri = e2e.tracking_uri
+    assert [v["aliases"] for v in registry.list_versions(uri, "e2e")] == ["candidate"]
     tags = client(uri).get_model_version("kiln-e2e", "1").tags
+    report = json.loads(e2e.layout.eval_report.read_text())
     assert float(tags["eval.dpo.bits_per_byte"]) == pytest.approx(report["models"]["dpo"]["bits_per_byte"], rel=1e-5)
 
-    # Staleness: a new DPO code version marks dpo_model stale, then what follows it; nothing upstream.
+
+def stale_assets(instance: DagsterInstance, assets: list[AssetsDefinition], resources: dict) -> set[str]:
+    """The assets Dagster's UI would show as stale. No public API answers this, so this is the
+    one place that imports Dagster's private modules."""
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._core.loader import LoadingContextForTest
 
-    def stale(asset_defs):
-        graph = Definitions(assets=asset_defs, resources=resources).resolve_asset_graph()
-        resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
-        return {k.path[-1] for k in graph.materializable_asset_keys if resolver.get_status(k) == StaleStatus.STALE}
+    graph = Definitions(assets=assets, resources=resources).resolve_asset_graph()
+    resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+    return {k.path[-1] for k in graph.materializable_asset_keys if resolver.get_status(k) == StaleStatus.STALE}
 
-    assert stale(assets) == set()
-    changed = [
-        a.map_asset_specs(lambda spec: spec.replace_attributes(code_version="2"))
-        if a.key.path[-1] == "dpo_model"
-        else a
+
+def with_code_version(assets: list[AssetsDefinition], name: str, version: str) -> list[AssetsDefinition]:
+    return [
+        a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version)) if a.key.path[-1] == name else a
         for a in assets
     ]
-    assert stale(changed) == {"dpo_model"}  # upstream of it and beside it stay fresh
+
+
+# Last in the file: it materializes dpo_model again (a second Dagster run, so a second MLflow run).
+def test_a_new_code_version_makes_only_what_follows_stale(e2e):
+    assert stale_assets(e2e.instance, e2e.assets, e2e.resources) == set()
+    changed = with_code_version(e2e.assets, "dpo_model", "2")
+    assert stale_assets(e2e.instance, changed, e2e.resources) == {"dpo_model"}  # upstream and beside stay fresh
     # materializing the stale asset runs only it; its new data version then makes its direct
     # downstream stale (Dagster marks staleness one step at a time as each asset is re-run)
-    rerun = materialize(changed, selection=["dpo_model"], resources=resources, instance=instance)
-    assert {e.asset_key.path[-1] for e in rerun.get_asset_materialization_events()} == {"dpo_model"}
-    assert stale(changed) == {"gguf_model", "eval_report"}
+    rerun = materialize(changed, selection=["dpo_model"], resources=e2e.resources, instance=e2e.instance)
+    assert materialized(rerun) == {"dpo_model"}
+    assert stale_assets(e2e.instance, changed, e2e.resources) == {"gguf_model", "eval_report"}

@@ -125,7 +125,7 @@ def test_sft_trains_4bit_layers_with_masked_prompt(tiny_base, sft_data, tmp_path
 
 def test_sft_merges_into_a_loadable_checkpoint(tiny_base, sft_data, tmp_path):
     result = train_sft(tiny_base, sft_data, tmp_path, SFT)
-    assert result.extra["quantized_modules"] == 7
+    assert result.quantized_modules == 7
     assert 0 < result.trainable < result.total * 0.5
     assert result.eval_loss_after < result.eval_loss_before
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
@@ -142,6 +142,6 @@ def test_dpo_raises_the_margin_on_its_own_pairs(tiny_base, small_corpus, tmp_pat
     shutil.copy(data / "train.jsonl", data / "eval.jsonl")  # measure on the pairs it trains on
     settings = DPOSettings(steps=8, batch=4, lr=5e-3, beta=0.1, lora_r=4, lora_alpha=8, max_length=256)
     result = train_dpo(tiny_base, data, tmp_path / "out", settings)
-    assert result.extra["margin_before"] == pytest.approx(0.0, abs=1e-6)  # zero-initialized adapter = reference
-    assert result.extra["margin_after"] > 0.0
+    assert result.margin_before == pytest.approx(0.0, abs=1e-6)  # zero-initialized adapter = reference
+    assert result.margin_after > 0.0
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()

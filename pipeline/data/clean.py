@@ -68,7 +68,7 @@ def _normalized(doc) -> str:
     return " ".join(doc.text.split())
 
 
-def _record(writer, doc, reason: str | None = None) -> dict:
+def _jsonl_row(writer, doc, reason: str | None = None) -> dict:
     """The JSONL record kiln writes for a document (bound to a datatrove writer as its adapter)."""
     meta = doc.metadata
     rec = {"id": doc.id, "text": doc.text, "source": meta.get("source"), "lang": meta.get("lang")}
@@ -215,14 +215,14 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
     def rejects(step: str) -> JsonlWriter:
         return JsonlWriter(
             str(rejected), output_filename=f"{step}-${{rank}}.jsonl", compression=None,
-            adapter=functools.partial(_record, reason=step),
+            adapter=functools.partial(_jsonl_row, reason=step),
         )  # fmt: skip
 
     def reader(folder: Path) -> JsonlReader:
         return JsonlReader(str(folder), glob_pattern="*.jsonl", compression=None, file_progress=False)
 
     def intermediate(folder: Path) -> JsonlWriter:
-        return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None, adapter=_record)
+        return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None, adapter=_jsonl_row)
 
     # sha1 hashing: datatrove's xxhash path breaks with xxhash 4; sha1 has no such pin.
     hash_config = HashConfig(precision=64, hash_fc="sha1")
@@ -255,7 +255,7 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
             MinhashDedupFilter(str(work / "minhash_remove"), exclusion_writer=rejects("near_duplicate")),
             PiiMasker(),
             SplitTagger(settings.validation_share),
-            JsonlWriter(str(clean), output_filename="${split}-${rank}.jsonl", compression=None, adapter=_record),
+            JsonlWriter(str(clean), output_filename="${split}-${rank}.jsonl", compression=None, adapter=_jsonl_row),
         ]),
     ]  # fmt: skip
 

@@ -122,7 +122,7 @@ def split_long(text: str, max_chars: int) -> list[str]:
     return chunks
 
 
-def _record(doc_id: str, text: str, source: str, lang: str, error: str | None = None) -> dict:
+def _make_row(doc_id: str, text: str, source: str, lang: str, error: str | None = None) -> dict:
     rec = {"id": doc_id, "text": text, "source": source, "lang": lang}
     if error:
         rec["error"] = error
@@ -140,11 +140,11 @@ def _read_text_file(path: Path, doc_id: str, source: str, max_chars: int) -> Ite
     except UnicodeDecodeError as exc:
         # Kept (decoded with replacement characters) so the rejection shows what was there.
         where = f"byte {exc.start}"
-        yield _record(doc_id, raw.decode("utf-8", "replace"), source, "unknown", f"not_utf8 ({where})")
+        yield _make_row(doc_id, raw.decode("utf-8", "replace"), source, "unknown", f"not_utf8 ({where})")
         return
     lang = guess_lang(text, path.suffix)
     for i, chunk in enumerate(split_long(text, max_chars)):
-        yield _record(f"{doc_id}#{i}" if i else doc_id, chunk, source, lang)
+        yield _make_row(f"{doc_id}#{i}" if i else doc_id, chunk, source, lang)
 
 
 def _read_jsonl(path: Path, src: Source, max_chars: int) -> Iterator[dict]:
@@ -157,22 +157,22 @@ def _read_jsonl(path: Path, src: Source, max_chars: int) -> Iterator[dict]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                yield _record(doc_id, raw.decode("utf-8", "replace"), label, "unknown", "not_utf8")
+                yield _make_row(doc_id, raw.decode("utf-8", "replace"), label, "unknown", "not_utf8")
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield _record(doc_id, line.rstrip("\n"), label, "unknown", f"malformed_json ({exc.msg})")
+                yield _make_row(doc_id, line.rstrip("\n"), label, "unknown", f"malformed_json ({exc.msg})")
                 continue
             text = row.get(src.text_field) if isinstance(row, dict) else None
             if not isinstance(text, str):
-                yield _record(doc_id, line.rstrip("\n"), label, "unknown", f"missing_text_field ({src.text_field})")
+                yield _make_row(doc_id, line.rstrip("\n"), label, "unknown", f"missing_text_field ({src.text_field})")
                 continue
             seen_text = True
             lang = row.get("lang") if isinstance(row.get("lang"), str) else guess_lang(text)
             base = str(row.get("id", doc_id))
             for i, chunk in enumerate(split_long(text, max_chars)):
-                yield _record(f"{base}#{i}" if i else base, chunk, label, lang)
+                yield _make_row(f"{base}#{i}" if i else base, chunk, label, lang)
     if not seen_text and path.stat().st_size > 0:
         raise IngestError(f"{path}: no record has a string field {src.text_field!r} (set text_field)")
 
@@ -192,11 +192,11 @@ def _read_parquet(path: Path, src: Source, max_chars: int) -> Iterator[dict]:
             row_no += 1
             text, doc_id = row.get(src.text_field), f"{path}:{row_no}"
             if not isinstance(text, str):
-                yield _record(doc_id, "", str(path), "unknown", f"missing_text_field ({src.text_field})")
+                yield _make_row(doc_id, "", str(path), "unknown", f"missing_text_field ({src.text_field})")
                 continue
             base = str(row.get("id", doc_id))
             for i, chunk in enumerate(split_long(text, max_chars)):
-                yield _record(f"{base}#{i}" if i else base, chunk, str(path), guess_lang(text))
+                yield _make_row(f"{base}#{i}" if i else base, chunk, str(path), guess_lang(text))
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -230,7 +230,7 @@ def _read_builtin(name: str, max_chars: int, rng: random.Random) -> Iterator[dic
         from pydoc_data.topics import topics
 
         for topic in sorted(topics):
-            yield _record(f"python_docs:{topic}", topics[topic].strip(), "python_docs", "en")
+            yield _make_row(f"python_docs:{topic}", topics[topic].strip(), "python_docs", "en")
         return
     if name == "site_packages":
         roots = sorted({Path(p) for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])})
@@ -262,7 +262,7 @@ def _docstrings(path: Path, doc_id: str, max_chars: int) -> Iterator[dict]:
     docs = [d for n in nodes if (d := ast.get_docstring(n)) and len(d) > 80]
     if docs:
         for i, chunk in enumerate(split_long("\n\n".join(docs), max_chars)):
-            yield _record(f"{doc_id}#{i}" if i else doc_id, chunk, "python_docstrings", "en")
+            yield _make_row(f"{doc_id}#{i}" if i else doc_id, chunk, "python_docstrings", "en")
 
 
 def _read_hf(src: Source, max_chars: int) -> Iterator[dict]:
@@ -280,10 +280,10 @@ def _read_hf(src: Source, max_chars: int) -> Iterator[dict]:
         text = row.get(src.text_field)
         doc_id = f"hf:{src.hf_dataset}:{src.split}:{n}"
         if not isinstance(text, str):
-            yield _record(doc_id, "", f"hf:{src.hf_dataset}", "unknown", f"missing_text_field ({src.text_field})")
+            yield _make_row(doc_id, "", f"hf:{src.hf_dataset}", "unknown", f"missing_text_field ({src.text_field})")
             continue
         for i, chunk in enumerate(split_long(text, max_chars)):
-            yield _record(f"{doc_id}#{i}" if i else doc_id, chunk, f"hf:{src.hf_dataset}", guess_lang(text))
+            yield _make_row(f"{doc_id}#{i}" if i else doc_id, chunk, f"hf:{src.hf_dataset}", guess_lang(text))
 
 
 def read_source(src: Source, max_chars: int = 32_000, seed: int = 0) -> Iterator[dict]:

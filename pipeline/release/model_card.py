@@ -7,24 +7,28 @@ import shutil
 from pathlib import Path
 
 from pipeline.config import Profile
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, read_json
+from pipeline.layout import Layout
+from pipeline.release.gguf_bench import markdown_table
+from pipeline.release.registry import SHIPPED, model_name
 
 
 def _load(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) if path.exists() else {}
 
 
-def build_bundle(work: Path, profile: Profile, run_id: str, out: Path, benchmark_table: str) -> dict:
-    """Gather what a registered version holds into `out`: gguf/, hf/ (merged checkpoint and
-    tokenizer), MODEL_CARD.md, benchmark.json, eval_report.json, clean_stats.json, profile.json. Returns the key
-    metrics for tags."""
-    base = _load(work / "base_model" / "summary.json")
-    bench = _load(work / "gguf_benchmark" / "benchmark.json")
-    clean = _load(work / "clean_corpus" / "stats.json")
-    tok = _load(work / "tokenizer" / "stats.json")
-    files = _load(work / "gguf_model" / "files.json")
-    report_md = work / "eval_report" / "report.md"
+def build_bundle(layout: Layout, profile: Profile, run_id: str) -> dict:
+    """Gather what a registered version holds into `layout.bundle_dir`: gguf/, hf/ (merged checkpoint
+    and tokenizer), MODEL_CARD.md, benchmark.json, eval_report.json, clean_stats.json, profile.json.
+    Returns the key metrics for tags, whether GGUF parity passed, and each GGUF file's size."""
+    base = _load(layout.base_summary)
+    bench = _load(layout.benchmark_json)
+    clean = _load(layout.clean_stats)
+    tok = _load(layout.tokenizer_stats)
+    files = _load(layout.gguf_files)
+    report_md = layout.eval_markdown
     evals = report_md.read_text() if report_md.exists() else ""
+    benchmark_table = markdown_table(bench["files"]) if bench else ""
     metrics = {
         "base_val_bpb": base.get("val_bpb"),
         "unigram_bpb": base.get("unigram_bpb"),
@@ -33,7 +37,7 @@ def build_bundle(work: Path, profile: Profile, run_id: str, out: Path, benchmark
         **{f"{k}_ppl_rel_diff": v["parity"]["perplexity_rel_diff"] for k, v in bench.get("files", {}).items()},
     }
     parity = all(v["parity"]["passed"] for v in bench.get("files", {}).values()) and bool(bench)
-    card = f"""# kiln-{profile.name}
+    card = f"""# {model_name(profile.name)}
 
 A Llama-architecture model pretrained from scratch by kiln, then QLoRA SFT and DPO, shipped as GGUF.
 Pipeline run `{run_id}`.
@@ -62,15 +66,15 @@ DPO: steps {profile.dpo.steps}, beta {profile.dpo.beta}.
 raw_corpus -> clean_corpus -> tokenizer -> base_model -> sft_model -> dpo_model -> gguf_model -> gguf_benchmark,
 eval_report
 """
-    with atomic_path(out) as tmp:
+    with atomic_path(layout.bundle_dir) as tmp:
         (tmp / "gguf").mkdir(parents=True)
         for path in files.values():
             shutil.copy2(path, tmp / "gguf" / Path(path).name)
-        shutil.copytree(work / "dpo_model" / "model", tmp / "hf")
+        shutil.copytree(layout.model_dir(SHIPPED), tmp / "hf")
         (tmp / "MODEL_CARD.md").write_text(card)
         (tmp / "benchmark.json").write_text(json.dumps(bench, indent=2))
         if report_md.exists():
-            shutil.copy2(work / "eval_report" / "report.json", tmp / "eval_report.json")
+            shutil.copy2(layout.eval_report, tmp / "eval_report.json")
         (tmp / "clean_stats.json").write_text(json.dumps(clean, indent=2))
         (tmp / "profile.json").write_text(json.dumps(profile.to_dict(), indent=2, default=str))
     sizes = {Path(p).name: Path(p).stat().st_size for p in files.values()}

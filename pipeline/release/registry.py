@@ -164,7 +164,7 @@ def _resolve(c, name: str, alias_or_version: str) -> str:
         raise KilnError(f"{name} has no version with alias {alias_or_version!r}") from None
 
 
-def _record(c, name: str, event: dict) -> None:
+def _append_history(c, name: str, event: dict) -> None:
     index = sum(1 for k in c.get_registered_model(name).tags if k.startswith(HISTORY))
     c.set_registered_model_tag(name, f"{HISTORY}{index:04d}", json.dumps(event))
 
@@ -186,7 +186,7 @@ def promote(uri: str, profile: str, version: str | None = None) -> dict:
             previous = _current(c, name)
             c.set_registered_model_alias(name, PRODUCTION, target)
             event = {"action": "promote", "to": target, "from": previous, "who": _who(), "when": time.time()}
-            _record(c, name, event)
+            _append_history(c, name, event)
             return event
 
     return _call(uri, "promote", do)
@@ -218,7 +218,7 @@ def rollback(uri: str, profile: str) -> dict:
             previous, target = stack[-1], stack[-2]
             c.set_registered_model_alias(name, PRODUCTION, target)
             event = {"action": "rollback", "to": target, "from": previous, "who": _who(), "when": time.time()}
-            _record(c, name, event)
+            _append_history(c, name, event)
             return event
 
     return _call(uri, "rollback", do)
@@ -258,3 +258,19 @@ def quality_gate(uri: str, profile: str, parity: bool, report: dict, settings) -
         quantized=report.get("quantized"),
     )  # fmt: skip
     return passed, "; ".join(lines)
+
+
+def version_tags(dagster_run_id: str, gate: str, bundle: dict, report: dict) -> dict[str, str]:
+    """A new version's tags: its pipeline run, the gate's verdict, the bundle's key metrics and file
+    sizes (`build_bundle`), and the eval figures of the shipped model and its quantized GGUF
+    (`eval.*`, what the next version's gate compares against)."""
+    from pipeline.eval.evaluation import flat_metrics
+
+    evals = flat_metrics(report, [SHIPPED, report["quantized"]] if report["quantized"] else [SHIPPED])
+    return {
+        "dagster_run_id": dagster_run_id,
+        "gate": gate,
+        **{f"metric.{k}": f"{v:.6g}" for k, v in bundle["metrics"].items() if isinstance(v, int | float)},
+        **{f"{EVAL_TAG}{k}": f"{v:.6g}" for k, v in evals.items()},
+        **{f"size.{k}": str(v) for k, v in bundle["sizes"].items()},
+    }

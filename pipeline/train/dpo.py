@@ -10,27 +10,43 @@ merged into full-precision weights.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import DPOSettings
 from pipeline.train.lora import (
+    TuneResult,
     history_callback,
     load_for_training,
     lora_config,
     merge_adapter,
+    peak_memory_mb,
+    tokens_seen,
     trainable_parameters,
     training_arguments,
+    tuning_datasets,
 )
-from pipeline.train.sft import TuneResult, _datasets, peak_memory_mb, tokens_seen
 
 
-def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSettings) -> TuneResult:
+@dataclass
+class DPOResult(TuneResult):
+    """eval_loss_* is the held-out DPO loss; margins and accuracies are measured on the same pairs
+    (None where the trainer did not report them)."""
+
+    pairs_per_s: float
+    margin_before: float | None  # mean reward margin, chosen minus rejected
+    margin_after: float | None
+    accuracy_before: float | None  # share of pairs whose chosen answer scores higher
+    accuracy_after: float | None
+
+
+def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSettings) -> DPOResult:
     from peft import get_peft_model
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(str(sft_checkpoint))
-    train, held, _ = _datasets(data_dir, s.batch, "preference")
+    train, held, _ = tuning_datasets(data_dir, s.batch, "preference")
     model = get_peft_model(
         load_for_training(sft_checkpoint, s.quantize), lora_config(s.lora_r, s.lora_alpha, s.lora_dropout)
     )
@@ -51,16 +67,11 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
     trainer.model.save_pretrained(out_dir / "adapter")
     merge_adapter(sft_checkpoint, out_dir / "adapter", tokenizer, out_dir / "model")
     pairs = s.steps * s.batch * s.grad_accum
-    return TuneResult(
+    return DPOResult(
         trainable=trainable, total=total, steps=out.global_step, train_loss=out.training_loss,
         eval_loss_before=before["eval_loss"], eval_loss_after=after["eval_loss"],
         tokens_per_s=tokens_seen(history) / seconds, peak_memory_mb=peak_memory_mb(), seconds=seconds,
-        history=history,
-        extra={
-            "pairs_per_s": pairs / seconds,
-            "margin_before": before.get("eval_rewards/margins"), "margin_after": after.get("eval_rewards/margins"),
-            "accuracy_before": before.get("eval_rewards/accuracies"),
-            "accuracy_after": after.get("eval_rewards/accuracies"),
-            "train_rows": len(train), "eval_rows": len(held),
-        },
+        train_rows=len(train), eval_rows=len(held), history=history, pairs_per_s=pairs / seconds,
+        margin_before=before.get("eval_rewards/margins"), margin_after=after.get("eval_rewards/margins"),
+        accuracy_before=before.get("eval_rewards/accuracies"), accuracy_after=after.get("eval_rewards/accuracies"),
     )  # fmt: skip

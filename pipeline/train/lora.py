@@ -1,18 +1,62 @@
-"""What SFT and DPO share: loading a checkpoint (4-bit NF4 for QLoRA), LoRA adapters, training
-arguments for the device, a loss-history callback, and merging the adapter into full weights."""
+"""What SFT and DPO share: their data files, loading a checkpoint (4-bit NF4 for QLoRA), LoRA
+adapters, training arguments for the device, a loss-history callback, merging the adapter into
+full weights, and the figures every tuning run reports."""
 
 from __future__ import annotations
 
+import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import KilnError
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, read_jsonl
 
 # Every attention and MLP projection of the Llama block gets an adapter.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TuneResult:
+    """What one LoRA tuning run measured; SFT and DPO each add their own figures."""
+
+    trainable: int  # parameters the adapters train
+    total: int  # parameters of the whole model, adapters included
+    steps: int
+    train_loss: float
+    eval_loss_before: float  # on the held-out rows; before training the adapters are zero
+    eval_loss_after: float
+    tokens_per_s: float
+    peak_memory_mb: float
+    seconds: float
+    train_rows: int
+    eval_rows: int
+    history: list[dict]  # every dict the trainer logged, with its step
+
+
+def tuning_datasets(data_dir: Path, batch: int, what: str):
+    """train.jsonl and eval.jsonl of an sft_data or dpo_data folder: (train, held-out) as
+    `datasets.Dataset`, and the held-out rows as dicts."""
+    from datasets import Dataset
+
+    train, held = list(read_jsonl(data_dir / "train.jsonl")), list(read_jsonl(data_dir / "eval.jsonl"))
+    if len(train) < batch:
+        raise KilnError(f"{data_dir / 'train.jsonl'}: {len(train)} {what} rows, fewer than one batch of {batch}")
+    return Dataset.from_list(train), Dataset.from_list(held), held
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def tokens_seen(history: list[dict]) -> float:
+    """Tokens trained on, from the trainer's own `num_tokens` log."""
+    counts = [h["num_tokens"] for h in history if "num_tokens" in h]
+    return float(counts[-1]) if counts else 0.0
 
 
 def compute_dtype() -> torch.dtype:

@@ -8,45 +8,33 @@ base weights: the result is a plain HF checkpoint.
 
 from __future__ import annotations
 
-import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.config import SFTSettings
-from pipeline.errors import KilnError
 from pipeline.io import read_jsonl
 from pipeline.train.lora import (
+    TuneResult,
     history_callback,
     load_for_training,
     lora_config,
     merge_adapter,
+    peak_memory_mb,
+    tokens_seen,
     trainable_parameters,
     training_arguments,
+    tuning_datasets,
 )
 
 
 @dataclass
-class TuneResult:
-    trainable: int
-    total: int
-    steps: int
-    train_loss: float
-    eval_loss_before: float
-    eval_loss_after: float
-    tokens_per_s: float
-    peak_memory_mb: float
-    seconds: float
-    history: list = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
+class SFTResult(TuneResult):
+    """eval_loss_* is the held-out completion loss (nats/token)."""
 
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    quantized_modules: int  # linear layers trained in 4-bit NF4
 
 
 @torch.no_grad()
@@ -69,15 +57,6 @@ def completion_loss(model, tokenizer, rows: list[dict]) -> float:
     return total / max(count, 1)
 
 
-def _datasets(data_dir: Path, batch: int, what: str):
-    from datasets import Dataset
-
-    train, held = list(read_jsonl(data_dir / "train.jsonl")), list(read_jsonl(data_dir / "eval.jsonl"))
-    if len(train) < batch:
-        raise KilnError(f"{data_dir / 'train.jsonl'}: {len(train)} {what} rows, fewer than one batch of {batch}")
-    return Dataset.from_list(train), Dataset.from_list(held), held
-
-
 def make_sft_trainer(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettings, history: list):
     """The SFTTrainer on a 4-bit NF4 base with LoRA adapters, and the held-out rows."""
     from peft import get_peft_model
@@ -85,7 +64,7 @@ def make_sft_trainer(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SF
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_checkpoint))
-    train, _, held_rows = _datasets(data_dir, s.batch, "SFT")
+    train, _, held_rows = tuning_datasets(data_dir, s.batch, "SFT")
     base = load_for_training(base_checkpoint, quantize=True)
     model = get_peft_model(base, lora_config(s.lora_r, s.lora_alpha, s.lora_dropout))
     args = training_arguments(
@@ -98,7 +77,7 @@ def make_sft_trainer(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SF
     return trainer, tokenizer, held_rows
 
 
-def train_sft(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettings) -> TuneResult:
+def train_sft(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettings) -> SFTResult:
     history: list[dict] = []
     trainer, tokenizer, held_rows = make_sft_trainer(base_checkpoint, data_dir, out_dir, s, history)
     trainable, total = trainable_parameters(trainer.model)
@@ -109,21 +88,12 @@ def train_sft(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettin
     after = completion_loss(trainer.model, tokenizer, held_rows)
     trainer.model.save_pretrained(out_dir / "adapter")
     merge_adapter(base_checkpoint, out_dir / "adapter", tokenizer, out_dir / "model")
-    return TuneResult(
+    return SFTResult(
         trainable=trainable, total=total, steps=out.global_step, train_loss=out.training_loss,
         eval_loss_before=before, eval_loss_after=after, tokens_per_s=tokens_seen(history) / seconds,
-        peak_memory_mb=peak_memory_mb(), seconds=seconds, history=history,
-        extra={
-            "quantized_modules": count_4bit(trainer.model), "eval_rows": len(held_rows),
-            "train_rows": len(trainer.train_dataset),
-        },
+        peak_memory_mb=peak_memory_mb(), seconds=seconds, train_rows=len(trainer.train_dataset),
+        eval_rows=len(held_rows), history=history, quantized_modules=count_4bit(trainer.model),
     )  # fmt: skip
-
-
-def tokens_seen(history: list[dict]) -> float:
-    """Tokens trained on, from the trainer's own `num_tokens` log."""
-    counts = [h["num_tokens"] for h in history if "num_tokens" in h]
-    return float(counts[-1]) if counts else 0.0
 
 
 def count_4bit(model) -> int:
