@@ -1,9 +1,11 @@
 """Profiles: one named set of every size in the pipeline, as data.
 
-`tiny` (the default) runs the whole pipeline in minutes on a 2-core CPU, `small` is a stronger
-CPU run of about an hour, `300m` is the full size meant for a GPU. A profile is a tree of
-dataclasses; each stage reads only its own section. A user's YAML file names a base profile
-and overrides any field:
+The dataclasses here are the schema: one per section, a docstring per field, checks in
+`__post_init__`. The profiles themselves are YAML files: the shipped ones in `profiles/`
+(`tiny`, the default, runs the whole pipeline in minutes on a 2-core CPU; `small` is a stronger
+CPU run of about an hour; `300m` is the full size meant for a GPU), and a user's own anywhere.
+A file names a `base` (a shipped profile or another file) and overrides any field; without one
+it starts from the defaults below. Each stage reads only its own section:
 
     base: tiny
     corpus:
@@ -11,12 +13,18 @@ and overrides any field:
         - {path: /data/my_code}
         - {path: /data/notes.jsonl, text_field: body}
       max_bytes: 20_000_000
+
+Every value is checked against its field's type; a wrong type or an unknown key is one
+`ProfileError` line naming the file and the key, e.g. `my.yaml: pretrain.lr: expected a number, got 'fast'`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +33,7 @@ import yaml
 
 from pipeline.data.ingest import Source
 from pipeline.errors import KilnError
+from pipeline.layout import PROFILES_DIR
 
 
 class ProfileError(KilnError):
@@ -78,10 +87,13 @@ class CleanSettings:
     """Share of short documents kept (chosen by a hash of the id, so the same every run)."""
     validation_share: float = 0.05
     """Share of clean documents held out for validation, from every training stage."""
-    tasks: int = 1
-    """datatrove tasks (and local worker processes); more splits the work for several cores."""
+    tasks: int | None = 1
+    """datatrove tasks (and local worker processes); more splits the work for several cores;
+    None: one per CPU core of the machine that loads the profile."""
 
     def __post_init__(self) -> None:
+        if self.tasks is None:
+            self.tasks = os.cpu_count() or 1
         if not 0.0 < self.minhash_threshold < 1.0:
             raise ProfileError(f"clean.minhash_threshold must be in (0, 1), not {self.minhash_threshold}")
         if not 0.0 <= self.short_doc_keep <= 1.0:
@@ -350,136 +362,161 @@ class Profile:
         return dataclasses.asdict(self)
 
 
-def _builtin_profiles() -> dict[str, Profile]:
-    return {
-        # tiny's 4 MB corpus holds fewer than 32k pairs seen twice: merges of pairs seen once fill
-        # the vocabulary, so the tokenizer has the real size while the run stays short.
-        # tiny lists one standard lm-eval task: offline its data is missing, and the report says so.
-        # 100 documents per task: on a CPU the 32k-vocabulary logits make each choice ~0.1 s.
-        "tiny": Profile(
-            "tiny",
-            tokenizer=TokenizerSettings(min_frequency=1),
-            eval=EvalSettings(lm_eval_tasks=["arc_easy"], lm_eval_limit=100),
-        ),
-        "small": Profile(
-            "small",
-            corpus=CorpusSettings(
-                sources=[
-                    Source(builtin="python_stdlib"),
-                    Source(builtin="site_packages"),
-                    Source(builtin="python_docs"),
-                    Source(builtin="python_docstrings"),
-                ],
-                code_share=0.75,
-                max_bytes=10_000_000,
-            ),
-            clean=CleanSettings(tasks=2),
-            model=ModelShape(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4),
-            pretrain=PretrainSettings(
-                seq_len=256,
-                micro_batch=8,
-                grad_accum=2,
-                steps=1500,
-                lr=1.5e-3,
-                warmup_steps=100,
-                eval_every=250,
-                checkpoint_every=250,
-            ),
-            eval=EvalSettings(lm_eval_tasks=["hellaswag", "arc_easy", "piqa"], humaneval_problems=None),
-        ),
-        "300m": Profile(
-            "300m",
-            corpus=CorpusSettings(
-                sources=[
-                    Source(builtin="python_stdlib"),
-                    Source(builtin="site_packages"),
-                    Source(builtin="python_docs"),
-                    Source(builtin="python_docstrings"),
-                ],
-                max_bytes=None,
-            ),
-            clean=CleanSettings(tasks=os.cpu_count() or 1),
-            model=ModelShape(
-                hidden_size=1024,
-                intermediate_size=2816,
-                num_layers=20,
-                num_heads=16,
-                num_kv_heads=8,
-                max_position=2048,
-                rope_theta=500_000.0,
-            ),
-            pretrain=PretrainSettings(
-                seq_len=1024,
-                micro_batch=32,
-                grad_accum=4,
-                steps=20_000,
-                lr=6e-4,
-                warmup_steps=1000,
-                eval_every=500,
-                eval_batches=32,
-                checkpoint_every=1000,
-            ),
-            eval=EvalSettings(
-                bpb_max_bytes=None,
-                lm_eval_limit=None,
-                lm_eval_tasks=["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande"],
-                batch_size=32,
-                humaneval_problems=None,
-                humaneval_samples=20,
-                pass_k=[1, 10],
-                max_new_tokens=384,
-            ),
-        ),
-    }
-
-
-PROFILE_NAMES = tuple(_builtin_profiles())
 DEFAULT_PROFILE = "tiny"
-
-
-def _override(obj: Any, values: dict, where: str) -> Any:
-    """A copy of dataclass `obj` with `values` applied, recursing into nested sections."""
-    if not isinstance(values, dict):
-        raise ProfileError(f"{where}: expected a mapping, got {type(values).__name__}")
-    names = {f.name: f for f in dataclasses.fields(obj)}
-    changes = {}
-    for key, value in values.items():
-        if key not in names:
-            raise ProfileError(f"{where}.{key}: unknown setting (known: {', '.join(names)})")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            changes[key] = _override(current, value, f"{where}.{key}")
-        else:
-            changes[key] = value
-    try:
-        return dataclasses.replace(obj, **changes)
-    except (TypeError, ValueError) as exc:
-        raise ProfileError(f"{where}: {exc}") from None
+PROFILE_NAMES = tuple(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+"""The shipped profiles: the files in `profiles/`, by name."""
 
 
 def load_profile(name_or_path: str | os.PathLike | None = None) -> Profile:
-    """A built-in profile by name, or a YAML file that starts from one (`base:`) and overrides it.
+    """A shipped profile by name, or a YAML file: its `base` (a shipped name or another file),
+    then its own settings over it.
 
     With no argument, the profile named by the KILN_PROFILE environment variable, else tiny.
     """
-    name_or_path = name_or_path or os.environ.get("KILN_PROFILE") or DEFAULT_PROFILE
-    builtins = _builtin_profiles()
-    if str(name_or_path) in builtins:
-        return builtins[str(name_or_path)]
+    name_or_path = str(name_or_path or os.environ.get("KILN_PROFILE") or DEFAULT_PROFILE)
+    if name_or_path in PROFILE_NAMES:
+        return _load_file(PROFILES_DIR / f"{name_or_path}.yaml", ())
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        raise ProfileError(f"unknown profile {str(name_or_path)!r}: choose {', '.join(builtins)} or a .yaml file")
+        raise ProfileError(f"unknown profile {name_or_path!r}: choose {', '.join(PROFILE_NAMES)} or a .yaml file")
+    return _load_file(path, ())
+
+
+def _load_file(path: Path, chain: tuple[Path, ...]) -> Profile:
+    """The profile `path` describes; `chain` holds the files that named it as their base, to catch a cycle."""
     if not path.is_file():
         raise ProfileError(f"{path}: profile file not found")
+    if path.resolve() in chain:
+        cycle = " -> ".join(p.name for p in (*chain, path.resolve()))
+        raise ProfileError(f"{path}: base profiles form a cycle ({cycle})")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        profile = Profile(name=path.stem)  # no base: the dataclass defaults
+    else:
+        profile = dataclasses.replace(_load_file(_base_file(base, path), (*chain, path.resolve())), name=path.stem)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return _apply(profile, data, "")
+    except KilnError as exc:  # a type, an unknown key or a section's own check: it names the setting
+        raise ProfileError(f"{path}: {exc}") from None
+
+
+def _base_file(base: Any, naming: Path) -> Path:
+    """The file of `base:` in `naming`: a shipped profile's name, or a path relative to `naming`'s folder."""
+    if isinstance(base, str) and base in PROFILE_NAMES:
+        return PROFILES_DIR / f"{base}.yaml"
+    if not isinstance(base, str) or Path(base).suffix not in (".yaml", ".yml"):
+        raise ProfileError(f"{naming}: base {base!r} is not a profile ({', '.join(PROFILE_NAMES)}) or a .yaml file")
+    return naming.parent / base  # an absolute base stays absolute
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """YAML 1.2's plain scalars: only true/false are booleans (so `compile: off` stays the string
+    the setting expects) and `3e-4` is a number, not a string as in YAML 1.1."""
+
+
+_ProfileLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ProfileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_ProfileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ProfileLoader)
     except yaml.YAMLError as exc:
         raise ProfileError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    base = data.pop("base", DEFAULT_PROFILE)
-    if base not in builtins:
-        raise ProfileError(f"{path}: base {base!r} is not a profile ({', '.join(builtins)})")
-    data.setdefault("name", path.stem)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: expected a mapping of settings, got {_shown(data)}")
+    return data
+
+
+def _apply(obj: Any, values: Any, where: str) -> Any:
+    """A copy of the dataclass `obj` with the YAML mapping `values` over it: a section is
+    overridden key by key, any other field is replaced by the value checked against its type."""
+    changes = {}
+    for key, value in _fields_of(type(obj), values, where).items():
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = _apply(current, value, _key(where, key))
+        else:
+            changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    """A new `cls` (a list item such as a corpus source) from the YAML mapping `values`."""
+    checked = _fields_of(cls, values, where)
     try:
-        return _override(builtins[base], data, path.name)
-    except ValueError as exc:  # a section's __post_init__ names the field
-        raise ProfileError(f"{path}: {exc}") from None
+        return cls(**checked)
+    except KilnError as exc:  # its own check: say which item
+        raise ProfileError(f"{where}: {exc}") from None
+
+
+def _fields_of(cls: type, values: Any, where: str) -> dict:
+    """`values` checked against the fields of `cls`; sections (dataclass fields) are left for the caller."""
+    if not isinstance(values, dict):
+        raise ProfileError(f"{where or 'the file'}: expected a mapping, got {_shown(values)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    checked = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ProfileError(f"{_key(where, key)}: unknown setting (known: {', '.join(names)})")
+        hint = hints[key]
+        is_section = isinstance(hint, type) and dataclasses.is_dataclass(hint)
+        checked[key] = value if is_section else _typed(value, hint, _key(where, key))
+    return checked
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the type `hint` asks for (an int where a float is asked becomes a float), or a
+    ProfileError naming `where`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed(value, option, where)
+            except ProfileError:
+                pass
+    elif origin is list and isinstance(value, list):
+        return [_typed(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    elif hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint in (str, bool) and isinstance(value, hint):
+        return value
+    raise ProfileError(f"{where}: expected {_described(hint)}, got {_shown(value)}")
+
+
+def _described(hint: Any) -> str:
+    """A type as a profile's author reads it: `int | None` is 'an integer or null'."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_described(a) for a in args)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_described(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(hint, "a mapping")
+
+
+def _shown(value: Any) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _key(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)

@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK_DIR = REPO_ROOT / "data" / "work"
 REGISTRY_DIR = REPO_ROOT / "registry"  # the local MLflow store (sqlite + artifacts)
 DAGSTER_HOME = REPO_ROOT / ".dagster_home"
+PROFILES_DIR = REPO_ROOT / "profiles"  # the shipped profiles, one YAML file each
 QUANTS = ("F16", "Q8_0", "Q4_K_M")  # the GGUF files every version ships
 
 

@@ -52,7 +52,7 @@ def test_bad_profile_is_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     bad.write_text("clean:\n  no_such_setting: 1\n")
     proc = _run("profiles", str(bad))
-    assert "p.yaml.clean.no_such_setting: unknown setting" in proc.stderr
+    assert "p.yaml: clean.no_such_setting: unknown setting" in proc.stderr
 
 
 def test_help_explains_the_commands():

@@ -54,6 +54,10 @@ class Clean(Command):
 
 class Profiles(Command):
     help = "list the profiles with their exact parameter counts (--json: every setting)"
+    description = (
+        "List the shipped profiles (the YAML files in profiles/), smallest model first, or one profile "
+        "by name or file, with the exact parameter count of the model it builds."
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("name", nargs="?", help="a profile name or YAML file")
@@ -63,10 +67,9 @@ class Profiles(Command):
         from pipeline.config import PROFILE_NAMES, load_profile
         from pipeline.train.pretrain import count_parameters
 
-        names = [args.name] if args.name else PROFILE_NAMES
-        for name in names:
-            profile = load_profile(name)
-            n = count_parameters(profile.model, profile.tokenizer.vocab_size)
+        profiles = [load_profile(name) for name in ([args.name] if args.name else PROFILE_NAMES)]
+        counted = sorted(((count_parameters(p.model, p.tokenizer.vocab_size), p) for p in profiles), key=lambda c: c[0])
+        for n, profile in counted:
             if args.json:
                 print(json.dumps({**profile.to_dict(), "parameters": n}, indent=2, default=str))
                 continue
