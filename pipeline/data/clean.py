@@ -188,7 +188,60 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
     Outputs are built in a scratch folder inside `output` and moved into place at the end, so
     an interrupted run leaves the previous result untouched.
     """
-    from datatrove.executor import LocalPipelineExecutor
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    scratch = output / ".clean-scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    work, rejected, clean = scratch / "work", scratch / "rejected", scratch / "clean"
+    input_documents = _shard_inputs(raw_files, work / "raw", rejected, settings.tasks)
+    bands, rows = minhash_bands(settings.minhash_threshold, settings.minhash_hashes)
+    stages = _stages(settings, bands, rows, work, rejected, clean)
+    _run_stages(stages, output / "logs", settings.tasks, progress)
+    if (rejected / "empty-00000.jsonl").stat().st_size == 0:
+        (rejected / "empty-00000.jsonl").unlink()
+    stats = _count(input_documents, clean, rejected, [bands, rows])
+    write_json(scratch / "stats.json", stats.to_dict())
+    _publish(scratch, output)
+    return stats
+
+
+def _rejects(rejected: Path, step: str):
+    """The exclusion writer of one filter: its drops go to rejected/<step>-<rank>.jsonl with that reason."""
+    from datatrove.pipeline.writers import JsonlWriter
+
+    return JsonlWriter(
+        str(rejected), output_filename=f"{step}-${{rank}}.jsonl", compression=None,
+        adapter=functools.partial(_jsonl_row, reason=step),
+    )  # fmt: skip
+
+
+def _reader(folder: Path):
+    from datatrove.pipeline.readers import JsonlReader
+
+    return JsonlReader(str(folder), glob_pattern="*.jsonl", compression=None, file_progress=False)
+
+
+def _writer(folder: Path, filename: str = "${rank}.jsonl"):
+    from datatrove.pipeline.writers import JsonlWriter
+
+    return JsonlWriter(str(folder), output_filename=filename, compression=None, adapter=_jsonl_row)
+
+
+def _dedup_configs(ngrams: int, bands: int, rows: int) -> tuple:
+    """datatrove's exact-dedup and MinHash configurations."""
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.utils.hashing import HashConfig
+
+    # sha1 hashing: datatrove's xxhash path breaks with xxhash 4; sha1 has no such pin.
+    hash_config = HashConfig(precision=64, hash_fc="sha1")
+    exact = ExactDedupConfig(content_getter=_normalized, hash_config=hash_config)
+    minhash = MinhashConfig(n_grams=ngrams, num_buckets=bands, hashes_per_bucket=rows, hash_config=hash_config)
+    return exact, minhash
+
+
+def _stages(settings: CleanSettings, bands: int, rows: int, work: Path, rejected: Path, clean: Path) -> list:
+    """The datatrove pipelines A-F of the module docstring, in order: (name, tasks, steps)."""
     from datatrove.pipeline.dedup import (
         ExactDedupFilter,
         ExactDedupSignature,
@@ -198,82 +251,58 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
         MinhashDedupFilter,
         MinhashDedupSignature,
     )
-    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
-    from datatrove.pipeline.dedup.minhash import MinhashConfig
-    from datatrove.pipeline.readers import JsonlReader
-    from datatrove.pipeline.writers import JsonlWriter
-    from datatrove.utils.hashing import HashConfig
 
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    scratch = output / ".clean-scratch"
-    shutil.rmtree(scratch, ignore_errors=True)
-    work, rejected, clean = scratch / "work", scratch / "rejected", scratch / "clean"
-    raw_dir = work / "raw"
-    input_documents = _shard_inputs(raw_files, raw_dir, rejected, settings.tasks)
-
-    def rejects(step: str) -> JsonlWriter:
-        return JsonlWriter(
-            str(rejected), output_filename=f"{step}-${{rank}}.jsonl", compression=None,
-            adapter=functools.partial(_jsonl_row, reason=step),
-        )  # fmt: skip
-
-    def reader(folder: Path) -> JsonlReader:
-        return JsonlReader(str(folder), glob_pattern="*.jsonl", compression=None, file_progress=False)
-
-    def intermediate(folder: Path) -> JsonlWriter:
-        return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None, adapter=_jsonl_row)
-
-    # sha1 hashing: datatrove's xxhash path breaks with xxhash 4; sha1 has no such pin.
-    hash_config = HashConfig(precision=64, hash_fc="sha1")
-    exact_config = ExactDedupConfig(content_getter=_normalized, hash_config=hash_config)
-    bands, rows = minhash_bands(settings.minhash_threshold, settings.minhash_hashes)
-    minhash_config = MinhashConfig(
-        n_grams=settings.minhash_ngrams, num_buckets=bands, hashes_per_bucket=rows, hash_config=hash_config
-    )
+    exact, minhash = _dedup_configs(settings.minhash_ngrams, bands, rows)
     tasks, sigs, buckets = settings.tasks, str(work / "minhash_sigs"), str(work / "minhash_buckets")
-    stages = [
+    return [
         ("filter", tasks, [
-            reader(raw_dir),
-            IngestErrorFilter(exclusion_writer=rejects("ingest")),
-            QualityFilter(exclusion_writer=rejects("quality")),
-            ShortDocSampler(settings.short_doc_chars, settings.short_doc_keep, exclusion_writer=rejects("sampling")),
-            intermediate(work / "filtered"),
-            ExactDedupSignature(str(work / "exact_sigs"), config=exact_config),
+            _reader(work / "raw"),
+            IngestErrorFilter(exclusion_writer=_rejects(rejected, "ingest")),
+            QualityFilter(exclusion_writer=_rejects(rejected, "quality")),
+            ShortDocSampler(
+                settings.short_doc_chars, settings.short_doc_keep, exclusion_writer=_rejects(rejected, "sampling")
+            ),
+            _writer(work / "filtered"),
+            ExactDedupSignature(str(work / "exact_sigs"), config=exact),
         ]),
-        ("exact_find", 1, [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact_config)]),
+        ("exact_find", 1, [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact)]),
         ("exact_filter", tasks, [
-            reader(work / "filtered"),
-            ExactDedupFilter(str(work / "exact_dups"), exact_config, exclusion_writer=rejects("exact_duplicate")),
-            intermediate(work / "deduped"),
-            MinhashDedupSignature(sigs, config=minhash_config, language=CodeAwareWordTokenizer()),
+            _reader(work / "filtered"),
+            ExactDedupFilter(str(work / "exact_dups"), exact, exclusion_writer=_rejects(rejected, "exact_duplicate")),
+            _writer(work / "deduped"),
+            MinhashDedupSignature(sigs, config=minhash, language=CodeAwareWordTokenizer()),
         ]),
-        ("minhash_buckets", bands, [MinhashDedupBuckets(sigs, buckets, config=minhash_config)]),
-        ("minhash_cluster", 1, [MinhashDedupCluster(buckets, str(work / "minhash_remove"), config=minhash_config)]),
+        ("minhash_buckets", bands, [MinhashDedupBuckets(sigs, buckets, config=minhash)]),
+        ("minhash_cluster", 1, [MinhashDedupCluster(buckets, str(work / "minhash_remove"), config=minhash)]),
         ("final", tasks, [
-            reader(work / "deduped"),
-            MinhashDedupFilter(str(work / "minhash_remove"), exclusion_writer=rejects("near_duplicate")),
+            _reader(work / "deduped"),
+            MinhashDedupFilter(str(work / "minhash_remove"), exclusion_writer=_rejects(rejected, "near_duplicate")),
             PiiMasker(),
             SplitTagger(settings.validation_share),
-            JsonlWriter(str(clean), output_filename="${split}-${rank}.jsonl", compression=None, adapter=_jsonl_row),
+            _writer(clean, "${split}-${rank}.jsonl"),
         ]),
     ]  # fmt: skip
 
-    # datatrove logs every task at INFO to stderr; its logs and per-step stats go to logs/ instead.
-    logs = output / "logs"
+
+def _run_stages(stages: list, logs: Path, workers: int, progress: bool) -> None:
+    """Run each pipeline on datatrove's local executor with at most `workers` processes.
+
+    datatrove logs every task at INFO to stderr; its logs and per-step stats go to logs/ instead.
+    """
+    from datatrove.executor import LocalPipelineExecutor
+
     shutil.rmtree(logs, ignore_errors=True)  # datatrove skips tasks a previous run marked complete
     logs.mkdir()
     with open(logs / "console.log", "w", encoding="utf-8") as console:
         for name, n_tasks, steps in tqdm(stages, desc="clean_corpus", disable=not progress):
             with contextlib.redirect_stderr(console):
                 LocalPipelineExecutor(
-                    steps, tasks=n_tasks, workers=min(n_tasks, settings.tasks), logging_dir=str(logs / name)
+                    steps, tasks=n_tasks, workers=min(n_tasks, workers), logging_dir=str(logs / name)
                 ).run()
 
-    if (rejected / "empty-00000.jsonl").stat().st_size == 0:
-        (rejected / "empty-00000.jsonl").unlink()
-    stats = _count(input_documents, clean, rejected, [bands, rows])
-    write_json(scratch / "stats.json", stats.to_dict())
+
+def _publish(scratch: Path, output: Path) -> None:
+    """Move clean/, rejected/ and stats.json from the scratch folder into `output`, each by rename."""
     for name in ("clean", "rejected", "stats.json"):
         target = scratch / name
         if name != "stats.json":
@@ -281,7 +310,6 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
         with atomic_path(output / name) as tmp:
             target.rename(tmp)
     shutil.rmtree(scratch)
-    return stats
 
 
 def _shard_inputs(raw_files: list[Path], raw_dir: Path, rejected: Path, shards: int) -> int:

@@ -14,6 +14,7 @@ file where no record has the text field, a dataset that cannot be loaded) raise 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -323,58 +324,76 @@ def build_raw_corpus(
         raise IngestError("no sources given")
     if code_share is not None and not 0.0 <= code_share <= 1.0:
         raise IngestError(f"code_share must be between 0 and 1, not {code_share}")
-    shares = {"code": code_share, "prose": None if code_share is None else 1.0 - code_share}
-    budgets = {k: (None if max_bytes is None or s is None else s * max_bytes) for k, s in shares.items()}
     stats = IngestStats()
-    seen_ids: set[str] = set()
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
         parts = {k: Path(tmp, f"{k}.jsonl") for k in ("code", "prose", "error")}
-        handles = {k: p.open("w", encoding="utf-8") for k, p in parts.items()}
-        sizes = {k: 0 for k in parts}
-        counts = {k: 0 for k in parts}
         bar = tqdm(desc="raw_corpus", unit="B", unit_scale=True, disable=not progress, total=max_bytes)
+        sizes = _collect(sources, parts, max_bytes, code_share, max_doc_chars, seed, stats, bar)
+        bar.close()
+        _write_mix(parts, _ratio_limits(sizes, code_share), output, stats, sources)
+    return stats
+
+
+def _collect(
+    sources: list[Source], parts: dict, max_bytes: int | None, code_share: float | None, max_doc_chars: int,
+    seed: int, stats: IngestStats, bar: tqdm,
+) -> dict:  # fmt: skip
+    """Write every source's records into one file per kind (`parts`: code, prose, error) until the
+    kind's share of `max_bytes` is full; count them by source and error in `stats`. Returns the
+    bytes written per kind."""
+    shares = {"code": code_share, "prose": None if code_share is None else 1.0 - code_share}
+    budgets = {k: (None if max_bytes is None or s is None else s * max_bytes) for k, s in shares.items()}
+    sizes = {k: 0 for k in parts}
+    seen_ids: set[str] = set()
+    with contextlib.ExitStack() as stack:
+        handles = {k: stack.enter_context(p.open("w", encoding="utf-8")) for k, p in parts.items()}
         for src in sources:
             for rec in read_source(src, max_doc_chars, seed):
                 kind = "error" if "error" in rec else _kind(rec)
                 if shares.get(kind, 1) == 0.0:
                     continue  # a share of 0 asks for none of this kind
                 budget = budgets.get(kind)
-                nbytes = len(rec["text"].encode("utf-8"))
                 if budget is not None and sizes[kind] >= budget:
                     if src.builtin or all(b is not None and sizes[k] >= b for k, b in budgets.items()):
                         break  # a builtin holds one kind only; or every kind is full
                     continue
                 rec["id"] = _unique_id(rec["id"], seen_ids)
                 handles[kind].write(json.dumps(rec, ensure_ascii=False) + "\n")
+                nbytes = len(rec["text"].encode("utf-8"))
                 sizes[kind] += nbytes
-                counts[kind] += 1
-                stats.by_source[src.label] = stats.by_source.get(src.label, 0) + 1
-                if kind == "error":
-                    reason = rec["error"].split(" ")[0]
-                    stats.errors[reason] = stats.errors.get(reason, 0) + 1
+                _tally(stats, src, rec)
                 bar.update(nbytes)
-        bar.close()
-        for h in handles.values():
-            h.close()
-        limits = _ratio_limits(sizes, code_share)
-        with atomic_path(output) as tmp_out, tmp_out.open("w", encoding="utf-8") as out:
-            for kind in ("code", "prose", "error"):
-                taken_docs = taken_bytes = 0
-                with parts[kind].open(encoding="utf-8") as fh:
-                    for line in fh:
-                        n = len(json.loads(line)["text"].encode("utf-8"))
-                        if limits.get(kind) is not None and taken_bytes + n > limits[kind] and taken_docs:
-                            break
-                        out.write(line)
-                        taken_docs += 1
-                        taken_bytes += n
-                if kind != "error":
-                    stats.by_kind[kind] = {"documents": taken_docs, "bytes": taken_bytes}
-                stats.documents += taken_docs
-                stats.bytes += taken_bytes
-            if stats.documents == 0:  # raised inside the block: no empty file is left behind
-                raise IngestError(f"no documents in {', '.join(s.label for s in sources)}")
-    return stats
+    return sizes
+
+
+def _tally(stats: IngestStats, src: Source, rec: dict) -> None:
+    """Count one written record by its source, and by its error when it carries one."""
+    stats.by_source[src.label] = stats.by_source.get(src.label, 0) + 1
+    if "error" in rec:
+        reason = rec["error"].split(" ")[0]
+        stats.errors[reason] = stats.errors.get(reason, 0) + 1
+
+
+def _write_mix(parts: dict, limits: dict, output: Path, stats: IngestStats, sources: list[Source]) -> None:
+    """Concatenate the per-kind files into `output`, each kind cut at its byte limit (at least one
+    document of a kind is kept), and count documents and bytes per kind in `stats`."""
+    with atomic_path(output) as tmp_out, tmp_out.open("w", encoding="utf-8") as out:
+        for kind in ("code", "prose", "error"):
+            taken_docs = taken_bytes = 0
+            with parts[kind].open(encoding="utf-8") as fh:
+                for line in fh:
+                    n = len(json.loads(line)["text"].encode("utf-8"))
+                    if limits.get(kind) is not None and taken_bytes + n > limits[kind] and taken_docs:
+                        break
+                    out.write(line)
+                    taken_docs += 1
+                    taken_bytes += n
+            if kind != "error":
+                stats.by_kind[kind] = {"documents": taken_docs, "bytes": taken_bytes}
+            stats.documents += taken_docs
+            stats.bytes += taken_bytes
+        if stats.documents == 0:  # raised inside the block: no empty file is left behind
+            raise IngestError(f"no documents in {', '.join(s.label for s in sources)}")
 
 
 def _ratio_limits(sizes: dict, code_share: float | None) -> dict:
