@@ -31,6 +31,7 @@ from pipeline.io import atomic_path, write_json, write_jsonl
 from pipeline.train.tokenizer import texts_of
 
 LOWER_IS_BETTER = {"bits_per_byte"}
+Say = Callable[[str], None]  # where progress lines go (print, or a Dagster log)
 
 
 def _device() -> str:
@@ -151,68 +152,82 @@ def evaluate_all(
     s: EvalSettings,
     gguf: tuple[str, Path] | None = None,
     context: int = 512,
-    say: Callable[[str], None] = print,
+    say: Say = print,
 ) -> dict:
     """Evaluate each HF checkpoint in `models` (name -> folder) and, on HumanEval, the `gguf`
     (name, file); write report.json, report.md, lm-eval task files and HumanEval samples into `out`.
     `context` is the sequence length the models were trained at: bits per byte scores windows of
     it. lm-eval and HumanEval use the model's full context: a function body alone can be longer."""
     out = Path(out)
-    names = list(models) + ([gguf[0]] if gguf else [])
-    report = Report(names, s)
-    data = report.data
-    data["quantized"] = gguf[0] if gguf else None
+    report = Report(list(models) + ([gguf[0]] if gguf else []), s)
+    report.data["quantized"] = gguf[0] if gguf else None
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # per-request chatter; results come back here
-
     with report.timed("bits_per_byte"):
-        texts = list(texts_of(validation, s.bpb_max_bytes))
-        for name, path in models.items():
-            r = bits_per_byte(path, texts, s.batch_size, context)
-            report.put(name, "bits_per_byte", r["bits_per_byte"], higher_is_better=False)
-            say(f"{name}: {r['bits_per_byte']:.4f} bits/byte over {r['bytes']:,} held-out bytes")
-        data["bpb_bytes"] = r["bytes"] if models else 0
-
+        _score_bits_per_byte(report, models, validation, s, context, say)
     with report.timed("lm_eval"):
-        task_dir = out / "lm_eval_tasks"
-        written, skipped = write_kiln_tasks(validation, task_dir, s.lm_eval_limit)
-        data["unavailable"].update(skipped)
-        tm = task_manager(task_dir, s.lm_eval_tasks)
-        standard, unavailable = loadable(tm, s.lm_eval_tasks)
-        data["unavailable"].update(unavailable)
-        for task, why in unavailable.items():
-            say(f"lm-eval task {task} unavailable: {why}")
-        tasks = [t for t in KILN_TASKS if t in written] + standard
-        data["chance"] = {f"{t}.{m}": 1 / CHOICES for t in written for m in ("acc", "acc_norm")}
-        for name, path in models.items():
-            scores = lm_eval_scores(path, tm, tasks, s.lm_eval_limit, s.batch_size) if tasks else {}
-            for task, r in scores.items():
-                data["tasks"][task] = r["n"]
-                for metric, value in r["scores"].items():
-                    better = r["higher_is_better"].get(metric, True)
-                    report.put(name, f"{task}.{metric}", value, r["stderr"].get(metric), better)
-            say(f"{name}: lm-eval {', '.join(tasks)} done")
-
+        _score_lm_eval(report, models, validation, out / "lm_eval_tasks", s, say)
     with report.timed("humaneval"):
-        ids = task_ids(s.humaneval_problems)
-        data["humaneval_problems"] = len(ids)
         runs = {**models, **({gguf[0]: gguf[1]} if gguf else {})}
-        for name, path in runs.items():
-            samples = generate(
-                path, ids, s.humaneval_samples, s.temperature, s.max_new_tokens, batch_size=s.batch_size,
-                progress=False,
-            )  # fmt: skip
-            result, per_sample = score(samples, s.pass_k, s.timeout)
-            write_jsonl(out / "humaneval" / f"{name}.jsonl", samples)
-            write_jsonl(out / "humaneval" / f"{name}_results.jsonl", per_sample)
-            for k in s.pass_k:
-                if f"pass@{k}" in result:
-                    report.put(name, f"humaneval.pass_at_{k}", result[f"pass@{k}"])
-            say(f"{name}: HumanEval {result}")
-
-    write_json(out / "report.json", data)
+        _score_humaneval(report, runs, out / "humaneval", s, say)
+    write_json(out / "report.json", report.data)
     with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(markdown_table(data))
-    return data
+        tmp.write_text(markdown_table(report.data))
+    return report.data
+
+
+def _score_bits_per_byte(
+    report: Report, models: dict[str, Path], validation: list[dict], s: EvalSettings, context: int, say: Say
+) -> None:
+    """Each model's bits per byte on the held-out texts, in windows of the training `context`."""
+    texts = list(texts_of(validation, s.bpb_max_bytes))
+    for name, path in models.items():
+        r = bits_per_byte(path, texts, s.batch_size, context)
+        report.put(name, "bits_per_byte", r["bits_per_byte"], higher_is_better=False)
+        say(f"{name}: {r['bits_per_byte']:.4f} bits/byte over {r['bytes']:,} held-out bytes")
+    report.data["bpb_bytes"] = r["bytes"] if models else 0
+
+
+def _score_lm_eval(
+    report: Report, models: dict[str, Path], validation: list[dict], task_dir: Path, s: EvalSettings, say: Say
+) -> None:
+    """kiln's tasks written from held-out code into `task_dir`, plus the profile's standard tasks
+    whose data loads (the others listed as unavailable), run on each model through lm-eval."""
+    data = report.data
+    written, skipped = write_kiln_tasks(validation, task_dir, s.lm_eval_limit)
+    data["unavailable"].update(skipped)
+    tm = task_manager(task_dir, s.lm_eval_tasks)
+    standard, unavailable = loadable(tm, s.lm_eval_tasks)
+    data["unavailable"].update(unavailable)
+    for task, why in unavailable.items():
+        say(f"lm-eval task {task} unavailable: {why}")
+    tasks = [t for t in KILN_TASKS if t in written] + standard
+    data["chance"] = {f"{t}.{m}": 1 / CHOICES for t in written for m in ("acc", "acc_norm")}
+    for name, path in models.items():
+        scores = lm_eval_scores(path, tm, tasks, s.lm_eval_limit, s.batch_size) if tasks else {}
+        for task, r in scores.items():
+            data["tasks"][task] = r["n"]
+            for metric, value in r["scores"].items():
+                better = r["higher_is_better"].get(metric, True)
+                report.put(name, f"{task}.{metric}", value, r["stderr"].get(metric), better)
+        say(f"{name}: lm-eval {', '.join(tasks)} done")
+
+
+def _score_humaneval(report: Report, runs: dict[str, Path], samples_dir: Path, s: EvalSettings, say: Say) -> None:
+    """HumanEval pass@k of each HF checkpoint or GGUF file in `runs`; the completions and their
+    results go to `samples_dir` as <name>.jsonl and <name>_results.jsonl."""
+    ids = task_ids(s.humaneval_problems)
+    report.data["humaneval_problems"] = len(ids)
+    for name, path in runs.items():
+        samples = generate(
+            path, ids, s.humaneval_samples, s.temperature, s.max_new_tokens, batch_size=s.batch_size, progress=False
+        )
+        result, per_sample = score(samples, s.pass_k, s.timeout)
+        write_jsonl(samples_dir / f"{name}.jsonl", samples)
+        write_jsonl(samples_dir / f"{name}_results.jsonl", per_sample)
+        for k in s.pass_k:
+            if f"pass@{k}" in result:
+                report.put(name, f"humaneval.pass_at_{k}", result[f"pass@{k}"])
+        say(f"{name}: HumanEval {result}")
 
 
 def metric_table(report: dict) -> dict[str, dict[str, float]]:

@@ -73,10 +73,23 @@ def _tokenizer_metadata(writer, checkpoint: Path) -> None:
 def convert_to_gguf(checkpoint: Path, out: Path, name: str = "kiln", version: str = "") -> Path:
     """Write `checkpoint` (a Llama save_pretrained folder) as a GGUF F16 file at `out`."""
     import gguf
-    import torch
-    from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
+    cfg, shards = _llama_checkpoint(checkpoint)
+    with atomic_path(Path(out)) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch="llama")
+        _model_metadata(writer, cfg, name, version)
+        _tokenizer_metadata(writer, checkpoint)
+        _add_tensors(writer, shards, cfg)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return Path(out)
+
+
+def _llama_checkpoint(checkpoint: Path) -> tuple[dict, list[Path]]:
+    """The config.json and the safetensors shards of a Llama checkpoint, or a KilnError saying what is missing."""
     config_file = checkpoint / "config.json"
     if not config_file.is_file():
         raise KilnError(f"{checkpoint}: not a model folder (no config.json)")
@@ -86,48 +99,53 @@ def convert_to_gguf(checkpoint: Path, out: Path, name: str = "kiln", version: st
     shards = sorted(checkpoint.glob("*.safetensors"))
     if not shards:
         raise KilnError(f"{checkpoint}: no .safetensors weights")
-    n_layers, n_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    return cfg, shards
+
+
+def _model_metadata(writer, cfg: dict, name: str, version: str) -> None:
+    """The name, file type and the hyper-parameters llama.cpp builds the graph from."""
+    import gguf
+
+    n_heads = cfg["num_attention_heads"]
+    writer.add_name(name)
+    if version:
+        writer.add_string("general.version", version)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(cfg.get("num_key_value_heads", n_heads))
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta")))
+    writer.add_rope_dimension_count(cfg["hidden_size"] // n_heads)
+
+
+def _add_tensors(writer, shards: list[Path], cfg: dict) -> None:
+    """Every tensor under its GGUF name: q/k rows permuted for llama.cpp's RoPE, matrices in F16."""
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+
+    n_heads = cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads", n_heads)
-    head_dim = cfg["hidden_size"] // n_heads
-
-    with atomic_path(Path(out)) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch="llama")
-        writer.add_name(name)
-        if version:
-            writer.add_string("general.version", version)
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-        writer.add_vocab_size(cfg["vocab_size"])
-        writer.add_context_length(cfg["max_position_embeddings"])
-        writer.add_embedding_length(cfg["hidden_size"])
-        writer.add_block_count(n_layers)
-        writer.add_feed_forward_length(cfg["intermediate_size"])
-        writer.add_head_count(n_heads)
-        writer.add_head_count_kv(n_kv)
-        writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-        writer.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta")))
-        writer.add_rope_dimension_count(head_dim)
-        _tokenizer_metadata(writer, checkpoint)
-
-        names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, n_layers)
-        for shard in shards:
-            for hf_name, tensor in load_file(str(shard)).items():
-                if hf_name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
-                    continue  # llama.cpp reuses token_embd for the output when there is no output.weight
-                gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if gguf_name is None:
-                    raise KilnError(f"{shard.name}: tensor {hf_name} has no GGUF name for llama")
-                data = tensor.to(torch.float32).numpy()
-                if hf_name.endswith("q_proj.weight"):
-                    data = rotary_permute(data, n_heads)
-                elif hf_name.endswith("k_proj.weight"):
-                    data = rotary_permute(data, n_kv)
-                # matrices in F16; norms (1-D) stay F32, as llama.cpp expects
-                writer.add_tensor(gguf_name, data.astype(np.float16 if data.ndim == 2 else np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return Path(out)
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
+    for shard in shards:
+        for hf_name, tensor in load_file(str(shard)).items():
+            if hf_name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+                continue  # llama.cpp reuses token_embd for the output when there is no output.weight
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise KilnError(f"{shard.name}: tensor {hf_name} has no GGUF name for llama")
+            data = tensor.to(torch.float32).numpy()
+            if hf_name.endswith("q_proj.weight"):
+                data = rotary_permute(data, n_heads)
+            elif hf_name.endswith("k_proj.weight"):
+                data = rotary_permute(data, n_kv)
+            # matrices in F16; norms (1-D) stay F32, as llama.cpp expects
+            writer.add_tensor(gguf_name, data.astype(np.float16 if data.ndim == 2 else np.float32))
 
 
 @contextlib.contextmanager

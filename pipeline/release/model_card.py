@@ -21,23 +21,33 @@ def build_bundle(layout: Layout, profile: Profile, run_id: str) -> dict:
     """Gather what a registered version holds into `layout.bundle_dir`: gguf/, hf/ (merged checkpoint
     and tokenizer), MODEL_CARD.md, benchmark.json, eval_report.json, clean_stats.json, profile.json.
     Returns the key metrics for tags, whether GGUF parity passed, and each GGUF file's size."""
-    base = _load(layout.base_summary)
-    bench = _load(layout.benchmark_json)
-    clean = _load(layout.clean_stats)
-    tok = _load(layout.tokenizer_stats)
+    base, bench, clean = _load(layout.base_summary), _load(layout.benchmark_json), _load(layout.clean_stats)
     files = _load(layout.gguf_files)
-    report_md = layout.eval_markdown
-    evals = report_md.read_text() if report_md.exists() else ""
-    benchmark_table = markdown_table(bench["files"]) if bench else ""
-    metrics = {
+    evals = layout.eval_markdown.read_text() if layout.eval_markdown.exists() else ""
+    parity = all(v["parity"]["passed"] for v in bench.get("files", {}).values()) and bool(bench)
+    card = model_card(profile, run_id, base, clean, _load(layout.tokenizer_stats), evals, bench, parity)
+    _write_bundle(layout, profile, files, card, bench, clean)
+    sizes = {Path(p).name: Path(p).stat().st_size for p in files.values()}
+    return {"metrics": _key_metrics(base, bench), "parity": parity, "sizes": sizes}
+
+
+def _key_metrics(base: dict, bench: dict) -> dict:
+    """What the registered version is tagged with: base model figures, GGUF speed and parity."""
+    return {
         "base_val_bpb": base.get("val_bpb"),
         "unigram_bpb": base.get("unigram_bpb"),
         "parameters": base.get("parameters"),
         **{f"{k}_tg128_tokens_per_s": v["tg128_tokens_per_s"]["median"] for k, v in bench.get("files", {}).items()},
         **{f"{k}_ppl_rel_diff": v["parity"]["perplexity_rel_diff"] for k, v in bench.get("files", {}).items()},
     }
-    parity = all(v["parity"]["passed"] for v in bench.get("files", {}).values()) and bool(bench)
-    card = f"""# {model_name(profile.name)}
+
+
+def model_card(
+    profile: Profile, run_id: str, base: dict, clean: dict, tok: dict, evals: str, bench: dict, parity: bool
+) -> str:
+    """MODEL_CARD.md: data, model, training, evaluation, GGUF measurements and lineage of one run."""
+    benchmark_table = markdown_table(bench["files"]) if bench else ""
+    return f"""# {model_name(profile.name)}
 
 A Llama-architecture model pretrained from scratch by kiln, then QLoRA SFT and DPO, shipped as GGUF.
 Pipeline run `{run_id}`.
@@ -66,6 +76,10 @@ DPO: steps {profile.dpo.steps}, beta {profile.dpo.beta}.
 raw_corpus -> clean_corpus -> tokenizer -> base_model -> sft_model -> dpo_model -> gguf_model -> gguf_benchmark,
 eval_report
 """
+
+
+def _write_bundle(layout: Layout, profile: Profile, files: dict, card: str, bench: dict, clean: dict) -> None:
+    """The bundle folder, written under a temporary name and renamed when complete."""
     with atomic_path(layout.bundle_dir) as tmp:
         (tmp / "gguf").mkdir(parents=True)
         for path in files.values():
@@ -73,9 +87,7 @@ eval_report
         shutil.copytree(layout.model_dir(SHIPPED), tmp / "hf")
         (tmp / "MODEL_CARD.md").write_text(card)
         (tmp / "benchmark.json").write_text(json.dumps(bench, indent=2))
-        if report_md.exists():
+        if layout.eval_markdown.exists():
             shutil.copy2(layout.eval_report, tmp / "eval_report.json")
         (tmp / "clean_stats.json").write_text(json.dumps(clean, indent=2))
         (tmp / "profile.json").write_text(json.dumps(profile.to_dict(), indent=2, default=str))
-    sizes = {Path(p).name: Path(p).stat().st_size for p in files.values()}
-    return {"metrics": metrics, "parity": parity, "sizes": sizes}
