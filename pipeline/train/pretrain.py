@@ -227,6 +227,10 @@ def build_training(config, shape: ModelShape, settings: PretrainSettings, dist: 
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(s.seed)
     model = build_model(config, device)
+    if dtype is not None:
+        # the residual stream in the compute dtype, as the attention and MLP outputs already are:
+        # the norms, RoPE and SwiGLU then move half the bytes (the norms still reduce in fp32)
+        model.model.embed_tokens.register_forward_hook(lambda _module, _inputs, out: out.to(dtype))
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
