@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -138,6 +139,8 @@ class Pretrain(Command):
         result, baseline = build_base_model(
             clean, Path(args.tokenizer), output, load_profile(args.profile), profile_ref=args.profile
         )
+        if os.environ.get("RANK", "0") != "0":
+            return 0  # under torchrun, rank 0 reports
         print(
             json.dumps(
                 {"parameters": result.parameters, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
