@@ -66,7 +66,7 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
             "steps": result.steps,
             "tokens_seen": result.tokens_seen,
             "tokens_per_s": result.tokens_per_s,
-            "mfu": result.mfu if result.mfu is not None else float("nan"),
+            **({"mfu": result.mfu} if result.mfu is not None else {}),  # None off the peak-FLOPs table (and on CPU)
             "loss_kernel": result.loss,
             "final_train_loss": result.final_train_loss,
             "val_loss": result.val_loss,
@@ -78,7 +78,8 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
         log_to_mlflow(
             log, metadata, params={"model": profile.model.__dict__, "pretrain": profile.pretrain.__dict__},
             files=[layout.base_summary, layout.base_metrics], images={"loss_curve.png": curve},
-            history=result.history + result.evals, history_keys=("loss", "lr", "grad_norm", "val_loss", "val_bpb"),
+            history=result.history + result.evals,
+            history_keys=("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb"),
         )  # fmt: skip
     return MaterializeResult(metadata=metadata)
 

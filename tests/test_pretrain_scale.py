@@ -138,3 +138,29 @@ def test_devices_2_starts_torchrun_and_reads_back_the_result(small_corpus, token
     assert result.tokens_seen == 2 * 2 * 32 * 2  # steps x micro_batch x seq_len x processes
     assert baseline == summary["unigram_bpb"] > 0
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+
+
+def test_device_report_on_this_machine(capsys):
+    from pipeline.cli import main
+
+    assert main(["device"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    if not torch.cuda.is_available():
+        assert (
+            report["device"] == "cpu" and report["pretrain_loss"] == "chunked" and report["bitsandbytes_cuda"] is None
+        )
+
+
+def test_device_check_fails_clearly_without_a_cuda_bitsandbytes(monkeypatch, capsys):
+    from pipeline.cli import main
+    from pipeline.train.device import bitsandbytes_has_cuda
+
+    if bitsandbytes_has_cuda():
+        pytest.skip("bitsandbytes here is a CUDA build: the failure cannot be caused")
+    # a GPU cannot be added to this machine; the CPU build of bitsandbytes that is loaded here is real
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert main(["device"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln: error: a CUDA GPU is here but bitsandbytes has no CUDA build") and err.count("\n") == 1

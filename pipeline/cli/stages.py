@@ -1,4 +1,5 @@
-"""`kiln clean`, `kiln tokenizer`, `kiln pretrain`: one stage alone on your own files; `kiln profiles`."""
+"""`kiln clean`, `kiln tokenizer`, `kiln pretrain`: one stage alone on your own files; `kiln profiles`,
+`kiln device`."""
 
 from __future__ import annotations
 
@@ -150,4 +151,19 @@ class Pretrain(Command):
             )
         )  # fmt: skip
         print(f"model in {output / 'model'}", file=sys.stderr)
+        return 0
+
+
+class Device(Command):
+    help = "check this machine for training: GPU, bf16, the pretraining loss kernel, bitsandbytes' CUDA build"
+    description = (
+        "Print what the training stages will use here as JSON. Exits 2 when a CUDA GPU is present but "
+        "bitsandbytes has no CUDA build (4-bit SFT and DPO would fail)."
+    )
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.train.device import check_quantization_device, device_report
+
+        print(json.dumps(device_report(), indent=2))
+        check_quantization_device()
         return 0
