@@ -149,13 +149,12 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 def build_model(config, device: torch.device):
-    """LlamaForCausalLM on `device`, attention through `causal_attention`, no KV cache in training."""
+    """LlamaForCausalLM on `device`, attention through `causal_attention` (the saved config says sdpa)."""
     from transformers import AttentionInterface, LlamaForCausalLM
 
     AttentionInterface.register("kiln_causal", causal_attention)
     model = LlamaForCausalLM(config).to(device)
     model.config._attn_implementation = "kiln_causal"
-    model.config.use_cache = False
     return model
 
 
@@ -347,7 +346,7 @@ def evaluate(model, data: PackedTokens, token_bytes: torch.Tensor, batches: int,
         x, y = data.batch(b * micro_batch, min(micro_batch, data.n))  # fixed, unshuffled-by-step
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(input_ids=x).logits
+            logits = model(input_ids=x, use_cache=False).logits
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
         nll += losses.sum().item()
         n_tok += y.numel()
@@ -455,8 +454,11 @@ def pretrain(
     tokens_per_s = steady_tokens_per_s(log.step_seconds, t.tokens_per_step)
     share = mfu(tokens_per_s, t.flops_per_token, t.peak_flops)
     if log.stopped_early:
-        return PretrainResult(len(log.history), 0, log.history[-1]["loss"], float("nan"), float("nan"),
-                              tokens_per_s, t.parameters, share, t.loss, log.history, log.evals, start)  # fmt: skip
+        return PretrainResult(
+            steps=len(log.history), tokens_seen=0, final_train_loss=log.history[-1]["loss"], val_loss=float("nan"),
+            val_bpb=float("nan"), tokens_per_s=tokens_per_s, parameters=t.parameters, mfu=share, loss=t.loss,
+            history=log.history, evals=log.evals, resumed_from=start,
+        )  # fmt: skip
     if dist.main:
         t.model.config._attn_implementation = "sdpa"  # what later stages load it with
         with atomic_path(out_dir / "model") as tmp:
