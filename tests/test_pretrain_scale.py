@@ -164,3 +164,25 @@ def test_device_check_fails_clearly_without_a_cuda_bitsandbytes(monkeypatch, cap
     assert main(["device"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kiln: error: a CUDA GPU is here but bitsandbytes has no CUDA build") and err.count("\n") == 1
+
+
+def test_causal_attention_matches_transformers_sdpa():
+    """kiln's maskless causal attention (grouped-query heads as they are) gives the stock model's logits."""
+    from pipeline.train.pretrain import build_model, llama_config
+
+    torch.manual_seed(0)
+    model = build_model(llama_config(SHAPE, 300, 0, 1, 2), torch.device("cpu")).eval()
+    x = torch.randint(0, 300, (2, 24))
+    assert model.config._attn_implementation == "kiln_causal"
+    changed = x.clone()
+    changed[:, -1] = (x[:, -1] + 1) % 300
+    with torch.no_grad():
+        ours = model(input_ids=x, use_cache=False).logits
+        ours_changed = model(input_ids=changed, use_cache=False).logits
+        model.config._attn_implementation = "sdpa"
+        stock = model(input_ids=x, use_cache=False).logits
+        model.config._attn_implementation = "eager"
+        eager = model(input_ids=x, use_cache=False).logits
+    assert torch.allclose(ours, stock, atol=1e-5) and torch.allclose(ours, eager, atol=1e-4)
+    # causal: a change to the last token moves only the last position's logits
+    assert torch.allclose(ours[:, :-1], ours_changed[:, :-1]) and not torch.allclose(ours[:, -1], ours_changed[:, -1])
