@@ -8,7 +8,8 @@ from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image
 from pipeline.charts import loss_curve
 from pipeline.io import read_json
-from pipeline.train.base_model import build_base_model, build_tokenizer
+from pipeline.train.pretrain import build_base_model
+from pipeline.train.tokenizer import build_tokenizer
 from resources import KilnSettings, MLflowTracking
 
 PARAMETER_LIMIT = 300_000_000
@@ -55,8 +56,9 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
 
     with mlflow.stage(context.run.run_id, profile.name, "base_model") as log:  # system metrics while training
         result, baseline = build_base_model(
-            layout.clean_splits, layout.tokenizer, layout.stage_of("base"), profile, on_step=log_step
-        )
+            layout.clean_splits, layout.tokenizer, layout.stage_of("base"), profile, on_step=log_step,
+            profile_ref=kiln.profile,
+        )  # fmt: skip
         curve = loss_curve(result.history, result.evals, f"base_model ({profile.name})")
         metadata = {
             "path": MetadataValue.path(str(layout.model_dir("base"))),
@@ -64,6 +66,8 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
             "steps": result.steps,
             "tokens_seen": result.tokens_seen,
             "tokens_per_s": result.tokens_per_s,
+            **({"mfu": result.mfu} if result.mfu is not None else {}),  # None off the peak-FLOPs table (and on CPU)
+            "loss_kernel": result.loss,
             "final_train_loss": result.final_train_loss,
             "val_loss": result.val_loss,
             "val_bits_per_byte": result.val_bpb,
@@ -74,7 +78,8 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
         log_to_mlflow(
             log, metadata, params={"model": profile.model.__dict__, "pretrain": profile.pretrain.__dict__},
             files=[layout.base_summary, layout.base_metrics], images={"loss_curve.png": curve},
-            history=result.history + result.evals, history_keys=("loss", "lr", "grad_norm", "val_loss", "val_bpb"),
+            history=result.history + result.evals,
+            history_keys=("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb"),
         )  # fmt: skip
     return MaterializeResult(metadata=metadata)
 

@@ -37,7 +37,7 @@ def _prepare(profile, tmp: Path):
         return load_tokenizer(tok_dir), tokens / "train.bin", tokens / "validation.bin"
     from pipeline.data.clean import clean_corpus, read_split
     from pipeline.data.ingest import build_raw_corpus
-    from pipeline.train.base_model import build_tokenizer
+    from pipeline.train.tokenizer import build_tokenizer
 
     c = profile.corpus
     build_raw_corpus(c.sources, tmp / "raw.jsonl", c.max_bytes, c.code_share, progress=False)

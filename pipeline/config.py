@@ -194,11 +194,15 @@ class PretrainSettings:
     """torch.compile: auto (on CUDA only), on, off."""
     precision: str = "auto"
     """auto (bf16 autocast where the GPU supports it, else fp32), bf16, fp32."""
+    devices: int = 1
+    """GPUs to train on, data-parallel; above 1, `kiln pretrain` and the base_model asset start torchrun."""
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch", "grad_accum", "steps", "eval_every", "eval_batches", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ProfileError(f"pretrain.{name} must be at least 1")
+        if self.devices < 1:
+            raise ProfileError("pretrain.devices must be at least 1")
         if self.compile not in ("auto", "on", "off"):
             raise ProfileError(f"pretrain.compile must be auto, on or off, not {self.compile!r}")
         if self.precision not in ("auto", "bf16", "fp32"):

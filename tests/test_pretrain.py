@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 from pipeline.config import ModelShape, PretrainSettings, ProfileError, load_profile
 from pipeline.data.clean import read_split
 from pipeline.errors import KilnError
+from pipeline.train.loss import ChunkedLinearCrossEntropy
 from pipeline.train.pretrain import (
-    ChunkedLinearCrossEntropy,
     PackedTokens,
     count_parameters,
     lr_at,

@@ -18,7 +18,7 @@ from pipeline.cli.command import Command
 from pipeline.cli.humaneval import Humaneval
 from pipeline.cli.release import Bench, Gguf, History, Models, Promote, Pull, Rollback
 from pipeline.cli.run import Run
-from pipeline.cli.stages import Clean, Pretrain, Profiles, Tokenizer
+from pipeline.cli.stages import Clean, Device, Pretrain, Profiles, Tokenizer
 from pipeline.errors import KilnError
 
 COMMANDS: dict[str, Command] = {
@@ -26,6 +26,7 @@ COMMANDS: dict[str, Command] = {
     "profiles": Profiles(),
     "tokenizer": Tokenizer(),
     "pretrain": Pretrain(),
+    "device": Device(),
     "gguf": Gguf(),
     "bench": Bench(),
     "humaneval": Humaneval(),

@@ -1,9 +1,11 @@
-"""`kiln clean`, `kiln tokenizer`, `kiln pretrain`: one stage alone on your own files; `kiln profiles`."""
+"""`kiln clean`, `kiln tokenizer`, `kiln pretrain`: one stage alone on your own files; `kiln profiles`,
+`kiln device`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -107,7 +109,7 @@ class Tokenizer(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from pipeline.config import load_profile
-        from pipeline.train.base_model import build_tokenizer
+        from pipeline.train.tokenizer import build_tokenizer
 
         clean = clean_folder(args.clean)
         stats = build_tokenizer(clean, Path(args.output), load_profile(args.profile))
@@ -121,7 +123,7 @@ class Pretrain(Command):
         "Tokenize the cleaned corpus, then pretrain the profile's Llama model; writes "
         "OUTPUT/model/ (save_pretrained with safetensors and the tokenizer), OUTPUT/checkpoints/, "
         "OUTPUT/metrics.json and OUTPUT/summary.json. Run it again after an interruption to resume. "
-        "On several GPUs, launch it with `torchrun --nproc-per-node N -m pipeline.cli pretrain ...`."
+        "With pretrain.devices > 1 in the profile it starts itself under torchrun, one process per GPU."
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -134,17 +136,37 @@ class Pretrain(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from pipeline.config import load_profile
-        from pipeline.train.base_model import build_base_model
+        from pipeline.train.pretrain import build_base_model
 
         clean = clean_folder(args.clean)
         output = Path(args.output)
-        result, baseline = build_base_model(clean, Path(args.tokenizer), output, load_profile(args.profile))
+        result, baseline = build_base_model(
+            clean, Path(args.tokenizer), output, load_profile(args.profile), profile_ref=args.profile
+        )
+        if os.environ.get("RANK", "0") != "0":
+            return 0  # under torchrun, rank 0 reports
         print(
             json.dumps(
                 {"parameters": result.parameters, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
-                 "unigram_bpb": baseline, "tokens_per_s": result.tokens_per_s, "resumed_from": result.resumed_from},
+                 "unigram_bpb": baseline, "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "loss": result.loss,
+                 "resumed_from": result.resumed_from},
                 indent=2,
             )
         )  # fmt: skip
         print(f"model in {output / 'model'}", file=sys.stderr)
+        return 0
+
+
+class Device(Command):
+    help = "check this machine for training: GPU, bf16, the pretraining loss kernel, bitsandbytes' CUDA build"
+    description = (
+        "Print what the training stages will use here as JSON. Exits 2 when a CUDA GPU is present but "
+        "bitsandbytes has no CUDA build (4-bit SFT and DPO would fail)."
+    )
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.train.device import check_quantization_device, device_report
+
+        print(json.dumps(device_report(), indent=2))
+        check_quantization_device()
         return 0

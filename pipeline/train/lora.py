@@ -73,6 +73,10 @@ def load_for_training(checkpoint: Path, quantize: bool):
     if quantize:
         from peft import prepare_model_for_kbit_training
 
+        from pipeline.train.device import check_quantization_device
+
+        check_quantization_device()
+
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

@@ -145,3 +145,33 @@ def texts_of(records: Iterable[dict], max_bytes: int | None = None) -> Iterator[
             return
         seen += len(rec["text"].encode("utf-8"))
         yield rec["text"]
+
+
+def build_tokenizer(clean_dir: Path, out_dir: Path, profile) -> dict:
+    """The tokenizer stage: train on the clean train split, measure on the validation split,
+    write `out_dir/tokenizer/` and `out_dir/stats.json`; returns the stats."""
+    from pipeline.data.clean import read_split  # datatrove: only this stage needs it
+    from pipeline.io import write_json
+
+    settings = profile.tokenizer
+    tok = train_tokenizer(
+        texts_of(read_split(clean_dir, "train"), settings.max_train_bytes),
+        out_dir / "tokenizer",
+        settings.vocab_size,
+        settings.min_frequency,
+    )
+    val = list(read_split(clean_dir, "validation"))
+    code = [r["text"] for r in val if r["lang"] not in ("en", "ko", "other", "unknown")]
+    prose = [r["text"] for r in val if r["lang"] in ("en", "ko", "other", "unknown")]
+    stats = {
+        "vocab_size": len(tok),
+        "bytes_per_token": {
+            "validation": bytes_per_token(tok, code + prose),
+            "code": bytes_per_token(tok, code) if code else None,
+            "prose": bytes_per_token(tok, prose) if prose else None,
+        },
+        "round_trip_failures": round_trip_failures(tok, [r["text"] for r in val] + ROUND_TRIP_SAMPLES),
+        "round_trip_texts": len(val) + len(ROUND_TRIP_SAMPLES),
+    }
+    write_json(out_dir / "stats.json", stats)
+    return stats
