@@ -16,6 +16,9 @@ export HF_DATASETS_OFFLINE := 1
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# HumanEval scoring runs completions in bubblewrap (Debian's package)
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y bubblewrap; } \
+		|| echo "bubblewrap is missing: sudo apt-get install bubblewrap (HumanEval scoring needs it)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install -e '.[test]'

@@ -27,6 +27,7 @@ import torch
 from pipeline.config import EvalSettings
 from pipeline.eval.humaneval import generate, score, task_ids
 from pipeline.eval.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
+from pipeline.eval.sandbox import check_available
 from pipeline.io import atomic_path, write_json, write_jsonl
 from pipeline.train.tokenizer import texts_of
 
@@ -193,6 +194,8 @@ def evaluate_all(
             say(f"{name}: lm-eval {', '.join(tasks)} done")
 
     with report.timed("humaneval"):
+        if not s.unsafe_sandbox:
+            check_available()  # refuse before generating anything it could not score
         ids = task_ids(s.humaneval_problems)
         data["humaneval_problems"] = len(ids)
         runs = {**models, **({gguf[0]: gguf[1]} if gguf else {})}
@@ -201,7 +204,7 @@ def evaluate_all(
                 path, ids, s.humaneval_samples, s.temperature, s.max_new_tokens, batch_size=s.batch_size,
                 progress=False,
             )  # fmt: skip
-            result, per_sample = score(samples, s.pass_k, s.timeout)
+            result, per_sample = score(samples, s.pass_k, s.timeout, unsafe=s.unsafe_sandbox)
             write_jsonl(out / "humaneval" / f"{name}.jsonl", samples)
             write_jsonl(out / "humaneval" / f"{name}_results.jsonl", per_sample)
             for k in s.pass_k:
