@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pii_accuracy.py
 	$(BIN)/python benchmarks/pretrain_throughput.py
 	$(BIN)/python benchmarks/humaneval_generation.py
+	$(BIN)/python benchmarks/sandbox_overhead.py
 
 clean-work:
 	rm -rf data/work

@@ -92,12 +92,18 @@ def _hostile(token: str, host_dir: Path, port: int, scorer_pid: int) -> dict[str
 
 
 def _processes_with(token: str) -> list[int]:
+    """Host processes with `token` in their command line, or running as one of this process's
+    sandbox users (the fork bomb's copies carry no token)."""
+    first_uid = 200_000 + (os.getpid() % 20_000) * 1000
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and token.encode() in (entry / "cmdline").read_bytes():
+            if not entry.name.isdigit():
+                continue
+            uid = int((entry / "status").read_text().split("\nUid:")[1].split()[0])
+            if token.encode() in (entry / "cmdline").read_bytes() or first_uid <= uid < first_uid + 1000:
                 found.append(int(entry.name))
-        except OSError:
+        except (OSError, IndexError, ValueError):
             continue
     return found
 
