@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline.cli.command import Command, add_profile
 from pipeline.errors import KilnError
+from pipeline.io import writable_folder
 
 
 class Clean(Command):
@@ -36,7 +37,7 @@ class Clean(Command):
         from pipeline.data.ingest import Source, build_raw_corpus
 
         profile = load_profile(args.profile)
-        output = Path(args.output)
+        output = writable_folder(Path(args.output))
         sources = [Source(path=p, text_field=args.text_field) for p in args.inputs]
         for p in args.inputs:
             if not Path(p).exists():
@@ -107,7 +108,7 @@ class Tokenizer(Command):
         from pipeline.train.base_model import build_tokenizer
 
         clean = clean_folder(args.clean)
-        stats = build_tokenizer(clean, Path(args.output), load_profile(args.profile))
+        stats = build_tokenizer(clean, writable_folder(Path(args.output)), load_profile(args.profile))
         print(json.dumps(stats, indent=2, ensure_ascii=False))
         return 0
 
@@ -134,7 +135,7 @@ class Pretrain(Command):
         from pipeline.train.base_model import build_base_model
 
         clean = clean_folder(args.clean)
-        output = Path(args.output)
+        output = writable_folder(Path(args.output))
         result, baseline = build_base_model(clean, Path(args.tokenizer), output, load_profile(args.profile))
         print(
             json.dumps(

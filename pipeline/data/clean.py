@@ -300,7 +300,7 @@ def _shard_inputs(raw_files: list[Path], raw_dir: Path, rejected: Path, shards: 
     n = 0
     with open(rejected / "empty-00000.jsonl", "w", encoding="utf-8") as empty:
         for f in raw_files:
-            for line in open(f, encoding="utf-8"):
+            for line in open(f, encoding="utf-8", newline="\n"):
                 if not line.strip():
                     continue
                 rec = json.loads(line)
