@@ -37,11 +37,11 @@ class Clean(Command):
         from pipeline.data.ingest import Source, build_raw_corpus
 
         profile = load_profile(args.profile)
-        output = writable_folder(Path(args.output))
         sources = [Source(path=p, text_field=args.text_field) for p in args.inputs]
         for p in args.inputs:
             if not Path(p).exists():
                 raise KilnError(f"{p}: no such file or folder")
+        output = writable_folder(Path(args.output))
         raw = output / "raw.jsonl"
         # Every document of every input: no byte budget and no code/prose mix for a user's own files.
         ingest = build_raw_corpus(sources, raw, max_bytes=None, code_share=None, progress=not args.quiet)
@@ -107,8 +107,8 @@ class Tokenizer(Command):
         from pipeline.config import load_profile
         from pipeline.train.base_model import build_tokenizer
 
-        clean = clean_folder(args.clean)
-        stats = build_tokenizer(clean, writable_folder(Path(args.output)), load_profile(args.profile))
+        clean, profile = clean_folder(args.clean), load_profile(args.profile)
+        stats = build_tokenizer(clean, writable_folder(Path(args.output)), profile)
         print(json.dumps(stats, indent=2, ensure_ascii=False))
         return 0
 
@@ -134,9 +134,9 @@ class Pretrain(Command):
         from pipeline.config import load_profile
         from pipeline.train.base_model import build_base_model
 
-        clean = clean_folder(args.clean)
+        clean, profile = clean_folder(args.clean), load_profile(args.profile)
         output = writable_folder(Path(args.output))
-        result, baseline = build_base_model(clean, Path(args.tokenizer), output, load_profile(args.profile))
+        result, baseline = build_base_model(clean, Path(args.tokenizer), output, profile)
         print(
             json.dumps(
                 {"parameters": result.parameters, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
