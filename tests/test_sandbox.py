@@ -17,6 +17,17 @@ from pipeline.eval.sandbox import SandboxUnavailable, check_available, run_tests
 
 TASK = "HumanEval/53"  # add(x, y): a hundred random calls in its tests
 WRONG = "    return x - y\n"
+# Whatever a runner could use as its "done" marker: the previous sandbox's constant, and its
+# own arguments, where that sandbox passed the marker.
+MARKER = (
+    "import atexit, os, posix, sys\n"
+    "def _say_done():\n"
+    "    for word in ['__kiln_sandbox_done__', *sys.argv[1:]]:\n"
+    "        sys.stderr.write('\\n' + word + '\\n')\n"
+    "        print(word)\n"
+    "    sys.stderr.flush()\n"
+    "    sys.stdout.flush()\n"
+)
 
 
 def _hostile(token: str, host_dir: Path, port: int, scorer_pid: int) -> dict[str, str]:
@@ -28,10 +39,9 @@ def _hostile(token: str, host_dir: Path, port: int, scorer_pid: int) -> dict[str
     prefix = os.path.realpath(sys.base_prefix)
     return {
         # 1: forging the verdict
-        "done marker": WRONG + "import sys, os\nprint('__kiln_sandbox_done__')\n"
-        "sys.stderr.write('\\n__kiln_sandbox_done__\\n')\nsys.stderr.flush()\nos._exit(0)\n",
-        "exit hook": "    assert False\nimport atexit, os, sys\natexit.register(lambda: os._exit(0))\n"
-        "sys.excepthook = lambda *a: os._exit(0)\n",
+        "done marker": WRONG + MARKER + "_say_done()\nraise SystemExit(0)\n",
+        "exit hook": "    assert False\n" + MARKER + "atexit.register(lambda: (_say_done(), posix._exit(0)))\n"
+        "sys.excepthook = lambda *a: (_say_done(), posix._exit(0))\n",
         "exit during the tests": "    import os\n    os._exit(0)\n",
         "always equal": "    class Yes:\n        def __eq__(self, other):\n            return True\n    return Yes()\n",
         "int subclass": "    class Yes(int):\n        def __eq__(self, other):\n            return True\n"
