@@ -13,6 +13,7 @@ are "not an ASCII letter or digit", so any script next to a value ends it.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 _DIGITS = frozenset("0123456789")
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
@@ -22,6 +23,7 @@ _HEX_COLON = frozenset("0123456789abcdefABCDEF:")
 _KR_PREFIXES = ("010", "011", "016", "017", "018", "019", "070", "080", "02") + tuple(
     f"0{a}{b}" for a in "3456" for b in "12345"
 )
+_NEXT_DIGIT = re.compile(r"[0-9]")  # only to skip ahead; what a run is, is decided below
 _VERSION_WORDS = ("version", "ver", "v", "==", ">=", "<=", "~=", "python", "release")
 
 
@@ -51,6 +53,10 @@ def _number_runs(text: str):
     separator each ("-", ".", " ", ") ", ")"), with an optional leading "+" or "("."""
     n, i = len(text), 0
     while i < n:
+        found = _NEXT_DIGIT.search(text, i)  # jump ahead: most characters are not near a digit
+        if not found:
+            return
+        i = max(i, found.start() - 1)
         start = i
         if text[i] in "+(" and i + 1 < n and text[i + 1] in _DIGITS:
             i += 1
@@ -114,11 +120,13 @@ def _classify(text: str, start: int, groups: list[str], seps: list[str]) -> str 
             return "kr_rrn"
     if 13 <= len(digits) <= 19 and digits[0] in "3456" and luhn(digits) and kinds <= {"-", " "}:
         return "card"
-    if digits.startswith("0") and 9 <= len(digits) <= 11 and digits.startswith(_KR_PREFIXES):
-        if seps or digits.startswith("01"):
-            return "phone"
-    if len(digits) == 10 and [len(g) for g in groups] == [3, 3, 4] and digits[0] in "23456789":
-        return "phone"
+    sizes = [len(g) for g in groups]
+    if seps and len(groups) == 3 and groups[0] in _KR_PREFIXES and sizes[1] in (3, 4) and sizes[2] == 4:
+        return "phone"  # 02-123-4567, 010 1234 5678, (031) 234-5678
+    if not seps and digits[:3] in _KR_PREFIXES[:6] and len(digits) in (10, 11):
+        return "phone"  # a Korean mobile written solid
+    if sizes == [3, 3, 4] and digits[0] in "23456789" and digits[3] in "23456789":
+        return "phone"  # 415-555-2671, (415) 555 2671, 415.555.2671
     return None
 
 
@@ -139,14 +147,18 @@ def _emails(text: str):
 
 
 def _ipv6(text: str):
-    i, n = 0, len(text)
-    while i < n:
-        if text[i] not in _HEX_COLON or (i > 0 and text[i - 1] in _ALNUM):
-            i += 1
-            continue
-        j = i
+    """Each maximal run of hex digits and colons around a "::" or with three or more colons."""
+    n, colon = len(text), text.find(":")
+    while colon != -1:
+        i = colon
+        while i > 0 and text[i - 1] in _HEX_COLON:
+            i -= 1
+        j = colon
         while j < n and text[j] in _HEX_COLON:
             j += 1
+        colon = text.find(":", j)
+        if i > 0 and text[i - 1] in _ALNUM:
+            continue
         token = text[i:j]
         if token.count(":") >= 3 and (j >= n or text[j] not in _ALNUM):
             try:
@@ -154,7 +166,6 @@ def _ipv6(text: str):
                     yield "ip", token
             except ValueError:
                 pass
-        i = j + 1
 
 
 def _ibans(text: str):
