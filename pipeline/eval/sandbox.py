@@ -124,8 +124,10 @@ def _mounts() -> list[str]:
 
 
 def _python() -> str:
-    """The base interpreter (not a virtualenv's): the sandbox sees its prefix, nothing else."""
-    return os.path.realpath(sys.executable)
+    """The base interpreter (not a virtualenv's, which may be a copy outside the base prefix):
+    the sandbox sees that prefix, nothing else."""
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return str(base.resolve()) if base.exists() else os.path.realpath(sys.executable)
 
 
 def _bwrap_argv(command: list[str], timeout: float, limits: Limits) -> list[str]:
