@@ -220,3 +220,17 @@ def test_the_sandbox_sees_itself_isolated():
     )
     out = run_tests('def probe():\n    """What the sandbox sees."""\n', probe, test, "probe")
     assert out.passed, out.reason
+
+
+def test_a_runner_that_stops_reading_cannot_hold_the_scorer():
+    """A request larger than a pipe's buffer, sent to a sandbox that never reads it: the scorer
+    gives up at the timeout instead of blocking on the write."""
+    prompt = 'def total(xs):\n    """Sum."""\n'
+    test = "def check(candidate):\n    assert candidate(list(range(200000))) == sum(range(200000))\n"
+    start = time.perf_counter()
+    stop_reading = (
+        "    return 0\nimport sys, time\nsys.modules['__main__']._requests = iter(lambda: time.sleep(60), 1)\n"
+    )
+    out = run_tests(prompt, stop_reading, test, "total", timeout=2.0)
+    assert out.reason == "timeout" and time.perf_counter() - start < 6
+    assert run_tests(prompt, "    return sum(xs)\n", test, "total", timeout=10.0).passed  # the same size answered

@@ -214,24 +214,35 @@ class _Box:
         self.proc = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True, **extra
         )
+        os.set_blocking(self.proc.stdin.fileno(), False)  # a runner that stops reading cannot block the scorer
         self.buffer = b""
 
+    def _wait_for(self, fd: int, event: int) -> None:
+        """Until `fd` is ready for `event` (poll, not select: any fd number works), or the deadline."""
+        poller = select.poll()
+        poller.register(fd, event)
+        while True:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise _Failure("timeout")
+            if poller.poll(left * 1000):
+                return
+
     def send(self, message) -> None:
-        try:
-            self.proc.stdin.write(plain_values.dumps(message))
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            raise _Failure(self._ended()) from None
+        data, fd = plain_values.dumps(message), self.proc.stdin.fileno()
+        while data:
+            self._wait_for(fd, select.POLLOUT)
+            try:
+                data = data[os.write(fd, data) :]
+            except BlockingIOError:
+                continue
+            except OSError:  # the runner is gone
+                raise _Failure(self._ended()) from None
 
     def receive(self) -> dict:
         fd = self.proc.stdout.fileno()
         while b"\n" not in self.buffer:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise _Failure("timeout")
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
-                continue
+            self._wait_for(fd, select.POLLIN)
             chunk = os.read(fd, 65536)
             if not chunk:
                 raise _Failure(self._ended())
