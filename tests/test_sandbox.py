@@ -62,6 +62,8 @@ def _hostile(token: str, host_dir: Path, port: int, scorer_pid: int) -> dict[str
         "r, w, True, True, 0, None, None, None, -1, None, False)\n",
         "reloaded os": WRONG + f"import importlib, os\nos = importlib.reload(os)\nos.system('{sys.executable} -c "
         f'"import time; time.sleep(60)" {token} &\')\n',
+        "re-imported subprocess": WRONG + "import sys\nfor name in ('subprocess', 'os', 'posix'):\n"
+        f"    sys.modules.pop(name, None)\nimport subprocess\nsubprocess.Popen({sleeper}, start_new_session=True)\n",
         "multiprocessing": WRONG + "import multiprocessing, time\n"
         "ctx = multiprocessing.get_context('spawn')\n"
         "p = ctx.Process(target=time.sleep, args=(60,))\np.start()\n",
