@@ -24,7 +24,7 @@ _KR_PREFIXES = ("010", "011", "016", "017", "018", "019", "070", "080", "02") + 
     f"0{a}{b}" for a in "3456" for b in "12345"
 )
 _NEXT_DIGIT = re.compile(r"[0-9]")  # only to skip ahead; what a run is, is decided below
-_VERSION_WORDS = ("version", "ver", "v", "==", ">=", "<=", "~=", "python", "release")
+_VERSION_WORDS = ("version", "ver", "ver.", "==", ">=", "<=", "~=", "python", "release")
 
 
 def luhn(digits: str) -> bool:
@@ -87,12 +87,9 @@ def _number_runs(text: str):
             i += 1
 
 
-def _word_before(text: str, start: int) -> str:
-    left = text[max(0, start - 12) : start].rstrip().lower()
-    for word in _VERSION_WORDS:
-        if left.endswith(word) or text[start - 1 : start] == "v":
-            return word
-    return ""
+def _after_version_word(text: str, start: int) -> bool:
+    """1.2.3.4 after "version", "==" and the like is a version, not an address."""
+    return text[max(0, start - 12) : start].rstrip().lower().endswith(_VERSION_WORDS)
 
 
 def _classify(text: str, start: int, groups: list[str], seps: list[str]) -> str | None:
@@ -102,7 +99,7 @@ def _classify(text: str, start: int, groups: list[str], seps: list[str]) -> str 
     if len(kinds) > 1 and not (paren or ")" in kinds):
         return None  # mixed separators: not one number as written
     if kinds == {"."} and len(groups) == 4 and all(1 <= len(g) <= 3 for g in groups) and not plus:
-        if _word_before(text, start) or any(len(g) > 1 and g[0] == "0" for g in groups):
+        if _after_version_word(text, start) or any(len(g) > 1 and g[0] == "0" for g in groups):
             return None
         try:
             return "ip" if ipaddress.IPv4Address(".".join(groups)).is_global else None
