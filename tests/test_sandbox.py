@@ -213,10 +213,14 @@ def test_the_sandbox_sees_itself_isolated():
         "    import os, socket\n    try:\n        socket.create_connection(('1.1.1.1', 53), timeout=1)\n"
         "        net = 'up'\n    except OSError:\n        net = 'down'\n"
         "    procs = [p for p in os.listdir('/proc') if p.isdigit()]\n"
-        "    return [os.getuid(), net, len(procs), os.getcwd(), sorted(os.environ), os.path.exists('/work')]\n"
+        "    import sysconfig\n    site = sysconfig.get_paths()['purelib']\n"
+        "    packages = os.listdir(site) if os.path.isdir(site) else []\n"
+        "    work = os.path.exists('/work')\n"
+        "    return [os.getuid(), net, len(procs), os.getcwd(), sorted(os.environ), work, packages]\n"
     )
     test = (
-        "def check(candidate):\n    uid, net, procs, cwd, env, work = candidate()\n"
+        "def check(candidate):\n    uid, net, procs, cwd, env, work, packages = candidate()\n"
+        "    assert packages == [], packages\n"
         "    assert uid != 0 and net == 'down' and procs <= 3 and cwd == '/scratch' and not work, (uid, net, procs)\n"
         "    assert env == ['HOME', 'LANG', 'PATH', 'PWD', 'PYTHONDONTWRITEBYTECODE', 'TMPDIR'], env\n"
     )

@@ -2,7 +2,9 @@
 
 What a HumanEval completion can reach:
 - the system read-only and nothing else: /usr, the Python installation and a minimal /dev and
-  /proc (bubblewrap builds a fresh root; /root, /home, /work, /etc are simply not there);
+  /proc (bubblewrap builds a fresh root; /root, /home, /work, /etc are simply not there), with
+  empty folders over site-packages and dist-packages: the standard library, no installed
+  package (nor a copy of the HumanEval data with its tests);
 - one writable folder, /scratch, a tmpfs of `disk_mb` that disappears with the sandbox;
 - no network (its own empty network namespace), no view of other processes (its own pid
   namespace), a clean environment;
@@ -32,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -120,7 +123,18 @@ def _mounts() -> list[str]:
         for parent in reversed(Path(prefix).parents[:-1]):  # bubblewrap would copy a parent's 0700 (/root)
             args += ["--perms", "0755", "--dir", str(parent)]
         args += ["--ro-bind", prefix, prefix]
+    for packages in _package_dirs():  # the standard library only: no installed package, no dataset file
+        args += ["--tmpfs", packages]
     return args
+
+
+def _package_dirs() -> list[str]:
+    """Where installed packages live beside the standard library (site-packages, dist-packages)."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    candidates = [stdlib / "site-packages", stdlib / "dist-packages", Path("/usr/lib/python3/dist-packages")]
+    candidates += [Path(f"/usr/local/lib/{version}/dist-packages"), Path(f"/usr/local/lib/{version}/site-packages")]
+    return [str(c.resolve()) for c in candidates if c.is_dir()]
 
 
 def _python() -> str:
