@@ -97,8 +97,9 @@ class Limits:
     """Largest file it may write."""
     disk_mb: int = 64
     """Size of /scratch, everything it writes in all."""
-    processes: int = 16
-    """Processes and threads of its user at once."""
+    processes: int = 8
+    """Processes and threads of its user at once (a program needs one; memory in all stays under
+    processes x memory_mb)."""
 
 
 _uids = itertools.count()
