@@ -11,9 +11,16 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install ui mlflow-ui bench clean-work
+.PHONY: run test install sandbox ui mlflow-ui bench clean-work
 
-install: $(STAMP)
+install: sandbox $(STAMP)
+
+# HumanEval scoring runs completions in bubblewrap (Debian's package): installed when missing and
+# this is root, else the command to install it is printed (scoring refuses to run without it).
+sandbox:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y bubblewrap || { apt-get update && apt-get install -y bubblewrap; }; }; } \
+		|| echo "bubblewrap is missing: sudo apt-get install bubblewrap (HumanEval scoring needs it)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +28,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: sandbox $(STAMP)
 	time $(BIN)/kiln run --profile $(PROFILE)
 
-test: $(STAMP)
+test: sandbox $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -39,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pii_accuracy.py
 	$(BIN)/python benchmarks/pretrain_throughput.py
 	$(BIN)/python benchmarks/humaneval_generation.py
+	$(BIN)/python benchmarks/sandbox_overhead.py
 
 clean-work:
 	rm -rf data/work

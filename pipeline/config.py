@@ -315,6 +315,9 @@ class EvalSettings:
     """Tokens generated per completion at most; generation also stops at a new top-level statement."""
     timeout: float = 5.0
     """Seconds each generated program may run in the sandbox."""
+    unsafe_sandbox: bool = False
+    """Run HumanEval completions without bubblewrap's isolation (resource limits only): for a
+    machine where bubblewrap cannot run, by someone who accepts running untrusted code."""
     gguf_file: str | None = "Q4_K_M"
     """The GGUF quantization also evaluated on HumanEval through llama.cpp (None: none)."""
 

@@ -5,9 +5,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from pipeline.errors import KilnError
+
+
+def writable_folder(path: Path) -> Path:
+    """`path` as an existing folder this process can write into (created if missing); a KilnError
+    naming it when it is a file or cannot be created or written (checked with a real write, which
+    also holds for root on a read-only file system)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KilnError(f"{path}: exists and is not a folder (give a folder for the output)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise KilnError(f"{path}: not a writable folder ({exc.strerror or type(exc).__name__})") from None
+    return path
 
 
 @contextmanager
@@ -38,7 +57,8 @@ def _remove(path: Path) -> None:
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
-    with Path(path).open(encoding="utf-8") as fh:
+    """Records split on "\n" only: a U+2028 or a bare CR inside a text is part of its line."""
+    with Path(path).open(encoding="utf-8", newline="\n") as fh:
         for line in fh:
             if line.strip():
                 yield json.loads(line)

@@ -115,3 +115,31 @@ def test_invalid_settings_are_named():
 
     with pytest.raises(ProfileError, match="minhash_threshold"):
         CleanSettings(minhash_threshold=1.5)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x00\x01\x02\xff\xfe binary \x00" * 50, b"tiny\n\nshort one\n\nab 010-2345-6789\n"],
+    ids=["empty file", "binary file", "only short documents"],
+)
+def test_clean_where_nothing_survives_gives_empty_outputs(tmp_path, content, capsys):
+    from pipeline.cli import main
+
+    src = tmp_path / "in.txt"
+    src.write_bytes(content)
+    out = tmp_path / "out"
+    assert main(["clean", str(src), "-o", str(out), "-q", "--profile", "tiny"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kept_documents"] == 0 and list((out / "clean").iterdir()) == []
+    rejected = [r for f in sorted((out / "rejected").glob("*.jsonl")) for r in read_jsonl(f)]
+    assert summary["input_documents"] == sum(summary["dropped"].values()) == len(rejected)
+    assert all(r["reason"] for r in rejected)
+    assert json.loads((out / "stats.json").read_text())["kept_documents"] == 0
+
+
+def test_rejected_documents_are_masked_too(tmp_path):
+    raw = tmp_path / "raw.jsonl"
+    _write(raw, [{"id": "s", "text": "call 010-2345-6789로 or kim@naver.com", "source": "t", "lang": "en"}])
+    clean_corpus([raw], tmp_path / "out", CleanSettings(short_doc_keep=0.0), progress=False)
+    (rejected,) = [r for f in (tmp_path / "out" / "rejected").glob("*.jsonl") for r in read_jsonl(f)]
+    assert rejected["text"] == "call <PHONE>로 or <EMAIL>" and rejected["reason"]

@@ -3,6 +3,7 @@
 import pytest
 
 from pipeline.data.pii import find_pii, luhn_valid, mask_pii
+from pipeline.data.pii_scan import iban_valid, pii_left, rrn_check_digit, scan_pii
 
 MASKED = [
     ("write to jane.doe+news@example.co.uk today", "write to <EMAIL> today", "email"),
@@ -21,6 +22,23 @@ MASKED = [
     ("peer 2607:f8b0:4005:80b::200e up", "peer <IP> up", "ip"),
     ("IBAN GB82 WEST 1234 5698 7654 32 please", "IBAN <IBAN> please", "iban"),
     ("계좌번호: 110-123-456789 (신한)", "계좌번호: <BANK_ACCOUNT> (신한)", "bank_account"),
+    # a Korean particle written right after the value
+    ("번호는 010-2345-6789로 연락", "번호는 <PHONE>로 연락", "phone"),
+    ("전화번호는010-9876-5432입니다", "전화번호는<PHONE>입니다", "phone"),
+    ("카드 4111 1111 1111 1111로 결제", "카드 <CARD>로 결제", "card"),
+    ("서버 8.8.8.8에서 접속", "서버 <IP>에서 접속", "ip"),
+    ("주소 2607:f8b0:4005:80b::200e에서", "주소 <IP>에서", "ip"),
+    ("메일 kim.minsu@naver.com으로 보내", "메일 <EMAIL>으로 보내", "email"),
+    ("등록번호 850315-1234566을 입력", "등록번호 <KR_RRN>을 입력", "kr_rrn"),
+    ("IBAN GB82 WEST 1234 5698 7654 32로 송금", "IBAN <IBAN>로 송금", "iban"),
+    # number forms: spaces, no separators, parentheses, no dash, dots
+    ("휴대폰 010 3456 7890 입니다", "휴대폰 <PHONE> 입니다", "phone"),
+    ("연락처 01045678901 낮에만", "연락처 <PHONE> 낮에만", "phone"),
+    ("+821098765432 abroad", "<PHONE> abroad", "phone"),
+    ("대표 (02) 555-1234 번", "대표 <PHONE> 번", "phone"),
+    ("지점 031)234-5678 문의", "지점 <PHONE> 문의", "phone"),
+    ("desk 415.555.2671 today", "desk <PHONE> today", "phone"),
+    ("주민번호 9207042234569 확인", "주민번호 <KR_RRN> 확인", "kr_rrn"),
 ]
 
 
@@ -44,6 +62,11 @@ SURVIVE = [
     "decorators like @property and @functools.cache are not e-mail",
     "ISBN 978-3-16-148410-0 and order 2024-0001-2345",
     "123456-1234567 has no real birth date (month 34)",
+    "버전 3.11.7로 올렸고 2025.08.09에 배포, 포트 8080에서",
+    "주문번호 2024-0815-1234로 조회, 좌표 (37.5665, 126.9780)에서",
+    "타임스탬프 1700000000000을 변환; 8501011234560 fails the check digit",
+    "id 4111111111111112로 시작; version 1.2.3.4로 고정; 555.123.4567.8",
+    "Decimal('0.333333333') and 0.624499800 and 0.64524308",
 ]
 
 
@@ -51,7 +74,46 @@ SURVIVE = [
 def test_look_alikes_survive(text):
     masked, counts = mask_pii(text)
     assert masked == text, f"masked {dict(counts)}"
-    assert find_pii(text) == []
+    assert find_pii(text) == [] and scan_pii(text) == []
+
+
+@pytest.mark.parametrize("text,expected,kind", MASKED)
+def test_the_scanner_finds_each_kind_and_nothing_once_masked(text, expected, kind):
+    assert [k for k, _ in scan_pii(text)] == [kind]
+    assert pii_left(mask_pii(text)[0]) == []
+
+
+def test_the_check_sees_a_blind_spot_of_the_patterns(monkeypatch):
+    """Give the masker a blind spot (no phone rule): what it leaves, the scanner still reports."""
+    from pipeline.data import pii
+
+    monkeypatch.setattr(pii, "RULES", tuple(r for r in pii.RULES if r.kind != "phone"))
+    masked, _ = mask_pii("mail kim@naver.com, call 010-2345-6789로")
+    assert masked == "mail <EMAIL>, call 010-2345-6789로"
+    assert pii_left(masked) == [("scanner", "phone", "010-2345-6789")]
+
+
+def test_checksums():
+    assert rrn_check_digit("8503151234566") and not rrn_check_digit("8503151234567")
+    assert iban_valid("GB82WEST12345698765432") and not iban_valid("GB82WEST12345698765433")
+
+
+def test_labelled_set_per_kind():
+    """Both detectors on data/pii_labelled.jsonl: every labelled span found, no look-alike flagged."""
+    import json
+    from collections import Counter
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "data" / "pii_labelled.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    assert sum(bool(r["pii"]) for r in rows) >= 40 and sum(not r["pii"] for r in rows) >= 30
+    for finder in (find_pii, scan_pii):
+        missed, extra = Counter(), Counter()
+        for row in rows:
+            gold, found = Counter(map(tuple, row["pii"])), Counter(finder(row["text"]))
+            missed.update(k for k, _ in (gold - found).elements())
+            extra.update(k for k, _ in (found - gold).elements())
+        assert not missed and not extra, (finder.__name__, dict(missed), dict(extra))
 
 
 def test_counts_several_kinds_in_one_document():

@@ -88,6 +88,29 @@ def test_tampered_files_refuse_promotion(store, tmp_path):
     assert registry.history(uri, "test") == []  # registry unchanged
 
 
+def test_added_files_refuse_promotion_pull_and_rollback_and_no_copy_is_left(store, tmp_path, monkeypatch):
+    import tempfile
+
+    uri, (v1, v2) = store
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # every temporary copy lands here
+    registry.promote(uri, "test", v1)
+    registry.promote(uri, "test", v2)
+    source = registry.client(uri).get_model_version("kiln-test", v1).source.removeprefix("file://")
+    (Path(source) / "tokenizer.json").write_text("{}")  # injected beside the hashed files
+    for attempt in (
+        lambda: registry.promote(uri, "test", v1),
+        lambda: registry.pull(uri, "test", v1, tmp_path / "pulled"),
+        lambda: registry.rollback(uri, "test"),  # back to v1: its files are checked too
+    ):
+        with pytest.raises(KilnError, match="tokenizer.json is stored but has no sha256 tag"):
+            attempt()
+    assert list(scratch.iterdir()) == []  # the downloaded copies went with each failure
+    assert not (tmp_path / "pulled").exists()
+    assert [e["to"] for e in registry.history(uri, "test")] == [v1, v2]  # nothing moved
+
+
 def test_bad_requests_are_clear(store, tmp_path):
     uri, _ = store
     with pytest.raises(KilnError, match="has no version 9"):

@@ -23,6 +23,10 @@ class Score(Command):
         parser.add_argument("samples", metavar="SAMPLES.jsonl")
         parser.add_argument("--k", default="1,10", help="comma-separated k values (default 1,10)")
         parser.add_argument("--timeout", type=float, default=5.0, help="seconds per program (default 5)")
+        parser.add_argument(
+            "--unsafe", action="store_true",
+            help="run completions without bubblewrap's isolation (resource limits only), where it cannot run",
+        )  # fmt: skip
 
     def run(self, args: argparse.Namespace) -> int:
         from pipeline.eval.humaneval import read_samples, score
@@ -33,7 +37,7 @@ class Score(Command):
         except ValueError:
             raise KilnError(f"--k {args.k!r}: give comma-separated integers such as 1,10") from None
         samples_path = Path(args.samples)
-        report, results = score(read_samples(samples_path), ks, timeout=args.timeout)
+        report, results = score(read_samples(samples_path), ks, timeout=args.timeout, unsafe=args.unsafe)
         out = samples_path.with_name(samples_path.stem + "_results.jsonl")
         write_jsonl(out, results)
         print(json.dumps(report, indent=2))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli.command import Command, add_profile
+from pipeline.io import writable_folder
 
 
 class Gguf(Command):
@@ -29,7 +30,7 @@ class Gguf(Command):
     def run(self, args: argparse.Namespace) -> int:
         from pipeline.release.gguf_export import export_all
 
-        files = export_all(Path(args.model), Path(args.output), args.name)
+        files = export_all(Path(args.model), writable_folder(Path(args.output)), args.name)
         for kind, path in files.items():
             print(f"{kind:>7}  {path.stat().st_size / 2**20:8.1f} MB  {path}")
         return 0

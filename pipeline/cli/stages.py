@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.cli.command import Command, add_profile
 from pipeline.errors import KilnError
+from pipeline.io import writable_folder
 
 
 class Clean(Command):
@@ -38,11 +39,11 @@ class Clean(Command):
         from pipeline.data.ingest import Source, build_raw_corpus
 
         profile = load_profile(args.profile)
-        output = Path(args.output)
         sources = [Source(path=p, text_field=args.text_field) for p in args.inputs]
         for p in args.inputs:
             if not Path(p).exists():
                 raise KilnError(f"{p}: no such file or folder")
+        output = writable_folder(Path(args.output))
         raw = output / "raw.jsonl"
         # Every document of every input: no byte budget and no code/prose mix for a user's own files.
         ingest = build_raw_corpus(sources, raw, max_bytes=None, code_share=None, progress=not args.quiet)
@@ -111,8 +112,8 @@ class Tokenizer(Command):
         from pipeline.config import load_profile
         from pipeline.train.tokenizer import build_tokenizer
 
-        clean = clean_folder(args.clean)
-        stats = build_tokenizer(clean, Path(args.output), load_profile(args.profile))
+        clean, profile = clean_folder(args.clean), load_profile(args.profile)
+        stats = build_tokenizer(clean, writable_folder(Path(args.output)), profile)
         print(json.dumps(stats, indent=2, ensure_ascii=False))
         return 0
 
@@ -138,11 +139,9 @@ class Pretrain(Command):
         from pipeline.config import load_profile
         from pipeline.train.pretrain import build_base_model
 
-        clean = clean_folder(args.clean)
-        output = Path(args.output)
-        result, baseline = build_base_model(
-            clean, Path(args.tokenizer), output, load_profile(args.profile), profile_ref=args.profile
-        )
+        clean, profile = clean_folder(args.clean), load_profile(args.profile)
+        output = writable_folder(Path(args.output))
+        result, baseline = build_base_model(clean, Path(args.tokenizer), output, profile, profile_ref=args.profile)
         if os.environ.get("RANK", "0") != "0":
             return 0  # under torchrun, rank 0 reports
         print(

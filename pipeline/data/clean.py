@@ -77,6 +77,8 @@ def _jsonl_row(writer, doc, reason: str | None = None) -> dict:
             rec[key] = meta[key]
     if reason or "filter_reason" in meta:
         rec["reason"] = meta.get("filter_reason") or reason
+    if reason:  # an exclusion writer: rejected documents keep no personal data either
+        rec["text"] = mask_pii(doc.text)[0]
     return rec
 
 
@@ -295,6 +297,8 @@ def _run_stages(stages: list, logs: Path, workers: int, progress: bool) -> None:
     logs.mkdir()
     with open(logs / "console.log", "w", encoding="utf-8") as console:
         for name, n_tasks, steps in tqdm(stages, desc="clean_corpus", disable=not progress):
+            if name != "filter" and not any(f.stat().st_size for f in (work / "filtered").glob("*.jsonl")):
+                break  # nothing passed the filters: datatrove's readers refuse a folder with no files
             with contextlib.redirect_stderr(console):
                 LocalPipelineExecutor(
                     steps, tasks=n_tasks, workers=min(n_tasks, workers), logging_dir=str(logs / name)
@@ -324,7 +328,7 @@ def _shard_inputs(raw_files: list[Path], raw_dir: Path, rejected: Path, shards: 
     n = 0
     with open(rejected / "empty-00000.jsonl", "w", encoding="utf-8") as empty:
         for f in raw_files:
-            for line in open(f, encoding="utf-8"):
+            for line in open(f, encoding="utf-8", newline="\n"):
                 if not line.strip():
                     continue
                 rec = json.loads(line)

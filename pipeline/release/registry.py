@@ -16,11 +16,13 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 from pipeline.errors import KilnError
+from pipeline.io import writable_folder
 from pipeline.tracking import client, file_lock, lock_dir
 
 CANDIDATE, PRODUCTION = "candidate", "production"
@@ -49,8 +51,28 @@ def _lock(uri: str, name: str):
     return file_lock(lock_dir(uri) / f".{name}.registry.lock")
 
 
+def _reachable(uri: str) -> None:
+    """A tracking server that does not accept connections is said so at once, in one line
+    (MLflow would retry, then report it as whatever it was asked for being missing)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=5).close()
+    except OSError as exc:
+        raise KilnError(f"the tracking server at {uri} is unreachable ({exc.strerror or exc})") from None
+
+
+def _not_found(exc: Exception) -> bool:
+    return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower()
+
+
 def _call(uri: str, what: str, fn):
     """Run a registry call; an unreachable or broken store becomes one clear line."""
+    _reachable(uri)
     try:
         return fn()
     except KilnError:
@@ -128,14 +150,14 @@ def _production_stack(events: list[dict]) -> list[str]:
     return stack
 
 
-def verify(uri: str, profile: str, version: str, dst: Path | None = None) -> Path:
-    """Download a version's files and check each against its sha256 tag; returns the folder."""
+def verify(uri: str, profile: str, version: str, dst: Path) -> Path:
+    """Download a version's files into `dst` and check that they are exactly the hashed ones:
+    each matches its sha256 tag, none is missing, none was added. Returns the folder."""
     import mlflow.artifacts
 
     c = client(uri)
     name = model_name(profile)
     mv = _call(uri, "reading the version", lambda: c.get_model_version(name, version))
-    dst = Path(dst or tempfile.mkdtemp(prefix="kiln-verify-"))
     local = _call(
         uri, "downloading the files",
         lambda: mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=uri),
@@ -144,6 +166,9 @@ def verify(uri: str, profile: str, version: str, dst: Path | None = None) -> Pat
     expected = {k.removeprefix("sha256."): h for k, h in mv.tags.items() if k.startswith("sha256.")}
     if not expected:
         raise KilnError(f"{name} version {version} has no sha256 tags to verify against")
+    extra = sorted(set(files) - set(expected))
+    if extra:  # an added file (a tokenizer, a config) would be loaded with the verified ones
+        raise KilnError(f"{name} version {version}: {extra[0]} is stored but has no sha256 tag (files added)")
     for rel, digest in expected.items():
         if rel not in files:
             raise KilnError(f"{name} version {version}: {rel} is missing from the stored files")
@@ -153,15 +178,19 @@ def verify(uri: str, profile: str, version: str, dst: Path | None = None) -> Pat
 
 
 def _resolve(c, name: str, alias_or_version: str) -> str:
-    if alias_or_version.isdigit():
-        try:
-            return str(c.get_model_version(name, alias_or_version).version)
-        except Exception:
-            raise KilnError(f"{name} has no version {alias_or_version}") from None
+    """The version number; only a "does not exist" answer means there is no such version
+    (anything else reaches `_call` and is reported as what it is)."""
     try:
+        if alias_or_version.isdigit():
+            return str(c.get_model_version(name, alias_or_version).version)
         return str(c.get_model_version_by_alias(name, alias_or_version).version)
-    except Exception:
-        raise KilnError(f"{name} has no version with alias {alias_or_version!r}") from None
+    except Exception as exc:
+        if not _not_found(exc):
+            raise
+        what = (
+            f"version {alias_or_version}" if alias_or_version.isdigit() else f"version with alias {alias_or_version!r}"
+        )
+        raise KilnError(f"{name} has no {what}") from None
 
 
 def _append_history(c, name: str, event: dict) -> None:
@@ -178,8 +207,8 @@ def promote(uri: str, profile: str, version: str | None = None) -> dict:
     c = client(uri)
     name = model_name(profile)
     target = _call(uri, "promote", lambda: _resolve(c, name, version or CANDIDATE))
-    checked = verify(uri, profile, target)
-    shutil.rmtree(checked, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="kiln-verify-") as tmp:  # removed on every path
+        verify(uri, profile, target, Path(tmp))
 
     def do():
         with _lock(uri, name):  # read the current production and write the event as one step
@@ -206,7 +235,8 @@ def _current(c, name: str) -> str | None:
 
 
 def rollback(uri: str, profile: str) -> dict:
-    """Point `production` back to the version that held it before the last promotion."""
+    """Point `production` back to the version that held it before the last promotion, after
+    verifying that version's files."""
     c = client(uri)
     name = model_name(profile)
 
@@ -216,6 +246,8 @@ def rollback(uri: str, profile: str) -> dict:
             if len(stack) < 2:
                 raise KilnError(f"{name}: no earlier production version to roll back to")
             previous, target = stack[-1], stack[-2]
+            with tempfile.TemporaryDirectory(prefix="kiln-verify-") as tmp:  # its files, as for a promotion
+                verify(uri, profile, target, Path(tmp))
             c.set_registered_model_alias(name, PRODUCTION, target)
             event = {"action": "rollback", "to": target, "from": previous, "who": _who(), "when": time.time()}
             _append_history(c, name, event)
@@ -226,12 +258,14 @@ def rollback(uri: str, profile: str) -> dict:
 
 def pull(uri: str, profile: str, alias_or_version: str, out: Path) -> Path:
     """Download a version's files into `out`, verified against their hashes."""
+    out = Path(out)
+    if out.exists():
+        writable_folder(out)  # a file or a read-only folder is refused before anything is downloaded
     c = client(uri)
     version = _call(uri, "pull", lambda: _resolve(c, model_name(profile), alias_or_version))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="kiln-verify-") as tmp:
         local = verify(uri, profile, version, Path(tmp))
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        writable_folder(out)
         for rel, p in _files(local).items():
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(p, out / rel)
