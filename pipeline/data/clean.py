@@ -198,7 +198,7 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
     input_documents = _shard_inputs(raw_files, work / "raw", rejected, settings.tasks)
     bands, rows = minhash_bands(settings.minhash_threshold, settings.minhash_hashes)
     stages = _stages(settings, bands, rows, work, rejected, clean)
-    _run_stages(stages, output / "logs", settings.tasks, progress)
+    _run_stages(stages, work / "filtered", output / "logs", settings.tasks, progress)
     if (rejected / "empty-00000.jsonl").stat().st_size == 0:
         (rejected / "empty-00000.jsonl").unlink()
     stats = _count(input_documents, clean, rejected, [bands, rows])
@@ -286,8 +286,9 @@ def _stages(settings: CleanSettings, bands: int, rows: int, work: Path, rejected
     ]  # fmt: skip
 
 
-def _run_stages(stages: list, logs: Path, workers: int, progress: bool) -> None:
-    """Run each pipeline on datatrove's local executor with at most `workers` processes.
+def _run_stages(stages: list, filtered: Path, logs: Path, workers: int, progress: bool) -> None:
+    """Run each pipeline on datatrove's local executor with at most `workers` processes; stop after
+    the filter stage when nothing reached `filtered`.
 
     datatrove logs every task at INFO to stderr; its logs and per-step stats go to logs/ instead.
     """
@@ -297,7 +298,7 @@ def _run_stages(stages: list, logs: Path, workers: int, progress: bool) -> None:
     logs.mkdir()
     with open(logs / "console.log", "w", encoding="utf-8") as console:
         for name, n_tasks, steps in tqdm(stages, desc="clean_corpus", disable=not progress):
-            if name != "filter" and not any(f.stat().st_size for f in (work / "filtered").glob("*.jsonl")):
+            if name != "filter" and not any(f.stat().st_size for f in filtered.glob("*.jsonl")):
                 break  # nothing passed the filters: datatrove's readers refuse a folder with no files
             with contextlib.redirect_stderr(console):
                 LocalPipelineExecutor(
