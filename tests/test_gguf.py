@@ -130,7 +130,7 @@ def test_latency_takes_100_requests_unless_quick(ggufs):
     finally:
         llm.close()
     assert r["latency_s"]["requests"] == 100
-    assert r["time_to_first_token_s"] < r["latency_s"]["p50"]  # the first of 16 tokens comes before the last
+    assert r["time_to_first_token_s"] < r["latency_s"]["p50"]  # the first of the answer's tokens comes before its last
     with pytest.raises(ProfileError, match="gguf.latency_requests must be at least 100, not 20"):
         GGUFSettings(latency_requests=20)
 
