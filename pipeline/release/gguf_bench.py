@@ -346,8 +346,8 @@ def markdown_table(results: dict) -> str:
     )
     lines += [
         "",
-        f"tg128 and latency decode greedily on {a['threads']} threads. Latency: a {PROMPT_TOKENS}-token prompt and "
-        f"a {ANSWER_TOKENS}-token answer per request{quick}.",
+        f"tg128 and latency decode greedily on {a['threads']} threads. Latency: per request, a {PROMPT_TOKENS}-token "
+        f"prompt, then {ANSWER_TOKENS} generated tokens{quick}.",
         f"BW bound: tg128 x file size / {a['bandwidth_gb_s']:.1f} GB/s (a copy on {a['threads']} threads); "
         f"not given for a file that fits {cache_words}: its weights need not come from memory.",
         f"$/M tok: one batch-1 stream at the tg128 rate, busy all hour, on a machine at "
