@@ -123,6 +123,7 @@ def test_latency_percentiles_by_hand():
     assert lat == pytest.approx({"p50": 0.0505, "p95": 0.09505, "p99": 0.09901, "requests": 100})
 
 
+@pytest.mark.slow  # 100 requests through llama.cpp: about 10 s on 2 busy cores
 def test_latency_takes_100_requests_unless_quick(ggufs):
     llm = load(ggufs["Q4_K_M"])
     try:
