@@ -31,7 +31,7 @@ def gguf_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
     return MaterializeResult(metadata=metadata)
 
 
-@asset(group_name="release", code_version="1", deps=[gguf_model, clean_corpus])
+@asset(group_name="release", code_version="2", deps=[gguf_model, clean_corpus])
 def gguf_benchmark(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """llama.cpp on every GGUF file: tokenizer and perplexity parity against the HF model,
     pp512/tg128 tokens/s, time to first token, latency percentiles, peak memory per context,

@@ -7,7 +7,8 @@ Needs the profile's dpo_model and gguf_model (`make run` makes them). Every meth
 greedily the first `--problems` prompts with the same stop sequences and token budget, in this
 one process, in alternating rounds; each reports problems/s (median over rounds). The
 reference is what a first script writes: `model.generate(..., stop_strings=STOP_SEQUENCES,
-tokenizer=tok)` per prompt. The completions of kiln and the reference must be identical.
+tokenizer=tok)` per prompt (sent without its trailing newline and spliced back, as kiln does).
+The completions of kiln and the reference must be identical.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import load_profile
-from pipeline.eval.humaneval import STOP_SEQUENCES, generate, problems, task_ids, truncate
+from pipeline.eval.humaneval import STOP_SEQUENCES, generate, model_prompt, problems, splice, task_ids, truncate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,16 +33,16 @@ def reference(checkpoint: Path, ids: list[str], max_new_tokens: int) -> list[dic
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     table, rows = problems(), []
     for task_id in ids:
-        x = torch.tensor([[tok.eos_token_id, *tok(table[task_id]["prompt"], add_special_tokens=False)["input_ids"]]])
+        prompt = table[task_id]["prompt"]
+        x = torch.tensor([[tok.eos_token_id, *tok(model_prompt(prompt), add_special_tokens=False)["input_ids"]]])
         with torch.no_grad():
             out = model.generate(
                 x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, stop_strings=STOP_SEQUENCES,
                 tokenizer=tok,
             )  # fmt: skip
-        rows.append(
-            {"task_id": task_id, "completion": truncate(tok.decode(out[0, x.shape[1] :], skip_special_tokens=True))}
-        )
+        text = truncate(tok.decode(out[0, x.shape[1] :], skip_special_tokens=True))
+        rows.append({"task_id": task_id, "completion": splice(prompt, text)})
     return rows
 
 

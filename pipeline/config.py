@@ -282,12 +282,18 @@ class GGUFSettings:
     """Tokens per perplexity window (each window is evaluated from an empty context)."""
     price_per_hour: float = 0.10
     """Hourly price of the machine that serves the model, for the cost per million tokens."""
+    latency_requests: int = 100
+    """Short requests timed for the latency P50/P95/P99: at least 100, so P99 is not one sample's noise."""
     quick: bool = False
-    """One repeat and five requests instead of three and twenty, and one context size for memory."""
+    """One repeat instead of three, at most 20 latency requests (the table says so), one context size for memory."""
 
     def __post_init__(self) -> None:
         if self.eval_tokens < 2 or self.window < 1 or self.price_per_hour < 0:
             raise ProfileError("gguf: eval_tokens >= 2, window >= 1 and price_per_hour >= 0 are needed")
+        if self.latency_requests < 100:
+            raise ProfileError(
+                f"gguf.latency_requests must be at least 100, not {self.latency_requests} (quick: true for a short run)"
+            )
 
 
 @dataclass

@@ -1,14 +1,30 @@
 """GGUF export and llama.cpp: conversion, tokenizer parity, logits parity, quantized files, errors."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.config import GGUFSettings, ProfileError
 from pipeline.errors import KilnError
-from pipeline.release.gguf_bench import benchmark_file, gguf_perplexity, hf_perplexity, load, tokenization_mismatches
+from pipeline.release.gguf_bench import (
+    THREADS,
+    bandwidth_bound_fraction,
+    benchmark_file,
+    cost_per_million_tokens,
+    gguf_perplexity,
+    greedy_decode,
+    hf_perplexity,
+    latency_percentiles,
+    load,
+    markdown_table,
+    measure_speed,
+    memory_bandwidth,
+    tokenization_mismatches,
+)
 from pipeline.release.gguf_export import convert_to_gguf, rotary_permute
 from pipeline.train.tokenizer import ROUND_TRIP_SAMPLES
 
@@ -79,12 +95,89 @@ def test_permutation_is_invertible_row_reordering():
     assert p[1].tolist() == w[2].tolist()  # row 1 of head 0 comes from the second half
 
 
-def test_benchmark_reports_speed_and_memory(ggufs):
-    r = benchmark_file(ggufs["Q4_K_M"], list(range(20, 120)), bandwidth=10e9, price_per_hour=1.0, quick=True)
-    assert r["tg128_tokens_per_s"]["median"] > 0 and r["pp512_tokens_per_s"]["median"] > 0
-    assert r["latency_s"]["p50"] <= r["latency_s"]["p99"]
-    assert r["peak_rss_mb"]["model"]["512"] > 0
-    assert r["cost_per_million_tokens"] == pytest.approx(1e6 / (r["tg128_tokens_per_s"]["median"] * 3600))
+def test_benchmark_generation_is_greedy(ggufs, tiny_base):
+    """tg128 and the latency requests choose each token as the argmax of the last position's
+    logits: the same tokens as a decode that reads every position's logits (logits_all)."""
+    prompt = AutoTokenizer.from_pretrained(str(tiny_base)).encode(TEXTS[0], add_special_tokens=False)[:12]
+    llm = load(ggufs["Q8_0"])
+    try:
+        tokens, times = greedy_decode(llm, prompt, 24)
+    finally:
+        llm.close()
+    ref = load(ggufs["Q8_0"], logits_all=True)
+    try:
+        ref.eval(prompt)
+        expected = []
+        for _ in range(24):
+            expected.append(int(np.argmax(ref.scores[ref.n_tokens - 1])))
+            ref.eval([expected[-1]])
+    finally:
+        ref.close()
+    assert tokens == expected
+    assert len(times) == 24 and all(a < b for a, b in zip(times, times[1:], strict=False))
+
+
+def test_latency_percentiles_by_hand():
+    rng = np.random.default_rng(0)
+    lat = latency_percentiles(list(rng.permutation(np.arange(1, 101) / 1000)))  # 1..100 ms in any order
+    assert lat == pytest.approx({"p50": 0.0505, "p95": 0.09505, "p99": 0.09901, "requests": 100})
+
+
+@pytest.mark.slow  # 100 requests through llama.cpp: about 10 s on 2 busy cores
+def test_latency_takes_100_requests_unless_quick(ggufs):
+    llm = load(ggufs["Q4_K_M"])
+    try:
+        r = measure_speed(llm, list(range(20, 120)), repeats=1)
+    finally:
+        llm.close()
+    assert r["latency_s"]["requests"] == 100
+    assert r["time_to_first_token_s"] < r["latency_s"]["p50"]  # the first of the answer's tokens comes before its last
+    with pytest.raises(ProfileError, match="gguf.latency_requests must be at least 100, not 20"):
+        GGUFSettings(latency_requests=20)
+
+
+def test_bandwidth_fraction_only_for_a_file_beyond_the_cache():
+    mb = 2**20
+    assert bandwidth_bound_fraction(100 * mb, 50.0, 10e9, 32 * mb) == pytest.approx(100 * mb * 50 / 10e9)
+    assert bandwidth_bound_fraction(20 * mb, 50.0, 10e9, 32 * mb) is None  # cache-resident
+    assert bandwidth_bound_fraction(100 * mb, 50.0, 10e9, None) is None  # cache unknown: no claim
+
+
+def test_bandwidth_is_measured_on_llama_cpp_threads(monkeypatch, ggufs):
+    llm = load(ggufs["Q4_K_M"])
+    try:
+        assert llm.context_params.n_threads == THREADS
+    finally:
+        llm.close()
+    seen, copy = [], np.copyto
+    monkeypatch.setattr(np, "copyto", lambda dst, src: (seen.append((threading.get_ident(), dst.size)), copy(dst, src)))
+    memory_bandwidth(threads=2, mb=8, repeats=1)
+    per_thread = {}
+    for ident, size in seen[2:]:  # the timed round (the first round touches the pages)
+        per_thread[ident] = per_thread.get(ident, 0) + size
+    assert len(seen) == 4 and sorted(per_thread.values()) == sorted(size for _, size in seen[:2])
+    assert len({ident for ident, _ in seen}) == 2  # the copy is split over two threads, each its own half
+
+
+def test_cost_per_million_tokens_by_hand():
+    assert cost_per_million_tokens(3.60, 1000.0) == pytest.approx(1.0)  # 3.6 M tokens an hour for $3.60
+    assert cost_per_million_tokens(0.10, 10.0) == pytest.approx(0.10 / 0.036)
+
+
+def test_benchmark_table_states_its_assumptions(ggufs):
+    size = ggufs["Q4_K_M"].stat().st_size
+    args = (ggufs["Q4_K_M"], list(range(20, 120)), 10e9, 3.60)
+    small_cache = benchmark_file(*args, quick=True, cache_bytes=size // 2)
+    assert small_cache["latency_s"]["requests"] == 20 and small_cache["quick"]
+    tg = small_cache["tg128_tokens_per_s"]["median"]
+    assert small_cache["bandwidth_bound_fraction"] == pytest.approx(size * tg / 10e9)
+    assert small_cache["cost_per_million_tokens"] == pytest.approx(1e6 / (tg * 1000))
+    table = markdown_table({"Q4_K_M": small_cache})
+    assert "(quick: 20 requests)" in table and "quick mode: too few requests" in table
+    assert "one batch-1 stream" in table and "$3.60/hour" in table and f"on {THREADS} threads" in table
+    resident = dict(small_cache, bandwidth_bound_fraction=None, assumptions={**small_cache["assumptions"],
+                    "last_level_cache_bytes": 2 * size})  # fmt: skip
+    assert "| cache-resident |" in markdown_table({"Q4_K_M": resident})
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, tiny_base, ggufs):

@@ -6,7 +6,17 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import KilnError
-from pipeline.eval.humaneval import pass_at_k, problems, score
+from pipeline.eval.humaneval import (
+    _gguf_prompt_ids,
+    _prompt_ids,
+    generate,
+    pass_at_k,
+    problems,
+    score,
+    splice,
+    task_ids,
+    truncate,
+)
 
 
 def test_pass_at_k_by_hand():
@@ -47,6 +57,57 @@ def test_bad_samples_are_clear(tmp_path):
     bad.write_text('{"task_id": "Nope/1", "completion": ""}\n')
     with pytest.raises(KilnError, match="unknown task_id Nope/1"):
         score_file(bad)
+
+
+def test_splice_puts_the_generated_text_back_onto_the_original_prompt():
+    table = problems()
+    assert all(p["prompt"].endswith('"""\n') or p["prompt"].endswith("'''\n") for p in table.values())
+    for p in table.values():  # a model that writes the canonical body after the stripped prompt gets it exactly
+        assert splice(p["prompt"], "\n" + p["canonical_solution"]) == p["canonical_solution"]
+    prompt = table["HumanEval/0"]["prompt"]
+    assert splice(prompt, "\n\n    return True\n") == "\n    return True\n"
+    assert splice(prompt, " return True") == " return True"  # not a continuation of the newline: kept whole
+    assert splice(prompt, "") == ""
+
+
+def test_the_model_is_sent_the_prompt_without_its_trailing_newline(tiny_base, ggufs):
+    from transformers import AutoTokenizer
+
+    from pipeline.release.gguf_bench import load
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    prompts = [problems()[t]["prompt"] for t in task_ids(5)]
+    for prompt in prompts:
+        ids = _prompt_ids(tok, prompt, 10_000)
+        assert ids[0] == tok.eos_token_id and tok.decode(ids[1:]) == prompt.rstrip()
+    llm = load(ggufs["F16"])
+    try:
+        for prompt in prompts:
+            ids = _gguf_prompt_ids(llm, prompt, 10_000)
+            assert ids[0] == llm.token_eos() and llm.detokenize(ids[1:]).decode() == prompt.rstrip()
+    finally:
+        llm.close()
+
+
+def test_hf_generation_continues_the_stripped_prompt(tiny_base):
+    """The completions equal a plain greedy decode of <|eos|> + the prompt without its trailing
+    newline, cut at the first stop sequence and spliced onto the prompt by hand."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = task_ids(3)
+    rows = generate(tiny_base, ids, max_new_tokens=12, progress=False)
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+    for row, task_id in zip(rows, ids, strict=True):
+        prompt = problems()[task_id]["prompt"]
+        x = torch.tensor([[tok.eos_token_id, *tok(prompt[:-1], add_special_tokens=False)["input_ids"]]])
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+        text = truncate(tok.decode(out[0, x.shape[1] :], skip_special_tokens=True))
+        expected = text[1:] if text.startswith("\n") else text  # the prompt's own "\n" is not repeated
+        assert row["completion"] == expected
 
 
 def score_file(path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -45,22 +44,31 @@ class Bench(Command):
         parser.add_argument(
             "--price-per-hour", type=float, default=0.10, help="machine price for the cost per million tokens"
         )
-        parser.add_argument("--quick", action="store_true", help="one repeat, five requests, one context size")
+        parser.add_argument("--quick", action="store_true", help="one repeat, 20 latency requests, one context size")
         parser.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
 
     def run(self, args: argparse.Namespace) -> int:
-        from pipeline.release.gguf_bench import benchmark_file, check_gguf, markdown_table, memory_bandwidth
+        from pipeline.release.gguf_bench import (
+            THREADS,
+            benchmark_file,
+            check_gguf,
+            last_level_cache_bytes,
+            markdown_table,
+            memory_bandwidth,
+        )
 
         for path in args.files:  # every file is checked before any is measured
             check_gguf(Path(path))
-        bandwidth = memory_bandwidth()
+        bandwidth, cache = memory_bandwidth(THREADS), last_level_cache_bytes()
         prompt = list(range(100, 612))  # token ids below every real vocabulary's size: speed only, not sense
         results = {
-            Path(p).name: benchmark_file(Path(p), prompt, bandwidth, args.price_per_hour, quick=args.quick)
+            Path(p).name: benchmark_file(
+                Path(p), prompt, bandwidth, args.price_per_hour, quick=args.quick, cache_bytes=cache
+            )
             for p in args.files
         }
         print(markdown_table(results))
-        print(f"\nmachine bandwidth {bandwidth / 1e9:.1f} GB/s; {os.cpu_count()} threads", file=sys.stderr)
+        print(f"\nmachine bandwidth {bandwidth / 1e9:.1f} GB/s on {THREADS} threads", file=sys.stderr)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return 0

