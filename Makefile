@@ -1,6 +1,8 @@
 # kiln: `make run` materializes the pipeline, `make test` runs the tests. Each sets up .venv first.
 # pip's wheel cache is left on: llama-cpp-python compiles from source once (about 9 minutes on
-# 2 cores) and later installs reuse the cached wheel.
+# 2 cores) and later installs reuse the cached wheel. The install step also builds llama.cpp's
+# llama-server from the same llama.cpp sources (only that target, once per machine, cached in
+# ~/.cache/kiln/llama-server-<version>/) for `kiln serve`.
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +13,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install ui mlflow-ui bench clean-work
+.PHONY: run test install ui mlflow-ui bench bench-serve serve clean-work
 
 install: $(STAMP)
 
@@ -19,6 +21,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pipeline.serve.engine
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -39,6 +42,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pii_accuracy.py
 	$(BIN)/python benchmarks/pretrain_throughput.py
 	$(BIN)/python benchmarks/humaneval_generation.py
+
+serve: $(STAMP)
+	$(BIN)/kiln serve --profile $(PROFILE)
+
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/serve_load.py
 
 clean-work:
 	rm -rf data/work

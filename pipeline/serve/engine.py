@@ -22,6 +22,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from pipeline.layout import cache_dir
+
 BINARY_ENV = "KILN_LLAMA_SERVER"  # a llama-server binary to use instead of the cached build
 
 
@@ -30,7 +32,7 @@ class EngineUnavailable(RuntimeError):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln")
+    return cache_dir()
 
 
 def llama_cpp_version() -> str:
@@ -58,7 +60,9 @@ def locate() -> Path:
         return path
     path = binary_path()
     if not path.exists():
-        raise EngineUnavailable(f"llama-server is not built yet ({path} is missing): run `python -m pipeline.serve.engine`")
+        raise EngineUnavailable(
+            f"llama-server is not built yet ({path} is missing): run `python -m pipeline.serve.engine`"
+        )
     return path
 
 
