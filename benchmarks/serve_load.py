@@ -48,7 +48,7 @@ WORDS = "the model reads tokens and predicts the next one while data flows throu
 
 
 def stand_in_gguf(tmp: Path) -> Path:
-    """A GGUF of the tiny profile's shape with random weights and a small trained BPE."""
+    """A GGUF of the tiny profile's shape and vocabulary size, random weights, a BPE trained on random words."""
     from transformers import LlamaForCausalLM
 
     from pipeline.config import load_profile
@@ -57,11 +57,11 @@ def stand_in_gguf(tmp: Path) -> Path:
     from pipeline.train.tokenizer import train_tokenizer
 
     rng = random.Random(0)
-    texts = [
-        " ".join(rng.choice(WORDS) for _ in range(200)) + f"\ndef f{i}(x):\n    return x * {i}\n" for i in range(400)
-    ]
-    tok = train_tokenizer(texts, tmp / "tok", vocab_size=2000, min_frequency=1)
-    shape = load_profile("tiny").model
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    texts = [" ".join("".join(rng.choices(letters, k=rng.randint(3, 9))) for _ in range(500)) for _ in range(1000)]
+    profile = load_profile("tiny")
+    tok = train_tokenizer(texts, tmp / "tok", vocab_size=profile.tokenizer.vocab_size, min_frequency=1)
+    shape = profile.model
     model = LlamaForCausalLM(llama_config(shape, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
     model.save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
