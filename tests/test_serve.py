@@ -109,6 +109,46 @@ def test_presets_from_yaml_and_a_versions_json(tmp_path):
         load_presets(tmp_path / "bad")
 
 
+@pytest.mark.slow  # a fresh MLflow sqlite store takes ~15 s to create
+def test_pull_verifies_and_caches_a_version(tmp_path, monkeypatch):
+    from pipeline.release import registry
+    from pipeline.serve import source
+    from pipeline.tracking import pipeline_run
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bundle = tmp_path / "bundle"
+    (bundle / "gguf").mkdir(parents=True)
+    (bundle / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(b"GGUF" + b"\1" * 100)
+    (bundle / "presets.json").write_text(json.dumps({"tiny": {"max_tokens": 3}}))
+    registry.register(uri, "test", pipeline_run(uri, "test", "run-1"), bundle, {}, gate_passed=True)
+    with pytest.raises(KilnError, match="no version with alias 'production'"):
+        source.pull(uri, "test", "production", "Q4_K_M")
+    registry.promote(uri, "test", "1")
+    got = source.pull(uri, "test", "production", "Q4_K_M")
+    assert (got.version, got.alias, got.gguf.read_bytes()[:4]) == ("1", "production", b"GGUF")
+    assert got.presets["tiny"].max_tokens == 3 and "greedy" in got.presets
+    with pytest.raises(KilnError, match="no Q8_0 GGUF file"):
+        source.pull(uri, "test", "1", "Q8_0")
+    got.gguf.write_bytes(b"GGUF changed")  # the cached copy no longer matches its tag
+    with pytest.raises(KilnError, match="does not match its sha256 tag"):
+        source.pull(uri, "test", "1", "Q4_K_M")
+    assert source.pull(uri, "test", "1", "Q4_K_M").gguf.read_bytes() == b"GGUF" + b"\1" * 100  # pulled again
+
+
+@pytest.mark.slow
+def test_serve_mistakes_are_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["serve", "--gguf", str(tmp_path / "none.gguf")]) == 2
+    assert capsys.readouterr().err.strip() == f"kiln: error: {tmp_path / 'none.gguf'}: GGUF file not found"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["serve", "--tracking-uri", uri, "--replicas", "0"]) == 2
+    assert "--replicas 0" in capsys.readouterr().err
+    assert main(["serve", "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err == "kiln: error: kiln-tiny has no version with alias 'production'\n"
+
+
 # ---------------------------------------------------------------- real replicas
 
 

@@ -39,11 +39,11 @@ def build(settings, target, canary=None, canary_share: float = 0.0, on_startup_f
     from pipeline.serve.metrics import Metrics
     from pipeline.serve.rollout import Deployment
 
+    initial = target.fetch(target.which)  # a bad alias or a tampered file stops here, before listening
     try:
         binary = engine.locate()
     except engine.EngineUnavailable as exc:
         raise KilnError(str(exc)) from None
-    initial = target.fetch(target.which)  # a bad alias or a tampered file stops here, before listening
     metrics = Metrics()
     deployment = Deployment(binary, settings, metrics, target, canary, canary_share, initial=initial)
     return create_app(settings, deployment, metrics, on_startup_failure), deployment

@@ -34,14 +34,6 @@ class ModelSource:
         return f"{self.name}:{self.version}"
 
 
-def _pick_gguf(folder: Path, quant: str, where: str) -> Path:
-    found = sorted(folder.rglob(f"*-{quant}.gguf"))
-    if not found:
-        names = ", ".join(p.name for p in sorted(folder.rglob("*.gguf"))) or "none"
-        raise KilnError(f"{where} has no {quant} GGUF file (it has: {names})")
-    return found[0]
-
-
 def from_file(path: Path, presets_dir: Path | None = None) -> ModelSource:
     """A local GGUF, served as version `local` (no registry)."""
     path = Path(path)
@@ -63,19 +55,24 @@ def pull(uri: str, profile: str, alias_or_version: str, quant: str, presets_dir:
     """Resolve, download once into the cache, verify the GGUF's sha256 against its tag."""
     version, tags = registry.resolve(uri, profile, alias_or_version)
     name = registry.model_name(profile)
+    where = f"{name} version {version}"
+    tagged = sorted(k.removeprefix("sha256.") for k in tags if k.startswith("sha256.") and k.endswith(f"-{quant}.gguf"))
+    if not tagged:
+        raise KilnError(f"{where} has no {quant} GGUF file with a sha256 tag")
+    rel, expected = tagged[0], tags[f"sha256.{tagged[0]}"]
     folder = cache_dir() / "serve" / name / version
     if not folder.is_dir():
         with atomic_path(folder) as tmp:
-            registry.verify(uri, profile, version, tmp)  # every file, against its tag
-    gguf = _pick_gguf(folder, quant, f"{name} version {version}")
-    rel = str(gguf.relative_to(folder))
-    expected = tags.get(f"sha256.{rel}")
-    if expected is None:
-        raise KilnError(f"{name} version {version}: {rel} has no sha256 tag")
+            tmp.mkdir(parents=True)
+            registry.verify(uri, profile, version, tmp)  # every file of the version, against its tag
+    found = [p for p in folder.rglob(Path(rel).name) if p.as_posix().endswith(rel)]
+    if not found:
+        raise KilnError(f"{where}: {rel} is missing from the pulled files in {folder}")
+    gguf = found[0]
     actual = registry.sha256(gguf)
     if actual != expected:
         shutil.rmtree(folder, ignore_errors=True)  # a changed cache copy is pulled again next time
-        raise KilnError(f"{name} version {version}: cached {rel} does not match its sha256 tag")
+        raise KilnError(f"{where}: the cached {rel} does not match its sha256 tag")
     kwargs = {"folder": presets_dir} if presets_dir else {}
     presets = load_presets(version_file=next(iter(sorted(folder.rglob("presets.json"))), None), **kwargs)
     alias = None if alias_or_version.isdigit() else alias_or_version
