@@ -323,7 +323,7 @@ def test_every_endpoint(gateway):
 
 @pytest.mark.slow
 def test_validation_auth_and_rate_limit(gateway, caplog):
-    gw = gateway(kiln_api_keys="secret-key-1", kiln_rate_limit_rpm=60, kiln_rate_limit_burst=3, kiln_replicas=1)
+    gw = gateway(kiln_api_keys="secret-key-1", kiln_rate_limit_rpm=60, kiln_rate_limit_burst=6, kiln_replicas=1)
     key = {"Authorization": "Bearer secret-key-1"}
     assert gw.client.post("/infer", json={"query": "hi"}).status_code == 401
     assert gw.client.post("/infer", json={"query": "hi"}, headers={"X-API-Key": "wrong"}).status_code == 401
@@ -333,7 +333,8 @@ def test_validation_auth_and_rate_limit(gateway, caplog):
         assert r.status_code == 422 and r.json()["detail"], bad
     with caplog.at_level(logging.INFO, logger="kiln.serve.access"):
         statuses = [gw.client.post("/infer", json={"query": "hi", "max_length": 2}, headers=key) for _ in range(5)]
-    assert [r.status_code for r in statuses].count(429) >= 2  # the burst was spent on the 422s and the first
+    codes = [r.status_code for r in statuses]
+    assert codes[0] == 200 and codes.count(429) >= 3, codes  # the burst of 6 went to the 422s and the first
     limited = next(r for r in statuses if r.status_code == 429)
     assert int(limited.headers["Retry-After"]) >= 1 and "rate limit" in limited.json()["detail"]
     logged = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "kiln.serve.access"]
@@ -357,35 +358,39 @@ def test_overload_is_429_never_5xx(gateway):
     assert refused.headers["Retry-After"] == "1" and "busy" in refused.json()["detail"]
 
 
+def _processing(replica) -> bool:
+    return any(slot["is_processing"] for slot in httpx.get(f"{replica.url}/slots").json())
+
+
 @pytest.mark.slow
 def test_timeout_is_503_and_cancels_upstream_and_fallback(gateway):
-    gw = gateway(inference_timeout_sec=0.5, kiln_replicas=1)
-    body = {"prompt": "x", "max_tokens": 100000, "ignore_eos": True}
+    # context shift lets the test model generate without end: only the timeout can stop it
+    gw = gateway(inference_timeout_sec=0.5, kiln_replicas=1, kiln_context_shift=True)
+    body = {"prompt": "x", "max_tokens": 200000, "ignore_eos": True}
     started = time.monotonic()
     r = gw.client.post("/v1/completions", json=body)
     assert r.status_code == 503 and r.json() == {"detail": "inference timeout (0.5 s)"}
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 3
     replica = gw.deployment.active.replicas[0]
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # llama-server stops generating once the connection is gone
-        text = httpx.get(f"{replica.url}/metrics").text
-        busy = [line for line in text.splitlines() if line.startswith("llamacpp:requests_processing")]
-        if busy and float(busy[0].split()[-1]) == 0:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"the upstream request kept running: {busy}")
+    deadline = time.monotonic() + 3  # the whole generation would take over 10 s
+    while _processing(replica) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _processing(replica), "the upstream generation kept running after the timeout"
     with gw.client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
         assert s.status_code == 200  # the first token came in time; the deadline cuts the stream
         events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     assert events[-1] == {"error": {"message": "inference timeout (0.5 s)", "code": 503}}
+    assert len(events) > 2
+    time.sleep(0.3)
+    assert not _processing(replica)
     gw.close()
 
-    fallback = gateway(inference_timeout_sec=0.5, kiln_replicas=1, llm_fallback_response="Sorry, try again.")
-    r = fallback.client.post("/infer", json={"query": "hi", "max_length": 8000})
-    r2 = fallback.client.post("/v1/completions", json=body)
-    assert r2.status_code == 200 and r2.json()["choices"][0]["text"] == "Sorry, try again."
-    assert r.status_code == 200
+    fallback = gateway(
+        inference_timeout_sec=0.5, kiln_replicas=1, kiln_context_shift=True, llm_fallback_response="Sorry, try again."
+    )
+    r = fallback.client.post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "Sorry, try again."
+    assert r.json()["fallback"] is True
 
 
 @pytest.mark.slow
@@ -395,9 +400,13 @@ def test_pii_is_masked_before_the_model(gateway, caplog):
         r = gw.client.post("/v1/completions", json={"prompt": "write to jane.roe@example.com now", "max_tokens": 1})
     assert r.status_code == 200
     replica = gw.deployment.active.replicas[0]
-    seen = httpx.get(f"{replica.url}/slots").json()  # what the replica was last given
-    prompts = json.dumps(seen)
-    assert "<EMAIL>" in prompts and "jane.roe" not in prompts, prompts[:500]
+
+    def count(text: str) -> int:  # tokens of `text` as the replica's /v1/completions counts a prompt
+        return len(httpx.post(f"{replica.url}/tokenize", json={"content": text, "add_special": True}).json()["tokens"])
+
+    masked, raw = count("write to <EMAIL> now"), count("write to jane.roe@example.com now")
+    assert masked != raw  # so the prompt's token count tells which one the model read
+    assert r.json()["usage"]["prompt_tokens"] == masked
     line = json.loads([rec.getMessage() for rec in caplog.records if rec.name == "kiln.serve.access"][-1])
     assert line["query"] == "write to <EMAIL> now"
 
@@ -469,5 +478,6 @@ def test_a_killed_replica_is_replaced(gateway):
     assert victim.pid != old_pid and victim.state == "ready"
     assert gw.client.get("/").json()["replicas"] == {"ready": 2, "total": 2}
     failed = [r for r in results if r[0] != 200]
-    assert len(failed) <= 3, failed  # at most the requests that were on the killed replica
+    states = [(r.name, r.state, r.pid, r.log_tail()) for r in gw.deployment.active.replicas]
+    assert len(failed) <= 3, (failed, states)  # at most the requests that were on the killed replica
     assert "kiln_replica_restarts_total" in gw.client.get("/metrics").text

@@ -29,7 +29,7 @@ import aiohttp
 
 from pipeline.data.pii import mask_pii
 from pipeline.serve.metrics import Metrics
-from pipeline.serve.replicas import Pool, Replica
+from pipeline.serve.replicas import READY, Pool, Replica
 from pipeline.serve.rollout import Deployment
 
 access_log = logging.getLogger("kiln.serve.access")
@@ -140,6 +140,8 @@ class Inference:
             replica = candidate.pick(tuple(tried)) if candidate else None
             if replica is not None:
                 return candidate, replica
+        if tried and tried[-1].state == READY and tried[-1].alive():  # a stale connection, not a dead replica
+            return pool or self.deployment.active, tried[-1]
         if not tried:
             raise InferenceError(503, "no replica is ready (the model is loading or every replica failed)")
         raise InferenceError(503, f"replica {tried[-1].name} failed and no other replica is ready")
@@ -169,24 +171,31 @@ class Inference:
         raise InferenceError(503, f"replica failed: {last}")
 
     async def complete(self, call: Call, path: str, body: dict, pool: Pool | None = None) -> dict:
-        """A non-streaming request to llama-server's `path`; its JSON answer."""
-
-        async def attempt(replica: Replica) -> dict:
-            async with self.deployment.session.post(replica.url + path, json=body) as resp:
-                data = await resp.read()
-                if resp.status >= 500:
-                    raise _Retryable(f"{replica.name} answered {resp.status}: {data[:200].decode(errors='replace')}")
-                if resp.status != 200:
-                    raise InferenceError(400, f"the model refused the request: {_upstream_message(data)}")
-                return json.loads(data)
-
+        """A non-streaming answer from llama-server's `path`, gathered from its stream: llama-server
+        notices a closed connection at once while streaming but not while it computes a whole answer,
+        so only a stream lets a timeout cancel the generation."""
+        replica, resp, first = await self.open_stream(call, path, {**body, "stream": True}, pool)
+        data = first
         try:
             async with asyncio.timeout_at(_loop_time(self.deadline(call))):
-                result = await self._attempts(call, attempt, pool)
+                async for chunk in resp.content.iter_any():
+                    data += chunk
         except TimeoutError:
             raise self.timeout_error() from None
-        call.ttft_s = time.monotonic() - call.started
-        return result
+        except aiohttp.ClientError as exc:
+            raise InferenceError(503, f"replica {replica.name} failed mid-answer: {exc}") from None
+        finally:
+            replica.in_flight -= 1
+            resp.close()
+        events = [json.loads(line[6:]) for line in data.split(b"\n") if line.startswith(b"data: {")]
+        failed = next((e["error"] for e in events if "error" in e), None)
+        if failed is not None:
+            code = failed.get("code", 500) if isinstance(failed, dict) else 500
+            message = failed.get("message", failed) if isinstance(failed, dict) else failed
+            raise InferenceError(400 if code < 500 else 503, f"the model failed the request: {message}")
+        if not _finished(data):
+            raise InferenceError(503, f"replica {replica.name} ended the answer early")
+        return assemble(path, events)
 
     async def open_stream(
         self, call: Call, path: str, body: dict, pool: Pool | None = None
@@ -264,6 +273,35 @@ class Inference:
         if usage:
             call.prompt_tokens, call.completion_tokens = usage
         call.finish(self.metrics, status)
+
+
+def assemble(path: str, events: list[dict]) -> dict:
+    """One non-streaming answer from a llama-server stream's events, in the shape the route answers."""
+    if path == "/completion":  # native: the last event carries the counts and timings
+        return {**events[-1], "content": "".join(e.get("content", "") for e in events)}
+    chat = path.endswith("/chat/completions")
+    texts: dict[int, list[str]] = {}
+    finish: dict[int, str | None] = {}
+    usage, last = None, events[-1] if events else {}
+    for event in events:
+        usage = event.get("usage") or usage
+        for choice in event.get("choices", []):
+            i = choice.get("index", 0)
+            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            texts.setdefault(i, []).append(piece or "")
+            finish[i] = choice.get("finish_reason") or finish.get(i)
+    choices = []
+    for i in sorted(texts):
+        text = "".join(texts[i])
+        content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+        choices.append({"index": i, **content, "finish_reason": finish.get(i)})
+    if usage is None and last.get("timings"):
+        prompt, completion = last["timings"].get("prompt_n", 0), last["timings"].get("predicted_n", 0)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "id": last.get("id"), "object": "chat.completion" if chat else "text_completion",
+        "created": last.get("created"), "model": last.get("model"), "choices": choices, "usage": usage,
+    }  # fmt: skip
 
 
 def _finished(tail: bytes) -> bool:

@@ -32,6 +32,9 @@ log = logging.getLogger("kiln.serve")
 
 STARTING, READY, FAILED, STOPPED = "starting", "ready", "failed", "stopped"
 LOAD_TIMEOUT_S = 120.0
+# llama-server's HTTP worker threads: each connection the gateway keeps open (streams, idle pooled
+# connections, health checks) holds one, and a request beyond them waits; keep plenty (they sleep).
+HTTP_THREADS_PER_SLOT = 4
 WARMUP_PROMPT = "def add(a, b):\n    return"
 
 
@@ -47,9 +50,10 @@ def free_port() -> int:
 
 class Replica:
     def __init__(
-        self, binary: Path, source: ModelSource, slots: int, context_size: int, threads: int, warmup: int
-    ) -> None:
-        self.binary, self.source = binary, source
+        self, binary: Path, source: ModelSource, slots: int, context_size: int, threads: int, warmup: int,
+        context_shift: bool = False,
+    ) -> None:  # fmt: skip
+        self.binary, self.source, self.context_shift = binary, source, context_shift
         self.slots, self.context_size, self.threads, self.warmup = slots, context_size, threads, warmup
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -67,8 +71,9 @@ class Replica:
         return [
             str(self.binary), "-m", str(self.source.gguf), "--host", "127.0.0.1", "--port", str(self.port),
             "--parallel", str(self.slots), "--ctx-size", str(self.context_size * self.slots),
-            "--threads", str(self.threads), "--threads-http", str(max(2, self.slots)),
+            "--threads", str(self.threads), "--threads-http", str(HTTP_THREADS_PER_SLOT * self.slots + 4),
             "--metrics", "--no-webui", "--alias", self.source.label,
+            "--context-shift" if self.context_shift else "--no-context-shift",
         ]  # fmt: skip
 
     def alive(self) -> bool:
@@ -144,7 +149,8 @@ class Pool:
         context = max(p.context_size for p in source.presets.values()) if source.presets else 2048
         self.source, self.metrics, self.role = source, metrics, role
         self.replicas = [
-            Replica(binary, source, slots, context, threads, settings.kiln_warmup_requests) for _ in range(replicas)
+            Replica(binary, source, slots, context, threads, settings.kiln_warmup_requests, settings.kiln_context_shift)
+            for _ in range(replicas)
         ]
         self._tasks: set[asyncio.Task] = set()
         self._monitor: asyncio.Task | None = None

@@ -39,6 +39,7 @@ class ServeSettings(BaseSettings):
     kiln_poll_sec: float = Field(10.0, ge=0, description="registry poll for a moved alias; 0: off")
     kiln_drain_sec: float = Field(60.0, ge=0, description="how long an old version may finish its requests")
     kiln_warmup_requests: int = Field(3, ge=0)
+    kiln_context_shift: bool = Field(False, description="keep generating past a full context by dropping old tokens")
     kiln_quant: str = "Q4_K_M"
 
     @classmethod
