@@ -131,7 +131,7 @@ def kiln(gguf: Path | None, replicas: int, slots: int, env: dict | None = None, 
 def llama_cpp_python(gguf: Path, threads: int) -> Proc:
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "--n_threads", str(threads), "--n_ctx", "2048"]  # fmt: skip
+           "--n_threads", str(threads), "--n_ctx", "2048", "--interrupt_requests", "False"]  # fmt: skip
     return Proc(f"llama-cpp-python-{port}", cmd, port, health="/v1/models")
 
 
@@ -156,8 +156,10 @@ async def one_request(session, url: str, prompt: str, ban: dict, stats: dict) ->
                     tokens += 1
                     if ttft is None:
                         ttft = time.monotonic() - start
-    except aiohttp.ClientError:
+    except aiohttp.ClientError as exc:
         stats["errors"] += 1
+        kind = f"{type(exc).__name__}: {str(exc)[:80]}"
+        stats["statuses"][kind] = stats["statuses"].get(kind, 0) + 1
         return
     stats["latency"].append(time.monotonic() - start)
     stats["ttft"].append(ttft if ttft is not None else time.monotonic() - start)
@@ -169,7 +171,7 @@ async def load(urls: list[str], clients: int, seconds: float, ban: dict) -> dict
     """`clients` workers back to back for `seconds`; with several urls the workers alternate between them."""
     stats = {"ok": 0, "429": 0, "errors": 0, "tokens": 0, "latency": [], "ttft": [], "statuses": {}}
     end = time.monotonic() + seconds
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3)  # under llama-server's 5 s keep-alive
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
 
         async def worker(i: int) -> None:

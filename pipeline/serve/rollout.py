@@ -74,7 +74,8 @@ class Deployment:
 
     async def start(self) -> None:
         """Pull, start and warm the production (and canary) replicas, then watch the registry."""
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=60)
+        # below llama-server's own 5 s keep-alive, so the gateway never writes to a connection it is closing
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=3)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         try:
             source = self.initial or await asyncio.to_thread(self.target.fetch, self.target.which)
