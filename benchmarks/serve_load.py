@@ -7,7 +7,8 @@ tiny profile's shape with random weights: speed, not sense), every server on loo
 
   kiln         kiln serve --replicas 2 (the gateway, least-busy routing over two llama-servers)
   pool-direct  the same two llama-servers, the client alternating between them (no gateway)
-  llama-server one llama-server with all the threads and the same slots in total
+  llama-server one llama-server, with as many threads as one of kiln's replicas and all the slots
+               (more threads than that only make ggml's spinning threads fight over 2 busy cores)
   llama-cpp-py llama-cpp-python's own OpenAI server (one request at a time: the naive anchor)
 
 The load is a bounded async client: N workers, each sending streamed `/v1/completions` (64 new
@@ -171,7 +172,9 @@ async def load(urls: list[str], clients: int, seconds: float, ban: dict) -> dict
     """`clients` workers back to back for `seconds`; with several urls the workers alternate between them."""
     stats = {"ok": 0, "429": 0, "errors": 0, "tokens": 0, "latency": [], "ttft": [], "statuses": {}}
     end = time.monotonic() + seconds
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3)  # under llama-server's 5 s keep-alive
+    # one connection per request for every server alike: llama-server closes idle keep-alive connections
+    # on its own schedule, and a request written to one of them fails
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
 
         async def worker(i: int) -> None:
@@ -221,7 +224,7 @@ async def throughput(args, binary: Path, gguf: Path, ban: dict) -> dict:
     setups = {
         "kiln": lambda: [kiln(gguf, 2, args.slots)],
         "pool-direct": lambda: [llama_server(binary, gguf, args.slots, 1) for _ in range(2)],
-        "llama-server": lambda: [llama_server(binary, gguf, 2 * args.slots, threads)],
+        "llama-server": lambda: [llama_server(binary, gguf, 2 * args.slots, max(1, threads // 2))],
         "llama-cpp-py": lambda: [llama_cpp_python(gguf, threads)],
     }
     for name, make in setups.items():
@@ -233,7 +236,12 @@ async def throughput(args, binary: Path, gguf: Path, ban: dict) -> dict:
             await load(urls, 2, 2, ban)  # warm-up
             results[name] = {}
             for c in args.concurrency:
+                gateway = _cpu_seconds(procs[0].proc.pid) if name == "kiln" else None
                 results[name][c] = await load(urls, c, args.seconds, ban)
+                if gateway is not None:  # the gateway's own CPU per 1000 relayed tokens (its replicas excluded)
+                    tokens = results[name][c]["tokens_per_s"] * args.seconds
+                    used = _cpu_seconds(procs[0].proc.pid) - gateway
+                    results[name][c]["gateway_cpu_ms_per_1k_tokens"] = round(1e6 * used / max(tokens, 1), 1)
                 print(f"{name:>13} c={c:<3} {json.dumps(results[name][c])}", flush=True)
         finally:
             for p in procs:
@@ -248,6 +256,13 @@ async def overload(gguf: Path, ban: dict, seconds: float) -> dict:
         return await load([p.url], 64, seconds, ban)
     finally:
         p.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def replica_pids(gateway_pid: int) -> list[int]:

@@ -74,8 +74,9 @@ class Deployment:
 
     async def start(self) -> None:
         """Pull, start and warm the production (and canary) replicas, then watch the registry."""
-        # below llama-server's own 5 s keep-alive, so the gateway never writes to a connection it is closing
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=3)
+        # a fresh loopback connection per request (~0.1 ms): llama-server closes idle keep-alive
+        # connections on its own schedule, and a request written to one of those fails before it starts
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         try:
             source = self.initial or await asyncio.to_thread(self.target.fetch, self.target.which)
