@@ -45,6 +45,8 @@ from pipeline.serve import engine  # noqa: E402
 from pipeline.serve.replicas import free_port  # noqa: E402
 
 MAX_TOKENS = 64
+# every sampler value spelled out, so no server (nor kiln's default preset) samples differently
+SAMPLER = {"temperature": 0.0, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.0}
 WORDS = "the model reads tokens and predicts the next one while data flows through the pipeline".split()
 
 
@@ -137,7 +139,7 @@ def llama_cpp_python(gguf: Path, threads: int) -> Proc:
 
 
 async def one_request(session, url: str, prompt: str, ban: dict, stats: dict) -> None:
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": True, "logit_bias": ban}
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "stream": True, "logit_bias": ban, **SAMPLER}
     start = time.monotonic()
     ttft, tokens = None, 0
     try:
@@ -150,13 +152,14 @@ async def one_request(session, url: str, prompt: str, ban: dict, stats: dict) ->
                     await asyncio.sleep(0.05)
                 return
             async for line in r.content:
-                if line.startswith(b"data: {") and b'"text":""' not in line:
+                if line.startswith(b"data: {"):
                     if b'"error"' in line:
                         stats["errors"] += 1
                         return
-                    tokens += 1
-                    if ttft is None:
+                    if ttft is None:  # the first event is the first token (its text may be a partial character)
                         ttft = time.monotonic() - start
+                    if b'"finish_reason":null' in line or b'"finish_reason": null' in line:
+                        tokens += 1
     except aiohttp.ClientError as exc:
         stats["errors"] += 1
         kind = f"{type(exc).__name__}: {str(exc)[:80]}"
