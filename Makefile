@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install -e '.[test]'
-	$(BIN)/python -m pipeline.serve.engine
+	$(BIN)/python -m pipeline.serve.engine || echo "llama-server was not built: kiln serve and its tests will say why"
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -44,9 +44,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/humaneval_generation.py
 
 serve: $(STAMP)
+	$(BIN)/python -m pipeline.serve.engine
 	$(BIN)/kiln serve --profile $(PROFILE)
 
 bench-serve: $(STAMP)
+	$(BIN)/python -m pipeline.serve.engine
 	$(BIN)/python benchmarks/serve_load.py
 
 clean-work:
