@@ -198,14 +198,14 @@ def store(ggufs, tmp_path_factory):
 class Gateway:
     """A gateway on a free port in a thread of this process, stopped (replicas included) on close."""
 
-    def __init__(self, target, **settings) -> None:
+    def __init__(self, target, canary=None, canary_share: float = 0.0, **settings) -> None:
         import uvicorn
 
         from pipeline.serve.server import build
 
         defaults = {"port": free_port(), "kiln_replicas": 2, "kiln_slots": 2, "kiln_threads": 1, "kiln_poll_sec": 0}
         self.settings = ServeSettings(**{**defaults, **settings})
-        self.app, self.deployment = build(self.settings, target)
+        self.app, self.deployment = build(self.settings, target, canary, canary_share)
         self.url = f"http://127.0.0.1:{self.settings.port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning")
         self.server = uvicorn.Server(config)
@@ -427,7 +427,12 @@ def test_hot_swap_after_promote_under_load(env, store):
     from pipeline.serve.server import registry_target
 
     uri, profile = store
-    gw = Gateway(registry_target(uri, "test", "production", "Q4_K_M"), kiln_poll_sec=0.5, kiln_drain_sec=10)
+    gw = Gateway(
+        registry_target(uri, "test", "production", "Q4_K_M"),
+        kiln_poll_sec=0.5,
+        kiln_drain_sec=10,
+        kiln_admin_keys="adm",
+    )
     try:
         assert gw.client.get("/").json()["version"] == "1"
         stop, results = threading.Event(), []
@@ -452,7 +457,9 @@ def test_hot_swap_after_promote_under_load(env, store):
         time.sleep(0.5)
         old = [r for r in gw.deployment._draining]
         assert not old  # drained and stopped
-        assert gw.client.post("/admin/reload").status_code == 403  # no admin keys configured
+        assert gw.client.post("/admin/reload").status_code == 401
+        reload = gw.client.post("/admin/reload", headers={"X-API-Key": "adm"})
+        assert reload.status_code == 200 and reload.json() == {"changed": False, "version": "2"}
     finally:
         gw.close()
 
@@ -481,3 +488,26 @@ def test_a_killed_replica_is_replaced(gateway):
     states = [(r.name, r.state, r.pid, r.log_tail()) for r in gw.deployment.active.replicas]
     assert len(failed) <= 3, (failed, states)  # at most the requests that were on the killed replica
     assert "kiln_replica_restarts_total" in gw.client.get("/metrics").text
+
+
+@pytest.mark.slow
+def test_canary_takes_its_share_and_names_its_version(env, store):
+    from pipeline.serve.server import registry_target
+
+    uri, _ = store
+    production = registry_target(uri, "test", "1", "Q4_K_M")  # a fixed version: the module's swap test moves the alias
+    canary = registry_target(uri, "test", "2", "Q4_K_M")
+    gw = Gateway(production, canary=canary, canary_share=0.5, kiln_replicas=1)
+    try:
+        versions = [gw.client.post("/infer", json={"query": "x", "max_length": 2}).json()["version"] for _ in range(40)]
+        assert 5 <= versions.count("2") <= 35 and versions.count("1") + versions.count("2") == 40, versions
+        assert gw.client.get("/").json()["canary"]["version"] == "2"
+        served = {m["version"]: m["role"] for m in gw.client.get("/v1/models").json()["data"]}
+        assert served == {"1": "production", "2": "canary"}
+        chat = gw.client.post("/v1/completions", json={"model": "canary", "prompt": "x", "max_tokens": 2})
+        assert chat.json()["model"] == "kiln-test:2"  # `model` naming the canary routes there
+        metrics = gw.client.get("/metrics").text
+        assert 'kiln_completion_tokens_total{version="1"}' in metrics
+        assert 'kiln_completion_tokens_total{version="2"}' in metrics
+    finally:
+        gw.close()
