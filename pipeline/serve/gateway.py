@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, field_validator
 
 from pipeline.serve.guards import Admission, Auth, RateLimiter, Rejected, retry_after_header
-from pipeline.serve.inference import Call, Inference, InferenceError, _loop_time, _sse, prepare_text
+from pipeline.serve.inference import Call, Inference, InferenceError, loop_deadline, prepare_text, sse_event
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.presets import DEFAULT, Preset
 from pipeline.serve.rollout import Deployment
@@ -98,7 +98,7 @@ class Gateway:
     async def admit(self, call: Call) -> None:
         """A place in flight within the request's deadline; Rejected (429) or InferenceError (timeout)."""
         try:
-            async with asyncio.timeout_at(_loop_time(self.inference.deadline(call))):
+            async with asyncio.timeout_at(loop_deadline(self.inference.deadline(call))):
                 call.queue_s = await self.admission.acquire()
         except TimeoutError:
             raise self.inference.timeout_error() from None
@@ -171,14 +171,14 @@ async def reframe_tokens(chunks, call: Call):
                 continue
             event = json.loads(raw[6:])
             if "error" in event:
-                out.append(_sse(event["error"], "error"))
+                out.append(sse_event(event["error"], "error"))
             elif event.get("stop"):
                 if event.get("content"):
-                    out.append(_sse({"token": event["content"]}))
+                    out.append(sse_event({"token": event["content"]}))
                 usage = _usage(event.get("tokens_evaluated", 0), event.get("tokens_predicted", 0))
-                out.append(_sse({"usage": usage, "version": call.version, "request_id": call.request_id}, "done"))
+                out.append(sse_event({"usage": usage, "version": call.version, "request_id": call.request_id}, "done"))
             else:
-                out.append(_sse({"token": event.get("content", "")}))
+                out.append(sse_event({"token": event.get("content", "")}))
         if out:
             yield b"".join(out)
 
@@ -188,7 +188,7 @@ def _usage(prompt: int, completion: int) -> dict:
 
 
 def _fallback_stream(text: str) -> StreamingResponse:
-    events = _sse({"token": text}) + _sse({"usage": _usage(0, 0), "fallback": True}, "done")
+    events = sse_event({"token": text}) + sse_event({"usage": _usage(0, 0), "fallback": True}, "done")
     return StreamingResponse(iter([events]), media_type="text/event-stream", headers=STREAM_HEADERS)
 
 

@@ -177,7 +177,7 @@ class Inference:
         replica, resp, first = await self.open_stream(call, path, {**body, "stream": True}, pool)
         data = first
         try:
-            async with asyncio.timeout_at(_loop_time(self.deadline(call))):
+            async with asyncio.timeout_at(loop_deadline(self.deadline(call))):
                 async for chunk in resp.content.iter_any():
                     data += chunk
         except TimeoutError:
@@ -222,7 +222,7 @@ class Inference:
             return resp, first
 
         try:
-            async with asyncio.timeout_at(_loop_time(self.deadline(call))):
+            async with asyncio.timeout_at(loop_deadline(self.deadline(call))):
                 resp, first = await self._attempts(call, attempt, pool)
         except TimeoutError:
             raise self.timeout_error() from None
@@ -240,7 +240,7 @@ class Inference:
             expired.append(True)
             resp.close()
 
-        timer = asyncio.get_running_loop().call_at(_loop_time(self.deadline(call)), expire)
+        timer = asyncio.get_running_loop().call_at(loop_deadline(self.deadline(call)), expire)
         tail = first[-8192:]
         try:
             yield first
@@ -261,7 +261,7 @@ class Inference:
             status = 200
         self._end_stream(call, replica, resp, timer, tail, status, on_end)
         if status != 200:
-            yield _sse({"error": {"message": call.error, "code": status}})
+            yield sse_event({"error": {"message": call.error, "code": status}})
 
     def _end_stream(self, call: Call, replica: Replica, resp, timer, tail: bytes, status: int, on_end) -> None:
         if on_end is not None:
@@ -309,7 +309,7 @@ def _finished(tail: bytes) -> bool:
     return b"data: [DONE]" in tail or b'"stop":true' in tail or b'"stop": true' in tail
 
 
-def _sse(obj: dict, event: str | None = None) -> bytes:
+def sse_event(obj: dict, event: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
@@ -322,6 +322,6 @@ def _upstream_message(data: bytes) -> str:
         return data[:300].decode(errors="replace")
 
 
-def _loop_time(monotonic_deadline: float) -> float:
+def loop_deadline(monotonic_deadline: float) -> float:
     """asyncio's clock is time.monotonic on every platform kiln runs on; keep the conversion in one place."""
     return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pipeline.serve.gateway import STREAM_HEADERS, Gateway
-from pipeline.serve.inference import Call, _sse
+from pipeline.serve.inference import Call, sse_event
 
 router = APIRouter()
 SAMPLER_KEYS = ("temperature", "top_k", "top_p", "repeat_penalty")
@@ -125,7 +125,7 @@ def _fallback_stream(text: str, model: str, chat: bool) -> StreamingResponse:
     answer["object"] = "chat.completion.chunk" if chat else "text_completion"
     if chat:
         answer["choices"][0]["delta"] = answer["choices"][0].pop("message")
-    events = _sse(answer) + b"data: [DONE]\n\n"
+    events = sse_event(answer) + b"data: [DONE]\n\n"
     return StreamingResponse(iter([events]), media_type="text/event-stream", headers=STREAM_HEADERS)
 
 
