@@ -31,6 +31,20 @@ from pipeline.serve.settings import ServeSettings, load_settings
 # ---------------------------------------------------------------- pieces without a replica
 
 
+def test_engine_uses_the_cached_build_and_names_a_bad_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KILN_LLAMA_SERVER", raising=False)
+    with pytest.raises(engine.EngineUnavailable, match="is not built"):
+        engine.locate()
+    cached = engine.binary_path("9.9.9")
+    cached.parent.mkdir(parents=True)
+    cached.write_text("#!/bin/sh\n")
+    assert engine.build("9.9.9") == cached  # already built: no download, no compiler
+    monkeypatch.setenv("KILN_LLAMA_SERVER", str(tmp_path / "missing"))
+    with pytest.raises(engine.EngineUnavailable, match="KILN_LLAMA_SERVER=.* is not an executable file"):
+        engine.locate()
+
+
 def test_prepare_text_normalises_masks_then_cuts():
     text = "  Hello\r\n\r\n\r\n\r\nmail me: jane.roe@example.com  \n    indented = 1\t\n"
     out = prepare_text(text, 2048)
