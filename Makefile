@@ -1,6 +1,8 @@
 # kiln: `make run` materializes the pipeline, `make test` runs the tests. Each sets up .venv first.
 # pip's wheel cache is left on: llama-cpp-python compiles from source once (about 9 minutes on
-# 2 cores) and later installs reuse the cached wheel.
+# 2 cores) and later installs reuse the cached wheel. The install step also builds llama.cpp's
+# llama-server from the same llama.cpp sources (only that target, once per machine, cached in
+# ~/.cache/kiln/llama-server-<version>/) for `kiln serve`.
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +13,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install sandbox ui mlflow-ui bench clean-work
+.PHONY: run test install sandbox ui mlflow-ui bench bench-serve serve clean-work
 
 install: sandbox $(STAMP)
 
@@ -26,6 +28,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pipeline.serve.engine || echo "llama-server was not built: kiln serve and its tests will say why"
 	touch $(STAMP)
 
 run: sandbox $(STAMP)
@@ -47,6 +50,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pretrain_throughput.py
 	$(BIN)/python benchmarks/humaneval_generation.py
 	$(BIN)/python benchmarks/sandbox_overhead.py
+
+serve: $(STAMP)
+	$(BIN)/python -m pipeline.serve.engine
+	$(BIN)/kiln serve --profile $(PROFILE)
+
+bench-serve: $(STAMP)
+	$(BIN)/python -m pipeline.serve.engine
+	$(BIN)/python benchmarks/serve_load.py
 
 clean-work:
 	rm -rf data/work

@@ -26,7 +26,14 @@ DEFAULT_WORK_DIR = REPO_ROOT / "data" / "work"
 REGISTRY_DIR = REPO_ROOT / "registry"  # the local MLflow store (sqlite + artifacts)
 DAGSTER_HOME = REPO_ROOT / ".dagster_home"
 PROFILES_DIR = REPO_ROOT / "profiles"  # the shipped profiles, one YAML file each
+PRESETS_DIR = REPO_ROOT / "presets"  # the gateway's sampler presets, one YAML file each
 QUANTS = ("F16", "Q8_0", "Q4_K_M")  # the GGUF files every version ships
+
+
+def cache_dir() -> Path:
+    """Per-machine files kept between runs: the llama-server build, versions pulled for serving.
+    `KILN_CACHE_DIR`, else ~/.cache/kiln."""
+    return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln")
 
 
 def work_dir_from_env() -> Path:

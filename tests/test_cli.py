@@ -109,7 +109,7 @@ def _every_command():
         yield [name], command
 
 
-TAKES_PROFILE = {"clean", "tokenizer", "pretrain", "models", "promote", "rollback", "pull", "history", "run"}
+TAKES_PROFILE = {"clean", "tokenizer", "pretrain", "models", "promote", "rollback", "pull", "history", "run", "serve"}
 EVERY_COMMAND = list(_every_command())
 
 

@@ -193,6 +193,14 @@ def _resolve(c, name: str, alias_or_version: str) -> str:
         raise KilnError(f"{name} has no {what}") from None
 
 
+def resolve(uri: str, profile: str, alias_or_version: str) -> tuple[str, dict[str, str]]:
+    """The version number an alias (or a number) names now, and that version's tags."""
+    c = client(uri)
+    name = model_name(profile)
+    version = _call(uri, "resolving", lambda: _resolve(c, name, alias_or_version))
+    return version, dict(_call(uri, "reading the version", lambda: c.get_model_version(name, version)).tags)
+
+
 def _append_history(c, name: str, event: dict) -> None:
     index = sum(1 for k in c.get_registered_model(name).tags if k.startswith(HISTORY))
     c.set_registered_model_tag(name, f"{HISTORY}{index:04d}", json.dumps(event))

@@ -1,0 +1,403 @@
+"""Serving under load: kiln serve against llama-server alone and llama-cpp-python's server, and faults.
+
+    python benchmarks/serve_load.py [--gguf FILE] [--seconds 15] [--concurrency 1 4 16 64] [--json out.json]
+
+All in one run, on one GGUF (the tiny profile's Q4_K_M after `make run`, else a stand-in of the
+tiny profile's shape with random weights: speed, not sense), every server on loopback:
+
+  kiln         kiln serve --replicas 2 (the gateway, least-busy routing over two llama-servers)
+  pool-direct  the same two llama-servers, the client alternating between them (no gateway)
+  llama-server one llama-server, with as many threads as one of kiln's replicas and all the slots
+               (more threads than that only make ggml's spinning threads fight over 2 busy cores)
+  llama-cpp-py llama-cpp-python's own OpenAI server (one request at a time: the naive anchor)
+
+The load is a bounded async client: N workers, each sending streamed `/v1/completions` (64 new
+tokens, EOS banned so every answer has the same length) back to back for a fixed time. Printed:
+requests/s, generated tokens/s, P50/P95/P99 latency and time to first token, 429s and other
+errors. Then the faults, against kiln: overload (only 429s, no 5xx), a hot swap after a
+promotion under load (no failed request), a replica killed with SIGKILL under load (only its
+in-flight requests may fail; the time until the pool is whole again), and the prompt cache
+(TTFT of a prompt sharing a long prefix with the previous one against one that does not).
+Goals: kiln >= 0.95 x pool-direct tokens/s at 16 clients; kiln >= 3 x llama-cpp-py at 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.serve import engine  # noqa: E402
+from pipeline.serve.replicas import free_port  # noqa: E402
+
+MAX_TOKENS = 64
+# every sampler value spelled out, so no server (nor kiln's default preset) samples differently
+SAMPLER = {"temperature": 0.0, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.0}
+WORDS = "the model reads tokens and predicts the next one while data flows through the pipeline".split()
+
+
+def stand_in_gguf(tmp: Path) -> Path:
+    """A GGUF of the tiny profile's shape and vocabulary size, random weights, a BPE trained on random words."""
+    from transformers import LlamaForCausalLM
+
+    from pipeline.config import load_profile
+    from pipeline.release.gguf_export import export_all
+    from pipeline.train.pretrain import llama_config
+    from pipeline.train.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    texts = [" ".join("".join(rng.choices(letters, k=rng.randint(3, 9))) for _ in range(500)) for _ in range(1000)]
+    profile = load_profile("tiny")
+    tok = train_tokenizer(texts, tmp / "tok", vocab_size=profile.tokenizer.vocab_size, min_frequency=1)
+    shape = profile.model
+    model = LlamaForCausalLM(llama_config(shape, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+    model.save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    return export_all(tmp / "model", tmp / "gguf", "bench")["Q4_K_M"]
+
+
+def eos_id(gguf: Path) -> int:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields["tokenizer.ggml.eos_token_id"]
+    return int(field.parts[field.data[0]][0])
+
+
+class Proc:
+    """A server process on a free port, stopped by its PID."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None, health: str = "/health"):
+        self.name, self.port, self.url, self.health = name, port, f"http://127.0.0.1:{port}", health
+        self.log = open(Path(tempfile.gettempdir()) / f"kiln-bench-{name}-{port}.log", "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    async def ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited; see {self.log.name}")
+                try:
+                    async with s.get(self.url + self.health) as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready after {timeout} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def llama_server(binary: Path, gguf: Path, slots: int, threads: int) -> Proc:
+    port = free_port()
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
+           "--ctx-size", str(2048 * slots), "--threads", str(threads), "--threads-http", str(max(2, slots)),
+           "--no-webui", "--metrics"]  # fmt: skip
+    return Proc(f"llama-server-{port}", cmd, port)
+
+
+def kiln(gguf: Path | None, replicas: int, slots: int, env: dict | None = None, extra: list[str] = ()) -> Proc:
+    port = free_port()
+    settings = {
+        "KILN_SLOTS": str(slots), "KILN_THREADS": "1", "MAX_CONCURRENT_INFERENCE": str(replicas * slots * 2),
+        "KILN_MAX_QUEUE": "1024", "INFERENCE_TIMEOUT_SEC": "120", "PYTHONPATH": str(ROOT), **(env or {}),
+    }  # fmt: skip
+    source = ["--gguf", str(gguf)] if gguf else []
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", *source, "--replicas", str(replicas), "--port", str(port)]
+    return Proc(f"kiln-{port}", [*cmd, *extra], port, settings)
+
+
+def llama_cpp_python(gguf: Path, threads: int) -> Proc:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+           "--n_threads", str(threads), "--n_ctx", "2048", "--interrupt_requests", "False"]  # fmt: skip
+    return Proc(f"llama-cpp-python-{port}", cmd, port, health="/v1/models")
+
+
+async def one_request(session, url: str, prompt: str, ban: dict, stats: dict) -> None:
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "stream": True, "logit_bias": ban, **SAMPLER}
+    start = time.monotonic()
+    ttft, tokens = None, 0
+    try:
+        async with session.post(url + "/v1/completions", json=body) as r:
+            if r.status != 200:
+                await r.read()
+                stats["429" if r.status == 429 else "errors"] += 1
+                stats["statuses"][r.status] = stats["statuses"].get(r.status, 0) + 1
+                if r.status == 429:
+                    await asyncio.sleep(0.05)
+                return
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    if b'"error"' in line:
+                        stats["errors"] += 1
+                        return
+                    if ttft is None:  # the first event is the first token (its text may be a partial character)
+                        ttft = time.monotonic() - start
+                    if b'"finish_reason":null' in line or b'"finish_reason": null' in line:
+                        tokens += 1
+    except aiohttp.ClientError as exc:
+        stats["errors"] += 1
+        kind = f"{type(exc).__name__}: {str(exc)[:80]}"
+        stats["statuses"][kind] = stats["statuses"].get(kind, 0) + 1
+        return
+    stats["latency"].append(time.monotonic() - start)
+    stats["ttft"].append(ttft if ttft is not None else time.monotonic() - start)
+    stats["tokens"] += tokens
+    stats["ok"] += 1
+
+
+async def load(urls: list[str], clients: int, seconds: float, ban: dict) -> dict:
+    """`clients` workers back to back for `seconds`; with several urls the workers alternate between them."""
+    stats = {"ok": 0, "429": 0, "errors": 0, "tokens": 0, "latency": [], "ttft": [], "statuses": {}}
+    end = time.monotonic() + seconds
+    # one connection per request for every server alike: llama-server closes idle keep-alive connections
+    # on its own schedule, and a request written to one of them fails
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+
+        async def worker(i: int) -> None:
+            n = 0
+            while time.monotonic() < end:
+                prompt = f"{random.choice(WORDS)} {i} {n} " + " ".join(random.choice(WORDS) for _ in range(12))
+                await one_request(session, urls[(i + n) % len(urls)], prompt, ban, stats)
+                n += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+        elapsed = time.monotonic() - started
+    return summarize(stats, elapsed)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 1)
+
+
+def summarize(stats: dict, elapsed: float) -> dict:
+    return {
+        "requests_per_s": round(stats["ok"] / elapsed, 2), "tokens_per_s": round(stats["tokens"] / elapsed, 1),
+        "p50_ms": _pct(stats["latency"], 0.5), "p95_ms": _pct(stats["latency"], 0.95),
+        "p99_ms": _pct(stats["latency"], 0.99), "ttft_p50_ms": _pct(stats["ttft"], 0.5),
+        "ttft_p95_ms": _pct(stats["ttft"], 0.95), "ttft_p99_ms": _pct(stats["ttft"], 0.99),
+        "ok": stats["ok"], "429": stats["429"], "errors": stats["errors"], "statuses": stats["statuses"],
+    }  # fmt: skip
+
+
+def table(results: dict) -> str:
+    cols = ["requests_per_s", "tokens_per_s", "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms"]
+    lines = ["| server | clients | " + " | ".join(cols) + " | 429 | errors |", "|" + "---|" * (len(cols) + 4)]
+    for name, by_c in results.items():
+        for c, r in by_c.items():
+            lines.append(
+                f"| {name} | {c} | " + " | ".join(str(r[k]) for k in cols) + f" | {r['429']} | {r['errors']} |"
+            )
+    return "\n".join(lines)
+
+
+async def throughput(args, binary: Path, gguf: Path, ban: dict) -> dict:
+    threads = os.cpu_count() or 2
+    results: dict[str, dict] = {}
+    setups = {
+        "kiln": lambda: [kiln(gguf, 2, args.slots)],
+        "pool-direct": lambda: [llama_server(binary, gguf, args.slots, 1) for _ in range(2)],
+        "llama-server": lambda: [llama_server(binary, gguf, 2 * args.slots, max(1, threads // 2))],
+        "llama-cpp-py": lambda: [llama_cpp_python(gguf, threads)],
+    }
+    for name, make in setups.items():
+        procs = make()
+        try:
+            for p in procs:
+                await p.ready()
+            urls = [p.url for p in procs]
+            await load(urls, 2, 2, ban)  # warm-up
+            results[name] = {}
+            for c in args.concurrency:
+                gateway = _cpu_seconds(procs[0].proc.pid) if name == "kiln" else None
+                results[name][c] = await load(urls, c, args.seconds, ban)
+                if gateway is not None:  # the gateway's own CPU per 1000 relayed tokens (its replicas excluded)
+                    tokens = results[name][c]["tokens_per_s"] * args.seconds
+                    used = _cpu_seconds(procs[0].proc.pid) - gateway
+                    results[name][c]["gateway_cpu_ms_per_1k_tokens"] = round(1e6 * used / max(tokens, 1), 1)
+                print(f"{name:>13} c={c:<3} {json.dumps(results[name][c])}", flush=True)
+        finally:
+            for p in procs:
+                p.stop()
+    return results
+
+
+async def overload(gguf: Path, ban: dict, seconds: float) -> dict:
+    p = kiln(gguf, 2, 2, {"MAX_CONCURRENT_INFERENCE": "4", "KILN_MAX_QUEUE": "4"})
+    try:
+        await p.ready()
+        return await load([p.url], 64, seconds, ban)
+    finally:
+        p.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def replica_pids(gateway_pid: int) -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process(gateway_pid).children() if "llama-server" in c.name()]
+
+
+async def kill_one_replica(gguf: Path, ban: dict, seconds: float) -> dict:
+    p = kiln(gguf, 2, 4)
+    try:
+        await p.ready()
+        run = asyncio.create_task(load([p.url], 16, seconds, ban))
+        await asyncio.sleep(seconds / 3)
+        victim = replica_pids(p.proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        recovered = None
+        async with aiohttp.ClientSession() as s:
+            while recovered is None and time.monotonic() - killed < seconds:
+                await asyncio.sleep(0.05)
+                async with s.get(p.url + "/") as r:
+                    info = await r.json()
+                if info["replicas"]["ready"] == 2 and victim not in replica_pids(p.proc.pid):
+                    recovered = time.monotonic() - killed
+        result = await run
+        result["recovery_s"] = None if recovered is None else round(recovered, 2)
+        return result
+    finally:
+        p.stop()
+
+
+async def hot_swap(gguf: Path, ban: dict, seconds: float, tmp: Path) -> dict:
+    from pipeline.release import registry
+    from pipeline.tracking import pipeline_run
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    for n in (1, 2):
+        bundle = tmp / f"bundle{n}" / "gguf"
+        bundle.mkdir(parents=True)
+        (bundle / "kiln-bench-Q4_K_M.gguf").write_bytes(gguf.read_bytes())
+        registry.register(uri, "bench", pipeline_run(uri, "bench", f"run-{n}"), bundle.parent, {}, gate_passed=True)
+    registry.promote(uri, "bench", "1")
+    (tmp / "bench.yaml").write_text("base: tiny\n")
+    env = {"KILN_POLL_SEC": "0.5", "KILN_CACHE_DIR": str(tmp / "cache"), "KILN_LLAMA_SERVER": str(engine.locate())}
+    p = kiln(None, 2, 4, env, ["--profile", str(tmp / "bench.yaml"), "--tracking-uri", uri])
+    try:
+        await p.ready()
+        run = asyncio.create_task(load([p.url], 16, seconds, ban))
+        await asyncio.sleep(seconds / 3)
+        await asyncio.to_thread(registry.promote, uri, "bench", "2")
+        promoted = time.monotonic()
+        swapped = None
+        async with aiohttp.ClientSession() as s:
+            while swapped is None and time.monotonic() - promoted < seconds:
+                await asyncio.sleep(0.05)
+                async with s.get(p.url + "/") as r:
+                    if (await r.json())["version"] == "2":
+                        swapped = time.monotonic() - promoted
+        result = await run
+        result["swap_s"] = None if swapped is None else round(swapped, 2)
+        return result
+    finally:
+        p.stop()
+
+
+async def prompt_cache(gguf: Path, rounds: int = 8) -> dict:
+    p = kiln(gguf, 1, 1)
+    shared = " ".join(random.Random(1).choice(WORDS) for _ in range(300))
+    try:
+        await p.ready()
+        same, other = [], []
+        async with aiohttp.ClientSession() as s:
+
+            async def ttft(prompt: str) -> float:
+                start = time.monotonic()
+                body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
+                async with s.post(p.url + "/v1/completions", json=body) as r:
+                    async for line in r.content:
+                        if line.startswith(b"data: {"):
+                            return time.monotonic() - start
+                raise RuntimeError("no token")
+
+            for i in range(rounds):
+                await ttft(shared + f" question {i}")
+                same.append(await ttft(shared + f" another question {i}"))  # shares the long prefix
+                fresh = " ".join(random.Random(100 + i).choice(WORDS) for _ in range(300))
+                other.append(await ttft(fresh + f" question {i}"))  # same length, nothing cached
+        return {
+            "shared_prefix_ttft_ms": round(1000 * statistics.median(same), 1),
+            "fresh_prompt_ttft_ms": round(1000 * statistics.median(other), 1),
+        }
+    finally:
+        p.stop()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, default=ROOT / "data/work/tiny/gguf_model/kiln-tiny-Q4_K_M.gguf")
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--slots", type=int, default=8, help="parallel sequences per kiln replica")
+    parser.add_argument("--skip-faults", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    binary = engine.build()
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = args.gguf if args.gguf.exists() else stand_in_gguf(Path(tmp))
+        print(f"GGUF {gguf} ({gguf.stat().st_size / 2**20:.1f} MB); llama-server {binary}", flush=True)
+        ban = {str(eos_id(gguf)): -100}
+        report = {"gguf": str(gguf), "seconds": args.seconds, "max_tokens": MAX_TOKENS}
+        report["load"] = await throughput(args, binary, gguf, ban)
+        if not args.skip_faults:
+            report["overload"] = await overload(gguf, ban, args.seconds)
+            print("overload", json.dumps(report["overload"]), flush=True)
+            report["hot_swap"] = await hot_swap(gguf, ban, args.seconds * 2, Path(tmp))
+            print("hot swap", json.dumps(report["hot_swap"]), flush=True)
+            report["replica_killed"] = await kill_one_replica(gguf, ban, args.seconds * 2)
+            print("replica killed", json.dumps(report["replica_killed"]), flush=True)
+            report["prompt_cache"] = await prompt_cache(gguf)
+            print("prompt cache", json.dumps(report["prompt_cache"]), flush=True)
+    print()
+    print(table(report["load"]))
+    load_ = report["load"]
+    if 16 in args.concurrency:
+        k, d = load_["kiln"][16]["tokens_per_s"], load_["pool-direct"][16]["tokens_per_s"]
+        one, naive = load_["llama-server"][16]["tokens_per_s"], load_["llama-cpp-py"][16]["tokens_per_s"]
+        print(f"\nat 16 clients: kiln / pool-direct {k / d:.3f} (goal >= 0.95); kiln / llama-server {k / one:.2f}; "
+              f"kiln / llama-cpp-py {k / max(naive, 1e-9):.1f} (goal >= 3)")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

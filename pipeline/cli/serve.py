@@ -1,0 +1,59 @@
+"""`kiln serve`: pull the version, start the gateway and its llama-server replicas, serve until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipeline.cli.command import Command, add_profile
+from pipeline.errors import KilnError
+
+
+class Serve(Command):
+    help = "serve a registered GGUF version over HTTP from a pool of llama-server replicas"
+    description = (
+        "Resolve the alias (or version) in the registry, pull and verify its GGUF, start and warm the "
+        "replicas, and answer REST, SSE and OpenAI-compatible requests. Settings come from the environment "
+        "or $KILN_SERVE_CONFIG (see README); the options below override them."
+    )
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_profile(parser, help="whose registered model: kiln-<profile> (default: $KILN_PROFILE or tiny)")
+        which = parser.add_mutually_exclusive_group()
+        which.add_argument("--alias", default=None, help="the alias to serve and follow (default: production)")
+        which.add_argument("--version", default=None, help="a fixed version number")
+        which.add_argument("--gguf", default=None, metavar="FILE", help="a local GGUF file instead of the registry")
+        parser.add_argument("--replicas", type=int, default=None, help="llama-server processes (default: 2)")
+        parser.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1)")
+        parser.add_argument("--port", type=int, default=None, help="port (default: $PORT or 8000)")
+        parser.add_argument("--quant", default=None, help="which GGUF of the version (default: Q4_K_M)")
+        parser.add_argument("--canary", default=None, metavar="ALIAS", help="also serve this alias or version")
+        parser.add_argument("--canary-share", type=float, default=0.1, help="share of requests for the canary")
+        parser.add_argument(
+            "--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or registry/)"
+        )
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.config import load_profile
+        from pipeline.serve.server import file_target, registry_target, run_server
+        from pipeline.serve.settings import load_settings
+        from pipeline.tracking import default_tracking_uri
+
+        if args.replicas is not None and args.replicas < 1:
+            raise KilnError(f"--replicas {args.replicas}: at least 1")
+        if not 0 <= args.canary_share <= 1:
+            raise KilnError(f"--canary-share {args.canary_share}: a share between 0 and 1")
+        settings = load_settings(host=args.host, port=args.port, kiln_replicas=args.replicas, kiln_quant=args.quant)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if args.gguf:
+            if args.canary:
+                raise KilnError("--canary needs the registry; it cannot go with --gguf")
+            target, canary = file_target(Path(args.gguf)), None
+        else:
+            uri, profile = args.tracking_uri or default_tracking_uri(), load_profile(args.profile).name
+            which = args.version or args.alias or "production"
+            target = registry_target(uri, profile, which, settings.kiln_quant)
+            canary = registry_target(uri, profile, args.canary, settings.kiln_quant) if args.canary else None
+        run_server(settings, target, canary, args.canary_share if canary else 0.0)
+        return 0

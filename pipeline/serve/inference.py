@@ -1,0 +1,327 @@
+"""One request's way through the pool: input preparation, routing, retry, timeout, accounting.
+
+- Input: Unicode NFC, line endings and trailing spaces normalised, runs of blank lines collapsed
+  (indentation is kept: the model writes code), PII masked with kiln's masker, then cut to
+  LLM_INPUT_MAX_LENGTH characters. Masking comes before the cut so a cut never leaves half an
+  address unmasked.
+- Routing: the deployment's pool (production or canary), its least-busy ready replica.
+- Retry: a request that failed before its first token (connection refused or reset, a 5xx, an
+  empty stream) is sent once more to another replica; after the first token it is not, since the
+  client already has part of the answer.
+- Timeout: the whole request, queue wait included, has INFERENCE_TIMEOUT_SEC. Closing the
+  upstream connection is what cancels the generation in llama-server.
+- Accounting: every request ends in one `Call.finish`: metrics and one JSON log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from pipeline.data.pii import mask_pii
+from pipeline.serve.metrics import Metrics
+from pipeline.serve.replicas import READY, Pool, Replica
+from pipeline.serve.rollout import Deployment
+
+access_log = logging.getLogger("kiln.serve.access")
+_TRAILING_SPACE = re.compile(r"[ \t]+\n")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def prepare_text(text: str, max_chars: int) -> str:
+    """What the model sees of a user's text: normalised, PII masked, cut to `max_chars`."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = _BLANK_LINES.sub("\n\n", _TRAILING_SPACE.sub("\n", text)).strip()
+    masked, _ = mask_pii(text)
+    return masked[:max_chars]
+
+
+class InferenceError(Exception):
+    """A request that ran and failed: `status` 400 (the replica refused the input), 503 or 500."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class _Retryable(Exception):
+    """Failed before the first token on one replica; another may succeed."""
+
+
+@dataclass
+class Call:
+    """One request, from arrival to its log line."""
+
+    route: str
+    key_id: str | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    started: float = field(default_factory=time.monotonic)
+    query: str = ""
+    queue_s: float = 0.0
+    ttft_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    replica: str | None = None
+    version: str | None = None
+    status: int = 200
+    retried: bool = False
+    error: str | None = None
+    _done: bool = False
+
+    def finish(self, metrics: Metrics, status: int | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        if status is not None:
+            self.status = status
+        total = time.monotonic() - self.started
+        version = self.version or "none"
+        metrics.latency.labels(self.route, version).observe(total)
+        if self.ttft_s is not None:
+            metrics.ttft.labels(self.route, version).observe(self.ttft_s)
+        if self.status == 200:
+            metrics.prompt_tokens.labels(version).inc(self.prompt_tokens)
+            metrics.completion_tokens.labels(version).inc(self.completion_tokens)
+            gen_s = total - (self.ttft_s or 0.0)
+            if self.completion_tokens > 1 and gen_s > 0:
+                metrics.tokens_per_second.labels(version).observe((self.completion_tokens - 1) / gen_s)
+        line = {
+            "request_id": self.request_id, "route": self.route, "status": self.status,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "queue_ms": round(self.queue_s * 1000, 1),
+            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 1),
+            "total_ms": round(total * 1000, 1), "replica": self.replica, "version": self.version,
+            "key_id": self.key_id, "retried": self.retried, "query": self.query[:50],
+        }  # fmt: skip
+        if self.error:
+            line["error"] = self.error
+        access_log.info(json.dumps(line, ensure_ascii=False))
+
+
+def usage_from_tail(tail: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from the last event of a llama-server stream that reports them."""
+    for raw in reversed(tail.split(b"\n")):
+        if not raw.startswith(b"data: {") or (b'"timings"' not in raw and b'"usage"' not in raw):
+            continue
+        try:
+            event = json.loads(raw[6:])
+        except ValueError:
+            continue  # the tail cut this event; an earlier one may still be whole
+        if event.get("usage"):
+            return event["usage"].get("prompt_tokens", 0), event["usage"].get("completion_tokens", 0)
+        timings = event.get("timings") or {}
+        return timings.get("prompt_n", 0), timings.get("predicted_n", 0)
+    return None
+
+
+class Inference:
+    def __init__(self, deployment: Deployment, metrics: Metrics, timeout_s: float) -> None:
+        self.deployment, self.metrics, self.timeout_s = deployment, metrics, timeout_s
+
+    def deadline(self, call: Call) -> float:
+        return call.started + self.timeout_s
+
+    def timeout_error(self) -> InferenceError:
+        return InferenceError(503, f"inference timeout ({self.timeout_s:g} s)")
+
+    def _pick(self, pool: Pool | None, tried: list[Replica]) -> tuple[Pool, Replica]:
+        for candidate in (pool, self.deployment.active):
+            replica = candidate.pick(tuple(tried)) if candidate else None
+            if replica is not None:
+                return candidate, replica
+        if tried and tried[-1].state == READY and tried[-1].alive():  # a stale connection, not a dead replica
+            return pool or self.deployment.active, tried[-1]
+        if not tried:
+            raise InferenceError(503, "no replica is ready (the model is loading or every replica failed)")
+        raise InferenceError(503, f"replica {tried[-1].name} failed and no other replica is ready")
+
+    async def _attempts(self, call: Call, attempt, pool: Pool | None):
+        """Run `attempt(replica)` on a replica, and once more on another if it raised _Retryable."""
+        pool, tried, last = pool or self.deployment.route(), [], None
+        for _ in range(2):
+            pool, replica = self._pick(pool, tried)
+            tried.append(replica)
+            call.replica, call.version = replica.name, replica.source.version
+            replica.in_flight += 1
+            try:
+                return await attempt(replica)
+            except _Retryable as exc:
+                last = exc
+                pool.report_failure(replica)
+                call.retried = True
+                self.metrics.retries.labels(replica.source.version).inc()
+            except aiohttp.ClientError as exc:  # connection refused or reset before any answer
+                last = exc
+                pool.report_failure(replica)
+                call.retried = True
+                self.metrics.retries.labels(replica.source.version).inc()
+            finally:
+                replica.in_flight -= 1
+        raise InferenceError(503, f"replica failed: {last}")
+
+    async def complete(self, call: Call, path: str, body: dict, pool: Pool | None = None) -> dict:
+        """A non-streaming answer from llama-server's `path`, gathered from its stream: llama-server
+        notices a closed connection at once while streaming but not while it computes a whole answer,
+        so only a stream lets a timeout cancel the generation."""
+        replica, resp, first = await self.open_stream(call, path, {**body, "stream": True}, pool)
+        data = first
+        try:
+            async with asyncio.timeout_at(loop_deadline(self.deadline(call))):
+                async for chunk in resp.content.iter_any():
+                    data += chunk
+        except TimeoutError:
+            raise self.timeout_error() from None
+        except aiohttp.ClientError as exc:
+            raise InferenceError(503, f"replica {replica.name} failed mid-answer: {exc}") from None
+        finally:
+            replica.in_flight -= 1
+            resp.close()
+        events = [json.loads(line[6:]) for line in data.split(b"\n") if line.startswith(b"data: {")]
+        failed = next((e["error"] for e in events if "error" in e), None)
+        if failed is not None:
+            code = failed.get("code", 500) if isinstance(failed, dict) else 500
+            message = failed.get("message", failed) if isinstance(failed, dict) else failed
+            raise InferenceError(400 if code < 500 else 503, f"the model failed the request: {message}")
+        if not _finished(data):
+            raise InferenceError(503, f"replica {replica.name} ended the answer early")
+        return assemble(path, events)
+
+    async def open_stream(
+        self, call: Call, path: str, body: dict, pool: Pool | None = None
+    ) -> tuple[Replica, aiohttp.ClientResponse, bytes]:
+        """Start a streaming request and read up to its first bytes (the first token's event).
+        The caller owns the replica's in-flight count and the response from here on."""
+        holder: dict = {}
+
+        async def attempt(replica: Replica):
+            resp = await self.deployment.session.post(replica.url + path, json=body)
+            try:
+                if resp.status >= 500:
+                    raise _Retryable(f"{replica.name} answered {resp.status}: {(await resp.read())[:200]!r}")
+                if resp.status != 200:
+                    raise InferenceError(400, f"the model refused the request: {_upstream_message(await resp.read())}")
+                first = await resp.content.readany()
+                if not first:
+                    raise _Retryable(f"{replica.name} closed the stream before the first token")
+            except BaseException:
+                resp.close()
+                raise
+            replica.in_flight += 1  # held past _attempts' own count, released by the relay
+            holder["replica"] = replica
+            return resp, first
+
+        try:
+            async with asyncio.timeout_at(loop_deadline(self.deadline(call))):
+                resp, first = await self._attempts(call, attempt, pool)
+        except TimeoutError:
+            raise self.timeout_error() from None
+        call.ttft_s = time.monotonic() - call.started
+        return holder["replica"], resp, first
+
+    async def relay(
+        self, call: Call, replica: Replica, resp: aiohttp.ClientResponse, first: bytes, on_end=None
+    ) -> AsyncIterator[bytes]:
+        """llama-server's stream as it arrives, bytes unchanged. At the deadline the upstream is closed
+        (which cancels the generation) and one error event ends the stream."""
+        expired = []
+
+        def expire() -> None:
+            expired.append(True)
+            resp.close()
+
+        timer = asyncio.get_running_loop().call_at(loop_deadline(self.deadline(call)), expire)
+        tail = first[-8192:]
+        try:
+            yield first
+            async for chunk in resp.content.iter_any():
+                tail = (tail + chunk)[-8192:]
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            call.error = str(exc) or type(exc).__name__
+        except BaseException:  # the client went away: closing the upstream stops the generation
+            call.error = "client disconnected"
+            self._end_stream(call, replica, resp, timer, tail, 499, on_end)
+            raise
+        if expired:
+            status, call.error = 503, self.timeout_error().detail
+        elif not _finished(tail):
+            status, call.error = 503, call.error or f"replica {replica.name} ended the stream early"
+        else:
+            status = 200
+        self._end_stream(call, replica, resp, timer, tail, status, on_end)
+        if status != 200:
+            yield sse_event({"error": {"message": call.error, "code": status}})
+
+    def _end_stream(self, call: Call, replica: Replica, resp, timer, tail: bytes, status: int, on_end) -> None:
+        if on_end is not None:
+            on_end()
+        timer.cancel()
+        replica.in_flight -= 1
+        resp.close()
+        usage = usage_from_tail(tail)
+        if usage:
+            call.prompt_tokens, call.completion_tokens = usage
+        call.finish(self.metrics, status)
+
+
+def assemble(path: str, events: list[dict]) -> dict:
+    """One non-streaming answer from a llama-server stream's events, in the shape the route answers."""
+    if path == "/completion":  # native: the last event carries the counts and timings
+        return {**events[-1], "content": "".join(e.get("content", "") for e in events)}
+    chat = path.endswith("/chat/completions")
+    texts: dict[int, list[str]] = {}
+    finish: dict[int, str | None] = {}
+    usage, last = None, events[-1] if events else {}
+    for event in events:
+        usage = event.get("usage") or usage
+        for choice in event.get("choices", []):
+            i = choice.get("index", 0)
+            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            texts.setdefault(i, []).append(piece or "")
+            finish[i] = choice.get("finish_reason") or finish.get(i)
+    choices = []
+    for i in sorted(texts):
+        text = "".join(texts[i])
+        content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+        choices.append({"index": i, **content, "finish_reason": finish.get(i)})
+    if usage is None and last.get("timings"):
+        prompt, completion = last["timings"].get("prompt_n", 0), last["timings"].get("predicted_n", 0)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "id": last.get("id"), "object": "chat.completion" if chat else "text_completion",
+        "created": last.get("created"), "model": last.get("model"), "choices": choices, "usage": usage,
+    }  # fmt: skip
+
+
+def _finished(tail: bytes) -> bool:
+    """Whether a stream reached its end event: OpenAI's [DONE], llama-server's native stop."""
+    return b"data: [DONE]" in tail or b'"stop":true' in tail or b'"stop": true' in tail
+
+
+def sse_event(obj: dict, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def _upstream_message(data: bytes) -> str:
+    try:
+        err = json.loads(data).get("error", {})
+        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+    except (ValueError, AttributeError):
+        return data[:300].decode(errors="replace")
+
+
+def loop_deadline(monotonic_deadline: float) -> float:
+    """asyncio's clock is time.monotonic on every platform kiln runs on; keep the conversion in one place."""
+    return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())

@@ -1,0 +1,252 @@
+"""The pool: resident llama-server processes of one model version, health-checked and restarted.
+
+A `Replica` is one llama-server process on a loopback port with `slots` parallel sequences
+(continuous batching) and the prompt cache on. It is `ready` only after its `/health` answers
+200 and a few warm-up completions have run, so no client request ever pays for loading.
+
+A `Pool` routes each request to its least-busy ready replica (fewest requests in flight). A
+monitor checks every replica each second (process alive, `/health` answers); a request that
+cannot reach its replica triggers the same check at once. A failed replica is taken out of
+routing, started again on the same port, warmed and put back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+
+from pipeline.layout import cache_dir
+from pipeline.serve.metrics import Metrics
+from pipeline.serve.source import ModelSource
+
+log = logging.getLogger("kiln.serve")
+
+STARTING, READY, FAILED, STOPPED = "starting", "ready", "failed", "stopped"
+LOAD_TIMEOUT_S = 120.0
+# llama-server's HTTP worker threads: each connection the gateway keeps open (streams, idle pooled
+# connections, health checks) holds one, and a request beyond them waits; keep plenty (they sleep).
+HTTP_THREADS_PER_SLOT = 4
+WARMUP_PROMPT = "def add(a, b):\n    return"
+
+
+class ReplicaStartError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Replica:
+    def __init__(
+        self, binary: Path, source: ModelSource, slots: int, context_size: int, threads: int, warmup: int,
+        context_shift: bool = False,
+    ) -> None:  # fmt: skip
+        self.binary, self.source, self.context_shift = binary, source, context_shift
+        self.slots, self.context_size, self.threads, self.warmup = slots, context_size, threads, warmup
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.name = f"{source.version}@{self.port}"
+        self.state = STARTING
+        self.in_flight = 0
+        self.process: subprocess.Popen | None = None
+        self.log_path = cache_dir() / "serve" / "logs" / f"llama-server-{self.port}.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def command(self) -> list[str]:
+        return [
+            str(self.binary), "-m", str(self.source.gguf), "--host", "127.0.0.1", "--port", str(self.port),
+            "--parallel", str(self.slots), "--ctx-size", str(self.context_size * self.slots),
+            "--threads", str(self.threads), "--threads-http", str(HTTP_THREADS_PER_SLOT * self.slots + 4),
+            "--metrics", "--no-webui", "--alias", self.source.label,
+            "--context-shift" if self.context_shift else "--no-context-shift",
+        ]  # fmt: skip
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        """Start the process, wait for /health, warm it; `ready` only when all of that worked."""
+        self.state = STARTING
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            # a session of its own: Ctrl-C in the gateway's terminal reaches the gateway, which stops it
+            self.process = subprocess.Popen(
+                self.command(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while True:
+            if not self.alive():
+                self.state = FAILED
+                raise ReplicaStartError(f"llama-server {self.name} exited at start: {self.log_tail()}")
+            if await self.healthy(session):
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                self.state = FAILED
+                raise ReplicaStartError(f"llama-server {self.name} not healthy after {LOAD_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.1)
+        for i in range(self.warmup):  # fills the prompt cache and pages the weights in
+            body = {"prompt": WARMUP_PROMPT, "n_predict": 4, "temperature": 0, "cache_prompt": i > 0}
+            async with session.post(f"{self.url}/completion", json=body) as resp:
+                if resp.status != 200:
+                    self.state = FAILED
+                    raise ReplicaStartError(f"llama-server {self.name} warm-up answered {resp.status}")
+                await resp.read()
+        self.state = READY
+
+    async def healthy(self, session: aiohttp.ClientSession) -> bool:
+        try:
+            async with session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+    def log_tail(self, n: int = 3) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return " | ".join(lines[-n:]) or "no output"
+
+    def stop(self) -> None:
+        """Stop the process by its PID: SIGTERM, then SIGKILL after 5 s."""
+        self.state = STOPPED
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=5)
+
+
+class Pool:
+    """The replicas of one version."""
+
+    def __init__(self, binary: Path, source: ModelSource, settings, metrics: Metrics, role: str = "production"):
+        slots, replicas = settings.kiln_slots, settings.kiln_replicas
+        threads = settings.kiln_threads or max(1, (os.cpu_count() or 2) // replicas)
+        context = max(p.context_size for p in source.presets.values()) if source.presets else 2048
+        self.source, self.metrics, self.role = source, metrics, role
+        self.replicas = [
+            Replica(binary, source, slots, context, threads, settings.kiln_warmup_requests, settings.kiln_context_shift)
+            for _ in range(replicas)
+        ]
+        self._tasks: set[asyncio.Task] = set()
+        self._monitor: asyncio.Task | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.restarts = 0
+
+    @property
+    def version(self) -> str:
+        return self.source.version
+
+    def ready(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state == READY]
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self.replicas)
+
+    def _gauge(self, replica: Replica) -> None:
+        self.metrics.replica_up.labels(replica.name, self.version).set(1 if replica.state == READY else 0)
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        """Start every replica at once; succeed when at least one is warm (the rest keep retrying)."""
+        self.session = session
+        results = await asyncio.gather(*(r.start(session) for r in self.replicas), return_exceptions=True)
+        for replica, result in zip(self.replicas, results, strict=True):
+            self._gauge(replica)
+            if isinstance(result, BaseException):
+                log.warning("replica %s failed to start: %s", replica.name, result)
+                self._spawn(self._restart(replica))
+        if not self.ready():
+            self.stop()
+            raise ReplicaStartError(f"no replica of {self.source.label} started: {results[0]}")
+        self._monitor = asyncio.create_task(self._watch())
+
+    def pick(self, exclude: tuple[Replica, ...] = ()) -> Replica | None:
+        """The least-busy ready replica, ties to the first."""
+        candidates = [r for r in self.replicas if r.state == READY and r not in exclude]
+        return min(candidates, key=lambda r: r.in_flight) if candidates else None
+
+    def report_failure(self, replica: Replica) -> None:
+        """A request could not reach `replica`: if its process is gone, take it out and restart it now."""
+        if replica.state == READY and not replica.alive():
+            self._fail(replica, "process exited")
+
+    def _fail(self, replica: Replica, why: str) -> None:
+        log.warning("replica %s out of the pool (%s); restarting", replica.name, why)
+        replica.state = FAILED
+        self._gauge(replica)
+        self._spawn(self._restart(replica))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart(self, replica: Replica) -> None:
+        while replica.state == FAILED:
+            replica.stop()
+            replica.state = FAILED
+            self.restarts += 1
+            self.metrics.replica_restarts.labels(replica.name).inc()
+            try:
+                await replica.start(self.session)
+                log.info("replica %s back in the pool", replica.name)
+            except Exception as exc:  # keep trying: the pool heals itself or stays degraded, never stuck
+                log.warning("replica %s restart failed: %s", replica.name, exc)
+                replica.state = FAILED
+                await asyncio.sleep(2)
+            self._gauge(replica)
+
+    async def _watch(self) -> None:
+        misses: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(1.0)
+            for replica in self.ready():
+                if not replica.alive():
+                    self._fail(replica, "process exited")
+                elif await replica.healthy(self.session):
+                    misses[replica.name] = 0
+                else:
+                    misses[replica.name] = misses.get(replica.name, 0) + 1
+                    if misses[replica.name] >= 3 and replica.in_flight == 0:  # busy slots may delay /health
+                        self._fail(replica, "/health failed 3 times")
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no request is in flight here (True) or `timeout` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight == 0
+
+    def stop(self) -> None:
+        if self._monitor:
+            self._monitor.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for replica in self.replicas:
+            replica.stop()
+            self._gauge(replica)

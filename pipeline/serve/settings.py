@@ -1,0 +1,82 @@
+"""The gateway's settings: environment variables (the names in the README), else a YAML file, else defaults.
+
+pydantic-settings reads them; a bad value becomes one `KilnError` line naming the variable.
+Lists (API keys, CORS origins) are comma-separated strings, so they read the same from a shell
+and from YAML.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from pipeline.errors import KilnError
+
+CONFIG_ENV = "KILN_SERVE_CONFIG"  # a YAML file of the same settings, lowercase keys
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_concurrent_inference: int = Field(16, ge=1, description="requests in flight across all replicas")
+    kiln_max_queue: int = Field(64, ge=0, description="requests waiting; past it: 429 at once")
+    inference_timeout_sec: float = Field(120.0, gt=0, description="a whole request, queue wait included")
+    llm_input_max_length: int = Field(2048, ge=1, description="characters of input the model sees")
+    llm_fallback_response: str | None = Field(None, description="answer 200 with this instead of a 5xx")
+    kiln_api_keys: str = Field("", description="comma-separated; empty: no authentication")
+    kiln_admin_keys: str = Field("", description="comma-separated keys allowed to POST /admin/reload")
+    kiln_rate_limit_rpm: float = Field(0, ge=0, description="requests per minute per key (or client); 0: off")
+    kiln_rate_limit_burst: int = Field(10, ge=1)
+    kiln_cors_origins: str = Field("", description="comma-separated origins; empty: no CORS headers")
+    kiln_replicas: int = Field(2, ge=1, le=64)
+    kiln_slots: int = Field(4, ge=1, description="parallel sequences per llama-server (continuous batching)")
+    kiln_threads: int = Field(0, ge=0, description="CPU threads per replica; 0: cores / replicas")
+    kiln_poll_sec: float = Field(10.0, ge=0, description="registry poll for a moved alias; 0: off")
+    kiln_drain_sec: float = Field(60.0, ge=0, description="how long an old version may finish its requests")
+    kiln_warmup_requests: int = Field(3, ge=0)
+    kiln_context_shift: bool = Field(False, description="keep generating past a full context by dropping old tokens")
+    kiln_quant: str = "Q4_K_M"
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get(CONFIG_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @staticmethod
+    def _split(value: str) -> list[str]:
+        return [v.strip() for v in value.split(",") if v.strip()]
+
+    @property
+    def api_keys(self) -> set[str]:
+        return set(self._split(self.kiln_api_keys))
+
+    @property
+    def admin_keys(self) -> set[str]:
+        return set(self._split(self.kiln_admin_keys))
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return self._split(self.kiln_cors_origins)
+
+
+def load_settings(**overrides) -> ServeSettings:
+    """Settings from the environment and $KILN_SERVE_CONFIG, with `overrides` (the command line) on top."""
+    path = os.environ.get(CONFIG_ENV)
+    if path and not Path(path).is_file():
+        raise KilnError(f"{CONFIG_ENV}={path}: settings file not found")
+    try:
+        return ServeSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]).upper() or "settings"
+        raise KilnError(f"serve setting {where}: {err['msg']}") from None
