@@ -23,7 +23,7 @@ import pytest
 from pipeline.errors import KilnError
 from pipeline.serve import engine
 from pipeline.serve.guards import Admission, RateLimiter, Rejected
-from pipeline.serve.inference import prepare_text, usage_from_tail
+from pipeline.serve.inference import prepare_text, split_events, usage_from_tail
 from pipeline.serve.presets import load_presets
 from pipeline.serve.replicas import free_port
 from pipeline.serve.settings import ServeSettings, load_settings
@@ -60,6 +60,15 @@ def test_usage_from_the_last_event_of_a_stream():
     usage_tail = b'data: {"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\ndata: [DONE]\n\n'
     assert usage_from_tail(usage_tail) == (5, 2)
     assert usage_from_tail(b'data: {"content":"a"}\n\n') is None
+
+
+def test_only_whole_events_are_relayed():
+    # an upstream chunk can end inside an event: what goes out must end on an event boundary, so an
+    # error event appended at the deadline is never glued onto half an event
+    whole, rest = split_events(b'data: {"a": 1}\n\ndata: {"b"')
+    assert (whole, rest) == (b'data: {"a": 1}\n\n', b'data: {"b"')
+    assert split_events(rest + b": 2}\n\n") == (b'data: {"b": 2}\n\n', b"")
+    assert split_events(b"data: {") == (b"", b"data: {")
 
 
 def test_admission_queues_then_refuses():

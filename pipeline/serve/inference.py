@@ -242,11 +242,16 @@ class Inference:
 
         timer = asyncio.get_running_loop().call_at(loop_deadline(self.deadline(call)), expire)
         tail = first[-8192:]
+        pending = b""  # an event not yet complete: only whole events go out, so a cut ends cleanly
         try:
-            yield first
+            whole, pending = split_events(first)
+            if whole:
+                yield whole
             async for chunk in resp.content.iter_any():
                 tail = (tail + chunk)[-8192:]
-                yield chunk
+                whole, pending = split_events(pending + chunk)
+                if whole:
+                    yield whole
         except (TimeoutError, aiohttp.ClientError) as exc:
             call.error = str(exc) or type(exc).__name__
         except BaseException:  # the client went away: closing the upstream stops the generation
@@ -262,6 +267,8 @@ class Inference:
         self._end_stream(call, replica, resp, timer, tail, status, on_end)
         if status != 200:
             yield sse_event({"error": {"message": call.error, "code": status}})
+        elif pending:
+            yield pending
 
     def _end_stream(self, call: Call, replica: Replica, resp, timer, tail: bytes, status: int, on_end) -> None:
         if on_end is not None:
@@ -307,6 +314,12 @@ def assemble(path: str, events: list[dict]) -> dict:
 def _finished(tail: bytes) -> bool:
     """Whether a stream reached its end event: OpenAI's [DONE], llama-server's native stop."""
     return b"data: [DONE]" in tail or b'"stop":true' in tail or b'"stop": true' in tail
+
+
+def split_events(data: bytes) -> tuple[bytes, bytes]:
+    """`data` cut after its last complete server-sent event: (whole events, the incomplete rest)."""
+    end = data.rfind(b"\n\n")
+    return (data[: end + 2], data[end + 2 :]) if end >= 0 else (b"", data)
 
 
 def sse_event(obj: dict, event: str | None = None) -> bytes:
