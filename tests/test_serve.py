@@ -340,6 +340,7 @@ def test_every_endpoint(gateway):
 
     metrics = gw.client.get("/metrics").text
     assert 'kiln_requests_total{route="/infer",status="200"} 3.0' in metrics
+    assert 'kiln_requests_total{route="/v1/chat/completions",status="200"}' in metrics  # a router's route
     assert "kiln_replica_up{replica=" in metrics and "kiln_time_to_first_token_seconds_bucket" in metrics
     assert 'kiln_completion_tokens_total{version="local"}' in metrics
 
