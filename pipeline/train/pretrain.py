@@ -214,10 +214,11 @@ def _precision(settings: PretrainSettings, device: torch.device) -> torch.dtype 
 
 
 def lr_at(step: int, s: PretrainSettings) -> float:
-    """Linear warm-up to lr, then cosine down to lr * min_lr_ratio at the last step."""
+    """The learning rate of step `step` (0-based): linear warm-up to lr, then cosine down to
+    lr * min_lr_ratio at the last step that runs, `steps - 1`."""
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
-    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    progress = min(1.0, (step - s.warmup_steps) / max(1, s.steps - 1 - s.warmup_steps))
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -388,11 +389,12 @@ def fit(
             train.batch(((step * s.grad_accum + micro) * d.world + d.rank) * s.micro_batch, s.micro_batch)
             for micro in range(s.grad_accum)
         ]
+        lr = t.optimizer.param_groups[0]["lr"]  # this step's: train_step advances the schedule to the next
         loss, grad_norm = train_step(t, batches)
         log.step_seconds.append(time.perf_counter() - t0)
         steady = steady_tokens_per_s(log.step_seconds, t.tokens_per_step)
         row = {
-            "step": step + 1, "loss": loss, "lr": t.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": t.tokens_per_step / log.step_seconds[-1],
         }  # fmt: skip
         log.history.append(row)
