@@ -38,7 +38,7 @@ def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
     return MaterializeResult(metadata=metadata)
 
 
-@asset(group_name="data", code_version="1", deps=[raw_corpus])
+@asset(group_name="data", code_version="2", deps=[raw_corpus])
 def clean_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """Quality filters, exact and MinHash near-duplicate removal, PII masking and a deterministic
     train/validation split (datatrove). Rejected documents are kept in rejected/ with a reason."""

@@ -71,7 +71,7 @@ def gguf_parity(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="release", code_version="1", deps=[gguf_benchmark, "eval_report"])  # by key: assets.evaluation
+@asset(group_name="release", code_version="2", deps=[gguf_benchmark, "eval_report"])  # by key: assets.evaluation
 def registered_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A model version in the MLflow registry (`kiln-<profile>`): the GGUF files, the merged HF
     checkpoint, the model card and reports, a sha256 tag per file; alias `candidate` when the

@@ -44,7 +44,7 @@ def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="training", code_version="1", deps=[tokenizer])
+@asset(group_name="training", code_version="2", deps=[tokenizer])
 def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A Llama-architecture model (RMSNorm, RoPE, SwiGLU, GQA) pretrained from scratch on the
     packed train split; resumes from its last checkpoint if a run was interrupted."""

@@ -91,6 +91,24 @@ def test_split_is_deterministic_and_disjoint(tmp_path, corpus):
     assert ids[0] == ids[1]
 
 
+def test_chunks_of_one_file_stay_in_one_split(tmp_path):
+    """Ingest cuts a long file into `id`, `id#1`, `id#2`: a file in both splits would leak."""
+    rows = [
+        {"id": f"file{k}" + (f"#{i}" if i else ""), "text": _prose(1000 + 10 * k + i), "source": "t", "lang": "en"}
+        for k in range(12)
+        for i in range(3)
+    ]
+    _write(tmp_path / "raw.jsonl", rows)
+    clean_corpus([tmp_path / "raw.jsonl"], tmp_path / "out", CleanSettings(validation_share=0.4), progress=False)
+    split_of = {
+        r["id"]: split for split in ("train", "validation") for r in read_split(tmp_path / "out" / "clean", split)
+    }
+    assert len(split_of) == len(rows)  # nothing dropped: every chunk is checked
+    files = {k: {split_of[r["id"]] for r in rows if r["id"].split("#")[0] == f"file{k}"} for k in range(12)}
+    assert all(len(splits) == 1 for splits in files.values()), files
+    assert {s for (s,) in files.values()} == {"train", "validation"}
+
+
 def test_dissimilar_documents_are_kept(tmp_path):
     a = _prose(7, 200)
     words = a.split()

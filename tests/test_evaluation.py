@@ -16,6 +16,8 @@ from pipeline.eval.humaneval import STOP_SEQUENCES, generate, task_ids
 from pipeline.eval.lm_tasks import body_choice_rows, next_line_rows, write_kiln_tasks
 from pipeline.release import registry
 from pipeline.tracking import pipeline_run
+from pipeline.train.pretrain import PackedTokens, evaluate, tokenize_to_file
+from pipeline.train.tokenizer import token_byte_lengths
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,22 @@ def test_bits_per_byte_equals_a_direct_count(tiny_base):
     got = bits_per_byte(tiny_base, texts, batch_size=2, window=64)
     assert got["bytes"] == sum(len(t.encode("utf-8")) for t in texts) > sum(len(t) for t in texts)
     assert got["bits_per_byte"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_bits_per_byte_is_one_figure_for_training_and_eval_report(tiny_base, tmp_path):
+    """base_model's val_bpb and eval_report's bits per byte, on the same model and tokens, agree."""
+    texts = ["def f(x):\n    return x + 1\n", "모델 은 다음 토큰 을 예측 합니다", "x = [i * i for i in range(9)]\n"]
+    tok, model = _model(tiny_base)
+    # "" first: the token file then starts with <|eos|>, the layout eval_report scores
+    n = tokenize_to_file(["", *texts], tok, tmp_path / "val.bin")
+    window = n - 1  # one window, so both see the same context
+    token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float64)
+    _, val_bpb = evaluate(
+        model, PackedTokens(tmp_path / "val.bin", window), token_bytes, 1, 1, torch.device("cpu"), None
+    )
+    report = bits_per_byte(tiny_base, texts, batch_size=1, window=window)
+    assert report["bytes"] == sum(len(t.encode("utf-8")) for t in texts)
+    assert val_bpb == pytest.approx(report["bits_per_byte"], rel=1e-5)
 
 
 def test_kiln_tasks_are_built_from_held_out_code(validation):

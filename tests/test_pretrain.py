@@ -4,12 +4,13 @@ import dataclasses
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import ModelShape, PretrainSettings, ProfileError, load_profile
 from pipeline.data.clean import read_split
 from pipeline.errors import KilnError
-from pipeline.train.loss import ChunkedLinearCrossEntropy
+from pipeline.train.loss import ChunkedLinearCrossEntropy, linear_cross_entropy
 from pipeline.train.pretrain import (
     PackedTokens,
     count_parameters,
@@ -101,12 +102,29 @@ def test_300m_profile_fits_the_budget():
     assert count_parameters(load_profile("tiny").model) < 20_000_000
 
 
-def test_schedule_warms_up_then_decays():
-    s = PretrainSettings(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+def test_schedule_warms_up_then_decays_to_its_minimum_at_the_last_step():
+    s = PretrainSettings(steps=101, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, s) == pytest.approx(0.1)
     assert lr_at(9, s) == pytest.approx(1.0)
-    assert lr_at(55, s) == pytest.approx(0.55)
-    assert lr_at(100, s) == pytest.approx(0.1)
+    assert lr_at(10, s) == pytest.approx(1.0)  # the decay starts from the peak
+    assert lr_at(55, s) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(s.steps - 1, s) == pytest.approx(0.1)  # the last step that runs
+    lrs = [lr_at(i, s) for i in range(10, s.steps)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(data, tmp_path):
+    tok, train, val, tb = data
+    used = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    try:
+        result = pretrain(train, val, tok, tb, tmp_path, SHAPE, SETTINGS, progress=False)
+    finally:
+        hook.remove()
+    assert len(used) == SETTINGS.steps
+    assert [row["lr"] for row in result.history] == pytest.approx(used)
+    assert used == pytest.approx([lr_at(i, SETTINGS) for i in range(SETTINGS.steps)])
+    assert used[-1] == pytest.approx(SETTINGS.lr * SETTINGS.min_lr_ratio)
 
 
 def test_chunked_cross_entropy_matches_autograd():
@@ -123,3 +141,25 @@ def test_chunked_cross_entropy_matches_autograd():
     assert torch.allclose(loss, ref, atol=1e-6)
     assert torch.allclose(hidden.grad, 2 * ref_grads[0], atol=1e-6)
     assert torch.allclose(weight.grad, 2 * ref_grads[1], atol=1e-6)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_matches_autograd_in_bf16():
+    """Training's path on a bf16 device: fp32 master weights, bf16 compute, fp32 weight gradient."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    ref = torch.nn.functional.cross_entropy((hidden.bfloat16() @ weight.bfloat16().T).float(), targets)
+    ref.backward()
+    ref_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    _, loss_fn = linear_cross_entropy("cpu", torch.bfloat16, chunk=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(hidden, weight, targets)
+    loss.backward()
+    assert loss.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-3, atol=1e-3)
+    scale = ref_grads[0].abs().max().item()
+    torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=2e-2, atol=2e-2 * scale)
+    scale = ref_grads[1].abs().max().item()
+    torch.testing.assert_close(weight.grad, ref_grads[1], rtol=2e-2, atol=2e-2 * scale)

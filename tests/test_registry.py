@@ -37,6 +37,16 @@ def test_one_mlflow_run_per_pipeline_run(tmp_path):
     assert pipeline_run(uri, "test", "run-b") != a
 
 
+def test_two_registrations_in_one_run_keep_their_own_files(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = pipeline_run(uri, "test", "dagster-run-1")
+    first = registry.register(uri, "test", run, _bundle(tmp_path, 1), {}, gate_passed=True)
+    second = registry.register(uri, "test", run, _bundle(tmp_path, 2), {}, gate_passed=True)
+    for n, version in ((1, first), (2, second)):
+        folder = registry.verify(uri, "test", version, tmp_path / f"check{n}")  # raises if files changed
+        assert (folder / "MODEL_CARD.md").read_text() == f"# version {n}\n"
+
+
 def test_promote_promote_rollback_rollback(store):
     uri, (v1, v2) = store
     assert [r["version"] for r in registry.list_versions(uri, "test")] == ["1", "2"]

@@ -136,8 +136,15 @@ class PiiMasker(PipelineStep):
             yield doc
 
 
+def source_document(doc_id: str) -> str:
+    """The id of the file or record a document was cut from: ingest names the chunks of a long one
+    `id`, `id#1`, `id#2`, ..., and everything before the first `#` is the same for all of them."""
+    return doc_id.split("#", 1)[0]
+
+
 class SplitTagger(PipelineStep):
-    """Tags each document train or validation."""
+    """Tags each document train or validation by its source document, so all chunks of one file
+    land in one split: a file on both sides would leak into every held-out figure."""
 
     name = "✂️ train/validation split"
     type = "✂️ - FORMAT"
@@ -148,7 +155,7 @@ class SplitTagger(PipelineStep):
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         for doc in data:
-            doc.metadata["split"] = _split_of(doc.id, self.validation_share)
+            doc.metadata["split"] = _split_of(source_document(doc.id), self.validation_share)
             self.stat_update(doc.metadata["split"])
             yield doc
 

@@ -29,7 +29,8 @@ from pipeline.eval.humaneval import generate, score, task_ids
 from pipeline.eval.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
 from pipeline.eval.sandbox import check_available
 from pipeline.io import atomic_path, write_json, write_jsonl
-from pipeline.train.tokenizer import texts_of
+from pipeline.train.tokenizer import bits_per_byte as text_bits_per_byte
+from pipeline.train.tokenizer import text_nats_and_bytes, texts_of, token_byte_lengths
 
 LOWER_IS_BETTER = {"bits_per_byte"}
 Say = Callable[[str], None]  # where progress lines go (print, or a Dagster log)
@@ -43,29 +44,29 @@ def _device() -> str:
 def bits_per_byte(checkpoint: Path, texts: list[str], batch_size: int = 8, window: int = 512) -> dict:
     """Bits per UTF-8 byte of `texts` under the model, in the layout it was trained on: each text
     after <|eos|>, scored in consecutive windows of `window` tokens (the training sequence
-    length: positions past it were never trained). The <|eos|> separators are context only:
-    they are not text, so predicting them is not scored."""
+    length: positions past it were never trained). Scored as base_model's `val_bpb` is, by
+    `text_nats_and_bytes`: the <|eos|> separators are context, not text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).to(_device()).eval()
     window = min(window, model.config.max_position_embeddings)
     eos = tok.eos_token_id
+    token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float64)
     stream = [eos]
     for ids in tok(texts, add_special_tokens=False)["input_ids"]:
         stream += [*ids, eos]
-    x = torch.tensor(stream[:-1])
-    y = torch.tensor(stream[1:]).masked_fill(torch.tensor(stream[1:]) == eos, -100)
-    pad = -len(x) % window
-    x = torch.nn.functional.pad(x, (0, pad), value=eos).view(-1, window)
-    y = torch.nn.functional.pad(y, (0, pad), value=-100).view(-1, window)
-    nll = 0.0
+    pad = -(len(stream) - 1) % window  # padding is <|eos|>: 0 bytes, so never scored
+    x = torch.nn.functional.pad(torch.tensor(stream[:-1]), (0, pad), value=eos).view(-1, window)
+    y = torch.nn.functional.pad(torch.tensor(stream[1:]), (0, pad), value=eos).view(-1, window)
+    nats = n_bytes = 0.0
     for i in range(0, len(x), batch_size):
         logits = model(input_ids=x[i : i + batch_size].to(model.device)).logits.float()
-        target = y[i : i + batch_size].to(model.device)
-        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"bits_per_byte": nll / torch.log(torch.tensor(2.0)).item() / n_bytes, "bytes": n_bytes}
+        target = y[i : i + batch_size].flatten()
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.to(model.device), reduction="none")
+        batch_nats, batch_bytes = text_nats_and_bytes(losses.cpu(), target, token_bytes)
+        nats, n_bytes = nats + batch_nats, n_bytes + batch_bytes
+    return {"bits_per_byte": text_bits_per_byte(nats, n_bytes), "bytes": int(n_bytes)}
 
 
 def task_manager(task_dir: Path, standard: list[str]):

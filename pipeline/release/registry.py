@@ -19,6 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from pipeline.errors import KilnError
@@ -82,14 +83,17 @@ def _call(uri: str, what: str, fn):
 
 
 def register(uri: str, profile: str, run_id: str, bundle: Path, tags: dict, gate_passed: bool) -> str:
-    """Log `bundle` (a folder of files) to the run and register it as a new version."""
+    """Log `bundle` (a folder of files) to the run and register it as a new version. Each
+    registration gets its own artifact folder: one run may register more than once, and a shared
+    folder would let the later files replace an earlier version's, which then fail its hashes."""
     c = client(uri)
     name = model_name(profile)
     hashes = {f"sha256.{rel}": sha256(p) for rel, p in _files(bundle).items()}
+    folder = f"registered/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
     def do() -> str:
-        c.log_artifacts(run_id, str(bundle), "registered")
-        source = f"{c.get_run(run_id).info.artifact_uri}/registered"
+        c.log_artifacts(run_id, str(bundle), folder)
+        source = f"{c.get_run(run_id).info.artifact_uri}/{folder}"
         with _lock(uri, name):
             try:
                 c.get_registered_model(name)

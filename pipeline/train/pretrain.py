@@ -37,7 +37,13 @@ from pipeline.io import atomic_path, read_json, write_json
 from pipeline.train.distributed import Distributed, launched_by_torchrun, torchrun_command
 from pipeline.train.loss import CausalLMLoss, linear_cross_entropy
 from pipeline.train.throughput import flops_per_token, mfu, peak_flops, steady_tokens_per_s
-from pipeline.train.tokenizer import load_tokenizer, texts_of, token_byte_lengths
+from pipeline.train.tokenizer import (
+    bits_per_byte,
+    load_tokenizer,
+    text_nats_and_bytes,
+    texts_of,
+    token_byte_lengths,
+)
 
 TOKEN_DTYPE = np.uint16  # 32k vocabulary fits; a quarter of int64's disk and memory
 
@@ -208,10 +214,11 @@ def _precision(settings: PretrainSettings, device: torch.device) -> torch.dtype 
 
 
 def lr_at(step: int, s: PretrainSettings) -> float:
-    """Linear warm-up to lr, then cosine down to lr * min_lr_ratio at the last step."""
+    """The learning rate of step `step` (0-based): linear warm-up to lr, then cosine down to
+    lr * min_lr_ratio at the last step that runs, `steps - 1`."""
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
-    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    progress = min(1.0, (step - s.warmup_steps) / max(1, s.steps - 1 - s.warmup_steps))
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -339,21 +346,23 @@ class Checkpoints:
 
 @torch.no_grad()
 def evaluate(model, data: PackedTokens, token_bytes: torch.Tensor, batches: int, micro_batch: int, device, dtype):
-    """Mean validation loss (nats/token) and bits per byte over the first `batches` batches."""
+    """Mean validation loss (nats/token, every target) and bits per byte (text targets only, see
+    `text_nats_and_bytes`) over the first `batches` batches."""
     model.eval()
-    nll = n_tok = n_bytes = 0.0
+    nll = n_tok = text_nll = n_bytes = 0.0
     n_batches = min(batches, max(1, data.n // micro_batch))
     for b in range(n_batches):
         x, y = data.batch(b * micro_batch, min(micro_batch, data.n))  # fixed, unshuffled-by-step
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(input_ids=x, use_cache=False).logits
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").cpu()
         nll += losses.sum().item()
         n_tok += y.numel()
-        n_bytes += token_bytes[y.flatten().cpu()].sum().item()
+        nats, nbytes = text_nats_and_bytes(losses, y.flatten().cpu(), token_bytes)
+        text_nll, n_bytes = text_nll + nats, n_bytes + nbytes
     model.train()
-    return nll / n_tok, nll / math.log(2) / max(n_bytes, 1)
+    return nll / n_tok, bits_per_byte(text_nll, n_bytes)
 
 
 @dataclass
@@ -380,11 +389,12 @@ def fit(
             train.batch(((step * s.grad_accum + micro) * d.world + d.rank) * s.micro_batch, s.micro_batch)
             for micro in range(s.grad_accum)
         ]
+        lr = t.optimizer.param_groups[0]["lr"]  # this step's: train_step advances the schedule to the next
         loss, grad_norm = train_step(t, batches)
         log.step_seconds.append(time.perf_counter() - t0)
         steady = steady_tokens_per_s(log.step_seconds, t.tokens_per_step)
         row = {
-            "step": step + 1, "loss": loss, "lr": t.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": t.tokens_per_step / log.step_seconds[-1],
         }  # fmt: skip
         log.history.append(row)
@@ -490,8 +500,7 @@ def unigram_bpb(train_tokens: Path, val_tokens: Path, vocab: int, token_bytes: l
     counts = np.bincount(np.memmap(train_tokens, dtype=TOKEN_DTYPE, mode="r"), minlength=vocab) + 1.0
     logp = np.log(counts / counts.sum())
     val = np.memmap(val_tokens, dtype=TOKEN_DTYPE, mode="r")
-    nll = -logp[val].sum()
-    return float(nll / math.log(2) / max(np.asarray(token_bytes)[val].sum(), 1))
+    return bits_per_byte(*text_nats_and_bytes(-logp[val], val, np.asarray(token_bytes)))
 
 
 def build_base_model(

@@ -10,6 +10,7 @@ SFT and DPO stages and the GGUF use.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -121,6 +122,20 @@ def token_byte_lengths(tokenizer) -> list[int]:
         if idx not in special and token not in SPECIAL_TOKENS:
             lengths[idx] = sum(1 for ch in token if ch in byte_decoder)
     return lengths
+
+
+def text_nats_and_bytes(losses, targets, token_bytes) -> tuple[float, float]:
+    """Bits per byte's two sums over next-token `losses` (nats) at `targets`, tensors or arrays on
+    one device: the nats of targets that stand for text, and their UTF-8 bytes. Targets of 0 bytes
+    (<|eos|> and the other special tokens) are context only and not scored: counting them would
+    charge loss to no bytes. The one definition for training's validation, the unigram baseline and
+    eval_report; bits per byte is `bits_per_byte(*text_nats_and_bytes(...))`."""
+    nbytes = token_bytes[targets]
+    return float(losses[nbytes > 0].sum()), float(nbytes.sum())
+
+
+def bits_per_byte(nats: float, n_bytes: float) -> float:
+    return nats / math.log(2) / max(n_bytes, 1)
 
 
 def _bytes_to_unicode() -> list[str]:
