@@ -95,14 +95,21 @@ class Gateway:
             raise self.inference.timeout_error() from None
         self.metrics.queue_wait.labels(call.route).observe(call.queue_s)
 
-    async def run_json(self, call: Call, work, fallback) -> Response:
-        """Admit, run `work()` (a coroutine returning the body), answer JSON; every failure mapped."""
+    async def admitted(self, call: Call, fallback) -> Response | None:
+        """None once `call` holds a place in flight; else the answer that refuses it (429, or the timeout)."""
         try:
             await self.admit(call)
         except Rejected as exc:
             return self.reject(call, exc)
         except InferenceError as exc:
             return self.fail(call, exc.status, exc.detail, fallback)
+        return None
+
+    async def run_json(self, call: Call, work, fallback) -> Response:
+        """Admit, run `work()` (a coroutine returning the body), answer JSON; every failure mapped."""
+        refused = await self.admitted(call, fallback)
+        if refused is not None:
+            return refused
         try:
             body = await work()
         except InferenceError as exc:
@@ -117,12 +124,9 @@ class Gateway:
 
     async def run_stream(self, call: Call, path: str, body: dict, fallback, reframe=None, pool=None) -> Response:
         """Admit, start the upstream stream (retry and timeout before the first token), then relay it."""
-        try:
-            await self.admit(call)
-        except Rejected as exc:
-            return self.reject(call, exc)
-        except InferenceError as exc:
-            return self.fail(call, exc.status, exc.detail, fallback)
+        refused = await self.admitted(call, fallback)
+        if refused is not None:
+            return refused
         try:
             replica, resp, first = await self.inference.open_stream(call, path, body, pool)
         except Exception as exc:
