@@ -31,7 +31,9 @@ class Download(Command):
         )
         parser.add_argument("--list", action="store_true", help="list the cached models with revisions and sizes")
         parser.add_argument("--info", metavar="MODEL_ID", help="architecture, parameters, tokenizer, license, files")
-        parser.add_argument("--cache", metavar="DIR", help="the model cache (default: $KILN_MODEL_CACHE, else model_cache/ in the work folder)")
+        parser.add_argument(
+            "--cache", metavar="DIR", help="the model cache (default: $KILN_MODEL_CACHE, else work folder/model_cache)"
+        )
         parser.add_argument("--json", action="store_true", help="--list and --info as JSON")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -78,10 +80,8 @@ def list_table(rows: list[dict], cache: Path) -> str:
         return f"no models in {cache} (kiln download MODEL_ID)"
     lines = [f"{'model':<40} {'revision':<12} {'refs':<12} {'files':>5} {'size':>10}  state"]
     for r in rows:
-        refs = ",".join(r["refs"]) or "-"
-        lines.append(
-            f"{r['model']:<40} {r['revision'][:12]:<12} {refs:<12} {r['files']:>5} {_size(r['bytes']):>10}  {r['state']}"
-        )
+        refs, size = ",".join(r["refs"]) or "-", _size(r["bytes"])
+        lines.append(f"{r['model']:<40} {r['revision'][:12]:<12} {refs:<12} {r['files']:>5} {size:>10}  {r['state']}")
     total = sum(r["bytes"] for r in rows)
     lines.append(f"{len(rows)} revisions, {_size(total)} in {cache}")
     return "\n".join(lines)
