@@ -129,28 +129,29 @@ def token_byte_lengths(tokenizer) -> list[int]:
         if byte_level:
             lengths[idx] = sum(1 for ch in token if ch in byte_decoder)
         else:
-            lengths[idx] = 1 if _BYTE_PIECE.fullmatch(token) else len(token.replace("\u2581", " ").encode("utf-8"))
+            lengths[idx] = 1 if BYTE_PIECE.fullmatch(token) else len(token.replace("\u2581", " ").encode("utf-8"))
     return lengths
 
 
 BYTE_LEVEL_BPE, SENTENCEPIECE_BPE = "byte-level BPE", "SentencePiece BPE"
 SENTENCEPIECE_UNIGRAM = "SentencePiece Unigram"
-_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-def _parts(node: dict | None) -> list[dict]:
+def tokenizer_parts(node: dict | None) -> list[dict]:
     """A normalizer, pre-tokenizer or decoder of tokenizer.json with its Sequence unrolled."""
     if not node:
         return []
     inner = node.get("pretokenizers") or node.get("normalizers") or node.get("decoders")
-    return [p for child in inner for p in _parts(child)] if node.get("type") == "Sequence" else [node]
+    return [p for child in inner for p in tokenizer_parts(child)] if node.get("type") == "Sequence" else [node]
 
 
 def tokenizer_kind(spec: dict) -> str:
     """What a tokenizer.json is: byte-level BPE (GPT-2, SmolLM, kiln's own), SentencePiece BPE
     (Llama 2, Mistral: "▁" for spaces, byte fallback), SentencePiece Unigram, or its model type."""
     model = spec.get("model", {}).get("type")
-    types = {p.get("type") for key in ("normalizer", "pre_tokenizer", "decoder") for p in _parts(spec.get(key))}
+    keys = ("normalizer", "pre_tokenizer", "decoder")
+    types = {p.get("type") for key in keys for p in tokenizer_parts(spec.get(key))}
     if model == "BPE" and "ByteLevel" in types:
         return BYTE_LEVEL_BPE
     sentencepiece = "Metaspace" in types or spec["model"].get("byte_fallback") or "Prepend" in types
