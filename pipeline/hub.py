@@ -78,12 +78,14 @@ def resolve(ref: str, revision: str | None = None, cache: Path | None = None) ->
 
 def _cached_snapshot(repo_id: str, revision: str | None, cache: Path) -> Path | None:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache), local_files_only=True))
     except HFValidationError:
         raise KilnError(f"{repo_id!r}: not a model id (org/name) or an existing folder") from None
+    except IncompleteSnapshotError:
+        raise KilnError(f"{repo_id}: a partial download in {cache}; run `kiln download {repo_id}` again") from None
     except LocalEntryNotFoundError:
         return None
 
@@ -96,15 +98,18 @@ def download(repo_id: str, revision: str | None = None, cache: Path | None = Non
     cache = Path(cache or model_cache_dir())
     if is_folder_ref(repo_id):
         raise KilnError(f"{repo_id}: a folder, not a hub id; name it in model.from_pretrained as it is")
-    cached = _cached_snapshot(repo_id, revision, cache)
-    if cached is not None:
-        try:
+    offline = constants.is_offline_mode()
+    try:
+        cached = _cached_snapshot(repo_id, revision, cache)
+        if cached is not None:
             check_checkpoint(cached, repo_id)
             say(f"{repo_id}: already in the cache ({cached})")
             return cached
-        except KilnError as exc:
-            say(f"{exc}: downloading it again")
-    if constants.is_offline_mode():
+    except KilnError as exc:  # a partial snapshot: fetched again whole, unless offline
+        if offline:
+            raise
+        say(f"{exc}: downloading it again")
+    if offline:
         raise KilnError(
             f"{repo_id}: not in the model cache {cache} and HF_HUB_OFFLINE=1: download it where the hub is reachable"
         )
