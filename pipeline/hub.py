@@ -148,9 +148,19 @@ def _fetch(repo_id: str, revision: str | None, staging: Path) -> Path:
         raise KilnError(f"{repo_id}: no such model on the hub (or a private one: set HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise KilnError(f"{repo_id}: no revision {revision!r} (a branch, tag or commit)") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, *_transport_errors()) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KilnError(f"{repo_id}: the download failed ({first[:200]}); nothing was kept, run it again") from None
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """What huggingface_hub's HTTP client raises when a connection drops after its own retries."""
+    try:
+        import httpx2  # huggingface_hub 2's client
+
+        return (httpx2.HTTPError,)
+    except ImportError:
+        return ()
 
 
 def _move_into_cache(staging: Path, cache: Path, staged_snapshot: Path) -> Path:
@@ -176,25 +186,27 @@ def _move_into_cache(staging: Path, cache: Path, staged_snapshot: Path) -> Path:
 
 
 def list_cached(cache: Path | None = None) -> list[dict]:
-    """Every model revision in the cache: id, revision, refs, files, bytes, complete or not."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
-    try:
-        info = scan_cache_dir(str(cache or model_cache_dir()))
-    except CacheNotFound:
-        return []
+    """Every model revision in the cache: id, revision, refs, files, bytes, and whether it is
+    complete (a partial one says what it lacks)."""
+    cache = Path(cache or model_cache_dir())
     rows = []
-    for repo in sorted(info.repos, key=lambda r: r.repo_id):
-        for rev in sorted(repo.revisions, key=lambda r: r.last_modified):
+    for repo in sorted(cache.glob("models--*")):
+        repo_id = "/".join(repo.name.split("--")[1:])
+        refs = {}
+        for ref in (repo / "refs").rglob("*") if (repo / "refs").is_dir() else []:
+            if ref.is_file():
+                refs.setdefault(ref.read_text().strip(), []).append(str(ref.relative_to(repo / "refs")))
+        for snapshot in sorted((repo / "snapshots").glob("*")):
+            files = [f for f in snapshot.rglob("*") if f.is_file() or f.is_symlink()]
             try:
-                check_checkpoint(rev.snapshot_path, repo.repo_id)
+                check_checkpoint(snapshot, repo_id)
                 state = "complete"
             except KilnError as exc:
                 state = str(exc).split(": ", 1)[1].split(" in ")[0]
             rows.append({
-                "model": repo.repo_id, "revision": rev.commit_hash, "refs": sorted(rev.refs),
-                "files": rev.nb_files, "bytes": rev.size_on_disk, "state": state, "path": str(rev.snapshot_path),
+                "model": repo_id, "revision": snapshot.name, "refs": sorted(refs.get(snapshot.name, [])),
+                "files": len(files), "bytes": sum(f.stat().st_size for f in files if f.exists()), "state": state,
+                "path": str(snapshot),
             })  # fmt: skip
     return rows
 
