@@ -116,6 +116,8 @@ class StandInHub(BaseHTTPRequestHandler):
 
     def do_GET(self):
         answer, path = self.server.answer, self.path.split("?")[0]
+        if answer == "complete":
+            return self._serve_model(path)
         if answer != "broken":
             status, error = {"unknown": (404, "RepoNotFound"), "gated": (403, "GatedRepo")}[answer]
             return self._send(status, {"X-Error-Code": error, "X-Error-Message": error}, error.encode())
@@ -132,6 +134,17 @@ class StandInHub(BaseHTTPRequestHandler):
         self._send(404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "gone"}, b"gone")  # the weights
 
     do_HEAD = do_GET
+
+    def _serve_model(self, path: str):
+        files = self.server.files  # name -> bytes of a save_pretrained folder
+        if "/tree/" in path:
+            tree = [{"type": "file", "path": n, "size": len(b), "oid": "0" * 40} for n, b in files.items()]
+            return self._send(200, {"Content-Type": "application/json"}, json.dumps(tree).encode())
+        if path.startswith("/api/models/"):
+            info = {"id": "org/model", "sha": COMMIT, "siblings": [{"rfilename": n} for n in files]}
+            return self._send(200, {"Content-Type": "application/json"}, json.dumps(info).encode())
+        body = files[path.rsplit("/", 1)[1]]
+        self._send(200, {"X-Repo-Commit": COMMIT, "ETag": '"' + hashlib.sha256(body).hexdigest() + '"'}, body)
 
     def _send(self, status, headers, body: bytes):
         self.send_response(status)
@@ -175,3 +188,23 @@ def test_refused_downloads_leave_nothing_in_the_cache(stand_in_hub, tmp_path, an
         hub.download("org/model", cache=tmp_path, say=lambda line: None)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []  # no repository folder, no staging folder
+
+
+def test_a_download_enters_the_cache_whole(stand_in_hub, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = byte_level_tokenizer(sample_texts(100))
+    tiny_llama(tok, tie=True).save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    stand_in_hub.files = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}
+    stand_in_hub.answer = "complete"
+    cache = tmp_path / "cache"
+    snapshot = hub.download("org/model", cache=cache, say=lambda line: None)
+    assert snapshot == cache / "models--org--model" / "snapshots" / COMMIT
+    assert sorted(p.name for p in cache.iterdir()) == ["models--org--model"]  # the staging folder is gone
+    assert {p.name: p.read_bytes() for p in snapshot.iterdir()} == stand_in_hub.files
+    AutoModelForCausalLM.from_pretrained(str(hub.resolve("org/model", cache=cache)))
+    AutoTokenizer.from_pretrained(str(snapshot))
+    stand_in_hub.answer = "unknown"  # the hub no longer has it: the cached copy is enough
+    lines = []
+    assert hub.download("org/model", cache=cache, say=lines.append) == snapshot and "already in the cache" in lines[0]
