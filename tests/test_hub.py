@@ -87,6 +87,17 @@ def test_a_config_file_takes_several_models(cache, tmp_path, capsys):
     assert code == 2 and "models.yaml: models[1]: expected a model id or {id, revision}" in err
 
 
+def test_the_example_profile_starts_from_a_downloaded_model(capsys):
+    from pipeline.config import load_profile
+    from pipeline.layout import REPO_ROOT
+
+    example = REPO_ROOT / "docs" / "examples" / "smollm-135m.yaml"
+    profile = load_profile(example)
+    assert profile.model.from_pretrained == "HuggingFaceTB/SmolLM-135M" and profile.sft.lr == 2e-4
+    code, out, _ = run_cli(capsys, "profiles", str(example))
+    assert code == 0 and "from_pretrained HuggingFaceTB/SmolLM-135M" in out
+
+
 def test_a_partial_snapshot_is_refused(tmp_path):
     tok = byte_level_tokenizer(sample_texts(100))
     snapshot = save_in_hub_cache(tiny_llama(tok, tie=True), tok, tmp_path, "test/partial", max_shard_size="300KB")
