@@ -10,8 +10,8 @@ from pipeline.errors import KilnError
 from pipeline.train.pretrained import pretrained_base, pretrained_tokenizer
 from pipeline.train.tokenizer import (
     BYTE_LEVEL_BPE,
-    SENTENCEPIECE_BPE,
     ROUND_TRIP_SAMPLES,
+    SENTENCEPIECE_BPE,
     token_byte_lengths,
     tokenizer_kind,
 )
