@@ -107,8 +107,9 @@ def test_other_architectures_and_tokenizers_are_refused_by_name(tmp_path):
         assert not list(tmp_path.glob(f"*{out}*"))  # nothing half-written
         return str(err.value)
 
-    assert "unsupported architecture GPT2LMHeadModel" in refused({**cfg, "model_type": "gpt2",
-                                                                    "architectures": ["GPT2LMHeadModel"]}, "a.gguf")
+    assert "unsupported architecture GPT2LMHeadModel" in refused(
+        {**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "a.gguf"
+    )
     assert "unsupported RoPE scaling 'yarn'" in refused({**cfg, "rope_scaling": {"rope_type": "yarn"}}, "b.gguf")
     (checkpoint / "config.json").write_text(json.dumps(cfg))
     spec = json.loads((checkpoint / "tokenizer.json").read_text())

@@ -101,4 +101,3 @@ def info_text(info: dict) -> str:
         f"license:      {info['license'] or 'not stated in the model card'}\n"
         f"files:\n{files}"
     )
-
