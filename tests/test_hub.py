@@ -47,6 +47,12 @@ def test_offline_a_model_not_in_the_cache_is_one_line(cache, capsys):
         hub.resolve("test/absent", cache=cache)
 
 
+def test_download_wants_exactly_one_thing_to_do(cache, capsys):
+    for argv in ([], ["test/untied", "--list"]):
+        code, _, err = run_cli(capsys, "download", *argv, "--cache", str(cache))
+        assert code == 2 and err.startswith("kiln: error: give one of MODEL_ID, --config FILE, --list or --info")
+
+
 def test_list_shows_each_model_with_its_size(cache, capsys):
     code, out, _ = run_cli(capsys, "download", "--list", "--json", "--cache", str(cache))
     rows = {r["model"]: r for r in json.loads(out)}
