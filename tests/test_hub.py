@@ -133,6 +133,8 @@ class StandInHub(BaseHTTPRequestHandler):
 
     def do_GET(self):
         answer, path = self.server.answer, self.path.split("?")[0]
+        if answer == "gated" and self.headers.get("Authorization") == "Bearer hf_granted":
+            answer = "complete"  # a token of an account that accepted the terms
         if answer == "complete":
             return self._serve_model(path)
         if answer != "broken":
@@ -225,3 +227,14 @@ def test_a_download_enters_the_cache_whole(stand_in_hub, tmp_path):
     stand_in_hub.answer = "unknown"  # the hub no longer has it: the cached copy is enough
     lines = []
     assert hub.download("org/model", cache=cache, say=lines.append) == snapshot and "already in the cache" in lines[0]
+
+
+def test_a_gated_model_downloads_with_hf_token(stand_in_hub, tmp_path, monkeypatch):
+    tok = byte_level_tokenizer(sample_texts(100))
+    tiny_llama(tok, tie=True).save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    stand_in_hub.files = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}
+    stand_in_hub.answer = "gated"
+    monkeypatch.setenv("HF_TOKEN", "hf_granted")
+    snapshot = hub.download("org/model", cache=tmp_path / "cache", say=lambda line: None)
+    assert (snapshot / "model.safetensors").read_bytes() == stand_in_hub.files["model.safetensors"]
