@@ -118,7 +118,8 @@ def bytes_per_token(tokenizer, texts: Iterable[str]) -> float:
 def token_byte_lengths(tokenizer) -> list[int]:
     """UTF-8 bytes each token id stands for (0 for special tokens): bits per byte needs it.
     Byte-level BPE spells bytes as GPT-2's printable characters; a SentencePiece vocabulary
-    spells a space as "▁" and a fallback byte as <0xNN>."""
+    spells a space as "▁" and a fallback byte as <0xNN>. SentencePiece also puts a "▁" before
+    each text, so its texts count one byte more than they hold (one per document, not per token)."""
     byte_decoder = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
     byte_level = tokenizer_kind(json.loads(tokenizer.backend_tokenizer.to_str())) == BYTE_LEVEL_BPE
     lengths = [0] * len(tokenizer)
