@@ -18,7 +18,7 @@ from resources import KilnSettings, MLflowTracking
 
 # After gguf_benchmark, not beside it: two CPU-heavy steps at once would skew the benchmark's
 # speed figures, and a GGUF that failed parity is not worth evaluating.
-@asset(group_name="evaluation", code_version="3", deps=[base_model, sft_model, dpo_model, gguf_benchmark, clean_corpus])
+@asset(group_name="evaluation", code_version="4", deps=[base_model, sft_model, dpo_model, gguf_benchmark, clean_corpus])
 def eval_report(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """base, SFT and DPO side by side: held-out bits per byte, lm-eval (kiln's tasks from held-out
     code, and the profile's standard tasks where their data loads), HumanEval pass@k in the

@@ -68,7 +68,7 @@ def _curve(result: TuneResult, title: str) -> bytes:
     return loss_curve([h for h in result.history if "loss" in h], [], title)
 
 
-@asset(group_name="post_training", code_version="1", deps=[base_model, sft_data])
+@asset(group_name="post_training", code_version="2", deps=[base_model, sft_data])
 def sft_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """QLoRA SFT: the base model in 4-bit NF4, LoRA on every projection, completion-only loss (TRL
     SFTTrainer); the adapter merged into full-precision base weights."""
@@ -89,7 +89,7 @@ def sft_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflow
     return MaterializeResult(metadata=metadata)
 
 
-@asset(group_name="post_training", code_version="1", deps=[sft_model, dpo_data])
+@asset(group_name="post_training", code_version="2", deps=[sft_model, dpo_data])
 def dpo_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """DPO (TRL DPOTrainer) from the SFT checkpoint with LoRA, the adapter-disabled model as the
     frozen reference; the adapter merged into full-precision weights."""

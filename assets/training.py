@@ -55,7 +55,7 @@ def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="training", code_version="3", deps=[tokenizer])
+@asset(group_name="training", code_version="4", deps=[tokenizer])
 def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A Llama-architecture model (RMSNorm, RoPE, SwiGLU, GQA) pretrained from scratch on the
     packed train split; resumes from its last checkpoint if a run was interrupted. With
@@ -86,6 +86,7 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
             "val_loss": result.val_loss,
             "val_bits_per_byte": result.val_bpb,
             "unigram_bits_per_byte": baseline,
+            "context_length": profile.pretrain.seq_len,  # trained, and declared in config.json
             "resumed_from_step": result.resumed_from,
             "loss_curve": md_image(curve, "loss"),
         }

@@ -46,7 +46,7 @@ def plain_loop(profile, data) -> list[float]:
 
     s = profile.pretrain
     torch.manual_seed(s.seed)
-    config = llama_config(profile.model, VOCAB, 1, 2, 0)
+    config = llama_config(profile.model, VOCAB, 1, 2, 0, profile.pretrain.seq_len)
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, fused=True)
@@ -82,7 +82,7 @@ def kiln_loop(profile, data, micro_batch: int | None = None) -> list[float]:
     if micro_batch and micro_batch != s.micro_batch:
         data = [regroup(step, micro_batch) for step in data]
         s = dataclasses.replace(s, micro_batch=micro_batch, grad_accum=s.micro_batch * s.grad_accum // micro_batch)
-    config = llama_config(profile.model, VOCAB, 1, 2, 0)
+    config = llama_config(profile.model, VOCAB, 1, 2, 0, profile.pretrain.seq_len)
     training = build_training(config, profile.model, s, Distributed())
     times, losses = [], []
     for micro_batches in data:
@@ -128,7 +128,7 @@ def main() -> int:
     profile = dataclasses.replace(profile, pretrain=s)
     data = random_batches(args.steps, s.grad_accum, s.micro_batch, s.seq_len, s.seed)
     tokens_per_step = s.micro_batch * s.grad_accum * s.seq_len
-    config = llama_config(profile.model, VOCAB, 1, 2, 0)
+    config = llama_config(profile.model, VOCAB, 1, 2, 0, profile.pretrain.seq_len)
     with torch.device("meta"):
         from transformers import LlamaForCausalLM
 

@@ -55,7 +55,7 @@ def reference_loop(tok, train: Path, profile, steps: int) -> list[float]:
 
     s = profile.pretrain
     torch.manual_seed(s.seed)
-    cfg = llama_config(profile.model, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    cfg = llama_config(profile.model, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, s.seq_len)
     model = LlamaForCausalLM(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
     data = PackedTokens(train, s.seq_len, s.seed)

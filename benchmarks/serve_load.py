@@ -65,7 +65,8 @@ def stand_in_gguf(tmp: Path) -> Path:
     profile = load_profile("tiny")
     tok = train_tokenizer(texts, tmp / "tok", vocab_size=profile.tokenizer.vocab_size, min_frequency=1)
     shape = profile.model
-    model = LlamaForCausalLM(llama_config(shape, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+    ids = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = LlamaForCausalLM(llama_config(shape, len(tok), *ids, context=profile.pretrain.seq_len))
     model.save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
     return export_all(tmp / "model", tmp / "gguf", "bench")["Q4_K_M"]

@@ -53,8 +53,8 @@ def gguf_comparison(results: dict) -> bytes:
     kinds = list(results)
     panels = [
         ("size (MB)", [results[k]["size_bytes"] / 2**20 for k in kinds]),
-        ("tg128 (tokens/s)", [results[k]["tg128_tokens_per_s"]["median"] for k in kinds]),
-        ("pp512 (tokens/s)", [results[k]["pp512_tokens_per_s"]["median"] for k in kinds]),
+        (f"tg{results[kinds[0]]['tg_tokens']} (tokens/s)", [results[k]["tg_tokens_per_s"]["median"] for k in kinds]),
+        (f"pp{results[kinds[0]]['pp_tokens']} (tokens/s)", [results[k]["pp_tokens_per_s"]["median"] for k in kinds]),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.2), dpi=100)
     for ax, (title, values) in zip(axes, panels, strict=True):

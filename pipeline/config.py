@@ -137,8 +137,10 @@ class ModelShape:
     """Attention (query) heads; hidden_size / num_heads is the head dimension."""
     num_kv_heads: int = 2
     """Key/value heads (grouped-query attention); divides num_heads."""
-    max_position: int = 1024
-    """Context length the model is built for (RoPE positions; the GGUF's context_length)."""
+    max_position: int | None = None
+    """The context the model declares (config.json's max_position_embeddings, the GGUF's
+    context_length). It is the length it trains at: null means pretrain.seq_len, and any other
+    number is refused, since positions past the trained length would be declared but never trained."""
     rope_theta: float = 10_000.0
     """RoPE base frequency."""
     norm_eps: float = 1e-5
@@ -173,7 +175,8 @@ class PretrainSettings:
     """base_model: the training run."""
 
     seq_len: int = 128
-    """Tokens per packed training sequence."""
+    """Tokens per packed training sequence: the trained context. The model declares it, and every
+    evaluation, the GGUF, its benchmark, serving and SFT/DPO stay within it."""
     micro_batch: int = 8
     """Sequences per forward pass."""
     grad_accum: int = 1
@@ -243,8 +246,9 @@ class SFTSettings:
     """Batches per optimizer step."""
     lr: float = 1e-3
     """Peak learning rate (cosine schedule)."""
-    max_length: int = 512
-    """Tokens per row; longer rows are truncated."""
+    max_length: int | None = None
+    """Tokens per row; longer rows are truncated. null: the trained context (pretrain.seq_len);
+    a longer one is refused."""
     seed: int = 0
     """Seed of the adapter init and the data order."""
 
@@ -271,8 +275,9 @@ class DPOSettings(SFTSettings):
     """Optimizer steps."""
     lr: float = 1e-3
     """Peak learning rate (cosine schedule)."""
-    max_length: int = 384
-    """Tokens per prompt plus answer; longer pairs are truncated."""
+    max_length: int | None = None
+    """Tokens per prompt plus answer; longer pairs are truncated. null: the trained context
+    (pretrain.seq_len); a longer one is refused."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -286,8 +291,9 @@ class GGUFSettings:
 
     eval_tokens: int = 4096
     """Held-out tokens the perplexity parity is measured on."""
-    window: int = 256
-    """Tokens per perplexity window (each window is evaluated from an empty context)."""
+    window: int | None = None
+    """Tokens per perplexity window (each window is evaluated from an empty context). null: the
+    trained context (pretrain.seq_len); a longer one is refused."""
     price_per_hour: float = 0.10
     """Hourly price of the machine that serves the model, for the cost per million tokens."""
     latency_requests: int = 100
@@ -296,7 +302,7 @@ class GGUFSettings:
     """One repeat instead of three, at most 20 latency requests (the table says so), one context size for memory."""
 
     def __post_init__(self) -> None:
-        if self.eval_tokens < 2 or self.window < 1 or self.price_per_hour < 0:
+        if self.eval_tokens < 2 or (self.window is not None and self.window < 1) or self.price_per_hour < 0:
             raise ProfileError("gguf: eval_tokens >= 2, window >= 1 and price_per_hour >= 0 are needed")
         if self.latency_requests < 100:
             raise ProfileError(
@@ -325,8 +331,9 @@ class EvalSettings:
     """Sampling temperature when humaneval_samples > 1."""
     pass_k: list[int] = field(default_factory=lambda: [1])
     """The k of each pass@k reported (k <= humaneval_samples)."""
-    max_new_tokens: int = 128
-    """Tokens generated per completion at most; generation also stops at a new top-level statement."""
+    max_new_tokens: int = 64
+    """Tokens generated per completion at most; generation also stops at a new top-level statement.
+    It must leave room in the trained context: a prompt longer than the rest keeps its end."""
     timeout: float = 5.0
     """Seconds each generated program may run in the sandbox."""
     unsafe_sandbox: bool = False
@@ -376,11 +383,38 @@ class Profile:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
 
     def __post_init__(self) -> None:
-        if self.pretrain.seq_len > self.model.max_position:
-            raise ProfileError(f"pretrain.seq_len {self.pretrain.seq_len} exceeds model.max_position")
+        if self.model.from_pretrained is None:  # a downloaded model's context is its own config's
+            check_within_context(self)
+
+    @property
+    def context(self) -> int:
+        """The trained context of kiln's own model (a downloaded model's is in its config.json)."""
+        return self.pretrain.seq_len
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_within_context(profile: Profile) -> None:
+    """One rule for every length past pretraining: it may not exceed the trained context, where
+    the model has never seen a position. A longer one is refused, naming the setting; null
+    lengths take the trained context."""
+    ctx = profile.pretrain.seq_len
+    if profile.model.max_position not in (None, ctx):
+        raise ProfileError(
+            f"model.max_position {profile.model.max_position} is not the trained context pretrain.seq_len {ctx}: "
+            "leave it out, or train at it"
+        )
+    lengths = {"sft.max_length": profile.sft.max_length, "dpo.max_length": profile.dpo.max_length,
+               "gguf.window": profile.gguf.window}  # fmt: skip
+    for key, value in lengths.items():
+        if value is not None and value > ctx:
+            raise ProfileError(f"{key} {value} exceeds the trained context pretrain.seq_len {ctx}")
+    if profile.eval.max_new_tokens >= ctx:
+        raise ProfileError(
+            f"eval.max_new_tokens {profile.eval.max_new_tokens} leaves no room for a prompt in the trained "
+            f"context pretrain.seq_len {ctx}"
+        )
 
 
 DEFAULT_PROFILE = "tiny"

@@ -77,3 +77,26 @@ def write_json(path: Path, obj) -> None:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def model_context(checkpoint: Path) -> int:
+    """The context a save_pretrained folder declares (config.json's max_position_embeddings): for
+    kiln's own model the length it was trained at, carried through SFT and DPO merges."""
+    config = Path(checkpoint) / "config.json"
+    if not config.is_file():
+        raise KilnError(f"{config}: no such file; not a checkpoint folder")
+    context = read_json(config).get("max_position_embeddings")
+    if not isinstance(context, int) or context < 1:
+        raise KilnError(f"{config}: max_position_embeddings is missing, so the trained context is unknown")
+    return context
+
+
+def within_context(length: int | None, checkpoint: Path, key: str) -> int:
+    """A length setting (`key`) checked against the checkpoint's trained context: null takes the
+    context, a longer one is refused (positions past it were never trained)."""
+    context = model_context(checkpoint)
+    if length is None:
+        return context
+    if length > context:
+        raise KilnError(f"{key} {length} exceeds the {context}-token context {checkpoint} was trained at")
+    return length

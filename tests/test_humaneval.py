@@ -78,12 +78,12 @@ def test_the_model_is_sent_the_prompt_without_its_trailing_newline(tiny_base, gg
     tok = AutoTokenizer.from_pretrained(str(tiny_base))
     prompts = [problems()[t]["prompt"] for t in task_ids(5)]
     for prompt in prompts:
-        ids = _prompt_ids(tok, prompt, 10_000)
+        ids = _prompt_ids(tok, prompt)
         assert ids[0] == tok.eos_token_id and tok.decode(ids[1:]) == prompt.rstrip()
     llm = load(ggufs["F16"])
     try:
         for prompt in prompts:
-            ids = _gguf_prompt_ids(llm, prompt, 10_000)
+            ids = _gguf_prompt_ids(llm, prompt)
             assert ids[0] == llm.token_eos() and llm.detokenize(ids[1:]).decode() == prompt.rstrip()
     finally:
         llm.close()

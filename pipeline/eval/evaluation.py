@@ -28,7 +28,7 @@ from pipeline.config import EvalSettings
 from pipeline.eval.humaneval import generate, score, task_ids
 from pipeline.eval.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
 from pipeline.eval.sandbox import check_available
-from pipeline.io import atomic_path, write_json, write_jsonl
+from pipeline.io import atomic_path, model_context, write_json, write_jsonl
 from pipeline.train.tokenizer import bits_per_byte as text_bits_per_byte
 from pipeline.train.tokenizer import text_nats_and_bytes, texts_of, token_byte_lengths
 
@@ -95,7 +95,13 @@ def lm_eval_scores(checkpoint: Path, tm, tasks: list[str], limit: int | None, ba
 
     out = simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(checkpoint), "dtype": "float32", "device": _device()},
+        # max_length: lm-eval left-truncates every request to the trained context, never past it
+        model_args={
+            "pretrained": str(checkpoint),
+            "dtype": "float32",
+            "device": _device(),
+            "max_length": model_context(checkpoint),
+        },  # fmt: skip
         tasks=tasks,
         task_manager=tm,
         limit=limit,
@@ -159,10 +165,13 @@ def evaluate_all(
     """Evaluate each HF checkpoint in `models` (name -> folder) and, on HumanEval, the `gguf`
     (name, file); write report.json, report.md, lm-eval task files and HumanEval samples into `out`.
     `context` is the sequence length the models were trained at: bits per byte scores windows of
-    it. lm-eval and HumanEval use the model's full context: a function body alone can be longer."""
+    it. lm-eval and HumanEval stay within each model's declared (trained) context: lm-eval
+    left-truncates longer requests, HumanEval keeps the end of a longer prompt, and the report
+    counts the problems whose prompt was cut."""
     out = Path(out)
     report = Report(list(models) + ([gguf[0]] if gguf else []), s)
     report.data["quantized"] = gguf[0] if gguf else None
+    report.data["context"] = {name: model_context(path) for name, path in models.items()}
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # per-request chatter; results come back here
     with report.timed("bits_per_byte"):
         _score_bits_per_byte(report, models, validation, s, context, say)
@@ -221,11 +230,13 @@ def _score_humaneval(report: Report, runs: dict[str, Path], samples_dir: Path, s
     results go to `samples_dir` as <name>.jsonl and <name>_results.jsonl."""
     ids = task_ids(s.humaneval_problems)
     report.data["humaneval_problems"] = len(ids)
+    report.data["humaneval_prompts_cut"] = {}
     for name, path in runs.items():
         samples = generate(
             path, ids, s.humaneval_samples, s.temperature, s.max_new_tokens, batch_size=s.batch_size, progress=False
         )
         result, per_sample = score(samples, s.pass_k, s.timeout, unsafe=s.unsafe_sandbox)
+        report.data["humaneval_prompts_cut"][name] = len({r["task_id"] for r in samples if r["prompt_tokens_cut"]})
         write_jsonl(samples_dir / f"{name}.jsonl", samples)
         write_jsonl(samples_dir / f"{name}_results.jsonl", per_sample)
         for k in s.pass_k:
@@ -264,9 +275,25 @@ def markdown_table(report: dict) -> str:
         f"HumanEval: {report.get('humaneval_problems')} of 164 problems, {s['humaneval_samples']} sample(s) each "
         + ("(greedy)" if s["humaneval_samples"] == 1 else f"at temperature {s['temperature']}")
         + f", at most {s['max_new_tokens']} new tokens",
+        *_context_notes(report),
         *[f"unavailable: {t} ({why})" for t, why in report["unavailable"].items()],
     ]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def _context_notes(report: dict) -> list[str]:
+    """What the trained context did to the figures: lm-eval's truncation, HumanEval's cut prompts."""
+    contexts = sorted(set(report.get("context", {}).values()))
+    if not contexts:
+        return []
+    cut = report.get("humaneval_prompts_cut", {})
+    n = report.get("humaneval_problems")
+    words = ", ".join(f"{m} {c} of {n}" for m, c in cut.items())
+    return [
+        f"every model is scored within its trained context of {'/'.join(map(str, contexts))} tokens: lm-eval "
+        "left-truncates longer requests; HumanEval keeps the end of a prompt that leaves no room for "
+        f"max_new_tokens (prompts cut: {words or 'none'})"
+    ]
 
 
 def flat_metrics(report: dict, models: list[str]) -> dict[str, float]:

@@ -67,11 +67,25 @@ def splice(prompt: str, generated: str) -> str:
     return full[len(prompt) :] if full.startswith(prompt) else generated
 
 
-def _prompt_ids(tokenizer, prompt: str, room: int) -> list[int]:
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     """<|eos|> then the model's prompt: pretraining put <|eos|> before every document, so this is how
-    a file starts for the model. Long prompts keep their end, leaving room for the completion."""
-    ids = tokenizer(model_prompt(prompt), add_special_tokens=False)["input_ids"]
-    return [tokenizer.eos_token_id, *ids][-room:]
+    a file starts for the model."""
+    return [tokenizer.eos_token_id, *tokenizer(model_prompt(prompt), add_special_tokens=False)["input_ids"]]
+
+
+def _fit(ids: list[int], room: int) -> tuple[list[int], int]:
+    """The last `room` tokens of a prompt, as lm-eval left-truncates a context, so that prompt and
+    completion never pass the trained context; and how many tokens were cut."""
+    return ids[-room:], max(len(ids) - room, 0)
+
+
+def _room(context: int, max_new_tokens: int, model_path: Path) -> int:
+    """Prompt tokens that fit beside `max_new_tokens` in the model's trained `context`."""
+    if max_new_tokens >= context:
+        raise KilnError(
+            f"{model_path}: max_new_tokens {max_new_tokens} leaves no room for a prompt in its {context}-token context"
+        )
+    return context - max_new_tokens
 
 
 def generate(
@@ -81,7 +95,9 @@ def generate(
     """`samples` completions per task from a HF checkpoint folder or a .gguf file: greedy when
     samples is 1, else sampled at `temperature`. HF checkpoints generate `batch_size` problems
     at a time (left-padded). The generated text is cut at the first stop sequence, then spliced
-    onto the task's prompt."""
+    onto the task's prompt. Prompt and completion stay within the model's trained context: a
+    longer prompt keeps its end, and each row says how many prompt tokens were cut
+    (`prompt_tokens_cut`)."""
     from tqdm import tqdm
 
     model_path = Path(model_path)
@@ -99,9 +115,12 @@ def generate(
     with tqdm(total=len(ids), desc=f"humaneval {model_path.name}", disable=not progress) as bar:
         for start in range(0, len(ids), batch_size):
             batch = ids[start : start + batch_size]
-            for task_id, generated in zip(batch, complete([table[t]["prompt"] for t in batch]), strict=True):
+            for task_id, (generated, cut) in zip(batch, complete([table[t]["prompt"] for t in batch]), strict=True):
                 prompt = table[task_id]["prompt"]
-                rows += [{"task_id": task_id, "completion": splice(prompt, truncate(g))} for g in generated]
+                rows += [
+                    {"task_id": task_id, "completion": splice(prompt, truncate(g)), "prompt_tokens_cut": cut}
+                    for g in generated
+                ]
             bar.update(len(batch))
     return rows
 
@@ -112,13 +131,14 @@ def _hf_completer(checkpoint: Path, samples: int, temperature: float, max_new_to
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint), padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
-    room = model.config.max_position_embeddings - max_new_tokens
+    room = _room(model.config.max_position_embeddings, max_new_tokens, checkpoint)
     sampling = {"do_sample": True, "temperature": temperature} if samples > 1 else {"do_sample": False}
     torch.manual_seed(seed)
 
     @torch.no_grad()
-    def complete(prompts: list[str]) -> list[list[str]]:
-        batch = tok.pad({"input_ids": [_prompt_ids(tok, p, room) for p in prompts]}, return_tensors="pt")
+    def complete(prompts: list[str]) -> list[tuple[list[str], int]]:
+        fitted = [_fit(_prompt_ids(tok, p), room) for p in prompts]
+        batch = tok.pad({"input_ids": [ids for ids, _ in fitted]}, return_tensors="pt")
         width = batch["input_ids"].shape[1]
         out = model.generate(
             **batch, max_new_tokens=max_new_tokens, num_return_sequences=samples,
@@ -126,7 +146,7 @@ def _hf_completer(checkpoint: Path, samples: int, temperature: float, max_new_to
             stopping_criteria=[_StopAtSequences(tok, width)],
         )  # fmt: skip
         texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-        return [texts[i * samples : (i + 1) * samples] for i in range(len(prompts))]
+        return [(texts[i * samples : (i + 1) * samples], fitted[i][1]) for i in range(len(prompts))]
 
     return complete
 
@@ -148,28 +168,28 @@ class _StopAtSequences:
 def _gguf_completer(path: Path, samples: int, temperature: float, max_new_tokens: int, seed: int):
     from pipeline.release.gguf_bench import load
 
-    llm = load(path, n_ctx=1024)
-    room = llm.n_ctx() - max_new_tokens
+    llm = load(path)  # the context the file declares: the trained one
+    room = _room(llm.n_ctx(), max_new_tokens, path)
 
-    def complete(prompts: list[str]) -> list[list[str]]:
+    def complete(prompts: list[str]) -> list[tuple[list[str], int]]:
         return [complete_one(p) for p in prompts]
 
-    def complete_one(prompt: str) -> list[str]:
-        ids = _gguf_prompt_ids(llm, prompt, room)
+    def complete_one(prompt: str) -> tuple[list[str], int]:
+        ids, cut = _fit(_gguf_prompt_ids(llm, prompt), room)
         return [
             llm.create_completion(
                 ids, max_tokens=max_new_tokens, temperature=temperature if samples > 1 else 0.0,
                 stop=STOP_SEQUENCES, seed=seed + i,
             )["choices"][0]["text"]
             for i in range(samples)
-        ]  # fmt: skip
+        ], cut  # fmt: skip
 
     return complete
 
 
-def _gguf_prompt_ids(llm, prompt: str, room: int) -> list[int]:
+def _gguf_prompt_ids(llm, prompt: str) -> list[int]:
     """`_prompt_ids` with llama.cpp's own tokenizer: gguf_benchmark's parity check holds it equal to the HF one."""
-    return [llm.token_eos(), *llm.tokenize(model_prompt(prompt).encode(), add_bos=False, special=False)][-room:]
+    return [llm.token_eos(), *llm.tokenize(model_prompt(prompt).encode(), add_bos=False, special=False)]
 
 
 def read_samples(path: Path) -> list[dict]:

@@ -3,13 +3,16 @@
 - parity: the GGUF tokenizes texts to exactly the HF tokenizer's ids; perplexity on held-out
   text matches the HF model's (F16 within 1%, Q8_0 within 3%, Q4_K_M reported);
 - speed, like llama-bench: pp512 (prompt processing of 512 tokens) and tg128 (128 generated
-  tokens, one at a time), repeated, median and spread; time to first token; latency P50/P95/P99
+  tokens, one at a time), repeated, median and spread; a model trained on a shorter context is
+  measured within it (pp128 for a 128-token one, and tg of what is left after a 16-token prompt),
+  and the figures are named by the lengths they were taken at; time to first token; latency P50/P95/P99
   over LATENCY_REQUESTS short requests (fewer only in quick mode, which the table says).
   Generation is greedy: each token is the argmax of the logits llama.cpp returns for the last
   position (`next_token`). llama.cpp's eval returns when the work is done, so each timing is
   synchronous;
 - memory: file size and the peak resident memory of a fresh process that only loads the model
-  and runs it, at context 512, 1024 and 2048;
+  and runs it, at context 512, 1024 and 2048 (those within the trained context, and the
+  trained context itself);
 - the generation speed as a fraction of the machine's memory-bandwidth bound (each generated
   token reads every weight once: bytes x tokens/s / bandwidth measured on as many threads as
   llama.cpp runs on), only for a file larger than the last-level cache: a smaller one is
@@ -32,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KilnError
+from pipeline.io import within_context
 
 PARITY_LIMITS = {"F16": 0.01, "Q8_0": 0.03}  # relative perplexity difference allowed; others reported
 GGUF_MAGIC = b"GGUF"
@@ -52,7 +56,9 @@ def check_gguf(path: Path) -> None:
         raise KilnError(f"{path}: not a GGUF file (starts with {head!r}, not {GGUF_MAGIC!r})")
 
 
-def load(path: Path, n_ctx: int = 1024, logits_all: bool = False):
+def load(path: Path, n_ctx: int = 0, logits_all: bool = False):
+    """The GGUF under llama.cpp with `n_ctx` positions; 0: the context the file declares (its
+    `context_length`, the trained one), never more."""
     import llama_cpp
 
     from pipeline.release.gguf_export import quiet_native
@@ -152,25 +158,35 @@ def latency_percentiles(latencies: list[float]) -> dict:
     return {"p50": p50, "p95": p95, "p99": p99, "requests": len(latencies)}
 
 
+def speed_lengths(context: int) -> tuple[int, int]:
+    """llama-bench's pp512 and tg128, within a trained `context`: the prompt of pp is at most the
+    context; tg starts after a 16-token prompt and its first choice, so it gets the rest."""
+    return min(512, context), min(128, context - 17)
+
+
 def measure_speed(llm, prompt_ids: list[int], repeats: int = 3, requests: int = LATENCY_REQUESTS) -> dict:
-    """pp512, tg128, time to first token and request latency percentiles."""
-    pp_ids = (prompt_ids * (512 // max(len(prompt_ids), 1) + 1))[:512]
+    """pp512, tg128 (shorter within a shorter trained context: `speed_lengths`), time to first
+    token and request latency percentiles."""
+    n_pp, n_tg = speed_lengths(llm.n_ctx())
+    pp_ids = (prompt_ids * (n_pp // max(len(prompt_ids), 1) + 1))[:n_pp]
     pp, tg = [], []
     for _ in range(repeats):
         llm.reset()
         t = time.perf_counter()
         llm.eval(pp_ids)
-        pp.append(512 / (time.perf_counter() - t))
-        _, times = greedy_decode(llm, pp_ids[:16], 129)  # 128 evaluations of one token after the first choice
-        tg.append(128 / (times[-1] - times[0]))
+        pp.append(n_pp / (time.perf_counter() - t))
+        _, times = greedy_decode(llm, pp_ids[:16], n_tg + 1)  # n_tg evaluations of one token after the first choice
+        tg.append(n_tg / (times[-1] - times[0]))
     ttft, latency = [], []
     for _ in range(requests):
         _, times = greedy_decode(llm, pp_ids[:PROMPT_TOKENS], ANSWER_TOKENS)
         ttft.append(times[0])
         latency.append(times[-1])
     return {
-        "pp512_tokens_per_s": _spread(pp),
-        "tg128_tokens_per_s": _spread(tg),
+        "pp_tokens": n_pp,
+        "tg_tokens": n_tg,
+        "pp_tokens_per_s": _spread(pp),
+        "tg_tokens_per_s": _spread(tg),
         "time_to_first_token_s": statistics.median(ttft),
         "latency_s": latency_percentiles(latency),
     }
@@ -192,6 +208,13 @@ llm.eval(llm.tokenize(b"def main():\\n    return 0\\n" * 8, add_bos=False))
 print(json.dumps({"imported_mb": imported, "peak_mb": status("VmHWM")}))
 llm.close()
 """
+
+
+def memory_contexts(trained: int, quick: bool) -> list[int]:
+    """The context sizes memory is measured at: 512, 1024 and 2048 (512 alone when quick), those
+    within the `trained` context, and the trained context when a size is past it."""
+    asked = (512,) if quick else (512, 1024, 2048)
+    return sorted({min(n, trained) for n in asked})
 
 
 def peak_memory(path: Path, contexts=(512, 1024, 2048)) -> dict:
@@ -265,19 +288,21 @@ def benchmark_file(
     """Speed and memory of one GGUF file (no HF model needed). `bandwidth` was measured on THREADS
     threads; `cache_bytes` is the last-level cache (None: unknown, no bandwidth fraction)."""
     requests = min(requests, QUICK_REQUESTS) if quick else requests
-    llm = load(path, n_ctx=1024)
+    llm = load(path)
     try:
+        context = llm.n_ctx()
         speed = measure_speed(llm, prompt_ids, repeats=1 if quick else 3, requests=requests)
     finally:
         llm.close()
     size = Path(path).stat().st_size
-    tg = speed["tg128_tokens_per_s"]["median"]
+    tg = speed["tg_tokens_per_s"]["median"]
     return {
         "file": str(path),
         "size_bytes": size,
+        "context_length": context,
         **speed,
         "quick": quick,
-        "peak_rss_mb": peak_memory(path, (512,) if quick else (512, 1024, 2048)),
+        "peak_rss_mb": peak_memory(path, memory_contexts(context, quick)),
         "bandwidth_bound_fraction": bandwidth_bound_fraction(size, tg, bandwidth, cache_bytes),
         "cost_per_million_tokens": cost_per_million_tokens(price_per_hour, tg),
         "assumptions": {
@@ -292,7 +317,7 @@ def benchmark_file(
 
 
 def parity(path: Path, tokenizer, texts: list[str], eval_ids: list[int], window: int, hf_ppl: float) -> dict:
-    llm = load(path, n_ctx=max(window + 8, 512), logits_all=True)
+    llm = load(path, logits_all=True)  # windows are at most the trained context the file declares
     try:
         mismatches = tokenization_mismatches(llm, tokenizer, texts)
         ppl = gguf_perplexity(llm, eval_ids, window)
@@ -322,9 +347,12 @@ def _bandwidth_cell(r: dict) -> str:
 def markdown_table(results: dict) -> str:
     """The results of `benchmark_file` (kind -> result) as a Markdown table, with the assumptions
     behind the latency, bandwidth and cost columns under it."""
+    first = next(iter(results.values()), None)
+    pp, tg = (first["pp_tokens"], first["tg_tokens"]) if first else (512, 128)
+    contexts = "/".join(first["peak_rss_mb"]["model"]) if first else "512/1024/2048"
     head = (
-        "| file | size MB | pp512 tok/s | tg128 tok/s | TTFT ms | P50/P95/P99 ms "
-        "| model RSS MB (512/1024/2048) | ppl (HF) | BW bound | $/M tok |"
+        f"| file | size MB | pp{pp} tok/s | tg{tg} tok/s | TTFT ms | P50/P95/P99 ms "
+        f"| model RSS MB ({contexts}) | ppl (HF) | BW bound | $/M tok |"
     )
     lines = [head, "|---|---:|---:|---:|---:|---|---|---|---:|---:|"]
     for kind, r in results.items():
@@ -332,8 +360,8 @@ def markdown_table(results: dict) -> str:
         p = r.get("parity", {})
         ppl = f"{p['perplexity']:.2f} ({p['hf_perplexity']:.2f})" if p else "-"
         lines.append(
-            f"| {kind} | {r['size_bytes'] / 2**20:.1f} | {r['pp512_tokens_per_s']['median']:.0f} | "
-            f"{r['tg128_tokens_per_s']['median']:.0f} | {r['time_to_first_token_s'] * 1000:.1f} | "
+            f"| {kind} | {r['size_bytes'] / 2**20:.1f} | {r['pp_tokens_per_s']['median']:.0f} | "
+            f"{r['tg_tokens_per_s']['median']:.0f} | {r['time_to_first_token_s'] * 1000:.1f} | "
             f"{_latency_cell(r)} | {rss} | {ppl} | {_bandwidth_cell(r)} | {r['cost_per_million_tokens']:.3f} |"
         )
     if not results:
@@ -344,13 +372,17 @@ def markdown_table(results: dict) -> str:
     quick = (
         "; quick mode: too few requests for P95/P99 to mean much" if any(r["quick"] for r in results.values()) else ""
     )
+    trained = "" if (pp, tg) == (512, 128) else (
+        f"pp{pp}/tg{tg} in place of llama-bench's pp512/tg128: the model was trained on "
+        f"{first['context_length']} positions and is measured within them. "
+    )  # fmt: skip
     lines += [
         "",
-        f"tg128 and latency decode greedily on {a['threads']} threads. Latency: per request, a {PROMPT_TOKENS}-token "
-        f"prompt, then {ANSWER_TOKENS} generated tokens{quick}.",
-        f"BW bound: tg128 x file size / {a['bandwidth_gb_s']:.1f} GB/s (a copy on {a['threads']} threads); "
+        f"{trained}tg{tg} and latency decode greedily on {a['threads']} threads. Latency: per request, a "
+        f"{PROMPT_TOKENS}-token prompt, then {ANSWER_TOKENS} generated tokens{quick}.",
+        f"BW bound: tg{tg} x file size / {a['bandwidth_gb_s']:.1f} GB/s (a copy on {a['threads']} threads); "
         f"not given for a file that fits {cache_words}: its weights need not come from memory.",
-        f"$/M tok: one batch-1 stream at the tg128 rate, busy all hour, on a machine at "
+        f"$/M tok: one batch-1 stream at the tg{tg} rate, busy all hour, on a machine at "
         f"${a['price_per_hour']:.2f}/hour "
         "(gguf.price_per_hour, or bench --price-per-hour); prompt processing not counted.",
     ]
@@ -372,7 +404,8 @@ def benchmark_all(files: dict, checkpoint: Path, validation_texts: list[str], se
     ids = ids[: settings.eval_tokens]
     if len(ids) < 2:
         raise KilnError("no validation text to measure perplexity on")
-    hf_ppl = hf_perplexity(checkpoint, ids, settings.window)
+    window = within_context(settings.window, checkpoint, "gguf.window")
+    hf_ppl = hf_perplexity(checkpoint, ids, window)
     bandwidth, cache = memory_bandwidth(THREADS), last_level_cache_bytes()
     texts = validation_texts[:50] + ROUND_TRIP_SAMPLES
     results = {}
@@ -381,7 +414,7 @@ def benchmark_all(files: dict, checkpoint: Path, validation_texts: list[str], se
             path, ids[:512], bandwidth, settings.price_per_hour, quick=settings.quick,
             requests=settings.latency_requests, cache_bytes=cache,
         )  # fmt: skip
-        r["parity"] = parity(path, tok, texts, ids, settings.window, hf_ppl)
+        r["parity"] = parity(path, tok, texts, ids, window, hf_ppl)
         r["parity"]["passed"] = parity_passed(kind, r["parity"])
         results[kind] = r
     return {"machine_bandwidth_gb_s": bandwidth / 1e9, "threads": THREADS, "last_level_cache_bytes": cache,

@@ -37,7 +37,11 @@ def _key_metrics(base: dict, bench: dict) -> dict:
         "base_val_bpb": base.get("val_bpb"),
         "unigram_bpb": base.get("unigram_bpb"),
         "parameters": base.get("parameters"),
-        **{f"{k}_tg128_tokens_per_s": v["tg128_tokens_per_s"]["median"] for k, v in bench.get("files", {}).items()},
+        "context_length": base.get("context_length"),
+        **{
+            f"{k}_tg{v['tg_tokens']}_tokens_per_s": v["tg_tokens_per_s"]["median"]
+            for k, v in bench.get("files", {}).items()
+        },
         **{f"{k}_ppl_rel_diff": v["parity"]["perplexity_rel_diff"] for k, v in bench.get("files", {}).items()},
     }
 

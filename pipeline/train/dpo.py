@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import DPOSettings
+from pipeline.io import within_context
 from pipeline.train.lora import (
     TuneResult,
     history_callback,
@@ -53,7 +54,8 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
     trainable, total = trainable_parameters(model)
     history: list[dict] = []
     args = training_arguments(
-        DPOConfig, out_dir, s.steps, s.batch, s.grad_accum, s.lr, s.seed, beta=s.beta, max_length=s.max_length,
+        DPOConfig, out_dir, s.steps, s.batch, s.grad_accum, s.lr, s.seed, beta=s.beta,
+        max_length=within_context(s.max_length, sft_checkpoint, "dpo.max_length"),
     )  # fmt: skip
     trainer = DPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=train, eval_dataset=held,

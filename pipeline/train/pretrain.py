@@ -105,8 +105,13 @@ class PackedTokens:
 # ---------------------------------------------------------------- model
 
 
-def llama_config(shape: ModelShape, vocab_size: int, bos: int, eos: int, pad: int):
+def llama_config(shape: ModelShape, vocab_size: int, bos: int, eos: int, pad: int, context: int):
+    """The HF config of `shape`, declaring `context` positions: the length it trains at, so that
+    every reader of max_position_embeddings (evaluation, GGUF export, serving) stays within it."""
     from transformers import LlamaConfig
+
+    if shape.max_position not in (None, context):
+        raise KilnError(f"model.max_position {shape.max_position} is not the trained context {context}")
 
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -115,7 +120,7 @@ def llama_config(shape: ModelShape, vocab_size: int, bos: int, eos: int, pad: in
         num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads,
         num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=shape.max_position,
+        max_position_embeddings=context,
         rope_theta=shape.rope_theta,
         rms_norm_eps=shape.norm_eps,
         tie_word_embeddings=shape.tie_embeddings,
@@ -133,7 +138,8 @@ def count_parameters(shape: ModelShape, vocab_size: int = 32_000) -> int:
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(shape, vocab_size, 0, 1, 2))
+        # the context sizes no weight (RoPE has none), so any will do
+        model = LlamaForCausalLM(llama_config(shape, vocab_size, 0, 1, 2, context=shape.max_position or 1))
     return sum(p.numel() for p in model.parameters())  # tied weights are one Parameter, counted once
 
 
@@ -453,7 +459,9 @@ def pretrain(
     train, val = PackedTokens(train_tokens, s.seq_len, s.seed), PackedTokens(val_tokens, s.seq_len, s.seed)
     vocab = len(tokenizer)
     _check_data(train, val, s, dist.world, vocab)
-    config = llama_config(shape, vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = llama_config(
+        shape, vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, context=s.seq_len
+    )
     random.seed(s.seed)
     np.random.seed(s.seed)
     t = build_training(config, shape, s, dist)
@@ -475,7 +483,7 @@ def pretrain(
         with atomic_path(out_dir / "model") as tmp:
             t.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        write_json(out_dir / "metrics.json", {"history": log.history, "evals": log.evals})
+        write_json(out_dir / "metrics.json", {"history": log.history, "evals": log.evals, "context_length": s.seq_len})
     dist.barrier()
     dist.stop()
     return PretrainResult(
@@ -556,6 +564,7 @@ def build_base_model(
                 "mfu": result.mfu,
                 "loss": result.loss,
                 "devices": max(s.devices, 1),
+                "context_length": s.seq_len,
                 "resumed_from": result.resumed_from,
             },
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import SFTSettings
-from pipeline.io import read_jsonl
+from pipeline.io import read_jsonl, within_context
 from pipeline.train.lora import (
     TuneResult,
     history_callback,
@@ -48,7 +48,8 @@ def completion_loss(model, tokenizer, rows: list[dict]) -> float:
         prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
         full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]], device=device)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][: model.config.max_position_embeddings]
+        ids = torch.tensor([ids], device=device)  # cut at the trained context, as the trainer cuts a row
         logits = model(input_ids=ids).logits[0, :-1].float()
         targets = ids[0, 1:]
         losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")[len(p_ids) - 1 :]
@@ -69,7 +70,8 @@ def make_sft_trainer(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SF
     model = get_peft_model(base, lora_config(s.lora_r, s.lora_alpha, s.lora_dropout))
     args = training_arguments(
         SFTConfig, out_dir, s.steps, s.batch, s.grad_accum, s.lr, s.seed,
-        max_length=s.max_length, completion_only_loss=True, packing=False,
+        max_length=within_context(s.max_length, base_checkpoint, "sft.max_length"),
+        completion_only_loss=True, packing=False,
     )  # fmt: skip
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[history_callback(history)]
