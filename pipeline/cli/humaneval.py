@@ -61,7 +61,9 @@ class Generate(Command):
         parser.add_argument("--samples", type=int, default=1, help="completions per problem (default 1: greedy)")
         parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
         parser.add_argument(
-            "--max-new-tokens", type=int, default=256, help="tokens per completion at most (default 256)"
+            "--max-new-tokens", type=int, default=64,
+            help="tokens per completion at most (default 64); they must fit in the model's trained context, "
+            "beside a prompt that keeps its end when it is longer",
         )
         parser.add_argument("--seed", type=int, default=0)
 
@@ -79,7 +81,9 @@ class Generate(Command):
         out = Path(args.output or f"{model.stem if model.suffix == '.gguf' else model.name}_samples.jsonl")
         rows = generate(model, task_ids(args.problems), args.samples, args.temperature, args.max_new_tokens, args.seed)
         write_jsonl(out, rows)
-        print(f"{len(rows)} completions -> {out}; score them with: kiln humaneval score {out}", file=sys.stderr)
+        cut = len({r["task_id"] for r in rows if r["prompt_tokens_cut"]})
+        print(f"{len(rows)} completions -> {out} ({cut} prompts cut to fit the trained context); "
+              f"score them with: kiln humaneval score {out}", file=sys.stderr)  # fmt: skip
         return 0
 
 

@@ -56,6 +56,19 @@ def check_gguf(path: Path) -> None:
         raise KilnError(f"{path}: not a GGUF file (starts with {head!r}, not {GGUF_MAGIC!r})")
 
 
+def declared_context(path: Path) -> int:
+    """The context a GGUF declares (`<arch>.context_length`): for kiln's model, the trained one."""
+    from gguf import GGUFReader
+
+    check_gguf(path)
+    reader = GGUFReader(str(path))
+    arch = reader.get_field("general.architecture")
+    field = arch and reader.get_field(f"{arch.contents()}.context_length")
+    if field is None:
+        raise KilnError(f"{path}: the GGUF declares no context_length")
+    return int(field.contents())
+
+
 def load(path: Path, n_ctx: int = 0, logits_all: bool = False):
     """The GGUF under llama.cpp with `n_ctx` positions; 0: the context the file declares (its
     `context_length`, the trained one), never more."""

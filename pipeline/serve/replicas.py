@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from pipeline.layout import cache_dir
+from pipeline.release.gguf_bench import declared_context
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.source import ModelSource
 
@@ -147,6 +148,7 @@ class Pool:
         slots, replicas = settings.kiln_slots, settings.kiln_replicas
         threads = settings.kiln_threads or max(1, (os.cpu_count() or 2) // replicas)
         context = max(p.context_size for p in source.presets.values()) if source.presets else 2048
+        context = min(context, declared_context(source.gguf))  # a slot never runs past the trained context
         self.source, self.metrics, self.role = source, metrics, role
         self.replicas = [
             Replica(binary, source, slots, context, threads, settings.kiln_warmup_requests, settings.kiln_context_shift)
