@@ -43,7 +43,7 @@ def small_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(small_corpus, tmp_path_factory) -> Path:
-    """A test-sized pretrained checkpoint (one layer, 600-token vocabulary) with its tokenizer."""
+    """A test-sized pretrained checkpoint (one layer, 600-token vocabulary, a 256-token context) with its tokenizer."""
     from pipeline.config import ModelShape, PretrainSettings
     from pipeline.data.clean import read_split
     from pipeline.train.pretrain import pretrain, tokenize_to_file
@@ -53,10 +53,9 @@ def tiny_base(small_corpus, tmp_path_factory) -> Path:
     tok = train_tokenizer(texts_of(read_split(small_corpus, "train")), root / "tok", vocab_size=600, min_frequency=1)
     for split in ("train", "validation"):
         tokenize_to_file(texts_of(read_split(small_corpus, split)), tok, root / f"{split}.bin")
-    shape = ModelShape(
-        hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2, max_position=512
-    )
-    settings = PretrainSettings(seq_len=64, micro_batch=4, steps=20, warmup_steps=2, eval_every=20, eval_batches=1)
+    shape = ModelShape(hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2)
+    # trained at 256 positions, the context it declares: room for SFT/DPO rows and HumanEval prompts
+    settings = PretrainSettings(seq_len=256, micro_batch=1, steps=20, warmup_steps=2, eval_every=20, eval_batches=1)
     pretrain(
         root / "train.bin", root / "validation.bin", tok, token_byte_lengths(tok), root, shape, settings, progress=False
     )

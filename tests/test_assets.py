@@ -94,11 +94,11 @@ E2E_PROFILE = {
     "base": "tiny",
     "clean": {"validation_share": 0.15, "short_doc_keep": 1.0},
     "tokenizer": {"vocab_size": 400, "min_frequency": 1},
-    "model": {"hidden_size": 256, "intermediate_size": 256, "num_layers": 1, "max_position": 512},
+    "model": {"hidden_size": 256, "intermediate_size": 256, "num_layers": 1},
     "pretrain": {"seq_len": 64, "micro_batch": 4, "steps": 30, "warmup_steps": 2, "eval_every": 30},
-    "sft": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
-    "dpo": {"steps": 2, "batch": 2, "lora_r": 4, "max_length": 256},
-    "gguf": {"eval_tokens": 512, "window": 128, "quick": True},
+    "sft": {"steps": 2, "batch": 2, "lora_r": 4},  # max_length: the trained context, 64
+    "dpo": {"steps": 2, "batch": 2, "lora_r": 4},
+    "gguf": {"eval_tokens": 512, "quick": True},  # perplexity windows of the trained context
     "eval": {
         "bpb_max_bytes": 20_000, "lm_eval_limit": 8, "lm_eval_tasks": [], "batch_size": 4,
         "humaneval_problems": 2, "max_new_tokens": 16,

@@ -67,8 +67,9 @@ def test_tokenizer_then_pretrain_alone(small_corpus, tmp_path, capsys):
     profile.write_text(
         "base: tiny\n"
         "tokenizer: {vocab_size: 600, min_frequency: 1}\n"
-        "model: {hidden_size: 256, intermediate_size: 256, num_layers: 1, max_position: 64}\n"
+        "model: {hidden_size: 256, intermediate_size: 256, num_layers: 1}\n"
         "pretrain: {seq_len: 32, micro_batch: 4, steps: 4, warmup_steps: 1, eval_every: 4, eval_batches: 1}\n"
+        "eval: {max_new_tokens: 16}\n"
     )
     assert (
         main(

@@ -21,7 +21,7 @@ from pipeline.train.pretrain import (
 )
 from pipeline.train.tokenizer import texts_of, token_byte_lengths, train_tokenizer
 
-SHAPE = ModelShape(hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2, max_position=64)
+SHAPE = ModelShape(hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2)
 SETTINGS = PretrainSettings(
     seq_len=32, micro_batch=4, grad_accum=2, steps=6, lr=3e-3, warmup_steps=2, eval_every=3, eval_batches=2,
     checkpoint_every=2,

@@ -19,7 +19,7 @@ from pipeline.train.pretrain import build_base_model, count_parameters, pretrain
 from pipeline.train.throughput import flops_per_token, mfu, peak_flops, steady_tokens_per_s
 from pipeline.train.tokenizer import load_tokenizer, texts_of, token_byte_lengths, train_tokenizer
 
-SHAPE = ModelShape(hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2, max_position=64)
+SHAPE = ModelShape(hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2)
 DDP_SETTINGS = PretrainSettings(
     seq_len=32, micro_batch=2, grad_accum=2, steps=3, lr=3e-3, warmup_steps=1, eval_every=3, eval_batches=1,
     checkpoint_every=3,
@@ -124,10 +124,10 @@ def test_devices_2_starts_torchrun_and_reads_back_the_result(small_corpus, token
     profile_file = tmp_path / "two.yaml"
     profile_file.write_text(
         "base: tiny\n"
-        "model: {hidden_size: 256, intermediate_size: 256, num_layers: 1, num_heads: 4, num_kv_heads: 2, "
-        "max_position: 64}\n"
+        "model: {hidden_size: 256, intermediate_size: 256, num_layers: 1, num_heads: 4, num_kv_heads: 2}\n"
         "pretrain: {seq_len: 32, micro_batch: 2, grad_accum: 1, steps: 2, warmup_steps: 1, eval_every: 2, "
         "eval_batches: 1, checkpoint_every: 2, devices: 2}\n"
+        "eval: {max_new_tokens: 16}\n"
     )
     profile = load_profile(profile_file)
     result, baseline = build_base_model(

@@ -1,0 +1,188 @@
+"""One context: the model declares the length it trained at, and nothing downstream (lm-eval,
+HumanEval, bits per byte, the GGUF and its benchmark, serving, SFT/DPO) feeds it more positions.
+
+`tiny_base` (conftest) trains at 256 tokens."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from pipeline.cli import main
+from pipeline.config import ProfileError, load_profile
+from pipeline.errors import KilnError
+from pipeline.eval.evaluation import bits_per_byte, lm_eval_scores, task_manager
+from pipeline.eval.humaneval import _prompt_ids, generate, problems, task_ids
+from pipeline.eval.lm_tasks import write_kiln_tasks
+from pipeline.io import model_context, read_json, within_context
+from pipeline.release.gguf_bench import declared_context, load, measure_speed, memory_contexts, speed_lengths
+
+TRAINED = 256  # conftest's tiny_base: PretrainSettings(seq_len=256)
+
+
+@pytest.fixture
+def fed_lengths(monkeypatch) -> list[int]:
+    """The sequence length of every forward pass of any Llama model loaded after this point."""
+    lengths: list[int] = []
+    forward = LlamaForCausalLM.forward
+
+    def spy(self, input_ids=None, *args, **kwargs):
+        lengths.append(input_ids.shape[-1])
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", spy)
+    return lengths
+
+
+def test_the_model_declares_the_context_it_trained_at(tiny_base):
+    assert read_json(tiny_base / "config.json")["max_position_embeddings"] == TRAINED
+    assert read_json(tiny_base.parent / "metrics.json")["context_length"] == TRAINED
+    assert model_context(tiny_base) == TRAINED
+
+
+def test_the_gguf_declares_the_trained_context(ggufs):
+    for path in ggufs.values():
+        assert declared_context(path) == TRAINED
+    llm = load(ggufs["Q4_K_M"])  # llama.cpp's context by default: the declared one
+    try:
+        assert llm.n_ctx() == TRAINED
+    finally:
+        llm.close()
+
+
+def _long_functions(n: int = 8) -> list[dict]:
+    """Held-out code whose bodies run past the trained context: lm-eval requests longer than it."""
+    rows = []
+    for i in range(n):
+        lines = (f"    value_{j} = value_{j - 1} * {i + j} + {j * 7} - len(str(value_{j - 1}))" for j in range(1, 60))
+        body = "\n".join(lines)
+        text = f'def long_{i}(value_0):\n    """Fold step {i} of a long computation."""\n{body}\n    return value_59\n'
+        rows.append({"id": f"long{i}", "text": text, "lang": "python", "split": "validation"})
+    return rows
+
+
+def test_lm_eval_never_feeds_more_positions_than_trained(tiny_base, tmp_path, fed_lengths):
+    written, _ = write_kiln_tasks(_long_functions(), tmp_path / "tasks", limit=None)
+    assert "kiln_body_choice" in written
+    scores = lm_eval_scores(tiny_base, task_manager(tmp_path / "tasks", []), ["kiln_body_choice"], None, 4)
+    assert scores["kiln_body_choice"]["n"] == written["kiln_body_choice"]
+    assert fed_lengths and max(fed_lengths) == TRAINED  # longer requests were left-truncated to it
+
+
+def test_bits_per_byte_windows_stay_within_the_trained_context(tiny_base, fed_lengths):
+    texts = [r["text"] for r in _long_functions(2)]
+    asked_longer = bits_per_byte(tiny_base, texts, batch_size=2, window=4 * TRAINED)
+    assert max(fed_lengths) == TRAINED
+    assert asked_longer == bits_per_byte(tiny_base, texts, batch_size=2, window=TRAINED)
+
+
+def test_humaneval_prompt_and_completion_fit_the_trained_context(tiny_base, ggufs, monkeypatch):
+    import llama_cpp
+
+    new_tokens, ids = 200, task_ids(3)
+    room = TRAINED - new_tokens
+    asked = []
+    hf_generate = LlamaForCausalLM.generate
+
+    def spy_generate(self, input_ids=None, **kwargs):
+        asked.append(input_ids.shape[-1] + kwargs["max_new_tokens"])
+        return hf_generate(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", spy_generate)
+    rows = generate(tiny_base, ids, max_new_tokens=new_tokens, progress=False)
+    assert asked and max(asked) <= TRAINED
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    for row in rows:  # every prompt is longer than the room left: each says how much was cut
+        whole = len(_prompt_ids(tok, problems()[row["task_id"]]["prompt"]))
+        assert row["prompt_tokens_cut"] == whole - room > 0
+
+    fed = []
+    completion = llama_cpp.Llama.create_completion
+
+    def spy_completion(self, prompt, max_tokens=16, **kwargs):
+        fed.append(len(prompt) + max_tokens)
+        return completion(self, prompt, max_tokens=max_tokens, **kwargs)
+
+    monkeypatch.setattr(llama_cpp.Llama, "create_completion", spy_completion)
+    from_gguf = generate(ggufs["Q4_K_M"], ids, max_new_tokens=new_tokens, progress=False)
+    assert fed and max(fed) == TRAINED
+    assert all(r["prompt_tokens_cut"] > 0 for r in from_gguf)
+
+
+def test_humaneval_refuses_a_completion_as_long_as_the_context(tiny_base):
+    with pytest.raises(KilnError, match=f"max_new_tokens {TRAINED} leaves no room .* {TRAINED}-token context"):
+        generate(tiny_base, task_ids(1), max_new_tokens=TRAINED, progress=False)
+
+
+def test_post_training_lengths_follow_or_are_refused_by_the_context(tiny_base):
+    assert within_context(None, tiny_base, "sft.max_length") == TRAINED
+    assert within_context(64, tiny_base, "sft.max_length") == 64
+    with pytest.raises(KilnError, match=f"dpo.max_length 512 exceeds the {TRAINED}-token context"):
+        within_context(512, tiny_base, "dpo.max_length")
+
+
+def test_the_benchmark_measures_within_the_trained_context(ggufs):
+    assert speed_lengths(4096) == (512, 128)  # llama-bench's own pp512/tg128 where they fit
+    assert speed_lengths(128) == (128, 111)
+    assert memory_contexts(4096, quick=False) == [512, 1024, 2048]
+    assert memory_contexts(TRAINED, quick=False) == [TRAINED]
+    llm = load(ggufs["Q4_K_M"])
+    try:
+        speed = measure_speed(llm, list(range(5, 40)), repeats=1, requests=2)
+    finally:
+        llm.close()
+    assert (speed["pp_tokens"], speed["tg_tokens"]) == (TRAINED, 128)
+
+
+def test_serving_slots_are_capped_at_the_trained_context(ggufs):
+    from pipeline.serve.metrics import Metrics
+    from pipeline.serve.presets import load_presets
+    from pipeline.serve.replicas import Pool
+    from pipeline.serve.settings import load_settings
+    from pipeline.serve.source import ModelSource
+
+    presets = load_presets()
+    assert max(p.context_size for p in presets.values()) > TRAINED
+    source = ModelSource("test", "local", ggufs["Q4_K_M"], "0" * 64, presets)
+    pool = Pool(Path("llama-server"), source, load_settings(), Metrics())
+    assert {r.context_size for r in pool.replicas} == {TRAINED}
+
+
+def test_shipped_profiles_declare_what_they_train():
+    for name in ("tiny", "small", "300m"):
+        p = load_profile(name)
+        assert p.model.max_position is None and p.context == p.pretrain.seq_len
+        assert p.eval.max_new_tokens < p.context
+        assert all(n is None or n <= p.context for n in (p.sft.max_length, p.dpo.max_length, p.gguf.window))
+    assert load_profile("tiny").context == 128  # declared as trained: training at 1024 would slow the run
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("sft: {max_length: 512}", "sft.max_length 512 exceeds the trained context pretrain.seq_len 128"),
+        ("gguf: {window: 256}", "gguf.window 256 exceeds the trained context pretrain.seq_len 128"),
+        ("eval: {max_new_tokens: 128}", "eval.max_new_tokens 128 leaves no room for a prompt"),
+        ("model: {max_position: 1024}", "model.max_position 1024 is not the trained context pretrain.seq_len 128"),
+    ],
+)
+def test_a_length_past_the_trained_context_is_one_line_naming_file_and_key(tmp_path, capsys, setting, message):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"base: tiny\n{setting}\n")
+    with pytest.raises(ProfileError, match=f"^{mine}: {message}"):
+        load_profile(mine)
+    assert main(["profiles", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln: error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_copied_checkpoint_without_a_context_is_refused(tiny_base, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_base, broken)
+    config = read_json(broken / "config.json")
+    del config["max_position_embeddings"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KilnError, match="max_position_embeddings is missing"):
+        model_context(broken)
