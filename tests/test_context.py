@@ -64,10 +64,10 @@ def _long_functions(n: int = 8) -> list[dict]:
 
 
 def test_lm_eval_never_feeds_more_positions_than_trained(tiny_base, tmp_path, fed_lengths):
-    written, _ = write_kiln_tasks(_long_functions(), tmp_path / "tasks", limit=None)
-    assert "kiln_body_choice" in written
-    scores = lm_eval_scores(tiny_base, task_manager(tmp_path / "tasks", []), ["kiln_body_choice"], None, 4)
-    assert scores["kiln_body_choice"]["n"] == written["kiln_body_choice"]
+    written, _ = write_kiln_tasks(_long_functions(2), tmp_path / "tasks", limit=6)
+    assert written["kiln_next_line"] == 6  # 12 lines of context: several hundred tokens each
+    scores = lm_eval_scores(tiny_base, task_manager(tmp_path / "tasks", []), ["kiln_next_line"], 6, 4)
+    assert scores["kiln_next_line"]["n"] == 6
     assert fed_lengths and max(fed_lengths) == TRAINED  # longer requests were left-truncated to it
 
 
