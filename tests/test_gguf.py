@@ -169,12 +169,15 @@ def test_benchmark_table_states_its_assumptions(ggufs):
     args = (ggufs["Q4_K_M"], list(range(20, 120)), 10e9, 3.60)
     small_cache = benchmark_file(*args, quick=True, cache_bytes=size // 2)
     assert small_cache["latency_s"]["requests"] == 20 and small_cache["quick"]
-    tg = small_cache["tg128_tokens_per_s"]["median"]
+    tg = small_cache["tg_tokens_per_s"]["median"]
     assert small_cache["bandwidth_bound_fraction"] == pytest.approx(size * tg / 10e9)
     assert small_cache["cost_per_million_tokens"] == pytest.approx(1e6 / (tg * 1000))
     table = markdown_table({"Q4_K_M": small_cache})
     assert "(quick: 20 requests)" in table and "quick mode: too few requests" in table
     assert "one batch-1 stream" in table and "$3.60/hour" in table and f"on {THREADS} threads" in table
+    # the 256-token model is measured within its context, and the table says so
+    assert "| pp256 tok/s | tg128 tok/s |" in table and "model RSS MB (256)" in table
+    assert "pp256/tg128 in place of llama-bench's pp512/tg128: the model was trained on 256 positions" in table
     resident = dict(small_cache, bandwidth_bound_fraction=None, assumptions={**small_cache["assumptions"],
                     "last_level_cache_bytes": 2 * size})  # fmt: skip
     assert "| cache-resident |" in markdown_table({"Q4_K_M": resident})
