@@ -255,8 +255,8 @@ class SFTSettings:
     def __post_init__(self) -> None:
         if not 0 < self.eval_share < 0.5:
             raise ProfileError(f"eval_share must be in (0, 0.5), not {self.eval_share}")
-        if min(self.lora_r, self.steps, self.batch, self.grad_accum, self.max_pairs) < 1:
-            raise ProfileError("lora_r, steps, batch, grad_accum and max_pairs must be at least 1")
+        if min(self.lora_r, self.steps, self.batch, self.grad_accum, self.max_pairs, self.max_length or 1) < 1:
+            raise ProfileError("lora_r, steps, batch, grad_accum, max_pairs and max_length must be at least 1")
 
 
 @dataclass

@@ -61,22 +61,26 @@ def declared_context(path: Path) -> int:
     from gguf import GGUFReader
 
     check_gguf(path)
-    reader = GGUFReader(str(path))
-    arch = reader.get_field("general.architecture")
-    field = arch and reader.get_field(f"{arch.contents()}.context_length")
+    try:
+        reader = GGUFReader(str(path))
+        arch = reader.get_field("general.architecture")
+        field = arch and reader.get_field(f"{arch.contents()}.context_length")
+    except (ValueError, IndexError, KeyError) as exc:  # the reader's words for a cut-off or damaged header
+        raise KilnError(f"{path}: cannot read its metadata ({exc}); the file may be truncated or corrupt") from None
     if field is None:
         raise KilnError(f"{path}: the GGUF declares no context_length")
     return int(field.contents())
 
 
-def load(path: Path, n_ctx: int = 0, logits_all: bool = False):
-    """The GGUF under llama.cpp with `n_ctx` positions; 0: the context the file declares (its
-    `context_length`, the trained one), never more."""
+def load(path: Path, n_ctx: int | None = None, logits_all: bool = False):
+    """The GGUF under llama.cpp with `n_ctx` positions, never more than the file declares (its
+    `context_length`, the trained one); None: the declared context."""
     import llama_cpp
 
     from pipeline.release.gguf_export import quiet_native
 
-    check_gguf(path)
+    declared = declared_context(path)
+    n_ctx = declared if n_ctx is None else min(n_ctx, declared)
     try:
         with quiet_native():
             return llama_cpp.Llama(
@@ -301,9 +305,9 @@ def benchmark_file(
     """Speed and memory of one GGUF file (no HF model needed). `bandwidth` was measured on THREADS
     threads; `cache_bytes` is the last-level cache (None: unknown, no bandwidth fraction)."""
     requests = min(requests, QUICK_REQUESTS) if quick else requests
-    llm = load(path)
+    context = declared_context(path)
+    llm = load(path, n_ctx=512)  # pp512 at most; a model declaring less runs within it
     try:
-        context = llm.n_ctx()
         speed = measure_speed(llm, prompt_ids, repeats=1 if quick else 3, requests=requests)
     finally:
         llm.close()
@@ -330,7 +334,7 @@ def benchmark_file(
 
 
 def parity(path: Path, tokenizer, texts: list[str], eval_ids: list[int], window: int, hf_ppl: float) -> dict:
-    llm = load(path, logits_all=True)  # windows are at most the trained context the file declares
+    llm = load(path, n_ctx=window, logits_all=True)  # windows are at most the trained context
     try:
         mismatches = tokenization_mismatches(llm, tokenizer, texts)
         ppl = gguf_perplexity(llm, eval_ids, window)
