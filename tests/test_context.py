@@ -157,6 +157,12 @@ def test_shipped_profiles_declare_what_they_train():
         assert p.eval.max_new_tokens < p.context
         assert all(n is None or n <= p.context for n in (p.sft.max_length, p.dpo.max_length, p.gguf.window))
     assert load_profile("tiny").context == 128  # declared as trained: training at 1024 would slow the run
+    assert load_profile("300m").context == 2048  # trained at the context it declared before
+
+
+def test_profiles_command_states_the_context(capsys):
+    assert main(["profiles", "tiny"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("steps of 8x128 tokens; context 128")
 
 
 @pytest.mark.parametrize(

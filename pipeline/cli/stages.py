@@ -87,7 +87,7 @@ class Profiles(Command):
                 f"{profile.name:>6}: {n:>12,} parameters  (hidden {m.hidden_size}, mlp {m.intermediate_size}, "
                 f"{m.num_layers} layers, {m.num_heads}/{m.num_kv_heads} heads, "
                 f"vocab {profile.tokenizer.vocab_size}); "
-                f"{t.steps} steps of {t.micro_batch * t.grad_accum}x{t.seq_len} tokens"
+                f"{t.steps} steps of {t.micro_batch * t.grad_accum}x{t.seq_len} tokens; context {profile.context}"
             )
         return 0
 
