@@ -101,7 +101,7 @@ def lm_eval_scores(checkpoint: Path, tm, tasks: list[str], limit: int | None, ba
             "dtype": "float32",
             "device": _device(),
             "max_length": model_context(checkpoint),
-        },  # fmt: skip
+        },
         tasks=tasks,
         task_manager=tm,
         limit=limit,
