@@ -61,7 +61,9 @@ class Generate(Command):
         parser.add_argument("--samples", type=int, default=1, help="completions per problem (default 1: greedy)")
         parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
         parser.add_argument(
-            "--max-new-tokens", type=int, default=64,
+            "--max-new-tokens",
+            type=int,
+            default=64,
             help="tokens per completion at most (default 64); they must fit in the model's trained context, "
             "beside a prompt that keeps its end when it is longer",
         )
