@@ -167,10 +167,10 @@ class _StopAtSequences:
 
 
 def _gguf_completer(path: Path, samples: int, temperature: float, max_new_tokens: int, seed: int):
-    from pipeline.release.gguf_bench import load
+    from pipeline.release.gguf_bench import load, usable_context
 
     llm = load(path, n_ctx=HUMANEVAL_CONTEXT)  # or less: the context the file declares, the trained one
-    room = _room(llm.n_ctx(), max_new_tokens, path)
+    room = _room(usable_context(llm), max_new_tokens, path)
 
     def complete(prompts: list[str]) -> list[tuple[list[str], int]]:
         return [complete_one(p) for p in prompts]

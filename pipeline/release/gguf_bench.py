@@ -91,6 +91,12 @@ def load(path: Path, n_ctx: int | None = None, logits_all: bool = False):
         raise KilnError(f"{path}: llama.cpp cannot load it ({exc}); the file may be truncated or corrupt") from None
 
 
+def usable_context(llm) -> int:
+    """Positions a loaded model may use: llama.cpp pads its context (to a multiple of 256), but
+    llama-cpp-python's buffers and the model's training end at the context it was given."""
+    return min(llm.n_ctx(), llm.context_params.n_ctx)
+
+
 def _nll_windows(logits_fn, ids: list[int], window: int) -> tuple[float, int]:
     """Sum of next-token NLL over consecutive windows of `ids`, and the number of predictions."""
     total, count = 0.0, 0
@@ -184,7 +190,7 @@ def speed_lengths(context: int) -> tuple[int, int]:
 def measure_speed(llm, prompt_ids: list[int], repeats: int = 3, requests: int = LATENCY_REQUESTS) -> dict:
     """pp512, tg128 (shorter within a shorter trained context: `speed_lengths`), time to first
     token and request latency percentiles."""
-    n_pp, n_tg = speed_lengths(llm.n_ctx())
+    n_pp, n_tg = speed_lengths(usable_context(llm))
     pp_ids = (prompt_ids * (n_pp // max(len(prompt_ids), 1) + 1))[:n_pp]
     pp, tg = [], []
     for _ in range(repeats):
