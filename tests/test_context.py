@@ -192,3 +192,35 @@ def test_a_copied_checkpoint_without_a_context_is_refused(tiny_base, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(KilnError, match="max_position_embeddings is missing"):
         model_context(broken)
+
+
+def test_a_context_below_llama_cpps_padding_is_still_the_limit(tiny_base, tmp_path, monkeypatch):
+    """llama.cpp pads a 128-token context to 256 (`n_ctx()` says 256): the benchmark and HumanEval
+    must still stop at the 128 the file declares, where llama-cpp-python's buffers end."""
+    import llama_cpp
+
+    from pipeline.release.gguf_export import convert_to_gguf
+
+    short = tmp_path / "short"
+    shutil.copytree(tiny_base, short)
+    config = read_json(short / "config.json")
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
+    path = convert_to_gguf(short, tmp_path / "short-F16.gguf")
+    assert declared_context(path) == 128
+    llm = load(path, n_ctx=512)
+    try:
+        speed = measure_speed(llm, list(range(5, 40)), repeats=1, requests=2)
+    finally:
+        llm.close()
+    assert (speed["pp_tokens"], speed["tg_tokens"]) == (128, 111)
+
+    fed = []
+    completion = llama_cpp.Llama.create_completion
+
+    def spy_completion(self, prompt, max_tokens=16, **kwargs):
+        fed.append(len(prompt) + max_tokens)
+        return completion(self, prompt, max_tokens=max_tokens, **kwargs)
+
+    monkeypatch.setattr(llama_cpp.Llama, "create_completion", spy_completion)
+    rows = generate(path, task_ids(2), max_new_tokens=100, progress=False)
+    assert max(fed) == 128 and all(r["prompt_tokens_cut"] > 0 for r in rows)
