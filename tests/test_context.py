@@ -64,7 +64,7 @@ def _long_functions(n: int = 8) -> list[dict]:
 
 
 def test_lm_eval_never_feeds_more_positions_than_trained(tiny_base, tmp_path, fed_lengths):
-    written, _ = write_kiln_tasks(_long_functions(2), tmp_path / "tasks", limit=6)
+    written, _, _ = write_kiln_tasks(_long_functions(2), tmp_path / "tasks", limit=6)
     assert written["kiln_next_line"] == 6  # 12 lines of context: several hundred tokens each
     scores = lm_eval_scores(tiny_base, task_manager(tmp_path / "tasks", []), ["kiln_next_line"], 6, 4)
     assert scores["kiln_next_line"]["n"] == 6
@@ -224,3 +224,26 @@ def test_a_context_below_llama_cpps_padding_is_still_the_limit(tiny_base, tmp_pa
     monkeypatch.setattr(llama_cpp.Llama, "create_completion", spy_completion)
     rows = generate(path, task_ids(2), max_new_tokens=100, progress=False)
     assert max(fed) == 128 and all(r["prompt_tokens_cut"] > 0 for r in rows)
+
+
+def test_lm_eval_documents_whose_answer_outgrows_the_context_are_left_out_and_counted(
+    tiny_base, small_corpus, tmp_path
+):
+    """lm-eval refuses (asserts on) an answer longer than the whole context; such documents are
+    left out when the tasks are written, and counted."""
+    from pipeline.data.clean import read_split
+    from pipeline.eval.evaluation import _answer_fits
+
+    short = tmp_path / "short"
+    shutil.copytree(tiny_base, short)
+    config = read_json(short / "config.json")
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 24}))
+    records = list(read_split(small_corpus, "validation"))
+    fits = _answer_fits(short, 24)
+    written, _, left_out = write_kiln_tasks(records, tmp_path / "tasks", limit=None, answer_fits=fits)
+    everything, _, none_out = write_kiln_tasks(records, tmp_path / "all", limit=None)
+    assert left_out["kiln_body_choice"] > 0 and none_out == {"kiln_body_choice": 0, "kiln_next_line": 0}
+    assert written.get("kiln_body_choice", 0) + left_out["kiln_body_choice"] == everything["kiln_body_choice"]
+    tasks = list(written)
+    scores = lm_eval_scores(short, task_manager(tmp_path / "tasks", []), tasks, 4, 4)  # no assertion inside lm-eval
+    assert set(scores) == set(tasks)

@@ -86,7 +86,7 @@ def test_kiln_tasks_are_built_from_held_out_code(validation):
 
 
 def test_lm_eval_runs_kiln_tasks_and_agrees_with_a_direct_score(tiny_base, validation, tmp_path):
-    written, skipped = write_kiln_tasks(validation, tmp_path / "tasks", limit=6)
+    written, skipped, _ = write_kiln_tasks(validation, tmp_path / "tasks", limit=6)
     assert written == {"kiln_body_choice": 6, "kiln_next_line": 6} and skipped == {}
     tm = task_manager(tmp_path / "tasks", [])
     result = lm_eval_scores(tiny_base, tm, list(written), limit=None, batch_size=4)

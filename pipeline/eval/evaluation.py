@@ -69,6 +69,15 @@ def bits_per_byte(checkpoint: Path, texts: list[str], batch_size: int = 8, windo
     return {"bits_per_byte": text_bits_per_byte(nats, n_bytes), "bytes": int(n_bytes)}
 
 
+def _answer_fits(checkpoint: Path, context: int):
+    """Whether a choice fits the trained `context` with room for some of its question: lm-eval
+    left-truncates the question, but refuses an answer longer than the whole context."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoint))
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) < context - 1
+
+
 def task_manager(task_dir: Path, standard: list[str]):
     """lm-eval's task index over kiln's task folder; lm-eval's own (thousands of YAML files,
     seconds to index) only when the profile names standard tasks."""
@@ -206,8 +215,10 @@ def _score_lm_eval(
     """kiln's tasks written from held-out code into `task_dir`, plus the profile's standard tasks
     whose data loads (the others listed as unavailable), run on each model through lm-eval."""
     data = report.data
-    written, skipped = write_kiln_tasks(validation, task_dir, s.lm_eval_limit)
+    fits = _answer_fits(next(iter(models.values())), min(data["context"].values())) if models else None
+    written, skipped, left_out = write_kiln_tasks(validation, task_dir, s.lm_eval_limit, fits)
     data["unavailable"].update(skipped)
+    data["lm_eval_left_out"] = {t: n for t, n in left_out.items() if n}
     tm = task_manager(task_dir, s.lm_eval_tasks)
     standard, unavailable = loadable(tm, s.lm_eval_tasks)
     data["unavailable"].update(unavailable)
@@ -289,10 +300,14 @@ def _context_notes(report: dict) -> list[str]:
     cut = report.get("humaneval_prompts_cut", {})
     n = report.get("humaneval_problems")
     words = ", ".join(f"{m} {c} of {n}" for m, c in cut.items())
+    left_out = "".join(
+        f"; {task}: {k} documents left out, an answer alone longer than the context"
+        for task, k in report.get("lm_eval_left_out", {}).items()
+    )
     return [
         f"every model is scored within its trained context of {'/'.join(map(str, contexts))} tokens: lm-eval "
         "left-truncates longer requests; HumanEval keeps the end of a prompt that leaves no room for "
-        f"max_new_tokens (prompts cut: {words or 'none'})"
+        f"max_new_tokens (prompts cut: {words or 'none'}){left_out}"
     ]
 
 

@@ -12,6 +12,7 @@ no download:
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -102,11 +103,20 @@ def _task_yaml(name: str, data: Path, cache: Path) -> dict:
     }
 
 
-def write_kiln_tasks(records: list[dict], out: Path, limit: int | None) -> tuple[dict[str, int], dict[str, str]]:
-    """Write each task's JSONL and YAML into `out` (replaced whole). Returns (task -> rows written,
-    task -> why it was skipped)."""
+def write_kiln_tasks(
+    records: list[dict], out: Path, limit: int | None, answer_fits: Callable[[str], bool] | None = None
+) -> tuple[dict[str, int], dict[str, str], dict[str, int]]:
+    """Write each task's JSONL and YAML into `out` (replaced whole). A document with a choice that
+    `answer_fits` refuses (longer than the model's trained context: lm-eval cannot score it) is
+    left out before `limit` is applied. Returns (task -> rows written, task -> why it was skipped,
+    task -> documents left out)."""
     out = Path(out)
-    rows = {"kiln_body_choice": body_choice_rows(records, limit), "kiln_next_line": next_line_rows(records, limit)}
+    rows = {"kiln_body_choice": body_choice_rows(records, None), "kiln_next_line": next_line_rows(records, None)}
+    left_out = {}
+    for name, task_rows in rows.items():
+        kept = [r for r in task_rows if answer_fits is None or all(answer_fits(c) for c in r["choices"])]
+        left_out[name] = len(task_rows) - len(kept)
+        rows[name] = kept[:limit]
     written, skipped = {}, {}
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
@@ -118,4 +128,4 @@ def write_kiln_tasks(records: list[dict], out: Path, limit: int | None) -> tuple
             spec = _task_yaml(name, out / f"{name}.jsonl", out / "cache")
             (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
             written[name] = len(task_rows)
-    return written, skipped
+    return written, skipped, left_out
