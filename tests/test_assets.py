@@ -235,7 +235,7 @@ def with_code_version(assets: list[AssetsDefinition], name: str, version: str) -
 # Last in the file: it materializes dpo_model again (a second Dagster run, so a second MLflow run).
 def test_a_new_code_version_makes_only_what_follows_stale(e2e):
     assert stale_assets(e2e.instance, e2e.assets, e2e.resources) == set()
-    changed = with_code_version(e2e.assets, "dpo_model", "2")
+    changed = with_code_version(e2e.assets, "dpo_model", "3")
     assert stale_assets(e2e.instance, changed, e2e.resources) == {"dpo_model"}  # upstream and beside stay fresh
     # materializing the stale asset runs only it; its new data version then makes its direct
     # downstream stale (Dagster marks staleness one step at a time as each asset is re-run)
