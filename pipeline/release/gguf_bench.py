@@ -227,7 +227,7 @@ def status(key):  # kB figures from the kernel's view of this process
 imported = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark: the import's peak is not the model's
 llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_batch=512, verbose=False)
-llm.eval(llm.tokenize(b"def main():\\n    return 0\\n" * 8, add_bos=False))
+llm.eval(llm.tokenize(b"def main():\\n    return 0\\n" * 8, add_bos=False)[: int(sys.argv[2])])  # within the context
 print(json.dumps({"imported_mb": imported, "peak_mb": status("VmHWM")}))
 llm.close()
 """
