@@ -171,7 +171,7 @@ def test_causal_attention_matches_transformers_sdpa():
     from pipeline.train.pretrain import build_model, llama_config
 
     torch.manual_seed(0)
-    model = build_model(llama_config(SHAPE, 300, 0, 1, 2), torch.device("cpu")).eval()
+    model = build_model(llama_config(SHAPE, 300, 0, 1, 2, context=64), torch.device("cpu")).eval()
     x = torch.randint(0, 300, (2, 24))
     assert model.config._attn_implementation == "kiln_causal"
     changed = x.clone()
