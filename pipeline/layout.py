@@ -10,6 +10,7 @@
         gguf_model/{kiln-<profile>-<quant>.gguf,files.json}
         gguf_benchmark/benchmark.json
         eval_report/{report.json,report.md,humaneval/,lm_eval_tasks/}
+        sampling_preset/{presets.json,study.json,study.db}
         registered_model/bundle/
 
 The work folder is `data/work` in the checkout unless `KILN_WORK_DIR` names another.
@@ -169,6 +170,26 @@ class Layout:
     def lm_eval_tasks(self) -> Path:
         """kiln's lm-eval task files, written from held-out code."""
         return self.eval_dir / "lm_eval_tasks"
+
+    @property
+    def tuning_dir(self) -> Path:
+        """sampling_preset's folder: the presets, the study's summary and its default storage."""
+        return self.stage("sampling_preset")
+
+    @property
+    def presets_json(self) -> Path:
+        """The version's presets (the tuned `code` and the hand-written ones), as the gateway reads them."""
+        return self.tuning_dir / "presets.json"
+
+    @property
+    def study_json(self) -> Path:
+        """Every trial of the study, the best one and the parameter importances."""
+        return self.tuning_dir / "study.json"
+
+    @property
+    def study_storage(self) -> str:
+        """The default Optuna storage: sqlite beside the presets (tune.storage names another)."""
+        return f"sqlite:///{self.tuning_dir / 'study.db'}"
 
     @property
     def bundle_dir(self) -> Path:
