@@ -141,5 +141,5 @@ def test_kiln_tune_writes_the_presets_and_says_where_the_study_is(ggufs, small_c
     assert set(presets) == {"code", "greedy", "balanced"} and 4 <= presets["code"]["max_tokens"] <= 8
     assert f"optuna-dashboard sqlite:///{out / 'study.db'}" in printed
     assert json.loads((out / "study.json").read_text())["best"]["values"]["max_tokens"] == presets["code"]["max_tokens"]
-    assert main([*argv, "--storage", "nosuchdb://x"]) == 2
+    assert main([*argv, "--validation", str(small_corpus), "--storage", "nosuchdb://x"]) == 2
     assert capsys.readouterr().err.startswith("kiln: error: tune.storage nosuchdb://x: cannot open")

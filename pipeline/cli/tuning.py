@@ -36,6 +36,7 @@ class Tune(Command):
     def run(self, args: argparse.Namespace) -> int:
         from pipeline.config import load_profile
         from pipeline.data.clean import read_split
+        from pipeline.errors import KilnError
         from pipeline.io import writable_folder
         from pipeline.layout import Layout
         from pipeline.release.tuning import TUNED, TUNED_QUANT, heldout_items, markdown_table, tune, write_outputs
@@ -47,9 +48,10 @@ class Tune(Command):
         s = replace(s, trials=args.trials or s.trials, timeout=args.timeout or s.timeout)
         validation = []
         if s.objective == "kiln_next_line":
-            validation = list(
-                read_split(Path(args.validation) if args.validation else layout.clean_splits, "validation")
-            )
+            folder = Path(args.validation) if args.validation else layout.clean_splits
+            if not folder.is_dir():
+                raise KilnError(f"{folder}: no clean split folder for kiln_next_line (give --validation DIR)")
+            validation = list(read_split(folder, "validation"))
         items = heldout_items(s.objective, s.problems, validation, profile.eval.timeout, profile.eval.unsafe_sandbox)
         storage = args.storage or s.storage or f"sqlite:///{out.resolve() / 'study.db'}"
         summary = tune(Path(args.gguf or layout.gguf(TUNED_QUANT)), items, s, storage)

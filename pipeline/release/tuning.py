@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,22 +160,20 @@ def open_study(storage: str, name: str, settings: TuneSettings, heartbeat_s: int
     seeded with the seed plus the trials already held, so a resumed run draws new values
     instead of the first run's again, and the same history always gives the same next values."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # kiln says per trial what it did
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are stable enough
     try:
         rdb = RDBStorage(
             storage, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
         )  # fmt: skip
         held = len(optuna.load_study(study_name=name, storage=rdb).trials) if _exists(rdb, name) else 0
-    except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
+    except (ImportError, ValueError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
         raise KilnError(f"tune.storage {shown_url(storage)}: cannot open ({str(exc).splitlines()[0][:200]})") from None
-    floor = settings.min_tokens_per_s
-    sampler = optuna.samplers.TPESampler(
-        seed=settings.seed + held, n_startup_trials=max(2, settings.trials // 3),
-        constraints_func=lambda t: [floor - t.user_attrs.get("tokens_per_s", 0.0)],
-    )  # fmt: skip
+    sampler = optuna.samplers.TPESampler(seed=settings.seed + held, n_startup_trials=max(2, settings.trials // 3))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=max(1, settings.problems // 2))
     return optuna.create_study(
         storage=rdb, study_name=name, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
@@ -234,12 +233,14 @@ def _objective(llm, items: list[Item], settings: TuneSettings):
             trial.report(score, i)
             trial.set_user_attr("tokens_per_s", tps)
             if i + 1 >= warmup and tps < floor:
+                trial.set_constraint("tokens_per_s", floor - tps)
                 raise optuna.TrialPruned(f"{tps:.1f} tokens/s is under the floor {floor:g}")
             if trial.should_prune():
                 raise optuna.TrialPruned(f"{score:.3f} after {i + 1} items trails the median")
 
         result = complete_all(llm, items, values, settings.seed + 1000 * trial.number, step)
         trial.set_user_attr("tokens_per_s", result["tokens_per_s"])
+        trial.set_constraint("tokens_per_s", floor - result["tokens_per_s"])  # feasible at <= 0: TPE learns the floor
         return result["objective"]
 
     return objective
@@ -274,7 +275,9 @@ def summarize(study, storage: str, settings: TuneSettings, items: int) -> dict:
     best = max(feasible, key=lambda t: (t["value"], t["tokens_per_s"], -t["number"]))
     searched = list(settings.space.searched())
     try:
-        importances = optuna.importance.get_param_importances(study, params=searched)
+        with warnings.catch_warnings():  # "importances will be equal" when every score is the same: they are
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(study, params=searched)
     except (RuntimeError, ValueError, ZeroDivisionError):  # too few finished trials, or nothing varied
         importances = {}
     code = Preset(**{**Preset().as_dict(), **best["values"]})
