@@ -5,13 +5,15 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image, md_table
 from assets.post_training import dpo_model
-from pipeline.charts import gguf_comparison
+from pipeline.charts import bar_chart, gguf_comparison, optimisation_history
 from pipeline.data.clean import read_split
 from pipeline.io import read_json, write_json
 from pipeline.release.gguf_bench import benchmark_all, markdown_table
 from pipeline.release.gguf_export import export_all
 from pipeline.release.model_card import build_bundle
 from pipeline.release.registry import SHIPPED, model_name, quality_gate, register, version_tags
+from pipeline.release.tuning import TRIAL_CURVES, build_sampling_preset, preset_tags, trial_history
+from pipeline.release.tuning import markdown_table as trials_table
 from resources import KilnSettings, MLflowTracking
 
 
@@ -71,16 +73,44 @@ def gguf_parity(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="release", code_version="2", deps=[gguf_benchmark, "eval_report"])  # by key: assets.evaluation
+@asset(group_name="release", code_version="1", deps=[gguf_model, "eval_report"])  # by key: assets.evaluation
+def sampling_preset(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
+    """Sampler values for the shipped GGUF from an Optuna study (TPE, median pruner, seeded) on the
+    profile's held-out objective with a tokens/s floor; the best trial is the `code` preset, written
+    with `greedy` and `balanced` as presets.json. After eval_report: both are CPU-heavy."""
+    profile, layout = kiln.load_with_layout()
+    s = profile.tune
+    summary = build_sampling_preset(layout, profile, say=context.log.info)
+    best = summary["best"]
+    charts = {
+        "history.png": optimisation_history(summary["trials"], s.objective, s.min_tokens_per_s),
+        "importance.png": bar_chart(summary["importances"] or {"(all equal)": 0.0}, "parameter importance"),
+    }
+    metadata = {
+        "study": summary["study"], "storage": summary["storage"], "dashboard": summary["dashboard"],
+        "best_trial": best["number"], f"best_{s.objective}": best["value"], "best_tokens_per_s": best["tokens_per_s"],
+        "trials": MetadataValue.md(trials_table(summary)),
+        "code_preset": MetadataValue.json(summary["presets"]["code"]),
+        "history": md_image(charts["history.png"], "optimisation history"),
+        "importance": md_image(charts["importance.png"], "parameter importance"),
+    }  # fmt: skip
+    with mlflow.stage(context.run.run_id, profile.name, "sampling_preset") as log:
+        params = {"code": summary["presets"]["code"], "tune": profile.to_dict()["tune"]}
+        files = [layout.presets_json, layout.study_json]
+        log_to_mlflow(log, metadata, params, files, charts, trial_history(summary), TRIAL_CURVES)
+    return MaterializeResult(metadata=metadata)
+
+
+@asset(group_name="release", code_version="3", deps=[gguf_benchmark, sampling_preset, "eval_report"])
 def registered_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A model version in the MLflow registry (`kiln-<profile>`): the GGUF files, the merged HF
-    checkpoint, the model card and reports, a sha256 tag per file; alias `candidate` when the
-    quality gate passes (GGUF parity, and the eval gate: no regression past production)."""
+    checkpoint, the model card and reports, the presets, a sha256 tag per file; alias `candidate`
+    when the quality gate passes (GGUF parity, and the eval gate: no regression past production)."""
     profile, layout = kiln.load_with_layout()
     bundle = build_bundle(layout, profile, context.run.run_id)
     report = read_json(layout.eval_report)
     passed, why = quality_gate(mlflow.tracking_uri, profile.name, bundle["parity"], report, profile.registry)
-    tags = version_tags(context.run.run_id, why, bundle, report)
+    tags = {**version_tags(context.run.run_id, why, bundle, report), **preset_tags(read_json(layout.study_json))}
     with mlflow.stage(context.run.run_id, profile.name, "registered_model") as log:
         version = register(mlflow.tracking_uri, profile.name, log.run_id, layout.bundle_dir, tags, passed)
     name = model_name(profile.name)

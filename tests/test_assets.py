@@ -34,7 +34,7 @@ WORDS = "model token stage corpus river table window engine signal garden market
 STAGE_MODULES = [corpus, training, post_training, evaluation, release]
 ASSETS = {
     "raw_corpus", "clean_corpus", "tokenizer", "base_model", "sft_data", "dpo_data", "sft_model", "dpo_model",
-    "gguf_model", "gguf_benchmark", "eval_report", "registered_model",
+    "gguf_model", "gguf_benchmark", "eval_report", "sampling_preset", "registered_model",
 }  # fmt: skip
 
 
@@ -103,6 +103,7 @@ E2E_PROFILE = {
         "bpb_max_bytes": 20_000, "lm_eval_limit": 8, "lm_eval_tasks": [], "batch_size": 4,
         "humaneval_problems": 2, "max_new_tokens": 16,
     },
+    "tune": {"problems": 2, "trials": 2, "min_tokens_per_s": 1, "space": {"max_tokens": [4, 8]}},
 }  # fmt: skip
 
 
@@ -177,6 +178,7 @@ def test_the_artifacts_are_where_the_layout_names_them(e2e):
         "eval_report.json",
         "gguf",
         "hf",
+        "presets.json",
         "profile.json",
     ]
     assert sorted(p.name for p in (layout.bundle_dir / "gguf").iterdir()) == sorted(layout.gguf(q).name for q in QUANTS)
@@ -189,8 +191,9 @@ def test_one_mlflow_run_holds_every_stage(e2e):
     assert {
         "base_model.val_bits_per_byte", "clean_corpus.kept_documents", "gguf_benchmark.Q4_K_M_size_bytes",
         "eval_report.base.bits_per_byte", "eval_report.dpo.kiln_body_choice.acc", "eval_report.dpo.humaneval.pass_at_1",
-        "eval_report.dpo_Q4_K_M.humaneval.pass_at_1",
+        "eval_report.dpo_Q4_K_M.humaneval.pass_at_1", "sampling_preset.best_tokens_per_s",
     } <= set(runs[0].data.metrics)  # fmt: skip
+    assert len(c.get_metric_history(runs[0].info.run_id, "sampling_preset.tokens_per_s")) == 2  # one point per trial
     assert len(c.get_metric_history(runs[0].info.run_id, "base_model.loss")) == 30  # the curve
 
 
@@ -210,6 +213,9 @@ def test_the_version_is_registered_as_the_candidate(e2e):
     uri = e2e.tracking_uri
     assert [v["aliases"] for v in registry.list_versions(uri, "e2e")] == ["candidate"]
     tags = client(uri).get_model_version("kiln-e2e", "1").tags
+    presets = json.loads((e2e.layout.bundle_dir / "presets.json").read_text())
+    assert tags["sha256.presets.json"] == registry.sha256(e2e.layout.bundle_dir / "presets.json")
+    assert json.loads(tags["preset.code"]) == presets["code"] and tags["presets"] == "balanced,code,greedy"
     report = json.loads(e2e.layout.eval_report.read_text())
     assert float(tags["eval.dpo.bits_per_byte"]) == pytest.approx(report["models"]["dpo"]["bits_per_byte"], rel=1e-5)
 

@@ -18,6 +18,7 @@ GROUPS = {
     "eval_report": "evaluation",
     "gguf_model": "release",
     "gguf_benchmark": "release",
+    "sampling_preset": "release",
     "registered_model": "release",
 }
 
@@ -35,7 +36,9 @@ UPSTREAM = {
     "gguf_benchmark": {"gguf_model", "clean_corpus"},
     # after gguf_benchmark so the two CPU-heavy steps never run side by side
     "eval_report": {"base_model", "sft_model", "dpo_model", "gguf_benchmark", "clean_corpus"},
-    "registered_model": {"gguf_benchmark", "eval_report"},
+    # after eval_report too: tuning and evaluation are both CPU-heavy
+    "sampling_preset": {"gguf_model", "eval_report"},
+    "registered_model": {"gguf_benchmark", "sampling_preset", "eval_report"},
 }
 
 # check -> the asset it gates
@@ -56,7 +59,7 @@ JOBS = {
     "training": {"tokenizer", "base_model"},
     "post_training": {"sft_data", "dpo_data", "sft_model", "dpo_model"},
     "evaluation": {"eval_report"},
-    "release": {"gguf_model", "gguf_benchmark", "registered_model"},
+    "release": {"gguf_model", "gguf_benchmark", "sampling_preset", "registered_model"},
 }
 
 defs = definitions.defs

@@ -311,10 +311,34 @@ def _trial_row(t) -> dict:
     }
 
 
+def build_sampling_preset(layout, profile, say: Say = print) -> dict:
+    """The sampling_preset stage: tune the profile's shipped GGUF on its objective (resuming the
+    study in `tune.storage` or the work folder), write presets.json and study.json."""
+    from pipeline.data.clean import read_split
+
+    s = profile.tune
+    validation = list(read_split(layout.clean_splits, "validation")) if s.objective == "kiln_next_line" else []
+    items = heldout_items(s.objective, s.problems, validation, profile.eval.timeout, profile.eval.unsafe_sandbox)
+    summary = tune(layout.gguf(TUNED_QUANT), items, s, s.storage or layout.study_storage, say=say, progress=False)
+    write_outputs(summary, layout.presets_json, layout.study_json)
+    return summary
+
+
 def write_outputs(summary: dict, presets_json: Path, study_json: Path) -> None:
     """presets.json (what the gateway reads) and study.json (the whole study), each atomically."""
     write_json(presets_json, summary["presets"])
     write_json(study_json, summary)
+
+
+TRIAL_CURVES = ("objective", "tokens_per_s", *PARAMS)
+
+
+def trial_history(summary: dict) -> list[dict]:
+    """Each trial as one step of MLflow curves (`sampling_preset.objective`, ...): score, speed, sampler values."""
+    return [
+        {"step": t["number"], "objective": t["value"], "tokens_per_s": t["tokens_per_s"], **t["values"]}
+        for t in summary["trials"]
+    ]
 
 
 def preset_tags(summary: dict) -> dict[str, str]:
