@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import optuna
 import pytest
@@ -143,3 +144,82 @@ def test_kiln_tune_writes_the_presets_and_says_where_the_study_is(ggufs, small_c
     assert json.loads((out / "study.json").read_text())["best"]["values"]["max_tokens"] == presets["code"]["max_tokens"]
     assert main([*argv, "--validation", str(small_corpus), "--storage", "nosuchdb://x"]) == 2
     assert capsys.readouterr().err.startswith("kiln: error: tune.storage nosuchdb://x: cannot open")
+
+
+def _reports(bundle, acc: float, tg: float) -> None:
+    """The two small reports a version ships and `kiln compare` reads: eval_report.json, benchmark.json."""
+    report = {
+        "models": {"dpo": {"bits_per_byte": 2.0, "kiln_next_line.acc": acc}},
+        "stderr": {"dpo": {"kiln_next_line.acc": 0.02}},
+        "higher_is_better": {"bits_per_byte": False, "kiln_next_line.acc": True},
+        "humaneval_problems": 20,
+    }
+    speed = {"median": tg, "min": tg - 10, "max": tg + 10}
+    files = {"Q4_K_M": {"tg128_tokens_per_s": speed, "pp512_tokens_per_s": speed, "time_to_first_token_s": 0.01,
+                        "peak_rss_mb": {"peak": {"512": 50.0}}}}  # fmt: skip
+    (bundle / "eval_report.json").write_text(json.dumps(report))
+    (bundle / "benchmark.json").write_text(json.dumps({"files": files}))
+
+
+@pytest.mark.slow  # a fresh MLflow sqlite store takes seconds to create
+def test_presets_ride_in_the_registered_version_and_compare_shows_what_moved(ggufs, items, tmp_path, capsys):
+    from urllib.parse import unquote
+
+    from pipeline.cli import main
+    from pipeline.release import registry
+    from pipeline.release.compare import compare
+    from pipeline.tracking import client, pipeline_run
+
+    summary = _run(ggufs["Q4_K_M"], items, SETTINGS, f"sqlite:///{tmp_path / 'study.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # version 1: before presets; version 2: kiln_next_line up 0.30 -> 0.40 (± 0.02 each), pass@1 0.10 -> 0.15
+    # (within the binomial error over 20 problems), tg128 1000 -> 800 tokens/s (± 10 each)
+    for n, acc, passed, tg in ((1, 0.30, 0.10, 1000.0), (2, 0.40, 0.15, 800.0)):
+        bundle = tmp_path / f"bundle{n}"
+        (bundle / "gguf").mkdir(parents=True)
+        (bundle / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(ggufs["Q4_K_M"].read_bytes())
+        _reports(bundle, acc, tg)
+        tags = {
+            "eval.dpo.kiln_next_line.acc": str(acc), "eval.dpo_Q4_K_M.humaneval.pass_at_1": str(passed),
+            "eval.dpo.bits_per_byte": "2.0", "gate": f"gate of {n}", "size.kiln-test-Q4_K_M.gguf": "1000",
+        }  # fmt: skip
+        if n == 2:
+            tuning.write_outputs(summary, bundle / "presets.json", tmp_path / "study.json")
+            tags.update(tuning.preset_tags(summary))
+        registry.register(uri, "test", pipeline_run(uri, "test", f"run-{n}"), bundle, tags, gate_passed=True)
+
+    pulled = registry.verify(uri, "test", "2", tmp_path / "v2")  # every file against its sha256 tag
+    assert json.loads((pulled / "presets.json").read_text()) == summary["presets"]
+    tags = client(uri).get_model_version("kiln-test", "2").tags
+    assert tags["sha256.presets.json"] == registry.sha256(tmp_path / "bundle2" / "presets.json")
+    assert json.loads(tags["preset.code"]) == summary["presets"]["code"]
+
+    result = compare(uri, "test", ["1", "candidate"])
+    assert [(v["version"], v["aliases"]) for v in result["versions"]] == [("1", []), ("2", ["candidate"])]
+    moved = {m["figure"]: m["direction"] for m in result["moved"]}
+    assert moved == {
+        "eval.dpo.kiln_next_line.acc": "better",
+        "gguf.Q4_K_M.tg128_tokens_per_s": "worse",
+        "gguf.Q4_K_M.pp512_tokens_per_s": "worse",
+    }  # pass@1 moved less than its standard error; bits per byte and sizes have none
+    assert result["versions"][0]["presets"] == {} and result["versions"][1]["presets"] == summary["presets"]
+    runs = [v["run_id"] for v in result["versions"]]
+    assert unquote(result["mlflow"]).startswith("http://127.0.0.1:5000/#/compare-runs?runs=")
+    assert all(r in unquote(result["mlflow"]) for r in runs)
+
+    profile = tmp_path / "test.yaml"
+    profile.write_text("base: tiny\n")
+    base = ["--profile", str(profile), "--tracking-uri", uri]
+    assert main(["compare", "1", "2", *base]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("eval.dpo.kiln_next_line.acc"))
+    assert "0.3 ±0.02" in row and "(+0.1*)" in row
+    assert "preset code" in text and "MLflow: http://127.0.0.1:5000/#/compare-runs" in text
+    assert main(["compare", "1", "2", "--json", *base]) == 0
+    assert json.loads(capsys.readouterr().out)["moved"] == result["moved"]
+    assert main(["compare", "1", "9", *base]) == 2
+    assert capsys.readouterr().err == "kiln: error: kiln-test has no version 9\n"
+    source = client(uri).get_model_version("kiln-test", "1").source.removeprefix("file://")
+    (Path(source) / "benchmark.json").write_text("{}")  # changed after registration
+    assert main(["compare", "1", "2", *base]) == 2
+    assert "benchmark.json does not match its sha256 tag" in capsys.readouterr().err
