@@ -535,3 +535,34 @@ def test_canary_takes_its_share_and_names_its_version(env, store):
         assert 'kiln_completion_tokens_total{version="2"}' in metrics
     finally:
         gw.close()
+
+
+@pytest.mark.slow
+def test_a_tuned_preset_is_served_from_the_registry(env, ggufs, small_corpus, tmp_path):
+    from pipeline.config import SearchSpace, TuneSettings
+    from pipeline.data.clean import read_split
+    from pipeline.release import registry, tuning
+    from pipeline.serve.server import registry_target
+    from pipeline.tracking import pipeline_run
+
+    # a real study whose `code` preset stops at 3 tokens (fixed), its other values tuned
+    settings = TuneSettings(objective="kiln_next_line", problems=2, trials=2, min_tokens_per_s=1.0,
+                            space=SearchSpace(max_tokens=[3]))  # fmt: skip
+    items = tuning.heldout_items("kiln_next_line", 2, list(read_split(small_corpus, "validation")))
+    summary = tuning.tune(ggufs["Q4_K_M"], items, settings, f"sqlite:///{tmp_path / 'study.db'}", progress=False)
+    uri, bundle = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "bundle"
+    (bundle / "gguf").mkdir(parents=True)
+    (bundle / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(Path(ggufs["Q4_K_M"]).read_bytes())
+    tuning.write_outputs(summary, bundle / "presets.json", tmp_path / "study.json")
+    run = pipeline_run(uri, "test", "run-1")
+    registry.register(uri, "test", run, bundle, tuning.preset_tags(summary), gate_passed=True)
+    registry.promote(uri, "test", "1")
+    gw = Gateway(registry_target(uri, "test", "production", "Q4_K_M"), kiln_replicas=1)
+    try:
+        presets = gw.client.get("/llm/models").json()["presets"]
+        assert presets["code"] == summary["presets"]["code"] and presets["code"]["max_tokens"] == 3
+        r = gw.client.post("/infer", json={"query": "def add(a, b):", "preset": "code"})
+        assert r.status_code == 200, r.text
+        assert 1 <= r.json()["usage"]["completion_tokens"] <= 3  # the preset's max_tokens reached llama-server
+    finally:
+        gw.close()
