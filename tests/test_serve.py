@@ -564,5 +564,7 @@ def test_a_tuned_preset_is_served_from_the_registry(env, ggufs, small_corpus, tm
         r = gw.client.post("/infer", json={"query": "def add(a, b):", "preset": "code"})
         assert r.status_code == 200, r.text
         assert 1 <= r.json()["usage"]["completion_tokens"] <= 3  # the preset's max_tokens reached llama-server
+        greedy = gw.client.post("/infer", json={"query": "def add(a, b):", "preset": "greedy"}).json()
+        assert greedy["usage"]["completion_tokens"] > 3  # where another preset lets the model go on
     finally:
         gw.close()
