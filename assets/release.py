@@ -1,4 +1,4 @@
-"""gguf_model, gguf_benchmark (with the parity gate) and registered_model."""
+"""gguf_model, gguf_benchmark (with the parity gate), sampling_preset and registered_model."""
 
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
 
@@ -12,7 +12,7 @@ from pipeline.release.gguf_bench import benchmark_all, markdown_table
 from pipeline.release.gguf_export import export_all
 from pipeline.release.model_card import build_bundle
 from pipeline.release.registry import SHIPPED, model_name, quality_gate, register, version_tags
-from pipeline.release.tuning import TRIAL_CURVES, build_sampling_preset, preset_tags, trial_history
+from pipeline.release.tuning import TRIAL_CURVES, build_sampling_preset, preset_tags, read_summary, trial_history
 from pipeline.release.tuning import markdown_table as trials_table
 from resources import KilnSettings, MLflowTracking
 
@@ -110,7 +110,7 @@ def registered_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow:
     bundle = build_bundle(layout, profile, context.run.run_id)
     report = read_json(layout.eval_report)
     passed, why = quality_gate(mlflow.tracking_uri, profile.name, bundle["parity"], report, profile.registry)
-    tags = {**version_tags(context.run.run_id, why, bundle, report), **preset_tags(read_json(layout.study_json))}
+    tags = {**version_tags(context.run.run_id, why, bundle, report), **preset_tags(read_summary(layout.study_json))}
     with mlflow.stage(context.run.run_id, profile.name, "registered_model") as log:
         version = register(mlflow.tracking_uri, profile.name, log.run_id, layout.bundle_dir, tags, passed)
     name = model_name(profile.name)

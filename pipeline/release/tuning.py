@@ -280,7 +280,10 @@ def summarize(study, storage: str, settings: TuneSettings, items: int) -> dict:
             importances = optuna.importance.get_param_importances(study, params=searched)
     except (RuntimeError, ValueError, ZeroDivisionError):  # too few finished trials, or nothing varied
         importances = {}
-    code = Preset(**{**Preset().as_dict(), **best["values"]})
+    try:
+        code = Preset(**{**Preset().as_dict(), **best["values"]})
+    except ValueError as exc:  # e.g. a fixed max_tokens beyond the preset's context size
+        raise KilnError(f"{where}: trial {best['number']}'s values make no valid preset ({exc})") from None
     hand = load_presets()
     return {
         "study": study.study_name,
@@ -339,6 +342,13 @@ def trial_history(summary: dict) -> list[dict]:
         {"step": t["number"], "objective": t["value"], "tokens_per_s": t["tokens_per_s"], **t["values"]}
         for t in summary["trials"]
     ]
+
+
+def read_summary(study_json: Path) -> dict:
+    """sampling_preset's study.json, which registered_model tags the version from."""
+    if not Path(study_json).is_file():
+        raise KilnError(f"{study_json}: not there yet; materialize sampling_preset before registered_model")
+    return json.loads(Path(study_json).read_text(encoding="utf-8"))
 
 
 def preset_tags(summary: dict) -> dict[str, str]:
