@@ -109,7 +109,10 @@ def _every_command():
         yield [name], command
 
 
-TAKES_PROFILE = {"clean", "tokenizer", "pretrain", "models", "promote", "rollback", "pull", "history", "run", "serve"}
+TAKES_PROFILE = {
+    "clean", "tokenizer", "pretrain", "tune", "models", "compare", "promote", "rollback", "pull", "history", "run",
+    "serve",
+}  # fmt: skip
 EVERY_COMMAND = list(_every_command())
 
 
