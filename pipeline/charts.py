@@ -93,7 +93,8 @@ def metric_panels(
 
 def optimisation_history(trials: list[dict], objective: str, floor: float) -> bytes:
     """An Optuna study's history: each finished trial's score (hollow where it missed the
-    tokens/s floor), pruned trials at the bottom, and the best feasible score so far, as PNG bytes."""
+    tokens/s floor), pruned trials at their score when stopped, and the best feasible score so far,
+    as PNG bytes."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     done = [t for t in trials if t["state"] == "COMPLETE"]
     ok = [t for t in done if t["tokens_per_s"] >= floor]
@@ -104,7 +105,8 @@ def optimisation_history(trials: list[dict], objective: str, floor: float) -> by
         ax.plot([t["number"] for t in slow], [t["value"] for t in slow], "o", mfc="none", color="#1d4ed8",
                 label=f"under {floor:g} tokens/s")  # fmt: skip
     if pruned:
-        ax.plot([t["number"] for t in pruned], [0] * len(pruned), "x", color="#94a3b8", label="pruned")
+        ax.plot([t["number"] for t in pruned], [t["value"] or 0 for t in pruned], "x", color="#94a3b8",
+                label="pruned (score when stopped)")  # fmt: skip
     best, xs, ys = None, [], []
     for t in sorted(ok, key=lambda t: t["number"]):
         best = t["value"] if best is None else max(best, t["value"])

@@ -248,9 +248,9 @@ def _objective(llm, items: list[Item], settings: TuneSettings):
 
 def _trial_line(t) -> str:
     tps = t.user_attrs.get("tokens_per_s", 0.0)
-    value = "pruned" if t.value is None else f"{t.value:.3f}"
+    value = "" if t.value is None else f" {t.value:.3f}"  # a pruned trial's is its score when it stopped
     shown = ", ".join(f"{k}={v:.3g}" for k, v in t.params.items())
-    return f"trial {t.number}: {t.state.name.lower()} {value}, {tps:.0f} tokens/s ({shown})"
+    return f"trial {t.number}: {t.state.name.lower()}{value}, {tps:.0f} tokens/s ({shown})"
 
 
 def summarize(study, storage: str, settings: TuneSettings, items: int) -> dict:
