@@ -54,7 +54,7 @@ def main() -> int:
     }
     validation = list(read_split(layout.clean_splits, "validation")) if s.objective == "kiln_next_line" else []
     items = heldout_items(s.objective, s.problems, validation, profile.eval.timeout, profile.eval.unsafe_sandbox)
-    llm = load(gguf, n_ctx=N_CTX)
+    llm = load(gguf, n_ctx=N_CTX, threads=s.threads)
     runs: dict[str, list[dict]] = {name: [] for name in samplers}
     try:
         complete_all(llm, items[:2], code, 0)  # warm-up: first-call allocations out of the figures

@@ -391,6 +391,8 @@ class TuneSettings:
     """The latency budget: a trial generating fewer tokens per second is infeasible."""
     seed: int = 0
     """Seed of the TPE sampler and of llama.cpp's sampling in every trial."""
+    threads: int = 1
+    """llama.cpp threads while tuning: what one kiln serve replica gets (cores / replicas)."""
     storage: str | None = None
     """Optuna storage URL (e.g. postgresql://user@host/db) shared by workers; None: sqlite in the work folder."""
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -400,8 +402,8 @@ class TuneSettings:
         if self.objective not in TUNE_OBJECTIVES:
             known = ", ".join(TUNE_OBJECTIVES)
             raise ProfileError(f"tune.objective: unknown objective {self.objective!r} (known: {known})")
-        if min(self.problems, self.trials) < 1 or self.min_tokens_per_s < 0:
-            raise ProfileError("tune: problems and trials >= 1 and min_tokens_per_s >= 0 are needed")
+        if min(self.problems, self.trials, self.threads) < 1 or self.min_tokens_per_s < 0:
+            raise ProfileError("tune: problems, trials and threads >= 1 and min_tokens_per_s >= 0 are needed")
         if self.timeout is not None and self.timeout <= 0:
             raise ProfileError(f"tune.timeout must be positive or null, not {self.timeout}")
 

@@ -52,7 +52,7 @@ def check_gguf(path: Path) -> None:
         raise KilnError(f"{path}: not a GGUF file (starts with {head!r}, not {GGUF_MAGIC!r})")
 
 
-def load(path: Path, n_ctx: int = 1024, logits_all: bool = False):
+def load(path: Path, n_ctx: int = 1024, logits_all: bool = False, threads: int = THREADS):
     import llama_cpp
 
     from pipeline.release.gguf_export import quiet_native
@@ -62,7 +62,7 @@ def load(path: Path, n_ctx: int = 1024, logits_all: bool = False):
         with quiet_native():
             return llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=logits_all,
-                n_threads=THREADS, verbose=False,
+                n_threads=threads, verbose=False,
             )  # fmt: skip
     except (ValueError, RuntimeError) as exc:  # llama-cpp-python's words for "could not load"
         raise KilnError(f"{path}: llama.cpp cannot load it ({exc}); the file may be truncated or corrupt") from None

@@ -113,20 +113,25 @@ def sampler_values(trial, settings: TuneSettings) -> dict:
 
 def complete_all(llm, items: list[Item], values: dict, seed: int, step: Callable | None = None) -> dict:
     """Complete every item with the sampler `values`: the share judged right and the tokens
-    generated per second (end to end: prompt, sampling and generation). `step(i, score, tps)`
-    sees the running figures after each item and may raise optuna.TrialPruned."""
+    generated per second (sampling and decoding: each completion's wall time less llama.cpp's
+    own count of its prompt time, which depends on the prompt, not on the sampler).
+    `step(i, score, tps)` sees the running figures after each item and may raise optuna.TrialPruned."""
+    import llama_cpp
+
     from pipeline.eval.humaneval import _gguf_prompt_ids
 
     right, tokens, seconds = 0, 0, 0.0
     for i, item in enumerate(items):
         ids = _gguf_prompt_ids(llm, item.prompt, llm.n_ctx() - values["max_tokens"])
+        llama_cpp.llama_perf_context_reset(llm.ctx)
         start = time.perf_counter()
         out = llm.create_completion(
             ids, max_tokens=values["max_tokens"], temperature=values["temperature"], top_p=values["top_p"],
             top_k=values["top_k"], min_p=values["min_p"], repeat_penalty=values["repeat_penalty"],
             stop=list(item.stop), seed=seed + i,
         )  # fmt: skip
-        seconds += time.perf_counter() - start
+        prompt_s = llama_cpp.llama_perf_context(llm.ctx).t_p_eval_ms / 1000
+        seconds += max(time.perf_counter() - start - prompt_s, 1e-6)
         tokens += out["usage"]["completion_tokens"]
         right += bool(item.judge(out["choices"][0]["text"]))
         if step:
@@ -202,7 +207,7 @@ def tune(
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     left = settings.trials - sum(t.state in done for t in study.trials)
     if left > 0:
-        llm = load(Path(gguf), n_ctx=N_CTX)
+        llm = load(Path(gguf), n_ctx=N_CTX, threads=settings.threads)
         say(f"study {name}: {left} trial(s) to run on {len(items)} {settings.objective} items")
         with tqdm(total=left, desc="tune", disable=not progress) as bar:
 
