@@ -167,5 +167,6 @@ def _cell(f: dict | None, ref: dict | None, moved: bool) -> str:
 def _preset(values: dict | None) -> str:
     if not values:
         return "-"
-    keys = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens")
-    return " ".join(f"{k[:4]}={values[k]:g}" for k in keys if k in values)
+    short = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+             "repeat_penalty": "repeat", "max_tokens": "max"}  # fmt: skip
+    return " ".join(f"{name}={values[k]:.3g}" for k, name in short.items() if k in values)
