@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -233,6 +235,7 @@ def _objective(llm, items: list[Item], settings: TuneSettings):
     def objective(trial) -> float:
         values = sampler_values(trial, settings)
         trial.set_user_attr("values", values)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it, in a shared study
 
         def step(i: int, score: float, tps: float) -> None:
             trial.report(score, i)
