@@ -144,6 +144,10 @@ def test_kiln_tune_writes_the_presets_and_says_where_the_study_is(ggufs, small_c
     assert json.loads((out / "study.json").read_text())["best"]["values"]["max_tokens"] == presets["code"]["max_tokens"]
     assert main([*argv, "--validation", str(small_corpus), "--storage", "nosuchdb://x"]) == 2
     assert capsys.readouterr().err.startswith("kiln: error: tune.storage nosuchdb://x: cannot open")
+    missing = tmp_path / "none.gguf"
+    assert main(["tune", "--profile", str(profile), "--gguf", str(missing), "--validation", str(small_corpus)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kiln: error: {missing}") and err.count("\n") == 1
 
 
 def _reports(bundle, acc: float, tg: float) -> None:

@@ -24,7 +24,12 @@ class Tune(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_profile(parser)
         parser.add_argument("--gguf", metavar="FILE", help="the GGUF to tune (default: the profile's Q4_K_M file)")
-        parser.add_argument("--output", "-o", metavar="DIR", help="default: the profile's sampling_preset folder")
+        parser.add_argument(
+            "--output",
+            "-o",
+            metavar="DIR",
+            help="where presets.json and study.json go (default: the profile's sampling_preset folder)",
+        )
         parser.add_argument("--storage", metavar="URL", help="Optuna storage, e.g. postgresql://user@host/db "
                             "(default: tune.storage, else sqlite:///OUTPUT/study.db)")  # fmt: skip
         parser.add_argument("--trials", type=int, help="trials the study holds when done (default: tune.trials)")

@@ -200,8 +200,9 @@ def tune(
     import optuna
     from tqdm import tqdm
 
-    from pipeline.release.gguf_bench import load
+    from pipeline.release.gguf_bench import check_gguf, load
 
+    check_gguf(Path(gguf))  # a missing or foreign file is one line, before its hash names the study
     if not settings.space.searched():
         raise KilnError("tune.space: nothing to search; give at least one setting a [low, high] range with low < high")
     name = study_name(gguf, settings)
