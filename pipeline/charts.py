@@ -112,6 +112,9 @@ def optimisation_history(trials: list[dict], objective: str, floor: float) -> by
         best = t["value"] if best is None else max(best, t["value"])
         xs.append(t["number"])
         ys.append(best)
+    if xs and trials:  # carry the best on to the last trial
+        xs.append(max(t["number"] for t in trials))
+        ys.append(ys[-1])
     ax.step(xs, ys, where="post", color="#c2410c", label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel(objective)

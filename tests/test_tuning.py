@@ -78,6 +78,7 @@ def _tune_until_killed(gguf, items_args, storage):
     _run(gguf, items, replace(SETTINGS, trials=1000), storage)
 
 
+@pytest.mark.slow  # worker processes importing llama.cpp and Optuna
 def test_a_killed_study_resumes_without_repeating_finished_trials(ggufs, small_corpus, items, tmp_path):
     gguf, storage = ggufs["Q4_K_M"], f"sqlite:///{tmp_path / 'study.db'}"
     name = tuning.study_name(gguf, SETTINGS)
@@ -107,6 +108,41 @@ def test_a_killed_study_resumes_without_repeating_finished_trials(ggufs, small_c
     assert not any(t["state"] == "RUNNING" for t in summary["trials"])  # the killed one was failed, not left hanging
     params = [json.dumps(p, sort_keys=True) for p, _ in after.values()]
     assert len(set(params)) == len(params)  # the resumed sampler drew new values, not the first run's again
+
+
+def _finished(name: str, storage: str) -> list:
+    try:
+        trials = optuna.load_study(study_name=name, storage=storage).trials
+    except KeyError:  # not created yet
+        return []
+    return [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+
+
+@pytest.mark.slow  # worker processes importing llama.cpp and Optuna
+def test_two_workers_share_one_study(ggufs, small_corpus, tmp_path):
+    gguf, storage = ggufs["Q4_K_M"], f"sqlite:///{tmp_path / 'shared.db'}"
+    name, quota = tuning.study_name(gguf, SETTINGS), 16
+    args = ("kiln_next_line", SETTINGS.problems, list(read_split(small_corpus, "validation")), quota)
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_tune_shared, args=(gguf, args, storage)) for _ in range(2)]
+    workers[0].start()
+    deadline = time.monotonic() + 120
+    while not _finished(name, storage) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers[1].start()  # once the first has a trial: it sees that history, so it is seeded after it
+    for w in workers:
+        w.join(timeout=180)
+    assert [w.exitcode for w in workers] == [0, 0]
+    finished = _finished(name, storage)
+    assert quota <= len(finished) <= quota + 1  # plus at most the other worker's trial in flight at the quota
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both did some of the work
+    params = [json.dumps(t.params, sort_keys=True) for t in finished]
+    assert len(set(params)) == len(params)
+
+
+def _tune_shared(gguf, items_args, storage):
+    objective, problems, validation, quota = items_args
+    _run(gguf, tuning.heldout_items(objective, problems, validation), replace(SETTINGS, trials=quota), storage)
 
 
 def test_bad_studies_are_one_line(ggufs, items, tmp_path):
