@@ -35,6 +35,7 @@ def _run(gguf, items, settings, storage):
     return tuning.tune(gguf, items, settings, storage, say=lambda line: None, heartbeat_s=1, progress=False)
 
 
+@pytest.mark.slow  # three studies of five trials
 def test_a_seeded_study_is_deterministic_and_its_best_trial_is_the_code_preset(ggufs, items, tmp_path):
     gguf = ggufs["Q4_K_M"]
     first = _run(gguf, items, SETTINGS, f"sqlite:///{tmp_path / 'a.db'}")
