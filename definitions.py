@@ -9,7 +9,9 @@ import os
 
 from dagster import (
     AssetSelection,
+    Backoff,
     Definitions,
+    RetryPolicy,
     define_asset_job,
     load_asset_checks_from_modules,
     load_assets_from_modules,
@@ -25,26 +27,34 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 STAGE_MODULES = [corpus, training, post_training, evaluation, release]
 
-kiln_pipeline = define_asset_job(
-    "kiln_pipeline", selection=AssetSelection.all(), description="Every asset, from sources to registry."
-)
-data_job = define_asset_job("data", selection=AssetSelection.groups("data"), description="raw_corpus and clean_corpus.")
-training_job = define_asset_job(
-    "training", selection=AssetSelection.groups("training"), description="tokenizer and base_model."
-)
-
-post_training_job = define_asset_job(
-    "post_training", selection=AssetSelection.groups("post_training"), description="SFT and DPO data and models."
+# Stages that log to MLflow are retried, so a tracking server restarting mid-run costs a wait, not the
+# run: KILN_TRACKING_RETRY_DELAY (seconds, doubling each time) over KILN_TRACKING_RETRIES tries.
+TRACKING_RETRY = RetryPolicy(
+    max_retries=int(os.environ.get("KILN_TRACKING_RETRIES", "3")),
+    delay=float(os.environ.get("KILN_TRACKING_RETRY_DELAY", "20")),
+    backoff=Backoff.EXPONENTIAL,
 )
 
-evaluation_job = define_asset_job(
-    "evaluation", selection=AssetSelection.groups("evaluation"), description="eval_report and its gate."
-)
 
-release_job = define_asset_job(
-    "release",
-    selection=AssetSelection.groups("release"),
-    description="GGUF files, their benchmark, the registered version.",
+def kiln_job(name: str, selection, description: str, compute: str):
+    """A job whose runs carry the tags the production run queue limits (pipeline/services.py): one run
+    per `kiln/group` at a time, and one `kiln/compute: accelerator` run (training, evaluation,
+    benchmarks) on the machine's cores or GPU at a time."""
+    return define_asset_job(
+        name, selection=selection, description=description, op_retry_policy=TRACKING_RETRY,
+        tags={"kiln/group": name, "kiln/compute": compute},
+    )  # fmt: skip
+
+
+kiln_pipeline = kiln_job("kiln_pipeline", AssetSelection.all(), "Every asset, from sources to registry.", "accelerator")
+data_job = kiln_job("data", AssetSelection.groups("data"), "raw_corpus and clean_corpus.", "cpu")
+training_job = kiln_job("training", AssetSelection.groups("training"), "tokenizer and base_model.", "accelerator")
+post_training_job = kiln_job(
+    "post_training", AssetSelection.groups("post_training"), "SFT and DPO data and models.", "accelerator"
+)
+evaluation_job = kiln_job("evaluation", AssetSelection.groups("evaluation"), "eval_report and its gate.", "accelerator")
+release_job = kiln_job(
+    "release", AssetSelection.groups("release"), "GGUF files, their benchmark, the registered version.", "accelerator"
 )
 
 

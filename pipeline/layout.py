@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK_DIR = REPO_ROOT / "data" / "work"
 REGISTRY_DIR = REPO_ROOT / "registry"  # the local MLflow store (sqlite + artifacts)
 DAGSTER_HOME = REPO_ROOT / ".dagster_home"
+SERVICES_DIR = REPO_ROOT / ".services"  # the production deployment on one machine (pipeline/services.py)
 PROFILES_DIR = REPO_ROOT / "profiles"  # the shipped profiles, one YAML file each
 PRESETS_DIR = REPO_ROOT / "presets"  # the gateway's sampler presets, one YAML file each
 QUANTS = ("F16", "Q8_0", "Q4_K_M")  # the GGUF files every version ships
@@ -34,6 +35,12 @@ def cache_dir() -> Path:
     """Per-machine files kept between runs: the llama-server build, versions pulled for serving.
     `KILN_CACHE_DIR`, else ~/.cache/kiln."""
     return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln")
+
+
+def services_dir_from_env() -> Path:
+    """PostgreSQL, the tracking server's artifacts and the Dagster home of `make services`:
+    `KILN_SERVICES_DIR`, else .services/ in the checkout."""
+    return Path(os.environ.get("KILN_SERVICES_DIR") or SERVICES_DIR)
 
 
 def work_dir_from_env() -> Path:

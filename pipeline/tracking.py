@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import subprocess
 import time
@@ -30,10 +31,52 @@ def _store_dir(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
 
 
+LOCK_DATABASE_ENV = "KILN_LOCK_DATABASE_URL"  # PostgreSQL whose advisory locks a tracking server's users share
+LOCK_WAIT_S = 300  # how long a promotion waits for another one before it gives up
+
+
 def lock_dir(uri: str) -> Path:
-    """Where the locks that serialize runs and promotions live: beside a local store, else /tmp
-    (a tracking server shared by several machines would need its own lock; see README)."""
+    """Where the lock files of a local store live: beside it (else /tmp, for `lock` without a lock database)."""
     return _store_dir(uri) or Path("/tmp")
+
+
+def shared_lock_url(uri: str) -> str | None:
+    """The lock database of a tracking server (None for a local store, or when it is not set)."""
+    return None if _store_dir(uri) else os.environ.get(LOCK_DATABASE_ENV) or None
+
+
+def lock(uri: str, name: str):
+    """An exclusive lock named `name` among everyone using `uri`: a PostgreSQL advisory lock when the
+    tracking server has a lock database (every machine that reaches it), else a file lock (this machine)."""
+    url = shared_lock_url(uri)
+    return advisory_lock(url, name) if url else file_lock(lock_dir(uri) / f".{name}.lock")
+
+
+@contextlib.contextmanager
+def advisory_lock(url: str, name: str) -> Iterator[None]:
+    """An exclusive lock held in PostgreSQL by this process's connection: released when the block ends,
+    or by the server when the connection drops, so a killed process never leaves it held."""
+    import psycopg2
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)  # bigint lock id
+    try:
+        conn = psycopg2.connect(url, connect_timeout=10, application_name=f"kiln lock {name}")
+    except psycopg2.Error as exc:  # the message names host and port, never the password
+        raise KilnError(f"{LOCK_DATABASE_ENV}: the lock database does not answer ({str(exc).strip()[:200]})") from None
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SET lock_timeout = '{LOCK_WAIT_S}s'")
+            try:
+                cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+            except psycopg2.errors.LockNotAvailable:
+                raise KilnError(f"{name}: another process held the lock for {LOCK_WAIT_S} s; try again") from None
+            try:
+                yield
+            finally:
+                cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    finally:
+        conn.close()
 
 
 def artifact_root(uri: str) -> str | None:
@@ -90,9 +133,7 @@ def pipeline_run(uri: str, profile: str, pipeline_run_id: str) -> str:
     """The MLflow run of this pipeline run, created by whichever stage asks first."""
     c = client(uri)
     try:
-        with file_lock(
-            lock_dir(uri) / f".kiln-{profile}.run.lock"
-        ):  # parallel stages of one pipeline run must not create two runs
+        with lock(uri, f"kiln-{profile}.run"):  # parallel stages of one pipeline run must not create two runs
             exp = experiment_id(c, profile, uri)
             found = c.search_runs([exp], f"tags.`kiln.pipeline_run_id` = '{pipeline_run_id}'", max_results=1)
             if found:
