@@ -6,6 +6,7 @@ import os
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from pipeline import logs
 from pipeline.tracking import StageLogger, default_tracking_uri, pipeline_run
 
 
@@ -20,6 +21,8 @@ class MLflowTracking(ConfigurableResource):
         """Log one stage into the MLflow run of this Dagster run; system metrics while it works."""
         import mlflow
 
+        logs.configure()  # the stage's lines carry its Dagster run id and name
+        logs.bind(run_id=dagster_run_id, stage=stage)
         run_id = pipeline_run(self.tracking_uri, profile, dagster_run_id)
         mlflow.set_tracking_uri(self.tracking_uri)
         os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from pipeline import logs
 from pipeline.cli.command import Command
 from pipeline.cli.humaneval import Humaneval
 from pipeline.cli.release import Bench, Gguf, History, Models, Promote, Pull, Rollback
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    logs.configure()
+    logs.bind(stage=args.command)
     try:
         return args.func(args)
     except KilnError as exc:

@@ -54,8 +54,10 @@ def _lock(uri: str, name: str):
     local store; for a tracking server, an advisory lock in the deployment's PostgreSQL, since
     release managers run the commands from different machines."""
     if not uri.startswith("sqlite:") and not shared_lock_url(uri):
-        raise KilnError(f"changing {name} on the tracking server {uri} needs {LOCK_DATABASE_ENV} (the PostgreSQL "
-                        "whose advisory lock serializes releases across machines; `make services` prints it)")
+        raise KilnError(
+            f"changing {name} on the tracking server {uri} needs {LOCK_DATABASE_ENV} (the PostgreSQL "
+            "whose advisory lock serializes releases across machines; `make services` prints it)"
+        )
     return lock(uri, f"{name}.registry")
 
 
