@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,6 +112,42 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def gpu_temperatures(uri: str, run_id: str, every_s: float) -> Iterator[None]:
+    """GPU temperatures beside MLflow's system metrics, which sample GPU memory, utilisation and power
+    through nvidia-ml-py but not temperature: `system/gpu_<i>_temperature_celsius` every `every_s`
+    seconds while the block runs. Nothing without nvidia-ml-py (the `gpu` extra) or an NVIDIA GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # no library, no driver, no GPU: there is nothing to sample
+        yield
+        return
+    from mlflow.entities import Metric
+
+    stop, c = threading.Event(), client(uri)
+
+    def sample() -> None:
+        step = 0
+        while not stop.wait(every_s):
+            now = int(time.time() * 1000)
+            temps = [pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU) for h in handles]
+            metrics = [Metric(f"system/gpu_{i}_temperature_celsius", t, now, step) for i, t in enumerate(temps)]
+            with contextlib.suppress(Exception):  # a sample lost while the server restarts is not worth a stage
+                c.log_batch(run_id, metrics=metrics)
+            step += 1
+
+    thread = threading.Thread(target=sample, name="kiln-gpu-temperature", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every_s + 5)
 
 
 def git_commit() -> str:

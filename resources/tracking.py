@@ -2,12 +2,13 @@
 
 import contextlib
 import os
+from contextlib import nullcontext
 
 from dagster import ConfigurableResource
 from pydantic import Field
 
 from pipeline import logs
-from pipeline.tracking import StageLogger, default_tracking_uri, pipeline_run
+from pipeline.tracking import StageLogger, default_tracking_uri, gpu_temperatures, pipeline_run
 
 
 class MLflowTracking(ConfigurableResource):
@@ -26,5 +27,7 @@ class MLflowTracking(ConfigurableResource):
         run_id = pipeline_run(self.tracking_uri, profile, dagster_run_id)
         mlflow.set_tracking_uri(self.tracking_uri)
         os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
-        with mlflow.start_run(run_id=run_id, log_system_metrics=self.system_metrics):
+        every_s = float(os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"])
+        temperatures = gpu_temperatures(self.tracking_uri, run_id, every_s) if self.system_metrics else nullcontext()
+        with mlflow.start_run(run_id=run_id, log_system_metrics=self.system_metrics), temperatures:
             yield StageLogger(self.tracking_uri, run_id, stage)

@@ -182,3 +182,30 @@ def test_pipeline_run_survives_a_tracking_server_restart(deployment, tmp_path, m
     stats = c.download_artifacts(run.info.run_id, "clean_corpus/stats.json", str(tmp_path))
     assert json.loads(Path(stats).read_text())["input_documents"] == 20
     assert list((root / "mlflow" / "artifacts").rglob("stats.json"))  # the server's own artifact store
+
+
+def test_run_queue_keeps_training_runs_apart(deployment, monkeypatch):
+    """The production instance's queue, applied by Dagster's own counter to the real jobs' run tags:
+    a running training run holds back every other run that trains, not a data run; one run per group."""
+    from types import SimpleNamespace
+
+    from dagster import DagsterInstance
+    from dagster._utils.tags import TagConcurrencyLimitsCounter
+
+    import definitions
+
+    root, env = deployment
+    monkeypatch.setenv("KILN_DAGSTER_DATABASE_URL", env["KILN_DAGSTER_DATABASE_URL"])
+    queue = DagsterInstance.from_config(str(root / "dagster_home")).run_coordinator.get_run_queue_config()
+
+    def run(job: str):
+        return SimpleNamespace(tags=definitions.defs.resolve_job_def(job).tags)
+
+    def blocked(running: str, queued: str) -> bool:
+        return TagConcurrencyLimitsCounter(list(queue.tag_concurrency_limits), [run(running)]).is_blocked(run(queued))
+
+    for trains in ("kiln_pipeline", "post_training", "evaluation", "release"):
+        assert blocked("training", trains)
+    assert not blocked("training", "data")
+    assert blocked("data", "data")
+    assert definitions.defs.resolve_job_def("data").op_retry_policy.max_retries >= 1
