@@ -9,9 +9,7 @@ import os
 
 from dagster import (
     AssetSelection,
-    Backoff,
     Definitions,
-    RetryPolicy,
     define_asset_job,
     load_asset_checks_from_modules,
     load_assets_from_modules,
@@ -27,23 +25,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 STAGE_MODULES = [corpus, training, post_training, evaluation, release]
 
-# Stages that log to MLflow are retried, so a tracking server restarting mid-run costs a wait, not the
-# run: KILN_TRACKING_RETRY_DELAY (seconds, doubling each time) over KILN_TRACKING_RETRIES tries.
-TRACKING_RETRY = RetryPolicy(
-    max_retries=int(os.environ.get("KILN_TRACKING_RETRIES", "3")),
-    delay=float(os.environ.get("KILN_TRACKING_RETRY_DELAY", "20")),
-    backoff=Backoff.EXPONENTIAL,
-)
-
 
 def kiln_job(name: str, selection, description: str, compute: str):
     """A job whose runs carry the tags the production run queue limits (pipeline/services.py): one run
     per `kiln/group` at a time, and one `kiln/compute: accelerator` run (training, evaluation,
     benchmarks) on the machine's cores or GPU at a time."""
     return define_asset_job(
-        name, selection=selection, description=description, op_retry_policy=TRACKING_RETRY,
-        tags={"kiln/group": name, "kiln/compute": compute},
-    )  # fmt: skip
+        name, selection=selection, description=description, tags={"kiln/group": name, "kiln/compute": compute}
+    )
 
 
 kiln_pipeline = kiln_job("kiln_pipeline", AssetSelection.all(), "Every asset, from sources to registry.", "accelerator")

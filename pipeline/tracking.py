@@ -16,6 +16,7 @@ import os
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,29 @@ def _store_dir(uri: str) -> Path | None:
 
 LOCK_DATABASE_ENV = "KILN_LOCK_DATABASE_URL"  # PostgreSQL whose advisory locks a tracking server's users share
 LOCK_WAIT_S = 300  # how long a promotion waits for another one before it gives up
+
+
+# what an error from a tracking server that is restarting or out of reach says (requests, urllib3, a proxy)
+UNREACHABLE_SIGNS = ("Connection refused", "Max retries exceeded", "Connection aborted", "RemoteDisconnected",
+                     "timed out", "502", "503", "504")  # fmt: skip
+
+
+def server_unavailable(uri: str, exc: BaseException) -> bool:
+    """True when `exc` says the tracking server could not be reached, or the server does not answer
+    now: worth retrying the stage, unlike a bug or a bad input. Never for a local store."""
+    if _store_dir(uri) is not None or not uri.startswith(("http://", "https://")):
+        return False
+    chain, seen = [], exc
+    while seen is not None:
+        chain.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    if any(sign in text for text in chain for sign in UNREACHABLE_SIGNS):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+            return False
+    except OSError:
+        return True
 
 
 def lock_dir(uri: str) -> Path:

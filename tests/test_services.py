@@ -153,7 +153,7 @@ def test_pipeline_run_survives_a_tracking_server_restart(deployment, tmp_path, m
     instance = DagsterInstance.from_config(str(root / "dagster_home"))
     assert isinstance(instance.run_storage, PostgresRunStorage)
     assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
-    run_env = {**env, "KILN_WORK_DIR": str(tmp_path / "work"), "KILN_TRACKING_RETRY_DELAY": "1"}
+    run_env = {**env, "KILN_WORK_DIR": str(tmp_path / "work"), "KILN_TRACKING_RETRY_DELAY": "2"}
     proc = kiln("run", "--job", "data", "--profile", str(write_data_profile(tmp_path)), env=run_env)
 
     def raw_corpus_done():
@@ -208,4 +208,39 @@ def test_run_queue_keeps_training_runs_apart(deployment, monkeypatch):
         assert blocked("training", trains)
     assert not blocked("training", "data")
     assert blocked("data", "data")
-    assert definitions.defs.resolve_job_def("data").op_retry_policy.max_retries >= 1
+
+
+def test_only_a_lost_tracking_server_retries_a_stage(deployment, tmp_path):
+    from dagster import RetryRequested
+
+    from resources import MLflowTracking
+
+    _, env = deployment
+    live = MLflowTracking(tracking_uri=env["MLFLOW_TRACKING_URI"], system_metrics=False)
+    with pytest.raises(ValueError, match="a bug"):  # the server answers: the stage's own error, not retried
+        with live.stage("run-a", "tiny", "tokenizer"):
+            raise ValueError("a bug")
+    gone = MLflowTracking(tracking_uri=f"http://127.0.0.1:{services.free_port()}", system_metrics=False)
+    with pytest.raises(RetryRequested):
+        with gone.stage("run-b", "tiny", "tokenizer"):
+            pass
+
+
+def test_gpu_memory_utilisation_and_temperature_reach_the_server(request, monkeypatch):
+    """On a machine with an NVIDIA GPU and the `gpu` extra (nvidia-ml-py): a stage's system metrics."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:
+        pytest.skip(f"no NVIDIA GPU to sample here (nvidia-ml-py and a driver are needed): {exc}")
+    from resources import MLflowTracking
+
+    _, env = request.getfixturevalue("deployment")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    tracking = MLflowTracking(tracking_uri=env["MLFLOW_TRACKING_URI"], system_metrics=True)
+    with tracking.stage("gpu-run", "tiny", "base_model") as log:
+        time.sleep(4)
+    metrics = client(env["MLFLOW_TRACKING_URI"]).get_run(log.run_id).data.metrics
+    for name in ("gpu_0_memory_usage_megabytes", "gpu_0_utilization_percentage", "gpu_0_temperature_celsius"):
+        assert f"system/{name}" in metrics, sorted(metrics)
