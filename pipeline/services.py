@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import KilnError
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, writable_folder, write_json
 from pipeline.layout import REPO_ROOT, services_dir_from_env
 
 PG_USER = "kiln"  # the database role kiln's services connect as
@@ -379,12 +379,15 @@ def environment(s: Services, state: dict) -> dict[str, str]:
     }
 
 
-def _ports(state: dict) -> dict:
-    """Keep each recorded port while it is free (or ours already); choose a new one otherwise."""
-    for key, owner in (("pg_port", None), ("mlflow_port", "mlflow_pid"), ("ui_port", "ui_pid")):
+def _ports(state: dict, pg_up: bool) -> dict:
+    """Keep each recorded port while it is free or held by our own service; choose a new one otherwise."""
+    for key, ours in (
+        ("pg_port", pg_up),
+        ("mlflow_port", alive(state.get("mlflow_pid"))),
+        ("ui_port", alive(state.get("ui_pid"))),
+    ):
         port = state.get(key)
-        ours = owner and alive(state.get(owner))
-        if not port or not (ours or port_free(port) or (key == "pg_port" and state.get("pg_up"))):
+        if not port or not (ours or port_free(port)):
             state[key] = free_port()
     return state
 
@@ -392,12 +395,10 @@ def _ports(state: dict) -> dict:
 def up(root: Path | None = None, ui: bool = True, daemon: bool = True) -> dict[str, str]:
     """Start whatever is not running (PostgreSQL, its databases, the tracking server, dagster.yaml,
     the Dagster daemon and UI) and return the deployment's environment."""
-    s = Services(Path(root or services_dir_from_env()))
-    s.root.mkdir(parents=True, exist_ok=True)
+    s = Services(writable_folder(Path(root or services_dir_from_env())))
     state = s.state()
     state.setdefault("password", secrets.token_urlsafe(18))
-    state["pg_up"] = pg_running(s)
-    state = _ports(state)
+    state = _ports(state, pg_running(s))
     s.save(state)
     init_cluster(s, state["password"])
     start_postgres(s, state["pg_port"])
@@ -427,6 +428,8 @@ def down(root: Path | None = None) -> None:
 def restart_mlflow(root: Path | None = None) -> None:
     s = Services(Path(root or services_dir_from_env()))
     state = s.state()
+    if not state:
+        raise KilnError(f"no services in {s.root}: start them with `make services`")
     stop_mlflow(s, state)
     start_mlflow(s, state)
 
@@ -452,7 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         description="kiln's production deployment on this machine: PostgreSQL, an MLflow tracking server on it "
         "and a Dagster instance (daemon and UI) on the same database. Data stays in the services folder.",
     )
-    parser.add_argument("action", choices=["up", "down", "status", "env", "restart"])
+    parser.add_argument(
+        "action", choices=["up", "down", "status", "env", "restart"],
+        help="up: start what is not running and print the environment; env: print it again; status: each "
+        "service (exit 1 when one is down); restart mlflow: stop and start the tracking server; down: stop all",
+    )  # fmt: skip
     parser.add_argument("service", nargs="?", choices=["mlflow"], help="for restart: the service to restart")
     parser.add_argument("--dir", type=Path, default=None, help="services folder (default: $KILN_SERVICES_DIR or "
                         ".services/ in the checkout)")  # fmt: skip

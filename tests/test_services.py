@@ -244,3 +244,12 @@ def test_gpu_memory_utilisation_and_temperature_reach_the_server(request, monkey
     metrics = client(env["MLFLOW_TRACKING_URI"]).get_run(log.run_id).data.metrics
     for name in ("gpu_0_memory_usage_megabytes", "gpu_0_utilization_percentage", "gpu_0_temperature_celsius"):
         assert f"system/{name}" in metrics, sorted(metrics)
+
+
+def test_a_services_folder_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert services.main(["up", "--dir", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln: error:") and str(tmp_path / "file") in err and err.count("\n") == 1
+    assert services.main(["restart", "mlflow", "--dir", str(tmp_path / "none")]) == 2
+    assert "make services" in capsys.readouterr().err
