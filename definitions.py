@@ -19,6 +19,7 @@ from assets import corpus, evaluation, post_training, release, training
 from assets.automation import new_data_sensor, retrain_schedule
 from pipeline.layout import work_dir_from_env
 from resources import KilnSettings, MLflowTracking
+from resources.logs import kiln_console
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,10 +30,11 @@ STAGE_MODULES = [corpus, training, post_training, evaluation, release]
 def kiln_job(name: str, selection, description: str, compute: str):
     """A job whose runs carry the tags the production run queue limits (pipeline/services.py): one run
     per `kiln/group` at a time, and one `kiln/compute: accelerator` run (training, evaluation,
-    benchmarks) on the machine's cores or GPU at a time."""
+    benchmarks) on the machine's cores or GPU at a time. Its run logs use kiln's logging set-up."""
     return define_asset_job(
-        name, selection=selection, description=description, tags={"kiln/group": name, "kiln/compute": compute}
-    )
+        name, selection=selection, description=description, tags={"kiln/group": name, "kiln/compute": compute},
+        config={"loggers": {"console": {}}},  # kiln_console below: Dagster's run logs in kiln's format
+    )  # fmt: skip
 
 
 kiln_pipeline = kiln_job("kiln_pipeline", AssetSelection.all(), "Every asset, from sources to registry.", "accelerator")
@@ -70,4 +72,5 @@ defs = Definitions(
     schedules=[retrain_schedule(kiln_pipeline)],
     sensors=[new_data_sensor(kiln_pipeline)],
     resources=resources_for(os.environ.get("KILN_DEPLOYMENT", "local")),
+    loggers={"console": kiln_console},  # the jobs' run logs as kiln's structured lines (KILN_LOG_FORMAT)
 )

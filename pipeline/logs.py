@@ -82,6 +82,20 @@ def _typed(logger, method: str, event: dict) -> dict:
     return event
 
 
+def _dagster_fields(logger, method: str, event: dict) -> dict:
+    """A Dagster run log record (resources/logs.py) carries its run, step, job and event type in
+    `dagster_meta`: they become fields, and the message without Dagster's prefix the event."""
+    meta = getattr(event.get("_record"), "dagster_meta", None)
+    if isinstance(meta, dict):
+        dagster_event = meta.get("dagster_event")
+        event.update(
+            run_id=meta.get("run_id"), stage=meta.get("step_key"), job=meta.get("job_name"),
+            event=meta.get("orig_message") or event.get("event"),
+            dagster_event=getattr(dagster_event, "event_type_value", None),
+        )  # fmt: skip
+    return event
+
+
 def _lift_json(logger, method: str, event: dict) -> dict:
     """A plain record whose message is a JSON object (the gateway's request line) becomes its fields."""
     message = event.get("event")
@@ -120,7 +134,7 @@ def configure(fmt: str | None = None, level: int = logging.INFO) -> str:
     handler.kiln = True
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, _lift_json, _typed],
+            foreign_pre_chain=[*shared, _dagster_fields, _lift_json, _typed],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
@@ -128,7 +142,8 @@ def configure(fmt: str | None = None, level: int = logging.INFO) -> str:
     for old in [h for h in root.handlers if getattr(h, "kiln", False)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(logging.WARNING)  # libraries' info lines (migrations, HTTP) stay out, as before
+    logging.getLogger("kiln").setLevel(level)
     # every training step in JSON; on a console the progress bar shows them
     logging.getLogger("kiln.training").setLevel(logging.DEBUG if fmt == "json" else logging.INFO)
     return fmt

@@ -95,3 +95,40 @@ def test_kiln_pretrain_logs_every_step_as_json(small_corpus, tiny_base, tmp_path
         assert x["loss"] > 0 and x["lr"] >= 0 and x["tokens_per_s"] > 0
     assert len({x["run_id"] for x in lines}) == 1
     assert [x["step"] for x in lines if x["event"] == "evaluation"] == [2, 4]
+
+
+def test_dagster_run_logs_become_structured_lines(json_lines):
+    """A real Dagster run with kiln's console logger: its events and an op's `context.log` as JSON."""
+    from dagster import job, op
+
+    from resources.logs import kiln_console
+
+    @op
+    def count_documents(context):
+        context.log.info("counted 12 documents")
+
+    @job(logger_defs={"console": kiln_console}, config={"loggers": {"console": {}}})
+    def tiny_job():
+        count_documents()
+
+    result = tiny_job.execute_in_process()
+    lines = [x for x in json_lines() if x.get("job") == "tiny_job"]
+    [said] = [x for x in lines if x["event"] == "counted 12 documents"]
+    assert (said["run_id"], said["stage"], said["type"], said["level"]) == (
+        result.run_id,
+        "count_documents",
+        "system",
+        "info",
+    )
+    assert {"STEP_START", "STEP_SUCCESS", "PIPELINE_SUCCESS"} <= {x["dagster_event"] for x in lines}
+
+
+def test_the_code_location_logs_through_kiln():
+    import definitions
+    from resources.logs import kiln_console
+
+    assert definitions.defs.loggers["console"] is kiln_console
+    for job in ("kiln_pipeline", "data", "training", "release"):
+        job_def = definitions.defs.resolve_job_def(job)
+        assert job_def.loggers["console"] is kiln_console
+        assert job_def.run_config == {"loggers": {"console": {}}}  # used when a run names no loggers
