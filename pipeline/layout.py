@@ -12,7 +12,9 @@
         eval_report/{report.json,report.md,humaneval/,lm_eval_tasks/}
         registered_model/bundle/
 
-The work folder is `data/work` in the checkout unless `KILN_WORK_DIR` names another.
+The work folder is `data/work` in the checkout unless `KILN_WORK_DIR` names another; models
+downloaded from the Hugging Face hub are kept beside the profiles in `<work_dir>/model_cache/`
+(or `KILN_MODEL_CACHE`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ def services_dir_from_env() -> Path:
 
 def work_dir_from_env() -> Path:
     return Path(os.environ.get("KILN_WORK_DIR") or DEFAULT_WORK_DIR)
+
+
+def model_cache_dir() -> Path:
+    """Hugging Face models downloaded by `kiln download`, in huggingface_hub's cache layout
+    (`models--org--name/{blobs,refs,snapshots}`): `KILN_MODEL_CACHE`, else `model_cache/` in the
+    work folder."""
+    return Path(os.environ.get("KILN_MODEL_CACHE") or work_dir_from_env() / "model_cache")
 
 
 @dataclass(frozen=True)
