@@ -142,7 +142,7 @@ def file_lock(path: Path) -> Iterator[None]:
 def gpu_temperatures(uri: str, run_id: str, every_s: float) -> Iterator[None]:
     """GPU temperatures beside MLflow's system metrics, which sample GPU memory, utilisation and power
     through nvidia-ml-py but not temperature: `system/gpu_<i>_temperature_celsius` every `every_s`
-    seconds while the block runs. Nothing without nvidia-ml-py (the `gpu` extra) or an NVIDIA GPU."""
+    seconds while the block runs. Nothing without an NVIDIA GPU and its driver."""
     try:
         import pynvml
 

@@ -227,13 +227,13 @@ def test_only_a_lost_tracking_server_retries_a_stage(deployment, tmp_path):
 
 
 def test_gpu_memory_utilisation_and_temperature_reach_the_server(request, monkeypatch):
-    """On a machine with an NVIDIA GPU and the `gpu` extra (nvidia-ml-py): a stage's system metrics."""
+    """On a machine with an NVIDIA GPU (and its driver): a stage's GPU system metrics on the server."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception as exc:
-        pytest.skip(f"no NVIDIA GPU to sample here (nvidia-ml-py and a driver are needed): {exc}")
+        pytest.skip(f"no NVIDIA GPU and driver on this machine to sample: {exc}")
     from resources import MLflowTracking
 
     _, env = request.getfixturevalue("deployment")
