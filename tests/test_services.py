@@ -1,5 +1,5 @@
 """The production deployment against real services: PostgreSQL, an MLflow tracking server on it and
-Dagster's PostgreSQL storage, started once for the module by `pipeline.services` (what `make
+Dagster's PostgreSQL storage, started once for the session by `pipeline.services` (what `make
 services` runs) in a temporary folder on free loopback ports, and stopped afterwards."""
 
 import json
@@ -24,7 +24,7 @@ from pipeline.tracking import LOCK_DATABASE_ENV, client, experiment_id
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def deployment():
     """(services folder, the printed environment). Skips only when PostgreSQL cannot be installed."""
     try:
