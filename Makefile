@@ -9,11 +9,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 PROFILE ?= tiny
-export DAGSTER_HOME := $(CURDIR)/.dagster_home
+# the embedded default; a shell with the `make services` environment keeps its own
+DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install sandbox ui mlflow-ui bench bench-serve serve clean-work
+.PHONY: run test install sandbox postgres services services-down services-status ui mlflow-ui bench bench-serve serve \
+	clean-work
 
 install: sandbox $(STAMP)
 
@@ -23,6 +26,13 @@ sandbox:
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && \
 		{ apt-get install -y bubblewrap || { apt-get update && apt-get install -y bubblewrap; }; }; } \
 		|| echo "bubblewrap is missing: sudo apt-get install bubblewrap (HumanEval scoring needs it)"
+
+# The production deployment on one machine (`make services`) runs Debian's PostgreSQL: installed when
+# missing and this is root, as bubblewrap is; the services tests install it the same way or skip.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y postgresql || { apt-get update && apt-get install -y postgresql; }; }; } \
+		|| echo "postgresql is missing: sudo apt-get install postgresql (make services and its tests need it)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +44,7 @@ $(STAMP): pyproject.toml
 run: sandbox $(STAMP)
 	time $(BIN)/kiln run --profile $(PROFILE)
 
-test: sandbox $(STAMP)
+test: sandbox postgres $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -58,6 +68,17 @@ serve: $(STAMP)
 bench-serve: $(STAMP)
 	$(BIN)/python -m pipeline.serve.engine
 	$(BIN)/python benchmarks/serve_load.py
+
+# PostgreSQL, an MLflow tracking server on it and the Dagster daemon and UI on the same database, in
+# .services/; prints the environment that points kiln at them (also in .services/env.sh).
+services: postgres $(STAMP)
+	$(BIN)/python -m pipeline.services up
+
+services-down:
+	$(BIN)/python -m pipeline.services down
+
+services-status:
+	$(BIN)/python -m pipeline.services status
 
 clean-work:
 	rm -rf data/work

@@ -7,23 +7,33 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image
 from pipeline.charts import loss_curve
+from pipeline.data.clean import read_split
 from pipeline.io import read_json
 from pipeline.train.pretrain import build_base_model
+from pipeline.train.pretrained import pretrained_base, pretrained_tokenizer
 from pipeline.train.tokenizer import build_tokenizer
 from resources import KilnSettings, MLflowTracking
 
 PARAMETER_LIMIT = 300_000_000
 
 
-@asset(group_name="training", code_version="1", deps=[clean_corpus])
+@asset(group_name="training", code_version="2", deps=[clean_corpus])
 def tokenizer(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A 32,000-token byte-level BPE (GPT-2 pre-tokenization) with bos/eos/pad, chat-role and
-    fill-in-the-middle tokens and a chat template, trained on the clean train split."""
+    fill-in-the-middle tokens and a chat template, trained on the clean train split; or, with
+    `model.from_pretrained` in the profile, that model's own tokenizer, measured the same way."""
     profile, layout = kiln.load_with_layout()
-    stats = build_tokenizer(layout.clean_splits, layout.tokenizer_dir, profile)
-    context.log.info(f"tokenizer: {stats['vocab_size']} tokens, bytes/token {stats['bytes_per_token']}")
+    m = profile.model
+    if m.from_pretrained:
+        validation = list(read_split(layout.clean_splits, "validation"))
+        stats = pretrained_tokenizer(m.from_pretrained, m.revision, layout.tokenizer_dir, validation)
+    else:
+        stats = build_tokenizer(layout.clean_splits, layout.tokenizer_dir, profile)
+    source = f"from_pretrained {m.from_pretrained}" if m.from_pretrained else "trained on the clean train split"
+    context.log.info(f"tokenizer ({source}): {stats['vocab_size']} tokens, bytes/token {stats['bytes_per_token']}")
     bpt = stats["bytes_per_token"]
     metadata = {
+        "source": source,
         "path": MetadataValue.path(str(layout.tokenizer)),
         "vocab_size": stats["vocab_size"],
         "bytes_per_token_validation": bpt["validation"],
@@ -31,7 +41,8 @@ def tokenizer(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflow
         "bytes_per_token_prose": bpt["prose"] or float("nan"),
     }
     with mlflow.stage(context.run.run_id, profile.name, "tokenizer") as log:
-        log_to_mlflow(log, metadata, params=profile.tokenizer, files=[layout.tokenizer, layout.tokenizer_stats])
+        params = {"from_pretrained": m.from_pretrained} if m.from_pretrained else profile.tokenizer
+        log_to_mlflow(log, metadata, params=params, files=[layout.tokenizer, layout.tokenizer_stats])
     return MaterializeResult(metadata=metadata)
 
 
@@ -44,11 +55,14 @@ def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="training", code_version="2", deps=[tokenizer])
+@asset(group_name="training", code_version="3", deps=[tokenizer])
 def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """A Llama-architecture model (RMSNorm, RoPE, SwiGLU, GQA) pretrained from scratch on the
-    packed train split; resumes from its last checkpoint if a run was interrupted."""
+    packed train split; resumes from its last checkpoint if a run was interrupted. With
+    `model.from_pretrained`, that model instead, measured on the same validation split."""
     profile, layout = kiln.load_with_layout()
+    if profile.model.from_pretrained:
+        return _pretrained_base_model(context, profile, layout, mlflow)
 
     def log_step(row: dict) -> None:
         if "val_loss" in row or row["step"] % 10 == 0:
@@ -81,6 +95,28 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
             history=result.history + result.evals,
             history_keys=("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb"),
         )  # fmt: skip
+    return MaterializeResult(metadata=metadata)
+
+
+def _pretrained_base_model(context: AssetExecutionContext, profile, layout, mlflow: MLflowTracking):
+    """base_model for `model.from_pretrained`: the downloaded weights, no training."""
+    m = profile.model
+    train, validation = ([r["text"] for r in read_split(layout.clean_splits, k)] for k in ("train", "validation"))
+    with mlflow.stage(context.run.run_id, profile.name, "base_model") as log:
+        s = pretrained_base(
+            m.from_pretrained, m.revision, layout.tokenizer, layout.stage_of("base"), train, validation,
+            window=profile.pretrain.seq_len,
+        )  # fmt: skip
+        context.log.info(f"base_model: {m.from_pretrained} ({s['parameters']:,} parameters), not trained here")
+        metadata = {
+            "source": f"from_pretrained {m.from_pretrained}",
+            "path": MetadataValue.path(str(layout.model_dir("base"))),
+            "parameters": s["parameters"],
+            "val_bits_per_byte": s["val_bpb"],
+            "unigram_bits_per_byte": s["unigram_bpb"],
+        }
+        log_to_mlflow(log, metadata, params={"from_pretrained": m.from_pretrained, "snapshot": s["snapshot"]},
+                      files=[layout.base_summary])  # fmt: skip
     return MaterializeResult(metadata=metadata)
 
 

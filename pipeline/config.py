@@ -145,6 +145,12 @@ class ModelShape:
     """RMSNorm epsilon."""
     tie_embeddings: bool = True
     """Share the input embedding and the output projection (most of a small model's weights)."""
+    from_pretrained: str | None = None
+    """A Hugging Face model id (fetched first with `kiln download ID`) or a save_pretrained folder:
+    base_model starts from it instead of pretraining, the tokenizer is its own, and the sizes above
+    and the tokenizer and pretrain sections are not used. None: pretrain kiln's own model."""
+    revision: str | None = None
+    """The branch, tag or commit of `from_pretrained` (a hub id) to use; None: the one downloaded as main."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size"):
@@ -158,6 +164,8 @@ class ModelShape:
             raise ProfileError(f"model.num_heads {self.num_heads} does not divide by num_kv_heads {self.num_kv_heads}")
         if self.num_layers < 1:
             raise ProfileError("model.num_layers must be at least 1")
+        if self.from_pretrained is not None and not self.from_pretrained.strip():
+            raise ProfileError("model.from_pretrained: give a model id (org/name) or a folder, or null")
 
 
 @dataclass

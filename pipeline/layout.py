@@ -13,7 +13,9 @@
         sampling_preset/{presets.json,study.json,study.db}
         registered_model/bundle/
 
-The work folder is `data/work` in the checkout unless `KILN_WORK_DIR` names another.
+The work folder is `data/work` in the checkout unless `KILN_WORK_DIR` names another; models
+downloaded from the Hugging Face hub are kept beside the profiles in `<work_dir>/model_cache/`
+(or `KILN_MODEL_CACHE`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK_DIR = REPO_ROOT / "data" / "work"
 REGISTRY_DIR = REPO_ROOT / "registry"  # the local MLflow store (sqlite + artifacts)
 DAGSTER_HOME = REPO_ROOT / ".dagster_home"
+SERVICES_DIR = REPO_ROOT / ".services"  # the production deployment on one machine (pipeline/services.py)
 PROFILES_DIR = REPO_ROOT / "profiles"  # the shipped profiles, one YAML file each
 PRESETS_DIR = REPO_ROOT / "presets"  # the gateway's sampler presets, one YAML file each
 QUANTS = ("F16", "Q8_0", "Q4_K_M")  # the GGUF files every version ships
@@ -37,8 +40,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln")
 
 
+def services_dir_from_env() -> Path:
+    """PostgreSQL, the tracking server's artifacts and the Dagster home of `make services`:
+    `KILN_SERVICES_DIR`, else .services/ in the checkout."""
+    return Path(os.environ.get("KILN_SERVICES_DIR") or SERVICES_DIR)
+
+
 def work_dir_from_env() -> Path:
     return Path(os.environ.get("KILN_WORK_DIR") or DEFAULT_WORK_DIR)
+
+
+def model_cache_dir() -> Path:
+    """Hugging Face models downloaded by `kiln download`, in huggingface_hub's cache layout
+    (`models--org--name/{blobs,refs,snapshots}`): `KILN_MODEL_CACHE`, else `model_cache/` in the
+    work folder."""
+    return Path(os.environ.get("KILN_MODEL_CACHE") or work_dir_from_env() / "model_cache")
 
 
 @dataclass(frozen=True)

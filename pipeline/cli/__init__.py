@@ -14,7 +14,9 @@ import argparse
 import os
 import sys
 
+from pipeline import logs
 from pipeline.cli.command import Command
+from pipeline.cli.download import Download
 from pipeline.cli.humaneval import Humaneval
 from pipeline.cli.release import Bench, Compare, Gguf, History, Models, Promote, Pull, Rollback
 from pipeline.cli.run import Run
@@ -27,6 +29,7 @@ COMMANDS: dict[str, Command] = {
     "clean": Clean(),
     "profiles": Profiles(),
     "tokenizer": Tokenizer(),
+    "download": Download(),
     "pretrain": Pretrain(),
     "device": Device(),
     "gguf": Gguf(),
@@ -57,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    if not getattr(args.func.__self__, "online", False):  # only `kiln download` reaches the hub by default
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    logs.configure()
+    logs.bind(stage=args.command)
     try:
         return args.func(args)
     except KilnError as exc:

@@ -24,6 +24,8 @@ class Command:
 
     help: str = ""
     description: str | None = None
+    online: bool = False
+    """Whether it may reach the Hugging Face hub; the others run with HF_HUB_OFFLINE=1 unless it is set."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """No arguments unless the command declares some."""

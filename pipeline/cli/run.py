@@ -51,10 +51,15 @@ def prepare_dagster_home(home: Path) -> None:
 
 def done_message(chosen: str, name: str, dagster_home: str) -> str:
     """Where a finished run's artifacts, runs and versions are: the same Layout the assets wrote through."""
+    server = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if server.startswith("http"):  # a tracking server (make services): its own UI, the Dagster UI beside it
+        dagster_ui, mlflow_ui = "the dagster-webserver URL of make services-status (", f"{server}  ("
+    else:
+        dagster_ui, mlflow_ui = "make ui         (http://127.0.0.1:3000; ", "make mlflow-ui  (http://127.0.0.1:5000; "
     return (
         f"\nkiln: pipeline done on profile {chosen!r}.\n"
         f"  artifacts:     {Layout.for_profile(name).root}\n"
-        f"  Dagster UI:    make ui         (http://127.0.0.1:3000; runs are in DAGSTER_HOME={dagster_home})\n"
-        f"  MLflow UI:     make mlflow-ui  (http://127.0.0.1:5000; experiment kiln-{name})\n"
+        f"  Dagster UI:    {dagster_ui}runs are in DAGSTER_HOME={dagster_home})\n"
+        f"  MLflow UI:     {mlflow_ui}experiment kiln-{name})\n"
         f"  versions:      .venv/bin/kiln models --profile {chosen}\n"
     )

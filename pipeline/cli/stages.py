@@ -73,8 +73,14 @@ class Profiles(Command):
         profiles = [load_profile(name) for name in ([args.name] if args.name else PROFILE_NAMES)]
         counted = sorted(((count_parameters(p.model, p.tokenizer.vocab_size), p) for p in profiles), key=lambda c: c[0])
         for n, profile in counted:
+            if profile.model.from_pretrained:  # its size is the downloaded model's, not the shape's
+                n = None
             if args.json:
                 print(json.dumps({**profile.to_dict(), "parameters": n}, indent=2, default=str))
+                continue
+            if n is None:
+                ref = profile.model.from_pretrained
+                print(f"{profile.name:>6}: from_pretrained {ref} (its size: kiln download --info {ref})")
                 continue
             m, t = profile.model, profile.pretrain
             print(

@@ -48,9 +48,14 @@ def model_card(
 ) -> str:
     """MODEL_CARD.md: data, model, training, evaluation, GGUF measurements and lineage of one run."""
     benchmark_table = markdown_table(bench["files"]) if bench else ""
+    origin = (
+        f"Fine-tuned from {base['from_pretrained']} (a downloaded model, not pretrained by kiln)"
+        if base.get("from_pretrained")
+        else "A Llama-architecture model pretrained from scratch by kiln"
+    )
     return f"""# {model_name(profile.name)}
 
-A Llama-architecture model pretrained from scratch by kiln, then QLoRA SFT and DPO, shipped as GGUF.
+{origin}, then QLoRA SFT and DPO, shipped as GGUF.
 Pipeline run `{run_id}`.
 
 ## Data
@@ -59,11 +64,11 @@ dropped by reason: {json.dumps(clean.get("dropped", {}))}; PII masked: {json.dum
 split: {json.dumps(clean.get("splits", {}))}.
 
 ## Model
-{base.get("parameters")} parameters; shape {json.dumps(profile.model.__dict__)}.
+{base.get("parameters")} parameters; {_shape(profile, base)}.
 Tokenizer: {tok.get("vocab_size")} tokens, {json.dumps(tok.get("bytes_per_token", {}))} bytes per token.
 
 ## Training
-Pretraining: {json.dumps(profile.pretrain.__dict__)}; validation bits per byte {base.get("val_bpb")}
+Pretraining: {_pretraining(profile, base)}; validation bits per byte {base.get("val_bpb")}
 (unigram baseline {base.get("unigram_bpb")}).
 SFT (QLoRA, NF4): steps {profile.sft.steps}, LoRA r {profile.sft.lora_r}.
 DPO: steps {profile.dpo.steps}, beta {profile.dpo.beta}.
@@ -77,6 +82,16 @@ DPO: steps {profile.dpo.steps}, beta {profile.dpo.beta}.
 raw_corpus -> clean_corpus -> tokenizer -> base_model -> sft_model -> dpo_model -> gguf_model -> gguf_benchmark,
 eval_report
 """
+
+
+def _shape(profile: Profile, base: dict) -> str:
+    if base.get("from_pretrained"):
+        return f"the shape of {base['from_pretrained']} (its config.json is in hf/)"
+    return f"shape {json.dumps(profile.model.__dict__)}"
+
+
+def _pretraining(profile: Profile, base: dict) -> str:
+    return "none here (downloaded)" if base.get("from_pretrained") else json.dumps(profile.pretrain.__dict__)
 
 
 def _write_bundle(layout: Layout, profile: Profile, files: dict, card: str, bench: dict, clean: dict) -> None:

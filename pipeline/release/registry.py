@@ -5,8 +5,9 @@ merged HF checkpoint, the model card and the reports, with a `sha256.<file>` tag
 Aliases, not the deprecated stages: `candidate` (set when the quality gate passed) and
 `production`. Every promotion and rollback appends one `kiln.history.NNNN` tag to the
 registered model (who, when, from which version to which): the history is append-only and
-nothing is ever deleted. Changes are serialized by a lock, so two concurrent promotions both
-land in the history, one after the other.
+nothing is ever deleted. Changes are serialized by a lock (a file beside a local store, a PostgreSQL advisory lock for a
+tracking server), so concurrent promotions from any machines all land in the history, one after
+the other.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from pipeline.errors import KilnError
 from pipeline.io import writable_folder
-from pipeline.tracking import client, file_lock, lock_dir
+from pipeline.tracking import LOCK_DATABASE_ENV, client, lock, shared_lock_url
 
 CANDIDATE, PRODUCTION = "candidate", "production"
 HISTORY = "kiln.history."
@@ -49,7 +50,15 @@ def _files(folder: Path) -> dict[str, Path]:
 
 
 def _lock(uri: str, name: str):
-    return file_lock(lock_dir(uri) / f".{name}.registry.lock")
+    """Serializes the changes to one registered model among everyone using `uri`: a file beside a
+    local store; for a tracking server, an advisory lock in the deployment's PostgreSQL, since
+    release managers run the commands from different machines."""
+    if not uri.startswith("sqlite:") and not shared_lock_url(uri):
+        raise KilnError(
+            f"changing {name} on the tracking server {uri} needs {LOCK_DATABASE_ENV} (the PostgreSQL "
+            "whose advisory lock serializes releases across machines; `make services` prints it)"
+        )
+    return lock(uri, f"{name}.registry")
 
 
 def _reachable(uri: str) -> None:

@@ -10,7 +10,9 @@ SFT and DPO stages and the GGUF use.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -114,14 +116,51 @@ def bytes_per_token(tokenizer, texts: Iterable[str]) -> float:
 
 
 def token_byte_lengths(tokenizer) -> list[int]:
-    """UTF-8 bytes each token id stands for (0 for special tokens): bits per byte needs it."""
+    """UTF-8 bytes each token id stands for (0 for special tokens): bits per byte needs it.
+    Byte-level BPE spells bytes as GPT-2's printable characters; a SentencePiece vocabulary
+    spells a space as "▁" and a fallback byte as <0xNN>. SentencePiece also puts a "▁" before
+    each text, so its texts count one byte more than they hold (one per document, not per token)."""
     byte_decoder = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
+    byte_level = tokenizer_kind(json.loads(tokenizer.backend_tokenizer.to_str())) == BYTE_LEVEL_BPE
     lengths = [0] * len(tokenizer)
     special = set(tokenizer.all_special_ids)
     for token, idx in tokenizer.get_vocab().items():
-        if idx not in special and token not in SPECIAL_TOKENS:
+        if idx in special or token in SPECIAL_TOKENS:
+            continue
+        if byte_level:
             lengths[idx] = sum(1 for ch in token if ch in byte_decoder)
+        else:
+            lengths[idx] = 1 if BYTE_PIECE.fullmatch(token) else len(token.replace("\u2581", " ").encode("utf-8"))
     return lengths
+
+
+BYTE_LEVEL_BPE, SENTENCEPIECE_BPE = "byte-level BPE", "SentencePiece BPE"
+SENTENCEPIECE_UNIGRAM = "SentencePiece Unigram"
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def tokenizer_parts(node: dict | None) -> list[dict]:
+    """A normalizer, pre-tokenizer or decoder of tokenizer.json with its Sequence unrolled."""
+    if not node:
+        return []
+    inner = node.get("pretokenizers") or node.get("normalizers") or node.get("decoders")
+    return [p for child in inner for p in tokenizer_parts(child)] if node.get("type") == "Sequence" else [node]
+
+
+def tokenizer_kind(spec: dict) -> str:
+    """What a tokenizer.json is: byte-level BPE (GPT-2, SmolLM, kiln's own), SentencePiece BPE
+    (Llama 2, Mistral: "▁" for spaces, byte fallback), SentencePiece Unigram, or its model type."""
+    model = spec.get("model", {}).get("type")
+    keys = ("normalizer", "pre_tokenizer", "decoder")
+    types = {p.get("type") for key in keys for p in tokenizer_parts(spec.get(key))}
+    if model == "BPE" and "ByteLevel" in types:
+        return BYTE_LEVEL_BPE
+    sentencepiece = "Metaspace" in types or spec["model"].get("byte_fallback") or "Prepend" in types
+    if model == "BPE" and sentencepiece:
+        return SENTENCEPIECE_BPE
+    if model == "Unigram":
+        return SENTENCEPIECE_UNIGRAM
+    return str(model)
 
 
 def text_nats_and_bytes(losses, targets, token_bytes) -> tuple[float, float]:
@@ -175,10 +214,17 @@ def build_tokenizer(clean_dir: Path, out_dir: Path, profile) -> dict:
         settings.vocab_size,
         settings.min_frequency,
     )
-    val = list(read_split(clean_dir, "validation"))
+    stats = measure_tokenizer(tok, list(read_split(clean_dir, "validation")))
+    write_json(out_dir / "stats.json", stats)
+    return stats
+
+
+def measure_tokenizer(tok, val: list[dict]) -> dict:
+    """Vocabulary size, bytes per token (code, prose, all) and round-trip failures on the
+    validation records and the fixed samples: the tokenizer stage's stats."""
     code = [r["text"] for r in val if r["lang"] not in ("en", "ko", "other", "unknown")]
     prose = [r["text"] for r in val if r["lang"] in ("en", "ko", "other", "unknown")]
-    stats = {
+    return {
         "vocab_size": len(tok),
         "bytes_per_token": {
             "validation": bytes_per_token(tok, code + prose),
@@ -188,5 +234,3 @@ def build_tokenizer(clean_dir: Path, out_dir: Path, profile) -> dict:
         "round_trip_failures": round_trip_failures(tok, [r["text"] for r in val] + ROUND_TRIP_SAMPLES),
         "round_trip_texts": len(val) + len(ROUND_TRIP_SAMPLES),
     }
-    write_json(out_dir / "stats.json", stats)
-    return stats
