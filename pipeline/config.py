@@ -402,7 +402,7 @@ class TuneSettings:
     threads: int = 1
     """llama.cpp threads while tuning: what one kiln serve replica gets (cores / replicas)."""
     storage: str | None = None
-    """Optuna storage URL (e.g. postgresql://user@host/db) shared by workers; None: sqlite in the work folder."""
+    """Optuna storage URL shared by workers (postgresql+psycopg2://user@host/db); None: sqlite in the work folder."""
     space: SearchSpace = field(default_factory=SearchSpace)
     """The sampler values searched."""
 

@@ -30,7 +30,7 @@ class Tune(Command):
             metavar="DIR",
             help="where presets.json and study.json go (default: the profile's sampling_preset folder)",
         )
-        parser.add_argument("--storage", metavar="URL", help="Optuna storage, e.g. postgresql://user@host/db "
+        parser.add_argument("--storage", metavar="URL", help="Optuna storage, e.g. postgresql+psycopg2://user@host/db "
                             "(default: tune.storage, else sqlite:///OUTPUT/study.db)")  # fmt: skip
         parser.add_argument("--trials", type=int, help="trials the study holds when done (default: tune.trials)")
         parser.add_argument("--timeout", type=float, help="seconds of tuning at most (default: tune.timeout)")
