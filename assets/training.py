@@ -6,6 +6,7 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image
+from assets.stage import Stage, StageConfig
 from pipeline.charts import loss_curve
 from pipeline.io import read_json
 from pipeline.train.pretrain import build_base_model
@@ -16,10 +17,15 @@ PARAMETER_LIMIT = 300_000_000
 
 
 @asset(group_name="training", code_version="1", deps=[clean_corpus])
-def tokenizer(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
+def tokenizer(
+    context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
+) -> MaterializeResult:
     """A 32,000-token byte-level BPE (GPT-2 pre-tokenization) with bos/eos/pad, chat-role and
     fill-in-the-middle tokens and a chat template, trained on the clean train split."""
     profile, layout = kiln.load_with_layout()
+    stage = Stage.start(context, layout, config, profile.tokenizer, inputs=[layout.clean_splits])
+    if stage.reused:
+        return stage.reuse()
     stats = build_tokenizer(layout.clean_splits, layout.tokenizer_dir, profile)
     context.log.info(f"tokenizer: {stats['vocab_size']} tokens, bytes/token {stats['bytes_per_token']}")
     bpt = stats["bytes_per_token"]
@@ -32,7 +38,7 @@ def tokenizer(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflow
     }
     with mlflow.stage(context.run.run_id, profile.name, "tokenizer") as log:
         log_to_mlflow(log, metadata, params=profile.tokenizer, files=[layout.tokenizer, layout.tokenizer_stats])
-    return MaterializeResult(metadata=metadata)
+    return stage.finish(metadata)
 
 
 @asset_check(asset=tokenizer, blocking=True, description="Held-out text (code, English, Korean, emoji) round-trips.")
@@ -45,10 +51,16 @@ def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
 
 
 @asset(group_name="training", code_version="2", deps=[tokenizer])
-def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
+def base_model(
+    context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
+) -> MaterializeResult:
     """A Llama-architecture model (RMSNorm, RoPE, SwiGLU, GQA) pretrained from scratch on the
     packed train split; resumes from its last checkpoint if a run was interrupted."""
     profile, layout = kiln.load_with_layout()
+    settings = {"model": profile.model, "pretrain": profile.pretrain}
+    stage = Stage.start(context, layout, config, settings, inputs=[layout.clean_splits, layout.tokenizer])
+    if stage.reused:
+        return stage.reuse()
 
     def log_step(row: dict) -> None:
         if "val_loss" in row or row["step"] % 10 == 0:
@@ -81,7 +93,7 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
             history=result.history + result.evals,
             history_keys=("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb"),
         )  # fmt: skip
-    return MaterializeResult(metadata=metadata)
+    return stage.finish(metadata)
 
 
 @asset_check(asset=base_model, blocking=True, description="Validation bits per byte beat a unigram model's.")

@@ -11,6 +11,8 @@
         gguf_benchmark/benchmark.json
         eval_report/{report.json,report.md,humaneval/,lm_eval_tasks/}
         registered_model/bundle/
+        .hashes.json, timings.jsonl          input hashes by size+mtime; seconds per stage and run
+        <stage>/.stage.json                  a finished stage's key and result (pipeline/reuse.py)
 
 The work folder is `data/work` in the checkout unless `KILN_WORK_DIR` names another.
 """
@@ -54,6 +56,16 @@ class Layout:
     @property
     def root(self) -> Path:
         return Path(self.work_dir) / self.profile
+
+    @property
+    def hash_cache(self) -> Path:
+        """sha256 of the stages' input files, by size and modification time."""
+        return self.root / ".hashes.json"
+
+    @property
+    def timings(self) -> Path:
+        """One JSON line per stage and run: seconds, reused or computed."""
+        return self.root / "timings.jsonl"
 
     def stage(self, name: str) -> Path:
         """The folder of one asset, created on first use."""
