@@ -5,7 +5,7 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image, md_table
 from assets.post_training import dpo_model
-from assets.stage import Stage, StageConfig
+from assets.stage import Stage, StageConfig, forced
 from pipeline.charts import gguf_comparison
 from pipeline.data.clean import read_split
 from pipeline.io import read_json, write_json
@@ -105,7 +105,7 @@ def registered_model(
     name = model_name(profile.name)
     bundle = build_bundle(layout, profile, context.run.run_id)
     hashes = bundle_hashes(layout.bundle_dir)
-    same = None if config.force else same_model(mlflow.tracking_uri, profile.name, hashes)
+    same = None if forced(context, config) else same_model(mlflow.tracking_uri, profile.name, hashes)
     if same is not None:
         aliases = aliases_of(mlflow.tracking_uri, profile.name, same)
         context.log.info(f"{name} version {same} holds these files already ({aliases}): nothing registered")

@@ -28,6 +28,11 @@ class StageConfig(Config):
     force: bool = Field(default=False, description="compute again even when a stored result has the same key")
 
 
+def forced(context: AssetExecutionContext, config: StageConfig) -> bool:
+    """Compute regardless: this asset's run config says so, or the whole run is tagged (kiln run --force)."""
+    return config.force or context.run.tags.get(reuse.FORCE_TAG) == "true"
+
+
 @dataclass
 class Stage:
     context: AssetExecutionContext
@@ -48,7 +53,7 @@ class Stage:
         folder = layout.stage(name)
         code_version = context.assets_def.code_versions_by_key[context.asset_key] or ""
         key = reuse.stage_key(code_version, settings, inputs, reuse.HashCache(layout.hash_cache))
-        record = reuse.finished(folder, key) if config is not None and not config.force else None
+        record = reuse.finished(folder, key) if config is not None and not forced(context, config) else None
         if record is None:
             reuse.forget(folder)
         return cls(context, layout, folder, key, record, started)

@@ -21,11 +21,7 @@ from pathlib import Path
 from pipeline.io import read_json, write_json
 
 RECORD = ".stage.json"
-# What `kiln run --force` recomputes: every asset that reuses a stored result.
-REUSING_STAGES = (
-    "clean_corpus", "tokenizer", "base_model", "sft_data", "dpo_data", "sft_model", "dpo_model",
-    "gguf_model", "gguf_benchmark", "eval_report",
-)  # fmt: skip
+FORCE_TAG = "kiln/force"  # a run tagged "true" computes every stage and registers (kiln run --force)
 
 
 class HashCache:
