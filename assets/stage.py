@@ -41,6 +41,7 @@ class Stage:
     key: str
     record: dict | None  # the stored result this run reuses; None when it computes
     started: float = field(default_factory=time.monotonic)
+    cpu_started: float = field(default_factory=reuse.cpu_seconds)
 
     @classmethod
     def start(
@@ -48,7 +49,7 @@ class Stage:
     ) -> Stage:
         """Key this stage by code version, `settings` and the content of `inputs`; look for a
         stored result with that key (unless config.force, or config is None: always compute)."""
-        started = time.monotonic()  # hashing the inputs is part of the stage's time
+        started, cpu_started = time.monotonic(), reuse.cpu_seconds()  # hashing the inputs counts too
         name = context.asset_key.path[-1]
         folder = layout.stage(name)
         code_version = context.assets_def.code_versions_by_key[context.asset_key] or ""
@@ -56,7 +57,7 @@ class Stage:
         record = reuse.finished(folder, key) if config is not None and not forced(context, config) else None
         if record is None:
             reuse.forget(folder)
-        return cls(context, layout, folder, key, record, started)
+        return cls(context, layout, folder, key, record, started, cpu_started)
 
     @property
     def name(self) -> str:
@@ -88,5 +89,5 @@ class Stage:
         return MaterializeResult(metadata=metadata, data_version=DataVersion(data_version or self.key))
 
     def _log_time(self, reused: bool) -> None:
-        seconds = time.monotonic() - self.started
-        reuse.log_timing(self.layout.timings, self.name, self.context.run.run_id, seconds, reused)
+        seconds, cpu = time.monotonic() - self.started, reuse.cpu_seconds() - self.cpu_started
+        reuse.log_timing(self.layout.timings, self.name, self.context.run.run_id, seconds, cpu, reused)

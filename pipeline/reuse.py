@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -121,9 +122,19 @@ def remember(stage_dir: Path, key: str, run_id: str, seconds: float, metadata: s
     )
 
 
-def log_timing(path: Path, stage: str, run_id: str, seconds: float, reused: bool) -> None:
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its finished children (datatrove workers,
+    sandboxed samples): unlike wall time, it does not grow when other work shares the cores."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def log_timing(path: Path, stage: str, run_id: str, seconds: float, cpu: float, reused: bool) -> None:
     """One line per stage and run, read back by `kiln run` for its time table."""
-    row = {"stage": stage, "run_id": run_id, "seconds": round(seconds, 2), "reused": reused, "finished": time.time()}
+    row = {
+        "stage": stage, "run_id": run_id, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+        "reused": reused, "finished": time.time(),
+    }  # fmt: skip
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:  # one short line per write: appends do not interleave
         fh.write(json.dumps(row) + "\n")
@@ -140,9 +151,10 @@ def timings_since(path: Path, since: float) -> list[dict]:
 
 
 def time_table(rows: list[dict], wall_seconds: float) -> str:
-    """The run summary's per-stage table: seconds each stage took and whether it was reused."""
-    lines = [f"{'stage':<18} {'seconds':>8}  result", f"{'-' * 18} {'-' * 8}  {'-' * 8}"]
+    """The run summary's per-stage table: wall and CPU seconds of each stage, reused or computed."""
+    lines = [f"{'stage':<18} {'seconds':>8} {'CPU s':>8}  result", f"{'-' * 18} {'-' * 8} {'-' * 8}  {'-' * 8}"]
     for r in rows:
-        lines.append(f"{r['stage']:<18} {r['seconds']:>8.1f}  {'reused' if r['reused'] else 'computed'}")
-    lines.append(f"{'whole run':<18} {wall_seconds:>8.1f}  (wall clock, Dagster's own work included)")
+        cpu = r.get("cpu_seconds", float("nan"))
+        lines.append(f"{r['stage']:<18} {r['seconds']:>8.1f} {cpu:>8.1f}  {'reused' if r['reused'] else 'computed'}")
+    lines.append(f"{'whole run':<18} {wall_seconds:>8.1f} {'':>8}  (wall clock, Dagster's own work included)")
     return "\n".join(lines)
