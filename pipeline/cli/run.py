@@ -48,13 +48,11 @@ class Run(Command):
         env = dict(os.environ, KILN_PROFILE=chosen)
         env.setdefault("DAGSTER_HOME", str(DAGSTER_HOME))
         prepare_dagster_home(Path(env["DAGSTER_HOME"]))
-        dagster = Path(sys.executable).with_name("dagster")
         started, clock = time.time(), time.monotonic()
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="kiln-run-") as config:
             json.dump(IN_PROCESS, config)  # JSON is YAML
             config.flush()
-            cmd = [str(dagster), "job", "execute", "-f", str(REPO_ROOT / "definitions.py"), "-j", args.job,
-                   "-c", config.name] + (["--tags", json.dumps({FORCE_TAG: "true"})] if args.force else [])  # fmt: skip
+            cmd = dagster_command(args.job, config.name, args.force)
             print("running:", " ".join(cmd), file=sys.stderr)
             code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
         layout = Layout.for_profile(profile.name)
@@ -65,6 +63,14 @@ class Run(Command):
         print(f"\n{table}", file=sys.stderr)
         print(done_message(chosen, profile.name, env["DAGSTER_HOME"]), file=sys.stderr)
         return 0
+
+
+def dagster_command(job: str, config: str, force: bool) -> list[str]:
+    """Dagster's command line for one run of `job` with the run config file `config`; `force` tags
+    the run so that every stage computes and the model is registered whatever the registry holds."""
+    dagster = Path(sys.executable).with_name("dagster")
+    cmd = [str(dagster), "job", "execute", "-f", str(REPO_ROOT / "definitions.py"), "-j", job, "-c", config]
+    return cmd + (["--tags", json.dumps({FORCE_TAG: "true"})] if force else [])
 
 
 def prepare_dagster_home(home: Path) -> None:
