@@ -17,7 +17,9 @@ from pipeline.train.sft import sft_task_loss, train_sft
 from resources import KilnSettings, MLflowTracking
 
 
-def _data_asset(kind: str, context, config: StageConfig, kiln: KilnSettings) -> MaterializeResult:
+def _data_asset(
+    kind: str, context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings
+) -> MaterializeResult:
     profile, layout = kiln.load_with_layout()
     s, out = getattr(profile, kind), layout.post_data(kind)
     stage = Stage.start(context, layout, config, s, inputs=[layout.clean_splits, *map(Path, s.files)])
