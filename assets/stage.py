@@ -53,8 +53,9 @@ class Stage:
         name = context.asset_key.path[-1]
         folder = layout.stage(name)
         code_version = context.assets_def.code_versions_by_key[context.asset_key] or ""
-        key = reuse.stage_key(code_version, settings, inputs, reuse.HashCache(layout.hash_cache))
-        record = reuse.finished(folder, key) if config is not None and not forced(context, config) else None
+        hashes = reuse.HashCache(layout.hash_cache)
+        key = reuse.stage_key(code_version, settings, inputs, hashes)
+        record = reuse.finished(folder, key, hashes) if config is not None and not forced(context, config) else None
         if record is None:
             reuse.forget(folder)
         return cls(context, layout, folder, key, record, started, cpu_started)
@@ -83,7 +84,8 @@ class Stage:
         """Record the computed result (last: its outputs are all in place) and return it. The data
         version is the key unless the stage names a content-based one."""
         run_id = self.context.run.run_id
-        reuse.remember(self.folder, self.key, run_id, time.monotonic() - self.started, serialize_value(metadata))
+        seconds, hashes = time.monotonic() - self.started, reuse.HashCache(self.layout.hash_cache)
+        reuse.remember(self.folder, self.key, run_id, seconds, serialize_value(metadata), hashes)
         self._log_time(reused=False)
         metadata = {**metadata, "reused": False, "stage_key": self.key}
         return MaterializeResult(metadata=metadata, data_version=DataVersion(data_version or self.key))

@@ -97,8 +97,9 @@ def stage_key(code_version: str, settings, inputs: list[Path], hashes: HashCache
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def finished(stage_dir: Path, key: str) -> dict | None:
-    """The record of the stage's last finished run when its key is `key`, else None."""
+def finished(stage_dir: Path, key: str, hashes: HashCache) -> dict | None:
+    """The record of the stage's last finished run when its key is `key` and its outputs are
+    still the files it wrote (none deleted or edited since), else None."""
     path = Path(stage_dir) / RECORD
     if not path.exists():
         return None
@@ -106,7 +107,11 @@ def finished(stage_dir: Path, key: str) -> dict | None:
         record = read_json(path)
     except (OSError, ValueError):  # a damaged record: compute again
         return None
-    return record if record.get("key") == key else None
+    if record.get("key") != key:
+        return None
+    intact = record.get("outputs") == hashes.content(stage_dir)
+    hashes.save()
+    return record if intact else None
 
 
 def forget(stage_dir: Path) -> None:
@@ -114,12 +119,18 @@ def forget(stage_dir: Path) -> None:
     (Path(stage_dir) / RECORD).unlink(missing_ok=True)
 
 
-def remember(stage_dir: Path, key: str, run_id: str, seconds: float, metadata: str) -> None:
-    """Written last, once every output is in place (atomically: a crash leaves no record)."""
+def remember(stage_dir: Path, key: str, run_id: str, seconds: float, metadata: str, hashes: HashCache) -> None:
+    """Written last, once every output is in place (atomically: a crash leaves no record), with
+    the hash of the stage's folder so that outputs changed by hand are noticed."""
+    outputs = hashes.content(stage_dir)
+    hashes.save()
     write_json(
         Path(stage_dir) / RECORD,
-        {"key": key, "run_id": run_id, "seconds": round(seconds, 2), "finished": time.time(), "metadata": metadata},
-    )
+        {
+            "key": key, "run_id": run_id, "seconds": round(seconds, 2), "finished": time.time(),
+            "outputs": outputs, "metadata": metadata,
+        },
+    )  # fmt: skip
 
 
 def cpu_seconds() -> float:

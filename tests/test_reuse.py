@@ -73,18 +73,24 @@ def test_a_file_is_read_again_only_when_its_size_or_mtime_changed(tmp_path):
     assert cache.file(path) == hashlib.sha256(b"b" * 4096).hexdigest()
 
 
-def test_a_record_vouches_only_for_its_own_key(tmp_path):
+def test_a_record_vouches_only_for_its_own_key_and_untouched_outputs(tmp_path):
     stage = tmp_path / "sft_model"
-    stage.mkdir()
-    assert reuse.finished(stage, "k1") is None
-    reuse.remember(stage, "k1", "run-1", 12.5, '{"steps": 30}')
-    record = reuse.finished(stage, "k1")
+    (stage / "model").mkdir(parents=True)
+    (stage / "model" / "weights.bin").write_bytes(b"w" * 100)
+    hashes = HashCache(tmp_path / "h.json")
+    assert reuse.finished(stage, "k1", hashes) is None
+    reuse.remember(stage, "k1", "run-1", 12.5, '{"steps": 30}', hashes)
+    record = reuse.finished(stage, "k1", hashes)
     assert record["run_id"] == "run-1" and record["metadata"] == '{"steps": 30}' and record["seconds"] == 12.5
-    assert reuse.finished(stage, "k2") is None
+    assert reuse.finished(stage, "k2", hashes) is None
+    (stage / "model" / "weights.bin").unlink()  # an output deleted by hand: the record no longer holds
+    assert reuse.finished(stage, "k1", hashes) is None
+    (stage / "model" / "weights.bin").write_bytes(b"w" * 100)
+    assert reuse.finished(stage, "k1", hashes) is not None
     reuse.forget(stage)  # a stage that starts computing: its old outputs are no longer vouched for
-    assert reuse.finished(stage, "k1") is None
+    assert reuse.finished(stage, "k1", hashes) is None
     (stage / reuse.RECORD).write_text("{not json")
-    assert reuse.finished(stage, "k1") is None
+    assert reuse.finished(stage, "k1", hashes) is None
 
 
 def test_the_time_table_lists_the_stages_of_this_run_only(tmp_path):
