@@ -1,24 +1,28 @@
 # kiln: `make run` materializes the pipeline, `make test` runs the tests. Each sets up .venv first.
-# pip's wheel cache is left on: llama-cpp-python compiles from source once (about 9 minutes on
-# 2 cores) and later installs reuse the cached wheel. The install step also builds llama.cpp's
-# llama-server from the same llama.cpp sources (only that target, once per machine, cached in
-# ~/.cache/kiln/llama-server-<version>/) for `kiln serve`.
+# pip's wheel cache is left on: llama-cpp-python compiles from source once and later installs reuse
+# the cached wheel. kiln calls llama.cpp's model, sampling and quantizer functions only, so the
+# compile leaves out llama-cpp-python's multimodal library (LLAVA_BUILD=OFF: about a third of the
+# objects). llama-server (only that target, from the same llama.cpp sources, once per machine, cached
+# in ~/.cache/kiln/llama-server-<version>/) is built by the targets that serve: `make server`,
+# `make test`, `make serve`, `make bench-serve`; `make run` does not wait for it.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 PROFILE ?= tiny
+FORCE ?=
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 # the embedded default; a shell with the `make services` environment keeps its own
 DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install sandbox postgres services services-down services-status ui mlflow-ui bench bench-serve serve \
-	clean-work
+.PHONY: run test install server sandbox postgres services services-down services-status ui mlflow-ui bench \
+	bench-serve serve clean-work
 
-install: sandbox $(STAMP)
+install: sandbox $(STAMP) server
 
 # HumanEval scoring runs completions in bubblewrap (Debian's package): installed when missing and
 # this is root, else the command to install it is printed (scoring refuses to run without it).
@@ -37,14 +41,17 @@ postgres:
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
-	$(BIN)/python -m pip install -e '.[test]'
-	$(BIN)/python -m pipeline.serve.engine || echo "llama-server was not built: kiln serve and its tests will say why"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/python -m pip install -e '.[test]'
 	touch $(STAMP)
 
-run: sandbox $(STAMP)
-	time $(BIN)/kiln run --profile $(PROFILE)
+server: $(STAMP)
+	$(BIN)/python -m pipeline.serve.engine || echo "llama-server was not built: kiln serve and its tests will say why"
 
-test: sandbox postgres $(STAMP)
+# FORCE=1: compute every stage again and register a new version even when nothing changed.
+run: sandbox $(STAMP)
+	time $(BIN)/kiln run --profile $(PROFILE) $(if $(FORCE),--force)
+
+test: sandbox postgres $(STAMP) server
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -61,7 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/humaneval_generation.py
 	$(BIN)/python benchmarks/sandbox_overhead.py
 
-serve: $(STAMP)
+serve: server
 	$(BIN)/python -m pipeline.serve.engine
 	$(BIN)/kiln serve --profile $(PROFILE)
 

@@ -12,6 +12,8 @@
         eval_report/{report.json,report.md,humaneval/,lm_eval_tasks/}
         sampling_preset/{presets.json,study.json,study.db}
         registered_model/bundle/
+        .hashes.json, timings.jsonl          input hashes by size+mtime; seconds per stage and run
+        <stage>/.stage.json                  a finished stage's key and result (pipeline/reuse.py)
 
 The work folder is `data/work` in the checkout unless `KILN_WORK_DIR` names another; models
 downloaded from the Hugging Face hub are kept beside the profiles in `<work_dir>/model_cache/`
@@ -71,6 +73,16 @@ class Layout:
     @property
     def root(self) -> Path:
         return Path(self.work_dir) / self.profile
+
+    @property
+    def hash_cache(self) -> Path:
+        """sha256 of the stages' input files, by size and modification time."""
+        return self.root / ".hashes.json"
+
+    @property
+    def timings(self) -> Path:
+        """One JSON line per stage and run: seconds, reused or computed."""
+        return self.root / "timings.jsonl"
 
     def stage(self, name: str) -> Path:
         """The folder of one asset, created on first use."""

@@ -238,6 +238,44 @@ def with_code_version(assets: list[AssetsDefinition], name: str, version: str) -
     ]
 
 
+def outcomes(result: ExecuteInProcessResult) -> dict[str, tuple[bool, str]]:
+    """Each materialized asset: (reused, data version)."""
+    out = {}
+    for e in result.get_asset_materialization_events():
+        m = e.event_specific_data.materialization
+        out[e.asset_key.path[-1]] = (m.metadata["reused"].value, m.tags["dagster/data_version"])
+    return out
+
+
+REUSING = ASSETS - {"raw_corpus", "registered_model"}  # raw_corpus reads its sources; the registry decides
+
+
+def test_an_unchanged_rerun_reuses_every_stage_and_registers_nothing(e2e):
+    again = materialize(e2e.assets, resources=e2e.resources, instance=e2e.instance)
+    first, second = outcomes(e2e.result), outcomes(again)
+    assert {a for a, (reused, _) in second.items() if reused} == REUSING
+    assert second == {a: (a in REUSING, version) for a, (_, version) in first.items()}  # same data versions
+    assert stale_assets(e2e.instance, e2e.assets, e2e.resources) == set()
+    registered = again.asset_materializations_for_node("registered_model")[0].metadata
+    assert registered["registered"].value is False and registered["version"].value == 1
+    assert [v["version"] for v in registry.list_versions(e2e.tracking_uri, "e2e")] == ["1"]
+    reused_sft = again.asset_materializations_for_node("sft_model")[0].metadata
+    computed_sft = e2e.result.asset_materializations_for_node("sft_model")[0].metadata
+    assert reused_sft["sft_eval_loss"] == computed_sft["sft_eval_loss"]  # the stored figures, shown again
+    assert reused_sft["reused_from_run"].value == e2e.result.run_id
+
+
+def test_force_registers_a_new_version_of_the_same_model(e2e):
+    force = {"ops": {"registered_model": {"config": {"force": True}}}}
+    again = materialize(
+        e2e.assets, selection=["registered_model"], resources=e2e.resources, instance=e2e.instance, run_config=force
+    )
+    assert again.asset_materializations_for_node("registered_model")[0].metadata["version"].value == 2
+    assert [v["version"] for v in registry.list_versions(e2e.tracking_uri, "e2e")] == ["1", "2"]
+    tags = [client(e2e.tracking_uri).get_model_version("kiln-e2e", v).tags for v in ("1", "2")]
+    assert registry._model_part(tags[0]) == registry._model_part(tags[1]) != {}  # the same files, twice
+
+
 # Last in the file: it materializes dpo_model again (a second Dagster run, so a second MLflow run).
 def test_a_new_code_version_makes_only_what_follows_stale(e2e):
     assert stale_assets(e2e.instance, e2e.assets, e2e.resources) == set()
@@ -247,4 +285,25 @@ def test_a_new_code_version_makes_only_what_follows_stale(e2e):
     # downstream stale (Dagster marks staleness one step at a time as each asset is re-run)
     rerun = materialize(changed, selection=["dpo_model"], resources=e2e.resources, instance=e2e.instance)
     assert materialized(rerun) == {"dpo_model"}
+    assert outcomes(rerun)["dpo_model"][0] is False  # a new code version computes again
     assert stale_assets(e2e.instance, changed, e2e.resources) == {"gguf_model", "eval_report"}
+
+
+# After the code-version test: these change what the tokenizer is trained on and with.
+def test_a_changed_setting_or_upstream_file_computes_the_stage_again(e2e, tmp_path):
+    def tokenizer_run(resources):
+        run = materialize(e2e.assets, selection=["tokenizer"], resources=resources, instance=e2e.instance)
+        return outcomes(run)["tokenizer"]
+
+    assert tokenizer_run(e2e.resources)[0] is True
+    variant = yaml.safe_load(Path(e2e.resources["kiln"].profile).read_text())
+    variant["tokenizer"]["vocab_size"] = 420
+    profile = write_profile(tmp_path / "variant.yaml", {**variant, "name": "e2e"})
+    changed = {**e2e.resources, "kiln": KilnSettings(profile=str(profile), work_dir=str(e2e.work_dir))}
+    reused, version = tokenizer_run(changed)
+    assert reused is False and json.loads(e2e.layout.tokenizer_stats.read_text())["vocab_size"] == 420
+    assert tokenizer_run(changed) == (True, version)  # the new result is the stored one now
+    train = next(e2e.layout.clean_splits.glob("train-*.jsonl"))
+    train.write_text(train.read_text() + json.dumps({"id": "new", "text": "def added():\n    return 1\n"}) + "\n")
+    reused, newer = tokenizer_run(changed)
+    assert reused is False and newer != version

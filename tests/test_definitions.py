@@ -99,3 +99,16 @@ def test_the_schedule_and_the_sensor_run_the_whole_pipeline():
 def test_the_code_location_loads():
     Definitions.validate_loadable(defs)  # what `dagster dev` does when it loads workspace.yaml
     assert set(defs.resources) == {"kiln", "mlflow"}
+
+
+def test_kiln_runs_every_job_in_one_process_and_any_asset_may_be_forced():
+    from dagster import validate_run_config
+
+    from pipeline.cli.run import IN_PROCESS
+
+    for job in ("kiln_pipeline", "data", "release"):
+        config = validate_run_config(defs.resolve_job_def(job), IN_PROCESS)
+        assert list(config["execution"]["multi_or_in_process_executor"]) == ["in_process"]
+    forced = {"ops": {name: {"config": {"force": True}} for name in set(GROUPS) - {"raw_corpus"}}}
+    config = validate_run_config(defs.resolve_job_def("kiln_pipeline"), forced)
+    assert config["ops"]["sft_model"]["config"] == {"force": True}
