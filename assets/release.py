@@ -22,9 +22,15 @@ from pipeline.release.registry import (
     same_model,
     version_tags,
 )
-from pipeline.release.tuning import TRIAL_CURVES, TUNED_QUANT, build_sampling_preset, preset_tags, read_summary
+from pipeline.release.tuning import (
+    TRIAL_CURVES,
+    TUNED_QUANT,
+    build_sampling_preset,
+    preset_tags,
+    read_summary,
+    trial_history,
+)
 from pipeline.release.tuning import markdown_table as trials_table
-from pipeline.release.tuning import trial_history
 from resources import KilnSettings, MLflowTracking
 
 
