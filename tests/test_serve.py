@@ -157,6 +157,13 @@ def test_pull_verifies_and_caches_a_version(tmp_path, monkeypatch):
     with pytest.raises(KilnError, match="does not match its sha256 tag"):
         source.pull(uri, "test", "1", "Q4_K_M")
     assert source.pull(uri, "test", "1", "Q4_K_M").gguf.read_bytes() == b"GGUF" + b"\1" * 100  # pulled again
+    # another registry's version 1 of the same model is other files: its own pull, not this cache
+    other_uri, other = f"sqlite:///{tmp_path / 'other.db'}", tmp_path / "other"
+    (other / "gguf").mkdir(parents=True)
+    (other / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(b"GGUF" + b"\2" * 100)
+    registry.register(other_uri, "test", pipeline_run(other_uri, "test", "run-2"), other, {}, gate_passed=True)
+    theirs = source.pull(other_uri, "test", "1", "Q4_K_M")
+    assert theirs.gguf.read_bytes() == b"GGUF" + b"\2" * 100 and "tiny" not in theirs.presets
 
 
 @pytest.mark.slow
