@@ -264,3 +264,15 @@ def test_presets_ride_in_the_registered_version_and_compare_shows_what_moved(ggu
     (Path(source) / "benchmark.json").write_text("{}")  # changed after registration
     assert main(["compare", "1", "2", *base]) == 2
     assert "benchmark.json does not match its sha256 tag" in capsys.readouterr().err
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed(tmp_path):
+    # Optuna's stale check skips a trial that never beat: it would stay RUNNING for ever
+    storage, name = f"sqlite:///{tmp_path / 'study.db'}", "orphan"
+    study = tuning.open_study(storage, name, SETTINGS, heartbeat_s=1)
+    orphan = study.ask()  # created, then its process dies before the objective starts (no heartbeat thread)
+    live = study.ask()
+    live.set_user_attr("values", {"temperature": 0.5})  # a trial whose objective has started
+    time.sleep(2.5)  # past the grace period of 2 heartbeats
+    states = {t.number: t.state for t in tuning.open_study(storage, name, SETTINGS, heartbeat_s=1).trials}
+    assert states == {orphan.number: optuna.trial.TrialState.FAIL, live.number: optuna.trial.TrialState.RUNNING}

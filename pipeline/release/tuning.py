@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from pipeline.config import TuneSettings
@@ -182,9 +183,23 @@ def open_study(storage: str, name: str, settings: TuneSettings, heartbeat_s: int
         raise KilnError(f"tune.storage {shown_url(storage)}: cannot open ({str(exc).splitlines()[0][:200]})") from None
     sampler = optuna.samplers.TPESampler(seed=settings.seed + held, n_startup_trials=max(2, settings.trials // 3))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=max(1, settings.problems // 2))
-    return optuna.create_study(
+    study = optuna.create_study(
         storage=rdb, study_name=name, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
     )
+    _fail_unstarted(study, rdb, 2 * heartbeat_s)
+    return study
+
+
+def _fail_unstarted(study, rdb, grace_s: float) -> None:
+    """Fail the trials whose process died between creating them and their first heartbeat: Optuna's
+    stale check skips a trial that never beat, so it would stay RUNNING for ever. A live trial
+    records its values the moment it starts, so one without them past the grace period is dead."""
+    import optuna
+
+    now = datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if "values" not in t.user_attrs and (now - t.datetime_start).total_seconds() > grace_s:
+            rdb.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
 
 
 def _exists(rdb, name: str) -> bool:
