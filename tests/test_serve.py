@@ -530,6 +530,9 @@ def test_canary_takes_its_share_and_names_its_version(env, store):
     canary = registry_target(uri, "test", "2", "Q4_K_M")
     gw = Gateway(production, canary=canary, canary_share=0.5, kiln_replicas=1)
     try:
+        deadline = time.monotonic() + 60  # /health answers once production is warm; the canary starts after it
+        while not (gw.client.get("/").json()["canary"] or {}).get("ready") and time.monotonic() < deadline:
+            time.sleep(0.2)
         versions = [gw.client.post("/infer", json={"query": "x", "max_length": 2}).json()["version"] for _ in range(40)]
         assert 5 <= versions.count("2") <= 35 and versions.count("1") + versions.count("2") == 40, versions
         assert gw.client.get("/").json()["canary"]["version"] == "2"
