@@ -1,21 +1,28 @@
 # kiln: `make run` materializes the pipeline, `make test` runs the tests. Each sets up .venv first.
-# pip's wheel cache is left on: llama-cpp-python compiles from source once (about 9 minutes on
-# 2 cores) and later installs reuse the cached wheel. The install step also builds llama.cpp's
-# llama-server from the same llama.cpp sources (only that target, once per machine, cached in
-# ~/.cache/kiln/llama-server-<version>/) for `kiln serve`.
+# pip's wheel cache is left on: llama-cpp-python compiles from source once and later installs reuse
+# the cached wheel. kiln calls llama.cpp's model, sampling and quantizer functions only, so the
+# compile leaves out llama-cpp-python's multimodal library (LLAVA_BUILD=OFF: about a third of the
+# objects). llama-server (only that target, from the same llama.cpp sources, once per machine, cached
+# in ~/.cache/kiln/llama-server-<version>/) is built by the targets that serve: `make server`,
+# `make test`, `make serve`, `make bench-serve`; `make run` does not wait for it.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 PROFILE ?= tiny
-export DAGSTER_HOME := $(CURDIR)/.dagster_home
+FORCE ?=
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+# the embedded default; a shell with the `make services` environment keeps its own
+DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install sandbox ui mlflow-ui bench bench-serve serve clean-work
+.PHONY: run test install server sandbox postgres services services-down services-status ui mlflow-ui bench \
+	bench-serve serve clean-work
 
-install: sandbox $(STAMP)
+install: sandbox $(STAMP) server
 
 # HumanEval scoring runs completions in bubblewrap (Debian's package): installed when missing and
 # this is root, else the command to install it is printed (scoring refuses to run without it).
@@ -24,17 +31,27 @@ sandbox:
 		{ apt-get install -y bubblewrap || { apt-get update && apt-get install -y bubblewrap; }; }; } \
 		|| echo "bubblewrap is missing: sudo apt-get install bubblewrap (HumanEval scoring needs it)"
 
+# The production deployment on one machine (`make services`) runs Debian's PostgreSQL: installed when
+# missing and this is root, as bubblewrap is; the services tests install it the same way or skip.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y postgresql || { apt-get update && apt-get install -y postgresql; }; }; } \
+		|| echo "postgresql is missing: sudo apt-get install postgresql (make services and its tests need it)"
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
-	$(BIN)/python -m pip install -e '.[test]'
-	$(BIN)/python -m pipeline.serve.engine || echo "llama-server was not built: kiln serve and its tests will say why"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/python -m pip install -e '.[test]'
 	touch $(STAMP)
 
-run: sandbox $(STAMP)
-	time $(BIN)/kiln run --profile $(PROFILE)
+server: $(STAMP)
+	$(BIN)/python -m pipeline.serve.engine || echo "llama-server was not built: kiln serve and its tests will say why"
 
-test: sandbox $(STAMP)
+# FORCE=1: compute every stage again and register a new version even when nothing changed.
+run: sandbox $(STAMP)
+	time $(BIN)/kiln run --profile $(PROFILE) $(if $(FORCE),--force)
+
+test: sandbox postgres $(STAMP) server
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -51,13 +68,24 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/humaneval_generation.py
 	$(BIN)/python benchmarks/sandbox_overhead.py
 
-serve: $(STAMP)
+serve: server
 	$(BIN)/python -m pipeline.serve.engine
 	$(BIN)/kiln serve --profile $(PROFILE)
 
 bench-serve: $(STAMP)
 	$(BIN)/python -m pipeline.serve.engine
 	$(BIN)/python benchmarks/serve_load.py
+
+# PostgreSQL, an MLflow tracking server on it and the Dagster daemon and UI on the same database, in
+# .services/; prints the environment that points kiln at them (also in .services/env.sh).
+services: postgres $(STAMP)
+	$(BIN)/python -m pipeline.services up
+
+services-down:
+	$(BIN)/python -m pipeline.services down
+
+services-status:
+	$(BIN)/python -m pipeline.services status
 
 clean-work:
 	rm -rf data/work

@@ -19,32 +19,33 @@ from assets import corpus, evaluation, post_training, release, training
 from assets.automation import new_data_sensor, retrain_schedule
 from pipeline.layout import work_dir_from_env
 from resources import KilnSettings, MLflowTracking
+from resources.logs import kiln_console
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 STAGE_MODULES = [corpus, training, post_training, evaluation, release]
 
-kiln_pipeline = define_asset_job(
-    "kiln_pipeline", selection=AssetSelection.all(), description="Every asset, from sources to registry."
-)
-data_job = define_asset_job("data", selection=AssetSelection.groups("data"), description="raw_corpus and clean_corpus.")
-training_job = define_asset_job(
-    "training", selection=AssetSelection.groups("training"), description="tokenizer and base_model."
-)
 
-post_training_job = define_asset_job(
-    "post_training", selection=AssetSelection.groups("post_training"), description="SFT and DPO data and models."
-)
+def kiln_job(name: str, selection, description: str, compute: str):
+    """A job whose runs carry the tags the production run queue limits (pipeline/services.py): one run
+    per `kiln/group` at a time, and one `kiln/compute: accelerator` run (training, evaluation,
+    benchmarks) on the machine's cores or GPU at a time. Its run logs use kiln's logging set-up."""
+    return define_asset_job(
+        name, selection=selection, description=description, tags={"kiln/group": name, "kiln/compute": compute},
+        config={"loggers": {"console": {}}},  # kiln_console below: Dagster's run logs in kiln's format
+    )  # fmt: skip
 
-evaluation_job = define_asset_job(
-    "evaluation", selection=AssetSelection.groups("evaluation"), description="eval_report and its gate."
-)
 
-release_job = define_asset_job(
-    "release",
-    selection=AssetSelection.groups("release"),
-    description="GGUF files, their benchmark, the registered version.",
+kiln_pipeline = kiln_job("kiln_pipeline", AssetSelection.all(), "Every asset, from sources to registry.", "accelerator")
+data_job = kiln_job("data", AssetSelection.groups("data"), "raw_corpus and clean_corpus.", "cpu")
+training_job = kiln_job("training", AssetSelection.groups("training"), "tokenizer and base_model.", "accelerator")
+post_training_job = kiln_job(
+    "post_training", AssetSelection.groups("post_training"), "SFT and DPO data and models.", "accelerator"
+)
+evaluation_job = kiln_job("evaluation", AssetSelection.groups("evaluation"), "eval_report and its gate.", "accelerator")
+release_job = kiln_job(
+    "release", AssetSelection.groups("release"), "GGUF files, their benchmark, the registered version.", "accelerator"
 )
 
 
@@ -71,4 +72,5 @@ defs = Definitions(
     schedules=[retrain_schedule(kiln_pipeline)],
     sensors=[new_data_sensor(kiln_pipeline)],
     resources=resources_for(os.environ.get("KILN_DEPLOYMENT", "local")),
+    loggers={"console": kiln_console},  # the jobs' run logs as kiln's structured lines (KILN_LOG_FORMAT)
 )

@@ -5,11 +5,13 @@ import itertools
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
 
 from assets.metadata import log_to_mlflow, md_image, md_table
+from assets.stage import Stage, StageConfig
 from pipeline.charts import bar_chart
 from pipeline.data.clean import clean_corpus as run_clean
 from pipeline.data.clean import load_stats, read_split
 from pipeline.data.ingest import build_raw_corpus
 from pipeline.data.pii_scan import pii_left
+from pipeline.reuse import content_hash
 from resources import KilnSettings, MLflowTracking
 
 PII_SAMPLE_DOCS = 2000
@@ -20,6 +22,9 @@ def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
     """Every source of the profile in one normalized JSONL (id, text, source, lang), code and
     prose mixed by the profile's byte ratio."""
     profile, layout = kiln.load_with_layout()
+    # Always read again: what the sources hold is only known by reading them (built-in sources,
+    # datasets). The data version is the file's content, so the same corpus leaves the rest fresh.
+    stage = Stage.start(context, layout, None, profile.corpus, inputs=[])
     corpus, path = profile.corpus, layout.raw_corpus
     stats = build_raw_corpus(
         corpus.sources, path, corpus.max_bytes, corpus.code_share, corpus.max_doc_chars, corpus.seed
@@ -35,14 +40,19 @@ def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
     }
     with mlflow.stage(context.run.run_id, profile.name, "raw_corpus") as log:
         log_to_mlflow(log, metadata, params=corpus)
-    return MaterializeResult(metadata=metadata)
+    return stage.finish(metadata, data_version=content_hash(layout.hash_cache, path))
 
 
 @asset(group_name="data", code_version="2", deps=[raw_corpus])
-def clean_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
+def clean_corpus(
+    context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
+) -> MaterializeResult:
     """Quality filters, exact and MinHash near-duplicate removal, PII masking and a deterministic
     train/validation split (datatrove). Rejected documents are kept in rejected/ with a reason."""
     profile, layout = kiln.load_with_layout()
+    stage = Stage.start(context, layout, config, profile.clean, inputs=[layout.raw_corpus])
+    if stage.reused:
+        return stage.reuse()
     stats = run_clean([layout.raw_corpus], layout.clean_dir, profile.clean)
     context.log.info(f"clean_corpus: kept {stats.kept_documents} of {stats.input_documents}; dropped {stats.dropped}")
     chart = bar_chart(stats.dropped, "Documents dropped, by reason")
@@ -59,7 +69,7 @@ def clean_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLf
     }
     with mlflow.stage(context.run.run_id, profile.name, "clean_corpus") as log:
         log_to_mlflow(log, metadata, params=profile.clean, files=[layout.clean_stats], images={"dropped.png": chart})
-    return MaterializeResult(metadata=metadata)
+    return stage.finish(metadata)
 
 
 @asset_check(asset=clean_corpus, blocking=True, description="The clean corpus has training and validation documents.")

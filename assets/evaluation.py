@@ -6,6 +6,7 @@ from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image
 from assets.post_training import dpo_model, sft_model
 from assets.release import gguf_benchmark
+from assets.stage import Stage, StageConfig
 from assets.training import base_model
 from pipeline.charts import metric_panels
 from pipeline.data.clean import read_split
@@ -19,7 +20,9 @@ from resources import KilnSettings, MLflowTracking
 # After gguf_benchmark, not beside it: two CPU-heavy steps at once would skew the benchmark's
 # speed figures, and a GGUF that failed parity is not worth evaluating.
 @asset(group_name="evaluation", code_version="4", deps=[base_model, sft_model, dpo_model, gguf_benchmark, clean_corpus])
-def eval_report(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
+def eval_report(
+    context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
+) -> MaterializeResult:
     """base, SFT and DPO side by side: held-out bits per byte, lm-eval (kiln's tasks from held-out
     code, and the profile's standard tasks where their data loads), HumanEval pass@k in the
     sandbox; HumanEval through the shipped quantized GGUF too."""
@@ -30,6 +33,11 @@ def eval_report(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLfl
     for path in [*models.values(), *([gguf[1]] if gguf else [])]:
         if not path.exists():
             raise KilnError(f"{path}: not there yet; materialize the assets upstream of eval_report first")
+    settings = {"eval": s, "seq_len": profile.pretrain.seq_len}
+    inputs = [*models.values(), *([gguf[1]] if gguf else []), layout.clean_splits]
+    stage = Stage.start(context, layout, config, settings, inputs)
+    if stage.reused:
+        return stage.reuse()
     validation = list(read_split(layout.clean_splits, "validation"))
     with mlflow.stage(context.run.run_id, profile.name, "eval_report") as log:
         report = evaluate_all(
@@ -45,7 +53,7 @@ def eval_report(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLfl
         }
         files = [layout.eval_report, layout.eval_markdown, layout.humaneval_samples]
         log_to_mlflow(log, metadata, params=s, files=files, images={"eval.png": chart})
-    return MaterializeResult(metadata=metadata)
+    return stage.finish(metadata)
 
 
 @asset_check(

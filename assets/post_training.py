@@ -1,9 +1,12 @@
 """sft_data, dpo_data, sft_model and dpo_model."""
 
+from pathlib import Path
+
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image, md_table
+from assets.stage import Stage, StageConfig
 from assets.training import base_model
 from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
@@ -14,13 +17,18 @@ from pipeline.train.sft import sft_task_loss, train_sft
 from resources import KilnSettings, MLflowTracking
 
 
-def _data_asset(kind: str, kiln: KilnSettings) -> MaterializeResult:
+def _data_asset(
+    kind: str, context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings
+) -> MaterializeResult:
     profile, layout = kiln.load_with_layout()
     s, out = getattr(profile, kind), layout.post_data(kind)
+    stage = Stage.start(context, layout, config, s, inputs=[layout.clean_splits, *map(Path, s.files)])
+    if stage.reused:
+        return stage.reuse()
     train_split = read_split(layout.clean_splits, "train")  # never the validation split
     stats = build_post_data(kind, train_split, s.files, out, s.max_pairs, s.eval_share, s.seed)
-    return MaterializeResult(
-        metadata={
+    return stage.finish(
+        {
             "path": MetadataValue.path(str(out)),
             "train_rows": stats.train,
             "eval_rows": stats.eval,
@@ -31,17 +39,17 @@ def _data_asset(kind: str, kiln: KilnSettings) -> MaterializeResult:
 
 
 @asset(group_name="post_training", code_version="1", deps=[clean_corpus])
-def sft_data(kiln: KilnSettings) -> MaterializeResult:
+def sft_data(context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings) -> MaterializeResult:
     """Instruction pairs (prompt -> completion, chat format): the profile's SFT files, or functions
     mined from the clean train split's code (signature and docstring -> the function)."""
-    return _data_asset("sft", kiln)
+    return _data_asset("sft", context, config, kiln)
 
 
 @asset(group_name="post_training", code_version="1", deps=[clean_corpus])
-def dpo_data(kiln: KilnSettings) -> MaterializeResult:
+def dpo_data(context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings) -> MaterializeResult:
     """Preference pairs (prompt, chosen, rejected): the profile's files, or mined from code with the
     real function chosen and another body or a truncated one rejected."""
-    return _data_asset("dpo", kiln)
+    return _data_asset("dpo", context, config, kiln)
 
 
 def _tune_metadata(result: TuneResult, curve: bytes) -> dict:
@@ -69,11 +77,16 @@ def _curve(result: TuneResult, title: str) -> bytes:
 
 
 @asset(group_name="post_training", code_version="2", deps=[base_model, sft_data])
-def sft_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
+def sft_model(
+    context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
+) -> MaterializeResult:
     """QLoRA SFT: the base model in 4-bit NF4, LoRA on every projection, completion-only loss (TRL
     SFTTrainer); the adapter merged into full-precision base weights."""
     profile, layout = kiln.load_with_layout()
     settings = profile.sft
+    stage = Stage.start(context, layout, config, settings, inputs=[layout.model_dir("base"), layout.post_data("sft")])
+    if stage.reused:
+        return stage.reuse()
     with mlflow.stage(context.run.run_id, profile.name, "sft_model") as log:
         result = train_sft(layout.model_dir("base"), layout.post_data("sft"), layout.stage_of("sft"), settings)
         context.log.info(f"sft: held-out completion loss {result.eval_loss_before:.3f} -> {result.eval_loss_after:.3f}")
@@ -86,15 +99,21 @@ def sft_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflow
             **_tune_metadata(result, curve),
         }
         _log_tune(log, result, metadata, settings, curve, layout.adapter_dir("sft"))
-    return MaterializeResult(metadata=metadata)
+    return stage.finish(metadata)
 
 
 @asset(group_name="post_training", code_version="2", deps=[sft_model, dpo_data])
-def dpo_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
+def dpo_model(
+    context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
+) -> MaterializeResult:
     """DPO (TRL DPOTrainer) from the SFT checkpoint with LoRA, the adapter-disabled model as the
     frozen reference; the adapter merged into full-precision weights."""
     profile, layout = kiln.load_with_layout()
     settings = profile.dpo
+    inputs = [layout.model_dir("sft"), layout.post_data("dpo"), layout.post_data("sft")]  # sft: the task-loss check
+    stage = Stage.start(context, layout, config, settings, inputs)
+    if stage.reused:
+        return stage.reuse()
     with mlflow.stage(context.run.run_id, profile.name, "dpo_model") as log:
         result = train_dpo(layout.model_dir("sft"), layout.post_data("dpo"), layout.stage_of("dpo"), settings)
         sft_task = sft_task_loss(layout.model_dir("dpo"), layout.post_data("sft"))
@@ -111,4 +130,4 @@ def dpo_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflow
             **_tune_metadata(result, curve),
         }
         _log_tune(log, result, metadata, settings, curve, layout.adapter_dir("dpo"))
-    return MaterializeResult(metadata=metadata)
+    return stage.finish(metadata)

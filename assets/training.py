@@ -1,11 +1,14 @@
 """tokenizer and base_model, with their quality gates."""
 
 import json
+from pathlib import Path
 
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image
+from assets.stage import Stage, StageConfig
+from pipeline import hub
 from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
 from pipeline.io import read_json
@@ -18,12 +21,18 @@ PARAMETER_LIMIT = 300_000_000
 
 
 @asset(group_name="training", code_version="2", deps=[clean_corpus])
-def tokenizer(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
+def tokenizer(
+    context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
+) -> MaterializeResult:
     """A 32,000-token byte-level BPE (GPT-2 pre-tokenization) with bos/eos/pad, chat-role and
     fill-in-the-middle tokens and a chat template, trained on the clean train split; or, with
     `model.from_pretrained` in the profile, that model's own tokenizer, measured the same way."""
     profile, layout = kiln.load_with_layout()
     m = profile.model
+    settings = {"tokenizer": profile.tokenizer, "from_pretrained": m.from_pretrained, "revision": m.revision}
+    stage = Stage.start(context, layout, config, settings, inputs=[layout.clean_splits, *_snapshot(m)])
+    if stage.reused:
+        return stage.reuse()
     if m.from_pretrained:
         validation = list(read_split(layout.clean_splits, "validation"))
         stats = pretrained_tokenizer(m.from_pretrained, m.revision, layout.tokenizer_dir, validation)
@@ -43,7 +52,7 @@ def tokenizer(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflow
     with mlflow.stage(context.run.run_id, profile.name, "tokenizer") as log:
         params = {"from_pretrained": m.from_pretrained} if m.from_pretrained else profile.tokenizer
         log_to_mlflow(log, metadata, params=params, files=[layout.tokenizer, layout.tokenizer_stats])
-    return MaterializeResult(metadata=metadata)
+    return stage.finish(metadata)
 
 
 @asset_check(asset=tokenizer, blocking=True, description="Held-out text (code, English, Korean, emoji) round-trips.")
@@ -56,13 +65,20 @@ def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
 
 
 @asset(group_name="training", code_version="4", deps=[tokenizer])
-def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
+def base_model(
+    context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
+) -> MaterializeResult:
     """A Llama-architecture model (RMSNorm, RoPE, SwiGLU, GQA) pretrained from scratch on the
     packed train split; resumes from its last checkpoint if a run was interrupted. With
     `model.from_pretrained`, that model instead, measured on the same validation split."""
     profile, layout = kiln.load_with_layout()
+    settings = {"model": profile.model, "pretrain": profile.pretrain}
+    inputs = [layout.clean_splits, layout.tokenizer, *_snapshot(profile.model)]
+    stage = Stage.start(context, layout, config, settings, inputs=inputs)
+    if stage.reused:
+        return stage.reuse()
     if profile.model.from_pretrained:
-        return _pretrained_base_model(context, profile, layout, mlflow)
+        return stage.finish(_pretrained_base_model(context, profile, layout, mlflow))
 
     def log_step(row: dict) -> None:
         if "val_loss" in row or row["step"] % 10 == 0:
@@ -96,11 +112,11 @@ def base_model(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
             history=result.history + result.evals,
             history_keys=("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb"),
         )  # fmt: skip
-    return MaterializeResult(metadata=metadata)
+    return stage.finish(metadata)
 
 
-def _pretrained_base_model(context: AssetExecutionContext, profile, layout, mlflow: MLflowTracking):
-    """base_model for `model.from_pretrained`: the downloaded weights, no training."""
+def _pretrained_base_model(context: AssetExecutionContext, profile, layout, mlflow: MLflowTracking) -> dict:
+    """base_model for `model.from_pretrained`: the downloaded weights, no training; its metadata."""
     m = profile.model
     train, validation = ([r["text"] for r in read_split(layout.clean_splits, k)] for k in ("train", "validation"))
     with mlflow.stage(context.run.run_id, profile.name, "base_model") as log:
@@ -118,7 +134,12 @@ def _pretrained_base_model(context: AssetExecutionContext, profile, layout, mlfl
         }
         log_to_mlflow(log, metadata, params={"from_pretrained": m.from_pretrained, "snapshot": s["snapshot"]},
                       files=[layout.base_summary])  # fmt: skip
-    return MaterializeResult(metadata=metadata)
+    return metadata
+
+
+def _snapshot(m) -> list[Path]:
+    """The downloaded checkpoint a `from_pretrained` profile starts from, as a stage input."""
+    return [hub.resolve(m.from_pretrained, m.revision)] if m.from_pretrained else []
 
 
 @asset_check(asset=base_model, blocking=True, description="Validation bits per byte beat a unigram model's.")

@@ -89,3 +89,37 @@ def metric_panels(
         ax.set_visible(False)
     fig.suptitle(title)
     return _png(fig)
+
+
+def optimisation_history(trials: list[dict], objective: str, floor: float) -> bytes:
+    """An Optuna study's history: each finished trial's score (hollow where it missed the
+    tokens/s floor), pruned trials at their score when stopped, and the best feasible score so far,
+    as PNG bytes."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    ok = [t for t in done if t["tokens_per_s"] >= floor]
+    slow = [t for t in done if t["tokens_per_s"] < floor]
+    pruned = [t for t in trials if t["state"] == "PRUNED"]
+    ax.plot([t["number"] for t in ok], [t["value"] for t in ok], "o", color="#1d4ed8", label="trial")
+    if slow:
+        ax.plot([t["number"] for t in slow], [t["value"] for t in slow], "o", mfc="none", color="#1d4ed8",
+                label=f"under {floor:g} tokens/s")  # fmt: skip
+    if pruned:
+        ax.plot([t["number"] for t in pruned], [t["value"] or 0 for t in pruned], "x", color="#94a3b8",
+                label="pruned (score when stopped)")  # fmt: skip
+    best, xs, ys = None, [], []
+    for t in sorted(ok, key=lambda t: t["number"]):
+        best = t["value"] if best is None else max(best, t["value"])
+        xs.append(t["number"])
+        ys.append(best)
+    if xs and trials:  # carry the best on to the last trial
+        xs.append(max(t["number"] for t in trials))
+        ys.append(ys[-1])
+    ax.step(xs, ys, where="post", color="#c2410c", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(objective)
+    ax.set_title("optimisation history")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _png(fig)

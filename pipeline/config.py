@@ -354,6 +354,75 @@ class EvalSettings:
             raise ProfileError("eval.humaneval_problems must be between 1 and 164 (or null for all)")
 
 
+TUNE_OBJECTIVES = ("humaneval", "kiln_next_line")  # pipeline.release.tuning scores each
+
+
+@dataclass
+class SearchSpace:
+    """sampling_preset: the llama.cpp sampler values the study searches. Each is `[low, high]`
+    (searched), `[value]` (fixed) or `[]` (left at the default preset's value)."""
+
+    temperature: list[float] = field(default_factory=lambda: [0.0, 1.2])
+    """Softmax temperature; 0 is greedy."""
+    top_p: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    """Nucleus sampling: the smallest set of tokens holding this much probability."""
+    top_k: list[int] = field(default_factory=lambda: [1, 100])
+    """Only the k most likely tokens (0: all)."""
+    min_p: list[float] = field(default_factory=lambda: [0.0, 0.3])
+    """Drop tokens less likely than min_p times the most likely one."""
+    repeat_penalty: list[float] = field(default_factory=lambda: [1.0, 1.3])
+    """Divide the logits of recently seen tokens by this."""
+    max_tokens: list[int] = field(default_factory=lambda: [64, 128])
+    """New tokens per completion at most."""
+
+    def __post_init__(self) -> None:
+        floors = {"temperature": 0, "top_p": 1e-6, "top_k": 0, "min_p": 0, "repeat_penalty": 1e-6, "max_tokens": 1}
+        for name, floor in floors.items():
+            r = getattr(self, name)
+            if len(r) > 2 or any(v < floor for v in r) or (len(r) == 2 and r[0] > r[1]):
+                raise ProfileError(f"tune.space.{name}: expected [], [value] or [low, high], {floor} <= low <= high")
+        if any(v > 1 for v in self.top_p + self.min_p):
+            raise ProfileError("tune.space: top_p and min_p are at most 1")
+
+    def searched(self) -> dict[str, list]:
+        """The ranges actually searched (low < high)."""
+        return {k: r for k, r in dataclasses.asdict(self).items() if len(r) == 2 and r[0] < r[1]}
+
+
+@dataclass
+class TuneSettings:
+    """sampling_preset and `kiln tune`: an Optuna study over the shipped GGUF's sampler values."""
+
+    objective: str = "humaneval"
+    """What the study maximises on held-out data: humaneval (pass@1 on the last `problems` HumanEval
+    problems, in the sandbox) or kiln_next_line (the next line of held-out code, exact match)."""
+    problems: int = 8
+    """Held-out items scored per trial (HumanEval problems, or lines of held-out code)."""
+    trials: int = 6
+    """Trials the study holds when done (finished or pruned); a resumed study runs only the rest."""
+    timeout: float | None = 40.0
+    """Seconds of tuning at most per run (None: no limit); trials then stop, the best one is kept."""
+    min_tokens_per_s: float = 20.0
+    """The latency budget: a trial generating fewer tokens per second is infeasible."""
+    seed: int = 0
+    """Seed of the TPE sampler and of llama.cpp's sampling in every trial."""
+    threads: int = 1
+    """llama.cpp threads while tuning: what one kiln serve replica gets (cores / replicas)."""
+    storage: str | None = None
+    """Optuna storage URL shared by workers (postgresql+psycopg2://user@host/db); None: sqlite in the work folder."""
+    space: SearchSpace = field(default_factory=SearchSpace)
+    """The sampler values searched."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in TUNE_OBJECTIVES:
+            known = ", ".join(TUNE_OBJECTIVES)
+            raise ProfileError(f"tune.objective: unknown objective {self.objective!r} (known: {known})")
+        if min(self.problems, self.trials, self.threads) < 1 or self.min_tokens_per_s < 0:
+            raise ProfileError("tune: problems, trials and threads >= 1 and min_tokens_per_s >= 0 are needed")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ProfileError(f"tune.timeout must be positive or null, not {self.timeout}")
+
+
 @dataclass
 class RegistrySettings:
     """registered_model: the quality gate before the `candidate` alias."""
@@ -381,6 +450,7 @@ class Profile:
     gguf: GGUFSettings = field(default_factory=GGUFSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    tune: TuneSettings = field(default_factory=TuneSettings)
 
     def __post_init__(self) -> None:
         if self.model.from_pretrained is None:  # a downloaded model's context is its own config's

@@ -10,7 +10,10 @@
         gguf_model/{kiln-<profile>-<quant>.gguf,files.json}
         gguf_benchmark/benchmark.json
         eval_report/{report.json,report.md,humaneval/,lm_eval_tasks/}
+        sampling_preset/{presets.json,study.json,study.db}
         registered_model/bundle/
+        .hashes.json, timings.jsonl          input hashes by size+mtime; seconds per stage and run
+        <stage>/.stage.json                  a finished stage's key and result (pipeline/reuse.py)
 
 The work folder is `data/work` in the checkout unless `KILN_WORK_DIR` names another; models
 downloaded from the Hugging Face hub are kept beside the profiles in `<work_dir>/model_cache/`
@@ -27,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK_DIR = REPO_ROOT / "data" / "work"
 REGISTRY_DIR = REPO_ROOT / "registry"  # the local MLflow store (sqlite + artifacts)
 DAGSTER_HOME = REPO_ROOT / ".dagster_home"
+SERVICES_DIR = REPO_ROOT / ".services"  # the production deployment on one machine (pipeline/services.py)
 PROFILES_DIR = REPO_ROOT / "profiles"  # the shipped profiles, one YAML file each
 PRESETS_DIR = REPO_ROOT / "presets"  # the gateway's sampler presets, one YAML file each
 QUANTS = ("F16", "Q8_0", "Q4_K_M")  # the GGUF files every version ships
@@ -36,6 +40,12 @@ def cache_dir() -> Path:
     """Per-machine files kept between runs: the llama-server build, versions pulled for serving.
     `KILN_CACHE_DIR`, else ~/.cache/kiln."""
     return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln")
+
+
+def services_dir_from_env() -> Path:
+    """PostgreSQL, the tracking server's artifacts and the Dagster home of `make services`:
+    `KILN_SERVICES_DIR`, else .services/ in the checkout."""
+    return Path(os.environ.get("KILN_SERVICES_DIR") or SERVICES_DIR)
 
 
 def work_dir_from_env() -> Path:
@@ -63,6 +73,16 @@ class Layout:
     @property
     def root(self) -> Path:
         return Path(self.work_dir) / self.profile
+
+    @property
+    def hash_cache(self) -> Path:
+        """sha256 of the stages' input files, by size and modification time."""
+        return self.root / ".hashes.json"
+
+    @property
+    def timings(self) -> Path:
+        """One JSON line per stage and run: seconds, reused or computed."""
+        return self.root / "timings.jsonl"
 
     def stage(self, name: str) -> Path:
         """The folder of one asset, created on first use."""
@@ -178,6 +198,26 @@ class Layout:
     def lm_eval_tasks(self) -> Path:
         """kiln's lm-eval task files, written from held-out code."""
         return self.eval_dir / "lm_eval_tasks"
+
+    @property
+    def tuning_dir(self) -> Path:
+        """sampling_preset's folder: the presets, the study's summary and its default storage."""
+        return self.stage("sampling_preset")
+
+    @property
+    def presets_json(self) -> Path:
+        """The version's presets (the tuned `code` and the hand-written ones), as the gateway reads them."""
+        return self.tuning_dir / "presets.json"
+
+    @property
+    def study_json(self) -> Path:
+        """Every trial of the study, the best one and the parameter importances."""
+        return self.tuning_dir / "study.json"
+
+    @property
+    def study_storage(self) -> str:
+        """The default Optuna storage: sqlite beside the presets (tune.storage names another)."""
+        return f"sqlite:///{self.tuning_dir / 'study.db'}"
 
     @property
     def bundle_dir(self) -> Path:

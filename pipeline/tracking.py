@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,10 +33,75 @@ def _store_dir(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
 
 
+LOCK_DATABASE_ENV = "KILN_LOCK_DATABASE_URL"  # PostgreSQL whose advisory locks a tracking server's users share
+LOCK_WAIT_S = 300  # how long a promotion waits for another one before it gives up
+
+
+# what an error from a tracking server that is restarting or out of reach says (requests, urllib3, a proxy)
+UNREACHABLE_SIGNS = ("Connection refused", "Max retries exceeded", "Connection aborted", "RemoteDisconnected",
+                     "timed out", "502", "503", "504")  # fmt: skip
+
+
+def server_unavailable(uri: str, exc: BaseException) -> bool:
+    """True when `exc` says the tracking server could not be reached, or the server does not answer
+    now: worth retrying the stage, unlike a bug or a bad input. Never for a local store."""
+    if _store_dir(uri) is not None or not uri.startswith(("http://", "https://")):
+        return False
+    chain, seen = [], exc
+    while seen is not None:
+        chain.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    if any(sign in text for text in chain for sign in UNREACHABLE_SIGNS):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+            return False
+    except OSError:
+        return True
+
+
 def lock_dir(uri: str) -> Path:
-    """Where the locks that serialize runs and promotions live: beside a local store, else /tmp
-    (a tracking server shared by several machines would need its own lock; see README)."""
+    """Where the lock files of a local store live: beside it (else /tmp, for `lock` without a lock database)."""
     return _store_dir(uri) or Path("/tmp")
+
+
+def shared_lock_url(uri: str) -> str | None:
+    """The lock database of a tracking server (None for a local store, or when it is not set)."""
+    return None if _store_dir(uri) else os.environ.get(LOCK_DATABASE_ENV) or None
+
+
+def lock(uri: str, name: str):
+    """An exclusive lock named `name` among everyone using `uri`: a PostgreSQL advisory lock when the
+    tracking server has a lock database (every machine that reaches it), else a file lock (this machine)."""
+    url = shared_lock_url(uri)
+    return advisory_lock(url, name) if url else file_lock(lock_dir(uri) / f".{name}.lock")
+
+
+@contextlib.contextmanager
+def advisory_lock(url: str, name: str) -> Iterator[None]:
+    """An exclusive lock held in PostgreSQL by this process's connection: released when the block ends,
+    or by the server when the connection drops, so a killed process never leaves it held."""
+    import psycopg2
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)  # bigint lock id
+    try:
+        conn = psycopg2.connect(url, connect_timeout=10, application_name=f"kiln lock {name}")
+    except psycopg2.Error as exc:  # the message names host and port, never the password
+        raise KilnError(f"{LOCK_DATABASE_ENV}: the lock database does not answer ({str(exc).strip()[:200]})") from None
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SET lock_timeout = '{LOCK_WAIT_S}s'")
+            try:
+                cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+            except psycopg2.errors.LockNotAvailable:
+                raise KilnError(f"{name}: another process held the lock for {LOCK_WAIT_S} s; try again") from None
+            try:
+                yield
+            finally:
+                cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    finally:
+        conn.close()
 
 
 def artifact_root(uri: str) -> str | None:
@@ -70,6 +138,42 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def gpu_temperatures(uri: str, run_id: str, every_s: float) -> Iterator[None]:
+    """GPU temperatures beside MLflow's system metrics, which sample GPU memory, utilisation and power
+    through nvidia-ml-py but not temperature: `system/gpu_<i>_temperature_celsius` every `every_s`
+    seconds while the block runs. Nothing without an NVIDIA GPU and its driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # no library, no driver, no GPU: there is nothing to sample
+        yield
+        return
+    from mlflow.entities import Metric
+
+    stop, c = threading.Event(), client(uri)
+
+    def sample() -> None:
+        step = 0
+        while not stop.wait(every_s):
+            now = int(time.time() * 1000)
+            temps = [pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU) for h in handles]
+            metrics = [Metric(f"system/gpu_{i}_temperature_celsius", t, now, step) for i, t in enumerate(temps)]
+            with contextlib.suppress(Exception):  # a sample lost while the server restarts is not worth a stage
+                c.log_batch(run_id, metrics=metrics)
+            step += 1
+
+    thread = threading.Thread(target=sample, name="kiln-gpu-temperature", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every_s + 5)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
@@ -90,9 +194,7 @@ def pipeline_run(uri: str, profile: str, pipeline_run_id: str) -> str:
     """The MLflow run of this pipeline run, created by whichever stage asks first."""
     c = client(uri)
     try:
-        with file_lock(
-            lock_dir(uri) / f".kiln-{profile}.run.lock"
-        ):  # parallel stages of one pipeline run must not create two runs
+        with lock(uri, f"kiln-{profile}.run"):  # parallel stages of one pipeline run must not create two runs
             exp = experiment_id(c, profile, uri)
             found = c.search_runs([exp], f"tags.`kiln.pipeline_run_id` = '{pipeline_run_id}'", max_results=1)
             if found:

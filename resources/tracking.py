@@ -2,11 +2,18 @@
 
 import contextlib
 import os
+from contextlib import nullcontext
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, RetryRequested
 from pydantic import Field
 
-from pipeline.tracking import StageLogger, default_tracking_uri, pipeline_run
+from pipeline import logs
+from pipeline.tracking import StageLogger, default_tracking_uri, gpu_temperatures, pipeline_run, server_unavailable
+
+# A stage that loses the tracking server (a restart, a network blip) is retried after a wait instead of
+# failing the run; any other error fails it at once, as before.
+RETRIES = int(os.environ.get("KILN_TRACKING_RETRIES", "5"))
+RETRY_DELAY_S = float(os.environ.get("KILN_TRACKING_RETRY_DELAY", "15"))
 
 
 class MLflowTracking(ConfigurableResource):
@@ -17,11 +24,24 @@ class MLflowTracking(ConfigurableResource):
 
     @contextlib.contextmanager
     def stage(self, dagster_run_id: str, profile: str, stage: str):
-        """Log one stage into the MLflow run of this Dagster run; system metrics while it works."""
+        """Log one stage into the MLflow run of this Dagster run; system metrics while it works. A
+        tracking server out of reach asks Dagster to retry the stage (RETRIES times, RETRY_DELAY_S apart)."""
         import mlflow
 
-        run_id = pipeline_run(self.tracking_uri, profile, dagster_run_id)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
-        with mlflow.start_run(run_id=run_id, log_system_metrics=self.system_metrics):
-            yield StageLogger(self.tracking_uri, run_id, stage)
+        logs.configure()  # the stage's lines carry its Dagster run id and name
+        logs.bind(run_id=dagster_run_id, stage=stage)
+        try:
+            run_id = pipeline_run(self.tracking_uri, profile, dagster_run_id)
+            mlflow.set_tracking_uri(self.tracking_uri)
+            os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
+            every_s = float(os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"])
+            temperatures = (
+                gpu_temperatures(self.tracking_uri, run_id, every_s) if self.system_metrics else nullcontext()
+            )
+            with mlflow.start_run(run_id=run_id, log_system_metrics=self.system_metrics), temperatures:
+                yield StageLogger(self.tracking_uri, run_id, stage)
+        except Exception as exc:
+            if not server_unavailable(self.tracking_uri, exc):
+                raise
+            logs.get("system").warning("tracking server unavailable", uri=self.tracking_uri, retry_in_s=RETRY_DELAY_S)
+            raise RetryRequested(max_retries=RETRIES, seconds_to_wait=RETRY_DELAY_S) from exc

@@ -34,7 +34,7 @@ WORDS = "model token stage corpus river table window engine signal garden market
 STAGE_MODULES = [corpus, training, post_training, evaluation, release]
 ASSETS = {
     "raw_corpus", "clean_corpus", "tokenizer", "base_model", "sft_data", "dpo_data", "sft_model", "dpo_model",
-    "gguf_model", "gguf_benchmark", "eval_report", "registered_model",
+    "gguf_model", "gguf_benchmark", "eval_report", "sampling_preset", "registered_model",
 }  # fmt: skip
 
 
@@ -103,6 +103,7 @@ E2E_PROFILE = {
         "bpb_max_bytes": 20_000, "lm_eval_limit": 8, "lm_eval_tasks": [], "batch_size": 4,
         "humaneval_problems": 2, "max_new_tokens": 16,
     },
+    "tune": {"problems": 2, "trials": 2, "min_tokens_per_s": 1, "space": {"max_tokens": [4, 8]}},
 }  # fmt: skip
 
 
@@ -177,6 +178,7 @@ def test_the_artifacts_are_where_the_layout_names_them(e2e):
         "eval_report.json",
         "gguf",
         "hf",
+        "presets.json",
         "profile.json",
     ]
     assert sorted(p.name for p in (layout.bundle_dir / "gguf").iterdir()) == sorted(layout.gguf(q).name for q in QUANTS)
@@ -189,8 +191,9 @@ def test_one_mlflow_run_holds_every_stage(e2e):
     assert {
         "base_model.val_bits_per_byte", "clean_corpus.kept_documents", "gguf_benchmark.Q4_K_M_size_bytes",
         "eval_report.base.bits_per_byte", "eval_report.dpo.kiln_body_choice.acc", "eval_report.dpo.humaneval.pass_at_1",
-        "eval_report.dpo_Q4_K_M.humaneval.pass_at_1",
+        "eval_report.dpo_Q4_K_M.humaneval.pass_at_1", "sampling_preset.best_tokens_per_s",
     } <= set(runs[0].data.metrics)  # fmt: skip
+    assert len(c.get_metric_history(runs[0].info.run_id, "sampling_preset.tokens_per_s")) == 2  # one point per trial
     assert len(c.get_metric_history(runs[0].info.run_id, "base_model.loss")) == 30  # the curve
 
 
@@ -210,6 +213,9 @@ def test_the_version_is_registered_as_the_candidate(e2e):
     uri = e2e.tracking_uri
     assert [v["aliases"] for v in registry.list_versions(uri, "e2e")] == ["candidate"]
     tags = client(uri).get_model_version("kiln-e2e", "1").tags
+    presets = json.loads((e2e.layout.bundle_dir / "presets.json").read_text())
+    assert tags["sha256.presets.json"] == registry.sha256(e2e.layout.bundle_dir / "presets.json")
+    assert json.loads(tags["preset.code"]) == presets["code"] and tags["presets"] == "balanced,code,greedy"
     report = json.loads(e2e.layout.eval_report.read_text())
     assert float(tags["eval.dpo.bits_per_byte"]) == pytest.approx(report["models"]["dpo"]["bits_per_byte"], rel=1e-5)
 
@@ -232,6 +238,44 @@ def with_code_version(assets: list[AssetsDefinition], name: str, version: str) -
     ]
 
 
+def outcomes(result: ExecuteInProcessResult) -> dict[str, tuple[bool, str]]:
+    """Each materialized asset: (reused, data version)."""
+    out = {}
+    for e in result.get_asset_materialization_events():
+        m = e.event_specific_data.materialization
+        out[e.asset_key.path[-1]] = (m.metadata["reused"].value, m.tags["dagster/data_version"])
+    return out
+
+
+REUSING = ASSETS - {"raw_corpus", "registered_model"}  # raw_corpus reads its sources; the registry decides
+
+
+def test_an_unchanged_rerun_reuses_every_stage_and_registers_nothing(e2e):
+    again = materialize(e2e.assets, resources=e2e.resources, instance=e2e.instance)
+    first, second = outcomes(e2e.result), outcomes(again)
+    assert {a for a, (reused, _) in second.items() if reused} == REUSING
+    assert second == {a: (a in REUSING, version) for a, (_, version) in first.items()}  # same data versions
+    assert stale_assets(e2e.instance, e2e.assets, e2e.resources) == set()
+    registered = again.asset_materializations_for_node("registered_model")[0].metadata
+    assert registered["registered"].value is False and registered["version"].value == 1
+    assert [v["version"] for v in registry.list_versions(e2e.tracking_uri, "e2e")] == ["1"]
+    reused_sft = again.asset_materializations_for_node("sft_model")[0].metadata
+    computed_sft = e2e.result.asset_materializations_for_node("sft_model")[0].metadata
+    assert reused_sft["sft_eval_loss"] == computed_sft["sft_eval_loss"]  # the stored figures, shown again
+    assert reused_sft["reused_from_run"].value == e2e.result.run_id
+
+
+def test_force_registers_a_new_version_of_the_same_model(e2e):
+    force = {"ops": {"registered_model": {"config": {"force": True}}}}
+    again = materialize(
+        e2e.assets, selection=["registered_model"], resources=e2e.resources, instance=e2e.instance, run_config=force
+    )
+    assert again.asset_materializations_for_node("registered_model")[0].metadata["version"].value == 2
+    assert [v["version"] for v in registry.list_versions(e2e.tracking_uri, "e2e")] == ["1", "2"]
+    tags = [client(e2e.tracking_uri).get_model_version("kiln-e2e", v).tags for v in ("1", "2")]
+    assert registry._model_part(tags[0]) == registry._model_part(tags[1]) != {}  # the same files, twice
+
+
 # Last in the file: it materializes dpo_model again (a second Dagster run, so a second MLflow run).
 def test_a_new_code_version_makes_only_what_follows_stale(e2e):
     assert stale_assets(e2e.instance, e2e.assets, e2e.resources) == set()
@@ -241,4 +285,25 @@ def test_a_new_code_version_makes_only_what_follows_stale(e2e):
     # downstream stale (Dagster marks staleness one step at a time as each asset is re-run)
     rerun = materialize(changed, selection=["dpo_model"], resources=e2e.resources, instance=e2e.instance)
     assert materialized(rerun) == {"dpo_model"}
+    assert outcomes(rerun)["dpo_model"][0] is False  # a new code version computes again
     assert stale_assets(e2e.instance, changed, e2e.resources) == {"gguf_model", "eval_report"}
+
+
+# After the code-version test: these change what the tokenizer is trained on and with.
+def test_a_changed_setting_or_upstream_file_computes_the_stage_again(e2e, tmp_path):
+    def tokenizer_run(resources):
+        run = materialize(e2e.assets, selection=["tokenizer"], resources=resources, instance=e2e.instance)
+        return outcomes(run)["tokenizer"]
+
+    assert tokenizer_run(e2e.resources)[0] is True
+    variant = yaml.safe_load(Path(e2e.resources["kiln"].profile).read_text())
+    variant["tokenizer"]["vocab_size"] = 420
+    profile = write_profile(tmp_path / "variant.yaml", {**variant, "name": "e2e"})
+    changed = {**e2e.resources, "kiln": KilnSettings(profile=str(profile), work_dir=str(e2e.work_dir))}
+    reused, version = tokenizer_run(changed)
+    assert reused is False and json.loads(e2e.layout.tokenizer_stats.read_text())["vocab_size"] == 420
+    assert tokenizer_run(changed) == (True, version)  # the new result is the stored one now
+    train = next(e2e.layout.clean_splits.glob("train-*.jsonl"))
+    train.write_text(train.read_text() + json.dumps({"id": "new", "text": "def added():\n    return 1\n"}) + "\n")
+    reused, newer = tokenizer_run(changed)
+    assert reused is False and newer != version

@@ -110,7 +110,10 @@ def _every_command():
         yield [name], command
 
 
-TAKES_PROFILE = {"clean", "tokenizer", "pretrain", "models", "promote", "rollback", "pull", "history", "run", "serve"}
+TAKES_PROFILE = {
+    "clean", "tokenizer", "pretrain", "tune", "models", "compare", "promote", "rollback", "pull", "history", "run",
+    "serve",
+}  # fmt: skip
 EVERY_COMMAND = list(_every_command())
 
 
@@ -161,3 +164,14 @@ def test_run_names_the_artifacts_under_kiln_work_dir(tmp_path, monkeypatch):
     message = done_message("my.yaml", "mine", "/somewhere/.dagster_home")
     assert f"artifacts:     {tmp_path / 'work' / 'mine'}\n" in message
     assert "experiment kiln-mine)" in message and "kiln models --profile my.yaml\n" in message
+
+
+def test_run_tags_a_forced_run():
+    import json
+
+    from pipeline.cli.run import dagster_command
+    from pipeline.reuse import FORCE_TAG
+
+    plain, forced = dagster_command("kiln_pipeline", "c.yaml", False), dagster_command("data", "c.yaml", True)
+    assert "--tags" not in plain and plain[plain.index("-j") + 1] == "kiln_pipeline"
+    assert json.loads(forced[forced.index("--tags") + 1]) == {FORCE_TAG: "true"}

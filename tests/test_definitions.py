@@ -18,6 +18,7 @@ GROUPS = {
     "eval_report": "evaluation",
     "gguf_model": "release",
     "gguf_benchmark": "release",
+    "sampling_preset": "release",
     "registered_model": "release",
 }
 
@@ -35,7 +36,9 @@ UPSTREAM = {
     "gguf_benchmark": {"gguf_model", "clean_corpus"},
     # after gguf_benchmark so the two CPU-heavy steps never run side by side
     "eval_report": {"base_model", "sft_model", "dpo_model", "gguf_benchmark", "clean_corpus"},
-    "registered_model": {"gguf_benchmark", "eval_report"},
+    # after eval_report too: tuning and evaluation are both CPU-heavy
+    "sampling_preset": {"gguf_model", "eval_report"},
+    "registered_model": {"gguf_benchmark", "sampling_preset", "eval_report"},
 }
 
 # check -> the asset it gates
@@ -56,7 +59,7 @@ JOBS = {
     "training": {"tokenizer", "base_model"},
     "post_training": {"sft_data", "dpo_data", "sft_model", "dpo_model"},
     "evaluation": {"eval_report"},
-    "release": {"gguf_model", "gguf_benchmark", "registered_model"},
+    "release": {"gguf_model", "gguf_benchmark", "sampling_preset", "registered_model"},
 }
 
 defs = definitions.defs
@@ -96,3 +99,16 @@ def test_the_schedule_and_the_sensor_run_the_whole_pipeline():
 def test_the_code_location_loads():
     Definitions.validate_loadable(defs)  # what `dagster dev` does when it loads workspace.yaml
     assert set(defs.resources) == {"kiln", "mlflow"}
+
+
+def test_kiln_runs_every_job_in_one_process_and_any_asset_may_be_forced():
+    from dagster import validate_run_config
+
+    from pipeline.cli.run import IN_PROCESS
+
+    for job in ("kiln_pipeline", "data", "release"):
+        config = validate_run_config(defs.resolve_job_def(job), IN_PROCESS)
+        assert list(config["execution"]["multi_or_in_process_executor"]) == ["in_process"]
+    forced = {"ops": {name: {"config": {"force": True}} for name in set(GROUPS) - {"raw_corpus"}}}
+    config = validate_run_config(defs.resolve_job_def("kiln_pipeline"), forced)
+    assert config["ops"]["sft_model"]["config"] == {"force": True}

@@ -157,6 +157,13 @@ def test_pull_verifies_and_caches_a_version(tmp_path, monkeypatch):
     with pytest.raises(KilnError, match="does not match its sha256 tag"):
         source.pull(uri, "test", "1", "Q4_K_M")
     assert source.pull(uri, "test", "1", "Q4_K_M").gguf.read_bytes() == b"GGUF" + b"\1" * 100  # pulled again
+    # another registry's version 1 of the same model is other files: its own pull, not this cache
+    other_uri, other = f"sqlite:///{tmp_path / 'other.db'}", tmp_path / "other"
+    (other / "gguf").mkdir(parents=True)
+    (other / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(b"GGUF" + b"\2" * 100)
+    registry.register(other_uri, "test", pipeline_run(other_uri, "test", "run-2"), other, {}, gate_passed=True)
+    theirs = source.pull(other_uri, "test", "1", "Q4_K_M")
+    assert theirs.gguf.read_bytes() == b"GGUF" + b"\2" * 100 and "tiny" not in theirs.presets
 
 
 @pytest.mark.slow
@@ -523,6 +530,9 @@ def test_canary_takes_its_share_and_names_its_version(env, store):
     canary = registry_target(uri, "test", "2", "Q4_K_M")
     gw = Gateway(production, canary=canary, canary_share=0.5, kiln_replicas=1)
     try:
+        deadline = time.monotonic() + 60  # /health answers once production is warm; the canary starts after it
+        while not (gw.client.get("/").json()["canary"] or {}).get("ready") and time.monotonic() < deadline:
+            time.sleep(0.2)
         versions = [gw.client.post("/infer", json={"query": "x", "max_length": 2}).json()["version"] for _ in range(40)]
         assert 5 <= versions.count("2") <= 35 and versions.count("1") + versions.count("2") == 40, versions
         assert gw.client.get("/").json()["canary"]["version"] == "2"
@@ -533,5 +543,38 @@ def test_canary_takes_its_share_and_names_its_version(env, store):
         metrics = gw.client.get("/metrics").text
         assert 'kiln_completion_tokens_total{version="1"}' in metrics
         assert 'kiln_completion_tokens_total{version="2"}' in metrics
+    finally:
+        gw.close()
+
+
+@pytest.mark.slow
+def test_a_tuned_preset_is_served_from_the_registry(env, ggufs, small_corpus, tmp_path):
+    from pipeline.config import SearchSpace, TuneSettings
+    from pipeline.data.clean import read_split
+    from pipeline.release import registry, tuning
+    from pipeline.serve.server import registry_target
+    from pipeline.tracking import pipeline_run
+
+    # a real study whose `code` preset stops at 3 tokens (fixed), its other values tuned
+    settings = TuneSettings(objective="kiln_next_line", problems=2, trials=2, min_tokens_per_s=1.0,
+                            space=SearchSpace(max_tokens=[3]))  # fmt: skip
+    items = tuning.heldout_items("kiln_next_line", 2, list(read_split(small_corpus, "validation")))
+    summary = tuning.tune(ggufs["Q4_K_M"], items, settings, f"sqlite:///{tmp_path / 'study.db'}", progress=False)
+    uri, bundle = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "bundle"
+    (bundle / "gguf").mkdir(parents=True)
+    (bundle / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(Path(ggufs["Q4_K_M"]).read_bytes())
+    tuning.write_outputs(summary, bundle / "presets.json", tmp_path / "study.json")
+    run = pipeline_run(uri, "test", "run-1")
+    registry.register(uri, "test", run, bundle, tuning.preset_tags(summary), gate_passed=True)
+    registry.promote(uri, "test", "1")
+    gw = Gateway(registry_target(uri, "test", "production", "Q4_K_M"), kiln_replicas=1)
+    try:
+        presets = gw.client.get("/llm/models").json()["presets"]
+        assert presets["code"] == summary["presets"]["code"] and presets["code"]["max_tokens"] == 3
+        r = gw.client.post("/infer", json={"query": "def add(a, b):", "preset": "code"})
+        assert r.status_code == 200, r.text
+        assert 1 <= r.json()["usage"]["completion_tokens"] <= 3  # the preset's max_tokens reached llama-server
+        greedy = gw.client.post("/infer", json={"query": "def add(a, b):", "preset": "greedy"}).json()
+        assert greedy["usage"]["completion_tokens"] > 3  # where another preset lets the model go on
     finally:
         gw.close()

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = {
     "raw_corpus": "data", "clean_corpus": "data", "tokenizer": "training", "base_model": "training",
     "sft_data": "post_training", "dpo_data": "post_training", "sft_model": "post_training",
-    "dpo_model": "post_training", "gguf_model": "release", "gguf_benchmark": "release", "registered_model": "release",
+    "dpo_model": "post_training", "gguf_model": "release", "gguf_benchmark": "release", "sampling_preset": "release",
+    "registered_model": "release",
     "eval_report": "evaluation",
 }  # fmt: skip
 CHECKS = {

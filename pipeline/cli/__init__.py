@@ -1,7 +1,7 @@
 """The `kiln` command: each stage alone on your own files, the whole pipeline, and profiles.
 
 COMMANDS is the table from name to command, in the order `kiln --help` lists them; each command
-declares its arguments next to its code (stages.py, release.py, humaneval.py, run.py, serve.py). To add one,
+declares its arguments next to its code (stages.py, release.py, humaneval.py, tuning.py, run.py, serve.py). To add one,
 write a `Command` with `help`, `add_arguments` and `run`, and add it to the table.
 
 A user mistake (a missing file, a bad setting) prints one line, `kiln: error: ...`, and exits 2;
@@ -14,13 +14,15 @@ import argparse
 import os
 import sys
 
+from pipeline import logs
 from pipeline.cli.command import Command
 from pipeline.cli.download import Download
 from pipeline.cli.humaneval import Humaneval
-from pipeline.cli.release import Bench, Gguf, History, Models, Promote, Pull, Rollback
+from pipeline.cli.release import Bench, Compare, Gguf, History, Models, Promote, Pull, Rollback
 from pipeline.cli.run import Run
 from pipeline.cli.serve import Serve
 from pipeline.cli.stages import Clean, Device, Pretrain, Profiles, Tokenizer
+from pipeline.cli.tuning import Tune
 from pipeline.errors import KilnError
 
 COMMANDS: dict[str, Command] = {
@@ -33,7 +35,9 @@ COMMANDS: dict[str, Command] = {
     "gguf": Gguf(),
     "bench": Bench(),
     "humaneval": Humaneval(),
+    "tune": Tune(),
     "models": Models(),
+    "compare": Compare(),
     "promote": Promote(),
     "rollback": Rollback(),
     "pull": Pull(),
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args.func.__self__, "online", False):  # only `kiln download` reaches the hub by default
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    logs.configure()
+    logs.bind(stage=args.command)
     try:
         return args.func(args)
     except KilnError as exc:

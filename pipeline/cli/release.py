@@ -172,3 +172,25 @@ class History(RegistryCommand):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["when"]))
             print(f"{when}  {e['action']:<8} {e['from'] or '-':>4} -> {e['to']:<4} by {e['who']}")
         return 0
+
+
+class Compare(RegistryCommand):
+    help = "versions side by side: eval figures, GGUF speed and memory, sizes, presets, gate; what moved"
+    description = (
+        "Compare registered versions (numbers or aliases; the first is the reference): eval figures with their "
+        "standard errors, GGUF tokens/s, time to first token and peak memory, file sizes, presets and the gate's "
+        "verdict. A change beyond the combined standard error is marked *. Ends with MLflow's comparison link "
+        "of the versions' runs."
+    )
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("versions", nargs="+", metavar="VERSION", help="version numbers or aliases, two or more")
+        parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.release.compare import compare, table
+
+        result = compare(*self.target(args), args.versions)
+        print(json.dumps(result, indent=2) if args.json else table(result))
+        return 0

@@ -72,7 +72,7 @@ def declared_context(path: Path) -> int:
     return int(field.contents())
 
 
-def load(path: Path, n_ctx: int | None = None, logits_all: bool = False):
+def load(path: Path, n_ctx: int | None = None, logits_all: bool = False, threads: int = THREADS):
     """The GGUF under llama.cpp with `n_ctx` positions, never more than the file declares (its
     `context_length`, the trained one); None: the declared context."""
     import llama_cpp
@@ -85,7 +85,7 @@ def load(path: Path, n_ctx: int | None = None, logits_all: bool = False):
         with quiet_native():
             return llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=logits_all,
-                n_threads=THREADS, verbose=False,
+                n_threads=threads, verbose=False,
             )  # fmt: skip
     except (ValueError, RuntimeError) as exc:  # llama-cpp-python's words for "could not load"
         raise KilnError(f"{path}: llama.cpp cannot load it ({exc}); the file may be truncated or corrupt") from None

@@ -19,7 +19,8 @@ def _load(path: Path) -> dict:
 
 def build_bundle(layout: Layout, profile: Profile, run_id: str) -> dict:
     """Gather what a registered version holds into `layout.bundle_dir`: gguf/, hf/ (merged checkpoint
-    and tokenizer), MODEL_CARD.md, benchmark.json, eval_report.json, clean_stats.json, profile.json.
+    and tokenizer), MODEL_CARD.md, benchmark.json, eval_report.json, clean_stats.json, profile.json,
+    presets.json.
     Returns the key metrics for tags, whether GGUF parity passed, and each GGUF file's size."""
     base, bench, clean = _load(layout.base_summary), _load(layout.benchmark_json), _load(layout.clean_stats)
     files = _load(layout.gguf_files)
@@ -110,3 +111,5 @@ def _write_bundle(layout: Layout, profile: Profile, files: dict, card: str, benc
             shutil.copy2(layout.eval_report, tmp / "eval_report.json")
         (tmp / "clean_stats.json").write_text(json.dumps(clean, indent=2))
         (tmp / "profile.json").write_text(json.dumps(profile.to_dict(), indent=2, default=str))
+        if layout.presets_json.exists():  # sampling_preset's: the gateway reads it from the pulled version
+            shutil.copy2(layout.presets_json, tmp / "presets.json")

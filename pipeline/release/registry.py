@@ -5,8 +5,9 @@ merged HF checkpoint, the model card and the reports, with a `sha256.<file>` tag
 Aliases, not the deprecated stages: `candidate` (set when the quality gate passed) and
 `production`. Every promotion and rollback appends one `kiln.history.NNNN` tag to the
 registered model (who, when, from which version to which): the history is append-only and
-nothing is ever deleted. Changes are serialized by a lock, so two concurrent promotions both
-land in the history, one after the other.
+nothing is ever deleted. Changes are serialized by a lock (a file beside a local store, a PostgreSQL advisory lock for a
+tracking server), so concurrent promotions from any machines all land in the history, one after
+the other.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from pathlib import Path
 
 from pipeline.errors import KilnError
 from pipeline.io import writable_folder
-from pipeline.tracking import client, file_lock, lock_dir
+from pipeline.tracking import LOCK_DATABASE_ENV, client, lock, shared_lock_url
 
 CANDIDATE, PRODUCTION = "candidate", "production"
 HISTORY = "kiln.history."
 EVAL_TAG = "eval."  # eval.<model>.<metric>: what the next version's gate compares against
 SHIPPED = "dpo"  # the checkpoint that becomes the GGUF files
+# The files that make two versions the same model. The card and reports name their pipeline run,
+# so two runs of the same model differ there and nowhere that matters.
+MODEL_FILES = ("gguf/", "hf/")
 
 
 def model_name(profile: str) -> str:
@@ -49,7 +53,15 @@ def _files(folder: Path) -> dict[str, Path]:
 
 
 def _lock(uri: str, name: str):
-    return file_lock(lock_dir(uri) / f".{name}.registry.lock")
+    """Serializes the changes to one registered model among everyone using `uri`: a file beside a
+    local store; for a tracking server, an advisory lock in the deployment's PostgreSQL, since
+    release managers run the commands from different machines."""
+    if not uri.startswith("sqlite:") and not shared_lock_url(uri):
+        raise KilnError(
+            f"changing {name} on the tracking server {uri} needs {LOCK_DATABASE_ENV} (the PostgreSQL "
+            "whose advisory lock serializes releases across machines; `make services` prints it)"
+        )
+    return lock(uri, f"{name}.registry")
 
 
 def _reachable(uri: str) -> None:
@@ -82,13 +94,48 @@ def _call(uri: str, what: str, fn):
         raise KilnError(f"{what}: the registry at {uri} answered: {str(exc).splitlines()[0][:200]}") from None
 
 
-def register(uri: str, profile: str, run_id: str, bundle: Path, tags: dict, gate_passed: bool) -> str:
-    """Log `bundle` (a folder of files) to the run and register it as a new version. Each
-    registration gets its own artifact folder: one run may register more than once, and a shared
-    folder would let the later files replace an earlier version's, which then fail its hashes."""
+def bundle_hashes(bundle: Path) -> dict[str, str]:
+    """`sha256.<file>` of every file of a bundle: the tags a version is verified against."""
+    return {f"sha256.{rel}": sha256(p) for rel, p in _files(bundle).items()}
+
+
+def _model_part(tags: dict) -> dict:
+    return {k: v for k, v in tags.items() if k.startswith(tuple(f"sha256.{f}" for f in MODEL_FILES))}
+
+
+def same_model(uri: str, profile: str, hashes: dict[str, str]) -> str | None:
+    """The newest version holding exactly these model files (GGUF and HF, by sha256), or None."""
     c = client(uri)
     name = model_name(profile)
-    hashes = {f"sha256.{rel}": sha256(p) for rel, p in _files(bundle).items()}
+    wanted = _model_part(hashes)
+
+    def do() -> str | None:
+        try:
+            c.get_registered_model(name)
+        except Exception:  # nothing registered yet
+            return None
+        same = [v for v in _versions(c, name) if _model_part(v.tags) == wanted]
+        return str(same[-1].version) if same else None
+
+    return _call(uri, f"looking for {name}'s versions", do)
+
+
+def aliases_of(uri: str, profile: str, version: str) -> list[str]:
+    """The aliases (candidate, production) that point at `version`."""
+    aliases = client(uri).get_registered_model(model_name(profile)).aliases
+    return sorted(a for a, v in aliases.items() if str(v) == str(version))
+
+
+def register(
+    uri: str, profile: str, run_id: str, bundle: Path, tags: dict, gate_passed: bool, hashes: dict | None = None
+) -> str:
+    """Log `bundle` (a folder of files) to the run and register it as a new version. Each
+    registration gets its own artifact folder: one run may register more than once, and a shared
+    folder would let the later files replace an earlier version's, which then fail its hashes.
+    `hashes` are the bundle's `bundle_hashes` when the caller has them already."""
+    c = client(uri)
+    name = model_name(profile)
+    hashes = hashes or bundle_hashes(bundle)
     folder = f"registered/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
     def do() -> str:

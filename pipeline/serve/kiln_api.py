@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -18,12 +17,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, field_validator
 
+from pipeline import logs
 from pipeline.serve.gateway import STREAM_HEADERS, Gateway
 from pipeline.serve.guards import Rejected
 from pipeline.serve.inference import Call, sse_event
 from pipeline.serve.presets import DEFAULT, Preset
 
-log = logging.getLogger("kiln.serve")
+log = logs.get("api")
 router = APIRouter()
 
 
@@ -216,7 +216,7 @@ async def reload(request: Request):
     try:
         result = await deployment.reload()
     except Exception as exc:
-        log.warning("reload requested by key %s failed: %s", who, exc)
+        log.warning("reload", route="/admin/reload", status=503, key_id=who, error=str(exc))
         return JSONResponse({"detail": f"reload failed: {exc}"}, 503)
-    log.info("reload requested by key %s: %s", who, result)
+    log.info("reload", route="/admin/reload", status=200, key_id=who, result=result)
     return result

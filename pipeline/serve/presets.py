@@ -1,6 +1,6 @@
 """Sampler presets: `presets/*.yaml` in the checkout, then a registered version's `presets.json`.
 
-A preset fixes temperature, top_k, top_p, repeat_penalty, the context size and the default
+A preset fixes temperature, top_k, top_p, min_p, repeat_penalty, the context size and the default
 number of new tokens; a request may override the sampler values it sends. A version's
 `presets.json` (`{"name": {field: value}}`) overrides or adds presets for that version only.
 `default` always exists.
@@ -25,6 +25,7 @@ class Preset:
     temperature: float = 0.7
     top_k: int = 40
     top_p: float = 0.9
+    min_p: float = 0.05
     repeat_penalty: float = 1.1
     context_size: int = 2048
     max_tokens: int = 256
@@ -34,6 +35,7 @@ class Preset:
             "temperature": self.temperature >= 0,
             "top_k": self.top_k >= 0,
             "top_p": 0 < self.top_p <= 1,
+            "min_p": 0 <= self.min_p <= 1,
             "repeat_penalty": self.repeat_penalty > 0,
             "context_size": self.context_size >= 16,
             "max_tokens": 1 <= self.max_tokens <= self.context_size,
@@ -48,6 +50,7 @@ class Preset:
             "temperature": self.temperature,
             "top_k": self.top_k,
             "top_p": self.top_p,
+            "min_p": self.min_p,
             "repeat_penalty": self.repeat_penalty,
         }
 

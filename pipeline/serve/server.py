@@ -50,7 +50,8 @@ def build(settings, target, canary=None, canary_share: float = 0.0, on_startup_f
 
 
 def run_server(settings, target, canary=None, canary_share: float = 0.0) -> None:
-    """Serve until Ctrl-C (uvicorn on uvloop and httptools, no access log: the gateway writes its own)."""
+    """Serve until Ctrl-C (uvicorn on uvloop and httptools, no access log: the gateway writes its own;
+    uvicorn's own lines go through kiln's logging set-up, pipeline/logs.py)."""
     import uvicorn
 
     server: uvicorn.Server | None = None
@@ -62,7 +63,8 @@ def run_server(settings, target, canary=None, canary_share: float = 0.0) -> None
     app, deployment = build(settings, target, canary, canary_share, stop)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-        access_log=False, log_level="warning", timeout_graceful_shutdown=int(settings.kiln_drain_sec) or None,
+        access_log=False, log_level="warning", log_config=None,
+        timeout_graceful_shutdown=int(settings.kiln_drain_sec) or None,
     )  # fmt: skip
     server = uvicorn.Server(config)
     print(f"kiln serve: {deployment.initial.label} on http://{settings.host}:{settings.port}", flush=True)

@@ -1,12 +1,14 @@
 """Where the served GGUF comes from: a registered version (resolved, pulled, sha256-verified) or a local file.
 
-A pulled version is kept in `<cache>/serve/kiln-<profile>/<version>/` so that a restart or a
-rollback to it does not download again; it is used only after its GGUF matches the version's
-sha256 tag once more.
+A pulled version is kept in `<cache>/serve/<registry>/kiln-<profile>/<version>/` so that a
+restart or a rollback to it does not download again; it is used only after its GGUF matches the
+version's sha256 tag once more. `<registry>` is a hash of the tracking URI: two registries both
+hold a `kiln-tiny` version 1, with different files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +62,8 @@ def pull(uri: str, profile: str, alias_or_version: str, quant: str, presets_dir:
     if not tagged:
         raise KilnError(f"{where} has no {quant} GGUF file with a sha256 tag")
     rel, expected = tagged[0], tags[f"sha256.{tagged[0]}"]
-    folder = cache_dir() / "serve" / name / version
+    registry_key = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    folder = cache_dir() / "serve" / registry_key / name / version
     if not folder.is_dir():
         with atomic_path(folder) as tmp:
             tmp.mkdir(parents=True)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline import logs
 from pipeline.config import ModelShape, PretrainSettings, Profile
 from pipeline.errors import KilnError
 from pipeline.io import atomic_path, read_json, write_json
@@ -381,13 +382,17 @@ class FitLog:
     stopped_early: bool = False
 
 
+events = logs.get("training")  # one line per step (debug) and per evaluation, for log collectors
+
+
 def fit(
     t: Training, train: PackedTokens, val: PackedTokens, token_bytes: torch.Tensor, ckpt: Checkpoints,
     start: int, log: FitLog, progress: bool, stop_after: int | None, on_step: Callable[[dict], None] | None,
 ) -> FitLog:  # fmt: skip
     """Steps `start`..settings.steps: train, log, evaluate and checkpoint on schedule."""
     s, d = t.settings, t.dist
-    bar = tqdm(total=s.steps, initial=start, desc="base_model", unit="step", disable=not progress or not d.main)
+    quiet = not progress or not d.main or logs.json_lines()
+    bar = tqdm(total=s.steps, initial=start, desc="base_model", unit="step", disable=quiet)
     t.model.train()
     for step in range(start, s.steps):
         t0 = time.perf_counter()
@@ -404,10 +409,14 @@ def fit(
             "tokens_per_s": t.tokens_per_step / log.step_seconds[-1],
         }  # fmt: skip
         log.history.append(row)
+        if d.main:
+            events.debug("step", **row, steady_tokens_per_s=steady)
         if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
             val_loss, val_bpb = evaluate(t.model, val, token_bytes, s.eval_batches, s.micro_batch, t.device, t.dtype)
             log.evals.append({"step": step + 1, "val_loss": val_loss, "val_bpb": val_bpb})
             row.update(val_loss=val_loss, val_bpb=val_bpb)
+            if d.main:
+                events.info("evaluation", step=step + 1, val_loss=val_loss, val_bpb=val_bpb)
         if on_step:
             on_step(row)
         share = mfu(steady, t.flops_per_token, t.peak_flops)

@@ -1,0 +1,405 @@
+"""sampling_preset and `kiln tune`: sampler values for the shipped GGUF, tuned by an Optuna study.
+
+A trial is one set of llama.cpp sampler values (temperature, top_p, top_k, min_p,
+repeat_penalty, max_tokens) used to complete every held-out item: the last `tune.problems`
+HumanEval problems, scored in the sandbox like eval_report's (`objective: humaneval`, pass@1),
+or lines of held-out code from the validation split, judged by exact match
+(`objective: kiln_next_line`). The study maximises the score with a TPE sampler and prunes
+trials that trail the median halfway through; tokens generated per second must stay above
+`tune.min_tokens_per_s` (a constraint that TPE learns from, and a trial that falls below it
+halfway through is pruned). The best feasible trial becomes the `code` preset, written with the
+hand-written `greedy` and `balanced` into the version's presets.json.
+
+The study lives in Optuna's RDB storage (sqlite beside the presets, or `tune.storage`), named
+after the GGUF's hash and the settings that change what a trial measures: running again on the
+same file resumes it (finished trials are kept, a trial cut off by a kill is run again once),
+and several `kiln tune` processes on one storage URL share the work. `optuna-dashboard URL`
+shows it live.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pipeline.config import TuneSettings
+from pipeline.errors import KilnError
+from pipeline.io import write_json
+
+PARAMS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens")
+TUNED = "code"  # the name the best trial's preset ships under
+HAND_WRITTEN = ("greedy", "balanced")  # presets/*.yaml shipped beside it in presets.json
+TUNED_QUANT = "Q4_K_M"  # the file kiln serve serves by default, so the one tuned
+N_CTX = 1024
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One held-out thing to complete: the text the model continues, where a completion stops,
+    and the judge of the generated text."""
+
+    prompt: str
+    stop: tuple[str, ...]
+    judge: Callable[[str], bool]
+
+
+def heldout_items(objective: str, n: int, validation: list[dict], timeout: float = 5.0, unsafe=False) -> list[Item]:
+    """The items a trial completes for `objective`."""
+    if objective == "humaneval":
+        return _humaneval_items(n, timeout, unsafe)
+    if objective == "kiln_next_line":
+        return _next_line_items(n, validation)
+    raise KilnError(f"tune.objective: unknown objective {objective!r} (known: humaneval, kiln_next_line)")
+
+
+def _humaneval_items(n: int, timeout: float, unsafe: bool) -> list[Item]:
+    """The last `n` problems: eval_report scores the first ones, so these stay out of its figures
+    unless the profile evaluates (nearly) all 164."""
+    from pipeline.eval.humaneval import STOP_SEQUENCES, problems, splice, truncate
+    from pipeline.eval.sandbox import check_available, run_tests
+
+    if not unsafe:
+        check_available()  # refuse before a single trial generates what it could not score
+    table = problems()
+
+    def judge_of(p: dict) -> Callable[[str], bool]:
+        def judge(text: str) -> bool:
+            completion = splice(p["prompt"], truncate(text))
+            return run_tests(p["prompt"], completion, p["test"], p["entry_point"], timeout, unsafe=unsafe).passed
+
+        return judge
+
+    return [Item(table[t]["prompt"], tuple(STOP_SEQUENCES), judge_of(table[t])) for t in list(table)[-n:]]
+
+
+def _next_line_items(n: int, validation: list[dict]) -> list[Item]:
+    """kiln_next_line's rows (lm_tasks): up to 12 lines of held-out code; right when the first
+    generated line is the file's next line."""
+    from pipeline.eval.lm_tasks import next_line_rows
+
+    rows = next_line_rows(validation, n)
+    if not rows:
+        raise KilnError("tune.objective kiln_next_line: the validation split holds no lines of code to complete")
+
+    def judge_of(gold: str) -> Callable[[str], bool]:
+        return lambda text: (text.lstrip("\n").split("\n") or [""])[0].strip() == gold.strip()
+
+    return [Item(r["query"], (), judge_of(r["choices"][r["gold"]])) for r in rows]
+
+
+def sampler_values(trial, settings: TuneSettings) -> dict:
+    """One trial's sampler values: searched ranges from the trial, fixed ones as given, the
+    rest at the default preset's."""
+    from pipeline.serve.presets import Preset
+
+    values = {k: getattr(Preset(), k) for k in PARAMS}
+    for name, r in dataclasses.asdict(settings.space).items():
+        if len(r) == 1 or (len(r) == 2 and r[0] == r[1]):
+            values[name] = r[0]
+        elif len(r) == 2 and name in ("top_k", "max_tokens"):
+            values[name] = trial.suggest_int(name, int(r[0]), int(r[1]))
+        elif len(r) == 2:
+            values[name] = trial.suggest_float(name, float(r[0]), float(r[1]))
+    return values
+
+
+def complete_all(llm, items: list[Item], values: dict, seed: int, step: Callable | None = None) -> dict:
+    """Complete every item with the sampler `values`: the share judged right and the tokens
+    generated per second (sampling and decoding: each completion's wall time less llama.cpp's
+    own count of its prompt time, which depends on the prompt, not on the sampler).
+    `step(i, score, tps)` sees the running figures after each item and may raise optuna.TrialPruned."""
+    import llama_cpp
+
+    from pipeline.eval.humaneval import _gguf_prompt_ids
+
+    right, tokens, seconds = 0, 0, 0.0
+    for i, item in enumerate(items):
+        ids = _gguf_prompt_ids(llm, item.prompt, llm.n_ctx() - values["max_tokens"])
+        llama_cpp.llama_perf_context_reset(llm.ctx)
+        start = time.perf_counter()
+        out = llm.create_completion(
+            ids, max_tokens=values["max_tokens"], temperature=values["temperature"], top_p=values["top_p"],
+            top_k=values["top_k"], min_p=values["min_p"], repeat_penalty=values["repeat_penalty"],
+            stop=list(item.stop), seed=seed + i,
+        )  # fmt: skip
+        prompt_s = llama_cpp.llama_perf_context(llm.ctx).t_p_eval_ms / 1000
+        seconds += max(time.perf_counter() - start - prompt_s, 1e-6)
+        tokens += out["usage"]["completion_tokens"]
+        right += bool(item.judge(out["choices"][0]["text"]))
+        if step:
+            step(i, right / (i + 1), tokens / seconds)
+    return {"objective": right / len(items), "tokens_per_s": tokens / seconds if seconds else 0.0, "tokens": tokens}
+
+
+def study_name(gguf: Path, settings: TuneSettings) -> str:
+    """The GGUF's hash and every setting that changes what a trial measures: the same file and
+    settings resume the same study; anything else starts a new one."""
+    from pipeline.release.registry import sha256
+
+    measured = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("trials", "timeout", "storage")}
+    digest = hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{Path(gguf).stem}-{settings.objective}-{sha256(Path(gguf))[:12]}-{digest}"
+
+
+def shown_url(url: str) -> str:
+    """A storage URL with its password hidden, for logs, metadata and the dashboard command."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a database URL: optuna names the problem when it opens it
+        return url
+
+
+def open_study(storage: str, name: str, settings: TuneSettings, heartbeat_s: int = 10):
+    """The study `name` in `storage`, created or loaded. A trial whose process died stops beating
+    and is failed after 2 heartbeats, then run again once with the same values. The sampler is
+    seeded with the seed plus the trials already held, so a resumed run draws new values
+    instead of the first run's again, and the same history always gives the same next values."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import SQLAlchemyError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # kiln says per trial what it did
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are stable enough
+    try:
+        rdb = RDBStorage(
+            storage, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )  # fmt: skip
+        held = len(optuna.load_study(study_name=name, storage=rdb).trials) if _exists(rdb, name) else 0
+    except (ImportError, ValueError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+        raise KilnError(f"tune.storage {shown_url(storage)}: cannot open ({str(exc).splitlines()[0][:200]})") from None
+    sampler = optuna.samplers.TPESampler(seed=settings.seed + held, n_startup_trials=max(2, settings.trials // 3))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=max(1, settings.problems // 2))
+    study = optuna.create_study(
+        storage=rdb, study_name=name, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
+    )
+    _fail_unstarted(study, rdb, 2 * heartbeat_s)
+    return study
+
+
+def _fail_unstarted(study, rdb, grace_s: float) -> None:
+    """Fail the trials whose process died between creating them and their first heartbeat: Optuna's
+    stale check skips a trial that never beat, so it would stay RUNNING for ever. A live trial
+    records its values the moment it starts, so one without them past the grace period is dead."""
+    import optuna
+
+    now = datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if "values" not in t.user_attrs and (now - t.datetime_start).total_seconds() > grace_s:
+            rdb.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+
+
+def _exists(rdb, name: str) -> bool:
+    return any(s.study_name == name for s in rdb.get_all_studies())
+
+
+def tune(
+    gguf: Path, items: list[Item], settings: TuneSettings, storage: str, say: Say = print, heartbeat_s: int = 10,
+    progress: bool = True,
+) -> dict:  # fmt: skip
+    """Run (or resume) the study until it holds `settings.trials` finished or pruned trials or
+    `settings.timeout` passes; return its summary (`summarize`)."""
+    import optuna
+    from tqdm import tqdm
+
+    from pipeline.release.gguf_bench import check_gguf, load
+
+    check_gguf(Path(gguf))  # a missing or foreign file is one line, before its hash names the study
+    if not settings.space.searched():
+        raise KilnError("tune.space: nothing to search; give at least one setting a [low, high] range with low < high")
+    name = study_name(gguf, settings)
+    study = open_study(storage, name, settings, heartbeat_s)
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    left = settings.trials - sum(t.state in done for t in study.trials)
+    if left > 0:
+        llm = load(Path(gguf), n_ctx=N_CTX, threads=settings.threads)
+        say(f"study {name}: {left} trial(s) to run on {len(items)} {settings.objective} items")
+        with tqdm(total=left, desc="tune", disable=not progress) as bar:
+
+            def after(study, trial) -> None:
+                bar.update(1)
+                say(_trial_line(trial))
+
+            try:
+                study.optimize(
+                    _objective(llm, items, settings), timeout=settings.timeout,
+                    callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=done), after],
+                )  # fmt: skip
+            finally:
+                llm.close()
+    return summarize(study, storage, settings, len(items))
+
+
+def _objective(llm, items: list[Item], settings: TuneSettings):
+    import optuna
+
+    floor, warmup = settings.min_tokens_per_s, max(1, len(items) // 2)
+
+    def objective(trial) -> float:
+        values = sampler_values(trial, settings)
+        trial.set_user_attr("values", values)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it, in a shared study
+
+        def step(i: int, score: float, tps: float) -> None:
+            trial.report(score, i)
+            trial.set_user_attr("tokens_per_s", tps)
+            if i + 1 >= warmup and tps < floor:
+                trial.set_constraint("tokens_per_s", floor - tps)
+                raise optuna.TrialPruned(f"{tps:.1f} tokens/s is under the floor {floor:g}")
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{score:.3f} after {i + 1} items trails the median")
+
+        result = complete_all(llm, items, values, settings.seed + 1000 * trial.number, step)
+        trial.set_user_attr("tokens_per_s", result["tokens_per_s"])
+        trial.set_constraint("tokens_per_s", floor - result["tokens_per_s"])  # feasible at <= 0: TPE learns the floor
+        return result["objective"]
+
+    return objective
+
+
+def _trial_line(t) -> str:
+    tps = t.user_attrs.get("tokens_per_s", 0.0)
+    value = "" if t.value is None else f" {t.value:.3f}"  # a pruned trial's is its score when it stopped
+    shown = ", ".join(f"{k}={v:.3g}" for k, v in t.params.items())
+    return f"trial {t.number}: {t.state.name.lower()}{value}, {tps:.0f} tokens/s ({shown})"
+
+
+def summarize(study, storage: str, settings: TuneSettings, items: int) -> dict:
+    """Every trial, the best feasible one, the parameter importances, the presets; a KilnError
+    when no trial finished or none met the latency floor."""
+    import optuna
+
+    from pipeline.serve.presets import Preset, load_presets
+
+    trials = [_trial_row(t) for t in study.trials]
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    where = f"study {study.study_name} in {shown_url(storage)}"
+    if not complete:
+        counts = ", ".join(f"{sum(t['state'] == s for t in trials)} {s.lower()}" for s in ("PRUNED", "FAIL", "RUNNING"))
+        raise KilnError(f"{where}: no completed trial ({counts}); raise tune.timeout or tune.trials")
+    floor = settings.min_tokens_per_s
+    feasible = [t for t in complete if t["tokens_per_s"] >= floor]
+    if not feasible:
+        fastest = max(t["tokens_per_s"] for t in complete)
+        raise KilnError(f"{where}: no trial met tune.min_tokens_per_s {floor:g} (fastest {fastest:.1f} tokens/s)")
+    # ties (common on a small model whose scores are often 0) go to the faster, then the earlier trial
+    best = max(feasible, key=lambda t: (t["value"], t["tokens_per_s"], -t["number"]))
+    searched = list(settings.space.searched())
+    try:
+        with warnings.catch_warnings():  # "importances will be equal" when every score is the same: they are
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(study, params=searched)
+    except (RuntimeError, ValueError, ZeroDivisionError):  # too few finished trials, or nothing varied
+        importances = {}
+    try:
+        code = Preset(**{**Preset().as_dict(), **best["values"]})
+    except ValueError as exc:  # e.g. a fixed max_tokens beyond the preset's context size
+        raise KilnError(f"{where}: trial {best['number']}'s values make no valid preset ({exc})") from None
+    hand = load_presets()
+    return {
+        "study": study.study_name,
+        "storage": shown_url(storage),
+        "dashboard": f"optuna-dashboard {shown_url(storage)}",
+        "objective": settings.objective,
+        "items": items,
+        "min_tokens_per_s": floor,
+        "seed": settings.seed,
+        "searched": searched,
+        "trials": trials,
+        "best": best,
+        "importances": {k: float(v) for k, v in importances.items() if v == v},
+        "presets": {TUNED: code.as_dict(), **{n: hand[n].as_dict() for n in HAND_WRITTEN}},
+    }
+
+
+def _trial_row(t) -> dict:
+    seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "value": t.value,
+        "tokens_per_s": t.user_attrs.get("tokens_per_s", 0.0),
+        "values": t.user_attrs.get("values", {}),
+        "params": t.params,
+        "seconds": seconds,
+    }
+
+
+def build_sampling_preset(layout, profile, say: Say = print) -> dict:
+    """The sampling_preset stage: tune the profile's shipped GGUF on its objective (resuming the
+    study in `tune.storage` or the work folder), write presets.json and study.json."""
+    from pipeline.data.clean import read_split
+
+    s = profile.tune
+    validation = list(read_split(layout.clean_splits, "validation")) if s.objective == "kiln_next_line" else []
+    items = heldout_items(s.objective, s.problems, validation, profile.eval.timeout, profile.eval.unsafe_sandbox)
+    summary = tune(layout.gguf(TUNED_QUANT), items, s, s.storage or layout.study_storage, say=say, progress=False)
+    write_outputs(summary, layout.presets_json, layout.study_json)
+    return summary
+
+
+def write_outputs(summary: dict, presets_json: Path, study_json: Path) -> None:
+    """presets.json (what the gateway reads) and study.json (the whole study), each atomically."""
+    write_json(presets_json, summary["presets"])
+    write_json(study_json, summary)
+
+
+TRIAL_CURVES = ("objective", "tokens_per_s", *PARAMS)
+
+
+def trial_history(summary: dict) -> list[dict]:
+    """Each trial as one step of MLflow curves (`sampling_preset.objective`, ...): score, speed, sampler values."""
+    return [
+        {"step": t["number"], "objective": t["value"], "tokens_per_s": t["tokens_per_s"], **t["values"]}
+        for t in summary["trials"]
+    ]
+
+
+def read_summary(study_json: Path) -> dict:
+    """sampling_preset's study.json, which registered_model tags the version from."""
+    if not Path(study_json).is_file():
+        raise KilnError(f"{study_json}: not there yet; materialize sampling_preset before registered_model")
+    return json.loads(Path(study_json).read_text(encoding="utf-8"))
+
+
+def preset_tags(summary: dict) -> dict[str, str]:
+    """A registered version's tags for its presets: their names, each one's values, and what the
+    tuned one scored."""
+    best = summary["best"]
+    return {
+        "presets": ",".join(sorted(summary["presets"])),
+        **{f"preset.{name}": json.dumps(values, sort_keys=True) for name, values in summary["presets"].items()},
+        f"preset.{TUNED}.objective": f"{summary['objective']}={best['value']:.6g}",
+        f"preset.{TUNED}.tokens_per_s": f"{best['tokens_per_s']:.6g}",
+        f"preset.{TUNED}.study": summary["study"],
+    }
+
+
+def markdown_table(summary: dict) -> str:
+    """Every trial: its values, its score and speed; the best one marked."""
+    head = "| trial | state | objective | tokens/s | " + " | ".join(PARAMS) + " |"
+    lines = [head, "|---:|---|---:|---:|" + "---:|" * len(PARAMS)]
+    for t in summary["trials"]:
+        mark = " ★" if t["number"] == summary["best"]["number"] else ""
+        value = "—" if t["value"] is None else f"{t['value']:.3f}"
+        cells = [_cell(t["values"].get(c, "")) for c in PARAMS]
+        row = [f"{t['number']}{mark}", t["state"].lower(), value, f"{t['tokens_per_s']:.0f}", *cells]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

