@@ -101,7 +101,7 @@ def gguf_parity(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="release", code_version="1", deps=[gguf_model, "eval_report"])  # by key: assets.evaluation
+@asset(group_name="release", code_version="2", deps=[gguf_model, "eval_report"])  # by key: assets.evaluation
 def sampling_preset(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:

@@ -121,11 +121,13 @@ def complete_all(llm, items: list[Item], values: dict, seed: int, step: Callable
     `step(i, score, tps)` sees the running figures after each item and may raise optuna.TrialPruned."""
     import llama_cpp
 
-    from pipeline.eval.humaneval import _gguf_prompt_ids
+    from pipeline.eval.humaneval import _fit, _gguf_prompt_ids
+    from pipeline.release.gguf_bench import usable_context
 
     right, tokens, seconds = 0, 0, 0.0
     for i, item in enumerate(items):
-        ids = _gguf_prompt_ids(llm, item.prompt, llm.n_ctx() - values["max_tokens"])
+        # the prompt keeps its end so that it and the answer fit the trained context
+        ids, _ = _fit(_gguf_prompt_ids(llm, item.prompt), max(usable_context(llm) - values["max_tokens"], 1))
         llama_cpp.llama_perf_context_reset(llm.ctx)
         start = time.perf_counter()
         out = llm.create_completion(
