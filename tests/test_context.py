@@ -247,3 +247,14 @@ def test_lm_eval_documents_whose_answer_outgrows_the_context_are_left_out_and_co
     tasks = list(written)
     scores = lm_eval_scores(short, task_manager(tmp_path / "tasks", []), tasks, 4, 4)  # no assertion inside lm-eval
     assert set(scores) == set(tasks)
+
+
+def test_compare_names_speed_by_the_lengths_measured_and_reads_older_benchmarks():
+    from pipeline.release.compare import _gguf_figures
+
+    spread = {"median": 10.0, "min": 9.0, "max": 11.0}
+    older = {"tg128_tokens_per_s": spread, "pp512_tokens_per_s": spread, "time_to_first_token_s": 0.1}
+    newer = {"tg_tokens_per_s": spread, "pp_tokens_per_s": spread, "tg_tokens": 111, "pp_tokens": 128,
+             "time_to_first_token_s": 0.1}  # fmt: skip
+    assert {"gguf.Q.tg128_tokens_per_s", "gguf.Q.pp512_tokens_per_s"} <= set(_gguf_figures({"files": {"Q": older}}))
+    assert {"gguf.Q.tg111_tokens_per_s", "gguf.Q.pp128_tokens_per_s"} <= set(_gguf_figures({"files": {"Q": newer}}))
