@@ -135,7 +135,7 @@ def sampling_preset(
     return stage.finish(metadata)
 
 
-@asset(group_name="release", code_version="4", deps=[gguf_benchmark, sampling_preset, "eval_report"])
+@asset(group_name="release", code_version="5", deps=[gguf_benchmark, sampling_preset, "eval_report"])
 def registered_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
