@@ -79,7 +79,6 @@ def test_bits_per_byte_windows_stay_within_the_trained_context(tiny_base, fed_le
 
 
 def test_humaneval_prompt_and_completion_fit_the_trained_context(tiny_base, ggufs, monkeypatch):
-    import llama_cpp
 
     new_tokens, ids = 200, task_ids(3)
     room = TRAINED - new_tokens
@@ -98,14 +97,7 @@ def test_humaneval_prompt_and_completion_fit_the_trained_context(tiny_base, gguf
         whole = len(_prompt_ids(tok, problems()[row["task_id"]]["prompt"]))
         assert row["prompt_tokens_cut"] == whole - room > 0
 
-    fed = []
-    completion = llama_cpp.Llama.create_completion
-
-    def spy_completion(self, prompt, max_tokens=16, **kwargs):
-        fed.append(len(prompt) + max_tokens)
-        return completion(self, prompt, max_tokens=max_tokens, **kwargs)
-
-    monkeypatch.setattr(llama_cpp.Llama, "create_completion", spy_completion)
+    fed = _positions_asked(monkeypatch)
     from_gguf = generate(ggufs["Q4_K_M"], ids, max_new_tokens=new_tokens, progress=False)
     assert fed and max(fed) == TRAINED
     assert all(r["prompt_tokens_cut"] > 0 for r in from_gguf)
@@ -197,7 +189,6 @@ def test_a_copied_checkpoint_without_a_context_is_refused(tiny_base, tmp_path):
 def test_a_context_below_llama_cpps_padding_is_still_the_limit(tiny_base, tmp_path, monkeypatch):
     """llama.cpp pads a 128-token context to 256 (`n_ctx()` says 256): the benchmark and HumanEval
     must still stop at the 128 the file declares, where llama-cpp-python's buffers end."""
-    import llama_cpp
 
     from pipeline.release.gguf_export import convert_to_gguf
 
@@ -214,14 +205,7 @@ def test_a_context_below_llama_cpps_padding_is_still_the_limit(tiny_base, tmp_pa
         llm.close()
     assert (speed["pp_tokens"], speed["tg_tokens"]) == (128, 111)
 
-    fed = []
-    completion = llama_cpp.Llama.create_completion
-
-    def spy_completion(self, prompt, max_tokens=16, **kwargs):
-        fed.append(len(prompt) + max_tokens)
-        return completion(self, prompt, max_tokens=max_tokens, **kwargs)
-
-    monkeypatch.setattr(llama_cpp.Llama, "create_completion", spy_completion)
+    fed = _positions_asked(monkeypatch)
     rows = generate(path, task_ids(2), max_new_tokens=100, progress=False)
     assert max(fed) == 128 and all(r["prompt_tokens_cut"] > 0 for r in rows)
 
@@ -258,3 +242,18 @@ def test_compare_names_speed_by_the_lengths_measured_and_reads_older_benchmarks(
              "time_to_first_token_s": 0.1}  # fmt: skip
     assert {"gguf.Q.tg128_tokens_per_s", "gguf.Q.pp512_tokens_per_s"} <= set(_gguf_figures({"files": {"Q": older}}))
     assert {"gguf.Q.tg111_tokens_per_s", "gguf.Q.pp128_tokens_per_s"} <= set(_gguf_figures({"files": {"Q": newer}}))
+
+
+def _positions_asked(monkeypatch) -> list[int]:
+    """Record prompt + max_tokens of every llama.cpp completion: the positions it may fill."""
+    import llama_cpp
+
+    fed = []
+    completion = llama_cpp.Llama.create_completion
+
+    def spy_completion(self, prompt, max_tokens=16, **kwargs):
+        fed.append(len(prompt) + max_tokens)
+        return completion(self, prompt, max_tokens=max_tokens, **kwargs)
+
+    monkeypatch.setattr(llama_cpp.Llama, "create_completion", spy_completion)
+    return fed
