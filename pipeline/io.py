@@ -1,16 +1,34 @@
-"""Small file helpers shared by the stages: atomic writes, JSON and JSONL reading."""
+"""Small file helpers shared by the stages: atomic writes, JSON and JSONL reading, file hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import KilnError
+
+
+def sha256(path: Path) -> str:
+    """A file's sha256, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now, for a server this process starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def writable_folder(path: Path) -> Path:

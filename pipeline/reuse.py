@@ -19,7 +19,7 @@ import resource
 import time
 from pathlib import Path
 
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json, sha256, write_json
 
 RECORD = ".stage.json"
 FORCE_TAG = "kiln/force"  # a run tagged "true" computes every stage and registers (kiln run --force)
@@ -39,13 +39,10 @@ class HashCache:
         entry = self.entries.get(str(path))
         if entry and entry[:2] == stamp:
             return entry[2]
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        self.entries[str(path)] = [*stamp, digest.hexdigest()]
+        digest = sha256(path)
+        self.entries[str(path)] = [*stamp, digest]
         self.changed = True
-        return digest.hexdigest()
+        return digest
 
     def content(self, path: Path) -> str:
         """A file's hash, or a folder's: its files' relative names and hashes, hidden files (stage

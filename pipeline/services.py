@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import KilnError
-from pipeline.io import atomic_path, writable_folder, write_json
+from pipeline.io import atomic_path, free_port, writable_folder, write_json
 from pipeline.layout import REPO_ROOT, services_dir_from_env
 
 PG_USER = "kiln"  # the database role kiln's services connect as
@@ -234,12 +234,6 @@ def create_databases(state: dict) -> None:
 
 
 # --- processes we start: the tracking server, the Dagster daemon and UI ---------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def port_free(port: int) -> bool:

@@ -13,7 +13,6 @@ the other.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.errors import KilnError
-from pipeline.io import writable_folder
+from pipeline.io import sha256, writable_folder
 from pipeline.tracking import LOCK_DATABASE_ENV, client, lock, shared_lock_url
 
 CANDIDATE, PRODUCTION = "candidate", "production"
@@ -38,14 +37,6 @@ MODEL_FILES = ("gguf/", "hf/")
 
 def model_name(profile: str) -> str:
     return f"kiln-{profile}"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(folder: Path) -> dict[str, Path]:

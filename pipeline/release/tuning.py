@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pipeline.config import TuneSettings
 from pipeline.errors import KilnError
-from pipeline.io import write_json
+from pipeline.io import sha256, write_json
 
 PARAMS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens")
 TUNED = "code"  # the name the best trial's preset ships under
@@ -147,8 +147,6 @@ def complete_all(llm, items: list[Item], values: dict, seed: int, step: Callable
 def study_name(gguf: Path, settings: TuneSettings) -> str:
     """The GGUF's hash and every setting that changes what a trial measures: the same file and
     settings resume the same study; anything else starts a new one."""
-    from pipeline.release.registry import sha256
-
     measured = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("trials", "timeout", "storage")}
     digest = hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:8]
     return f"{Path(gguf).stem}-{settings.objective}-{sha256(Path(gguf))[:12]}-{digest}"

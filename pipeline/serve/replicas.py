@@ -17,13 +17,13 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import aiohttp
 
+from pipeline.io import free_port
 from pipeline.layout import cache_dir
 from pipeline.release.gguf_bench import declared_context
 from pipeline.serve.metrics import Metrics
@@ -41,12 +41,6 @@ WARMUP_PROMPT = "def add(a, b):\n    return"
 
 class ReplicaStartError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Replica:
