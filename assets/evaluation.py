@@ -30,12 +30,12 @@ def eval_report(
     s = profile.eval
     models = {m: layout.model_dir(m) for m in ("base", "sft", "dpo")}
     gguf = (f"{SHIPPED}_{s.gguf_file}", layout.gguf(s.gguf_file)) if s.gguf_file else None
-    for path in [*models.values(), *([gguf[1]] if gguf else [])]:
+    evaluated = [*models.values(), *([gguf[1]] if gguf else [])]
+    for path in evaluated:
         if not path.exists():
             raise KilnError(f"{path}: not there yet; materialize the assets upstream of eval_report first")
     settings = {"eval": s, "seq_len": profile.pretrain.seq_len}
-    inputs = [*models.values(), *([gguf[1]] if gguf else []), layout.clean_splits]
-    stage = Stage.start(context, layout, config, settings, inputs)
+    stage = Stage.start(context, layout, config, settings, [*evaluated, layout.clean_splits])
     if stage.reused:
         return stage.reuse()
     validation = list(read_split(layout.clean_splits, "validation"))
