@@ -26,12 +26,17 @@ CHOICES = 4
 CONTEXT_LINES = 12
 
 
-def body_choice_rows(records: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
+def body_choice_rows(
+    records: list[dict], limit: int | None, seed: int = 0, fits: Callable[[str], bool] | None = None
+) -> list[dict]:
+    """One row per held-out Python function: its own body among bodies of others. With `fits`,
+    only functions whose body fits are used, as the answer and as distractors alike (a long body
+    drawn as a distractor would otherwise cost every row it lands in)."""
     functions, seen = [], set()
     for r in records:
         if r.get("lang") == "python":
             for fn in mine_functions(r["text"]):
-                if fn.body in fn.answer and fn.body not in seen:
+                if fn.body in fn.answer and fn.body not in seen and (fits is None or fits("\n" + fn.body)):
                     seen.add(fn.body)
                     functions.append(fn)
     if len(functions) < CHOICES:
@@ -111,11 +116,12 @@ def write_kiln_tasks(
     left out before `limit` is applied. Returns (task -> rows written, task -> why it was skipped,
     task -> documents left out)."""
     out = Path(out)
-    rows = {"kiln_body_choice": body_choice_rows(records, None), "kiln_next_line": next_line_rows(records, None)}
+    every = {"kiln_body_choice": body_choice_rows(records, None), "kiln_next_line": next_line_rows(records, None)}
+    rows = {**every, "kiln_body_choice": body_choice_rows(records, None, fits=answer_fits)}
     left_out = {}
     for name, task_rows in rows.items():
         kept = [r for r in task_rows if answer_fits is None or all(answer_fits(c) for c in r["choices"])]
-        left_out[name] = len(task_rows) - len(kept)
+        left_out[name] = len(every[name]) - len(kept)
         rows[name] = kept[:limit]
     written, skipped = {}, {}
     with atomic_path(out) as tmp:
