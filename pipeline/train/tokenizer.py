@@ -221,8 +221,9 @@ def build_tokenizer(clean_dir: Path, out_dir: Path, profile) -> dict:
 
 def measure_tokenizer(tok, val: list[dict]) -> dict:
     """Vocabulary size, bytes per token (all, code, prose, and English and Korean prose apart,
-    since a Hangul syllable is three UTF-8 bytes and an English letter one) and round-trip failures on the validation records and the fixed samples: the tokenizer stage's
-    stats. A figure is None when the validation split holds no text of its kind."""
+    since a Hangul syllable is three UTF-8 bytes and an English letter one) and round-trip
+    failures on the validation records and the fixed samples: the tokenizer stage's stats. A
+    figure is None when the validation split holds no text of its kind."""
     prose_langs = ("en", "ko", "other", "unknown")
     groups = {
         "code": [r["text"] for r in val if r["lang"] not in prose_langs],
