@@ -17,7 +17,7 @@ from resources import KilnSettings, MLflowTracking
 PII_SAMPLE_DOCS = 2000
 
 
-@asset(group_name="data", code_version="1")
+@asset(group_name="data", code_version="2")
 def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """Every source of the profile in one normalized JSONL (id, text, source, lang), code and
     prose mixed by the profile's byte ratio."""
@@ -35,6 +35,7 @@ def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
         "documents": stats.documents,
         "bytes": stats.bytes,
         "by_kind": MetadataValue.json(stats.by_kind),
+        "by_lang": MetadataValue.json(stats.by_lang),
         "by_source": md_table(stats.by_source, "source", "documents"),
         "unreadable_rows": md_table(stats.errors, "problem", "rows"),
     }
@@ -43,7 +44,7 @@ def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflo
     return stage.finish(metadata, data_version=content_hash(layout.hash_cache, path))
 
 
-@asset(group_name="data", code_version="2", deps=[raw_corpus])
+@asset(group_name="data", code_version="3", deps=[raw_corpus])
 def clean_corpus(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -61,6 +62,7 @@ def clean_corpus(
         "input_documents": stats.input_documents,
         "kept_documents": stats.kept_documents,
         "kept_bytes": stats.kept_bytes,
+        "kept_by_lang": MetadataValue.json(stats.by_lang),
         "train_documents": stats.splits["train"],
         "validation_documents": stats.splits["validation"],
         "dropped": md_table(stats.dropped, "reason", "documents"),

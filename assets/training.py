@@ -20,7 +20,7 @@ from resources import KilnSettings, MLflowTracking
 PARAMETER_LIMIT = 300_000_000
 
 
-@asset(group_name="training", code_version="2", deps=[clean_corpus])
+@asset(group_name="training", code_version="3", deps=[clean_corpus])
 def tokenizer(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -48,6 +48,8 @@ def tokenizer(
         "bytes_per_token_validation": bpt["validation"],
         "bytes_per_token_code": bpt["code"] or float("nan"),
         "bytes_per_token_prose": bpt["prose"] or float("nan"),
+        "bytes_per_token_english": bpt.get("english") or float("nan"),
+        "bytes_per_token_korean": bpt.get("korean") or float("nan"),
     }
     with mlflow.stage(context.run.run_id, profile.name, "tokenizer") as log:
         params = {"from_pretrained": m.from_pretrained} if m.from_pretrained else profile.tokenizer

@@ -3,7 +3,8 @@
     python benchmarks/pii_accuracy.py [data/pii_labelled.jsonl]
 
 The labelled set (data/pii_labelled.jsonl) holds English, Korean and code lines: each row's
-`pii` lists the (kind, exact text) pairs a masker should find; look-alike rows list none.
+`pii` lists the (kind, exact text) pairs a masker should find; look-alike rows list none. Each
+finder is also scored on the rows written in Korean alone.
 The reference is datatrove's own PIIFormatter patterns (e-mail and IP only, no validation),
 run on the same rows, so the ratio says what kiln's validators buy on those two kinds. The
 second detector (the clean-corpus check's own scanner) and the masker before the fixes for
@@ -81,7 +82,8 @@ def main() -> None:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "data" / "pii_labelled.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     spans, clean_rows = sum(len(r["pii"]) for r in rows), sum(not r["pii"] for r in rows)
-    print(f"PII on {len(rows)} labelled rows ({spans} spans, {clean_rows} look-alike rows)")
+    korean = [r for r in rows if any("\uac00" <= c <= "\ud7a3" for c in r["text"])]
+    print(f"PII on {len(rows)} labelled rows ({spans} spans, {clean_rows} look-alike rows; {len(korean)} in Korean)")
     finders = {"masker (pii.find_pii)": find_pii, "second detector (pii_scan.scan_pii)": scan_pii}
     previous = _masker_at(PREVIOUS_COMMIT)
     if previous is not None:
@@ -90,6 +92,8 @@ def main() -> None:
         print(f"\n{name}\n{'kind':<14}{'recall':>8}{'precision':>11}{'tp':>5}{'fp':>5}{'fn':>5}")
         for kind, s in score(rows, finder).items():
             print(f"{kind:<14}{s['recall']:>8.3f}{s['precision']:>11.3f}{s['tp']:>5}{s['fp']:>5}{s['fn']:>5}")
+        s = score(korean, finder)["all"]
+        print(f"{'Korean rows':<14}{s['recall']:>8.3f}{s['precision']:>11.3f}{s['tp']:>5}{s['fp']:>5}{s['fn']:>5}")
     print()
     try:
         ref = score([{**r, "pii": [p for p in r["pii"] if p[0] in ("email", "ip")]} for r in rows], datatrove_reference)

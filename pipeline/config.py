@@ -39,6 +39,7 @@ class CorpusSettings:
     sources: list[Source] = field(
         default_factory=lambda: [
             Source(builtin="python_stdlib"),
+            Source(builtin="korean_prose"),  # before the larger prose sources: taken whole
             Source(builtin="python_docs"),
             Source(builtin="python_docstrings"),
         ]

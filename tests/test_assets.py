@@ -82,6 +82,8 @@ def test_materialize_raw_to_clean(tmp_path):
     assert mats["raw_corpus"]["documents"].value == 60
     assert mats["clean_corpus"]["input_documents"].value == 60
     assert mats["clean_corpus"]["kept_documents"].value == 60
+    for meta, key in ((mats["raw_corpus"], "by_lang"), (mats["clean_corpus"], "kept_by_lang")):
+        assert sum(lang["documents"] for lang in meta[key].value.values()) == 60
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"clean_corpus_not_empty": True, "clean_corpus_pii_free": True}
     stats = json.loads((tmp_path / "work" / "test" / "clean_corpus" / "stats.json").read_text())

@@ -115,3 +115,47 @@ def test_guess_lang_and_split_long():
     assert guess_lang("1234 5678") == "unknown"
     parts = split_long("a" * 50 + "\n\n" + "b" * 50 + "\n\n" + "c" * 50, 110)
     assert parts == ["a" * 50 + "\n\n" + "b" * 50, "c" * 50]
+
+
+def _hangul_share(text: str) -> float:
+    letters = [c for c in text if c.isalpha()]
+    return sum("\uac00" <= c <= "\ud7a3" for c in letters) / len(letters)
+
+
+def test_korean_prose_builtin_is_real_korean():
+    recs = list(read_source(Source(builtin="korean_prose")))
+    ids = [r["id"] for r in recs]
+    assert len(ids) == len(set(ids)) >= 15
+    assert {r["lang"] for r in recs} == {"ko"} and {r["source"] for r in recs} == {"korean_prose"}
+    assert all(_hangul_share(r["text"]) > 0.9 for r in recs)
+    assert recs[0]["text"].startswith("대한민국헌법")  # the Constitution's title, then its preamble
+    assert sum(r["id"].startswith("korean_prose:kobill/") for r in recs) == 10
+    # Every chapter is there, and none is left too short for the prose quality floor.
+    text = "\n".join(r["text"] for r in recs)
+    assert all(f"제{n}장 " in text for n in range(1, 11))
+    assert min(len(r["text"].split()) for r in recs) >= 100
+    assert sum(len(r["text"].encode("utf-8")) for r in recs) > 100_000
+
+
+def test_korean_prose_is_taken_whole_under_a_byte_budget(tmp_path):
+    korean = sum(len(r["text"].encode("utf-8")) for r in read_source(Source(builtin="korean_prose")))
+    stats = build_raw_corpus(
+        [Source(builtin="python_stdlib"), Source(builtin="korean_prose"), Source(builtin="python_docs")],
+        tmp_path / "raw.jsonl", max_bytes=600_000, code_share=0.6, progress=False,
+    )  # fmt: skip
+    assert stats.by_lang["ko"]["bytes"] == korean  # counted as prose, not squeezed out by the docs
+    assert stats.by_lang["en"]["bytes"] > 0
+    prose = stats.by_kind["prose"]
+    langs = {lang: v for lang, v in stats.by_lang.items() if lang in ("ko", "en")}
+    assert sum(v["bytes"] for v in langs.values()) == prose["bytes"]
+    assert sum(v["documents"] for v in stats.by_lang.values()) == stats.documents
+    assert 0.55 < stats.by_kind["code"]["bytes"] / stats.bytes < 0.65
+
+
+def test_korean_prose_without_konlpy_is_one_line(monkeypatch):
+    import importlib.util
+
+    # konlpy is a dependency, so its absence can only be simulated.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(IngestError, match="korean_prose needs the konlpy package"):
+        list(read_source(Source(builtin="korean_prose")))

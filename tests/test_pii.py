@@ -39,6 +39,9 @@ MASKED = [
     ("지점 031)234-5678 문의", "지점 <PHONE> 문의", "phone"),
     ("desk 415.555.2671 today", "desk <PHONE> today", "phone"),
     ("주민번호 9207042234569 확인", "주민번호 <KR_RRN> 확인", "kr_rrn"),
+    # in the legal prose of the Korean corpus: inside a remark's brackets
+    ("신청인 주민등록번호(780512-1234568)를 기재", "신청인 주민등록번호(<KR_RRN>)를 기재", "kr_rrn"),
+    ("입법조사관 (02-788-1234, 내선 없음)", "입법조사관 (<PHONE>, 내선 없음)", "phone"),
 ]
 
 
@@ -67,6 +70,10 @@ SURVIVE = [
     "타임스탬프 1700000000000을 변환; 8501011234560 fails the check digit",
     "id 4111111111111112로 시작; version 1.2.3.4로 고정; 555.123.4567.8",
     "Decimal('0.333333333') and 0.624499800 and 0.64524308",
+    # the numbers of Korean legal prose: dates, article, bill and law numbers, amounts
+    "발의연월일 : 2010.  11.  12.  의안번호 9890, 제63조제2항제4호 중 “만 6세 이하”를",
+    "부칙 <헌법 제10호, 1987.10.29.> 1988년 2월 25일부터 시행; 경비 13,710 백만원 (’10. 12. 31. 기준)",
+    "법률 제10134호, 시행일 2011-01-01, 의안번호 1809890, 재적의원 299인 중 150인",
 ]
 
 

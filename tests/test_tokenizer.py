@@ -9,6 +9,7 @@ from pipeline.train.tokenizer import (
     ROUND_TRIP_SAMPLES,
     SPECIAL_TOKENS,
     bytes_per_token,
+    measure_tokenizer,
     round_trip_failures,
     texts_of,
     token_byte_lengths,
@@ -66,3 +67,23 @@ def test_too_little_text_is_a_clear_error(tmp_path):
     with pytest.raises(KilnError, match="supports only .* tokens, not tokenizer.vocab_size=32000"):
         train_tokenizer(["tiny text"], tmp_path / "t", vocab_size=32_000)
     assert not (tmp_path / "t").exists()
+
+
+def test_bytes_per_token_on_korean_beside_code_and_english(tok, small_corpus, tmp_path):
+    from pipeline.data.ingest import Source, read_source
+
+    korean = list(read_source(Source(builtin="korean_prose")))
+    held_out, train = korean[::4], [r for i, r in enumerate(korean) if i % 4]
+    mixed = [r["text"] for r in read_split(small_corpus, "train")] + [r["text"] for r in train]
+    trained = train_tokenizer(mixed, tmp_path / "ko", vocab_size=2000, min_frequency=1)
+    val = list(read_split(small_corpus, "validation")) + held_out
+    bpt = measure_tokenizer(trained, val)["bytes_per_token"]
+    groups = {"code": "python", "english": "en", "korean": "ko"}
+    for name, lang in groups.items():
+        assert bpt[name] == bytes_per_token(trained, [r["text"] for r in val if r["lang"] == lang])
+    # Trained with Korean, a token holds more than one Hangul syllable's 3 bytes on held-out
+    # chapters and bills; the tokenizer trained without Korean falls back to bytes and pairs.
+    assert bpt["korean"] > 3.0
+    without = measure_tokenizer(tok[0], val)["bytes_per_token"]["korean"]
+    assert without < 2.0 < bpt["korean"]
+    assert measure_tokenizer(trained, list(read_split(small_corpus, "validation")))["bytes_per_token"]["korean"] is None

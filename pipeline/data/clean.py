@@ -185,6 +185,7 @@ class CleanStats:
     splits: dict
     kept_bytes: int
     minhash_bands: list
+    by_lang: dict  # lang -> {"documents", "bytes", "validation_documents"} of the kept documents
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -354,14 +355,20 @@ def _count(input_documents: int, clean: Path, rejected: Path, bands: list) -> Cl
     """Stats read back from the written files, so they cannot disagree with them."""
     dropped, pii, splits = Counter(), Counter(), Counter()
     kept = kept_bytes = 0
+    by_lang: dict = {}
     for f in sorted(rejected.glob("*.jsonl")) if rejected.exists() else []:
         for rec in read_jsonl(f):
             dropped[rec["reason"]] += 1
     for f in sorted(clean.glob("*.jsonl")) if clean.exists() else []:
         for rec in read_jsonl(f):
             kept += 1
-            kept_bytes += len(rec["text"].encode("utf-8"))
+            n = len(rec["text"].encode("utf-8"))
+            kept_bytes += n
             splits[rec["split"]] += 1
+            lang = by_lang.setdefault(rec["lang"] or "unknown", {"documents": 0, "bytes": 0, "validation_documents": 0})
+            lang["documents"] += 1
+            lang["bytes"] += n
+            lang["validation_documents"] += rec["split"] == "validation"
             pii.update(rec.get("pii", {}))
     total_dropped = sum(dropped.values())
     if kept + total_dropped != input_documents:
@@ -369,6 +376,7 @@ def _count(input_documents: int, clean: Path, rejected: Path, bands: list) -> Cl
     return CleanStats(
         input_documents, kept, dict(sorted(dropped.items())), dict(sorted(pii.items())),
         {"train": splits["train"], "validation": splits["validation"]}, kept_bytes, bands,
+        dict(sorted(by_lang.items())),
     )  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 """raw_corpus: read every source into one normalized JSONL (`id`, `text`, `source`, `lang`).
 
 Sources are plain text files, JSONL, Parquet, folders of any of these, Hugging Face datasets
-by name, and built-in real text found on every machine (the Python standard library's source
-and Python's reference documentation). Code and prose are mixed by a byte ratio.
+by name, and built-in real text found on every machine (the Python standard library's source,
+Python's reference documentation, and the Korean legal prose the konlpy package ships). Code
+and prose are mixed by a byte ratio.
 
 Nothing is dropped here. A row that cannot become a document (bytes that are not UTF-8, a
 malformed JSON line, a record without the text field) is still written, with an `error` field
@@ -16,9 +17,11 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import random
+import re
 import sysconfig
 import tempfile
 from collections.abc import Iterator
@@ -39,7 +42,7 @@ CODE_SUFFIXES = {
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
-BUILTINS = ("python_stdlib", "python_docs", "python_docstrings", "site_packages")
+BUILTINS = ("python_stdlib", "python_docs", "python_docstrings", "site_packages", "korean_prose")
 
 
 class IngestError(KilnError):
@@ -55,7 +58,9 @@ class Source:
     builtin: str | None = None
     """Real text on every machine: python_stdlib (code), python_docs (Python's reference
     documentation in pydoc_data), python_docstrings (the stdlib's docstrings, prose),
-    site_packages (the source of the installed Python packages, code)."""
+    site_packages (the source of the installed Python packages, code), korean_prose (the
+    Constitution of the Republic of Korea and ten National Assembly bills, from the konlpy
+    package's data; prose, lang `ko`)."""
     hf_dataset: str | None = None
     """A Hugging Face dataset name or local dataset folder, loaded with `datasets.load_dataset`."""
     hf_config: str | None = None
@@ -86,6 +91,7 @@ class IngestStats:
     documents: int = 0
     bytes: int = 0
     by_kind: dict = field(default_factory=dict)  # kind -> {"documents", "bytes"}
+    by_lang: dict = field(default_factory=dict)  # lang -> {"documents", "bytes"}, after the mix
     by_source: dict = field(default_factory=dict)  # source label -> documents
     errors: dict = field(default_factory=dict)  # error -> rows carried to the cleaner
 
@@ -244,6 +250,9 @@ def _read_path(path: Path, src: Source, max_chars: int, rng: random.Random) -> I
 
 
 def _read_builtin(name: str, max_chars: int, rng: random.Random) -> Iterator[dict]:
+    if name == "korean_prose":
+        yield from _korean_prose(max_chars)
+        return
     stdlib = _stdlib_dir()
     if name == "python_docs":
         from pydoc_data.topics import topics
@@ -282,6 +291,52 @@ def _docstrings(path: Path, doc_id: str, max_chars: int) -> Iterator[dict]:
     if docs:
         for i, chunk in enumerate(split_long("\n\n".join(docs), max_chars)):
             yield _make_row(f"{doc_id}#{i}" if i else doc_id, chunk, "python_docstrings", "en")
+
+
+# A chapter heading of the Constitution ("제3장 국회") or its addenda ("부칙 <헌법 제10호, ...>").
+_CHAPTER = re.compile(r"^[ \t]*(?:제\d+장 |(?:펼침[ \t]+)?부칙)", re.MULTILINE)
+# A chapter shorter than this many words joins the next one: alone it would fail the prose
+# quality floor of 50 words (the chapter on local autonomy is two articles).
+KOREAN_MIN_WORDS = 100
+
+
+def konlpy_corpus_dir() -> Path:
+    """The folder of konlpy's bundled corpora. Found without importing konlpy, whose import
+    starts looking for Java; the text files need none."""
+    spec = importlib.util.find_spec("konlpy")
+    folder = Path(next(iter(spec.submodule_search_locations)), "data", "corpus") if spec else None
+    if folder is None or not folder.is_dir():
+        raise IngestError("builtin korean_prose needs the konlpy package, which ships the text (pip install konlpy)")
+    return folder
+
+
+def _constitution_chapters(text: str) -> list[tuple[str, str]]:
+    """(name, text) of the preamble, each chapter and the addenda; a short one joins the next."""
+    starts = [0] + [m.start() for m in _CHAPTER.finditer(text)] + [len(text)]
+    pieces = [text[a:b].strip() for a, b in zip(starts, starts[1:], strict=False)]
+    chapters, pending, first = [], [], 0
+    for i, piece in enumerate(pieces):
+        if not pending:
+            first = i
+        pending.append(piece)
+        if len(" ".join(pending).split()) >= KOREAN_MIN_WORDS or i == len(pieces) - 1:
+            chapters.append((f"constitution/{first:02d}", "\n\n".join(p for p in pending if p)))
+            pending = []
+    return chapters
+
+
+def _korean_prose(max_chars: int) -> Iterator[dict]:
+    """The Constitution one chapter per document (a chapter is a topic: the National Assembly,
+    the courts...), and each bill as one document. Every chapter is its own source document, so
+    the train/validation split can hold Korean on both sides."""
+    folder = konlpy_corpus_dir()
+    docs = _constitution_chapters((folder / "kolaw" / "constitution.txt").read_text(encoding="utf-8"))
+    docs += [(f"kobill/{f.stem}", f.read_text(encoding="utf-8")) for f in sorted((folder / "kobill").glob("*.txt"))]
+    for name, text in docs:
+        text = text.strip()
+        for i, chunk in enumerate(split_long(text, max_chars) if text else []):
+            doc_id = f"korean_prose:{name}"
+            yield _make_row(f"{doc_id}#{i}" if i else doc_id, chunk, "korean_prose", "ko")
 
 
 def _read_hf(src: Source, max_chars: int) -> Iterator[dict]:
@@ -336,7 +391,9 @@ def build_raw_corpus(
     """Read `sources` into `output` (JSONL), mixing code and prose by `code_share` of bytes.
 
     With `max_bytes`, each kind gets its share of the budget. When one kind runs short, the
-    other is cut so the ratio still holds: a profile that says 60% code gets 60% code.
+    other is cut so the ratio still holds: a profile that says 60% code gets 60% code. Sources
+    fill their kind's share in the order given, so a small source listed first (korean_prose)
+    is taken whole and a large one listed after it takes the rest.
     """
     if not sources:
         raise IngestError("no sources given")
@@ -394,18 +451,23 @@ def _tally(stats: IngestStats, src: Source, rec: dict) -> None:
 
 def _write_mix(parts: dict, limits: dict, output: Path, stats: IngestStats, sources: list[Source]) -> None:
     """Concatenate the per-kind files into `output`, each kind cut at its byte limit (at least one
-    document of a kind is kept), and count documents and bytes per kind in `stats`."""
+    document of a kind is kept), and count documents and bytes per kind and language in `stats`."""
     with atomic_path(output) as tmp_out, tmp_out.open("w", encoding="utf-8") as out:
         for kind in ("code", "prose", "error"):
             taken_docs = taken_bytes = 0
             with parts[kind].open(encoding="utf-8", newline="\n") as fh:
                 for line in fh:
-                    n = len(json.loads(line)["text"].encode("utf-8"))
+                    rec = json.loads(line)
+                    n = len(rec["text"].encode("utf-8"))
                     if limits.get(kind) is not None and taken_bytes + n > limits[kind] and taken_docs:
                         break
                     out.write(line)
                     taken_docs += 1
                     taken_bytes += n
+                    if kind != "error":
+                        lang = stats.by_lang.setdefault(rec["lang"], {"documents": 0, "bytes": 0})
+                        lang["documents"] += 1
+                        lang["bytes"] += n
             if kind != "error":
                 stats.by_kind[kind] = {"documents": taken_docs, "bytes": taken_bytes}
             stats.documents += taken_docs

@@ -213,7 +213,10 @@ def scan_pii(text: str) -> list[tuple[str, str]]:
     for start, end, groups, seps in _number_runs(text):
         kind = _classify(text, start, groups, seps)
         if kind:
-            found.append((kind, text[start:end]))
+            # "(" belongs to the number only as an area code's bracket, as in (02) 555-1234; in
+            # "(02-788-1234, ...)" or "(780512-1234568)를" it opens a remark around it.
+            opens_remark = text[start] == "(" and not (seps and seps[0].startswith(")"))
+            found.append((kind, text[start + opens_remark : end]))
     return found
 
 

@@ -220,16 +220,22 @@ def build_tokenizer(clean_dir: Path, out_dir: Path, profile) -> dict:
 
 
 def measure_tokenizer(tok, val: list[dict]) -> dict:
-    """Vocabulary size, bytes per token (code, prose, all) and round-trip failures on the
-    validation records and the fixed samples: the tokenizer stage's stats."""
-    code = [r["text"] for r in val if r["lang"] not in ("en", "ko", "other", "unknown")]
-    prose = [r["text"] for r in val if r["lang"] in ("en", "ko", "other", "unknown")]
+    """Vocabulary size, bytes per token (all, code, prose, and English and Korean prose apart,
+    since a Hangul syllable is three UTF-8 bytes and an English letter one) and round-trip
+    failures on the validation records and the fixed samples: the tokenizer stage's stats. A
+    figure is None when the validation split holds no text of its kind."""
+    prose_langs = ("en", "ko", "other", "unknown")
+    groups = {
+        "code": [r["text"] for r in val if r["lang"] not in prose_langs],
+        "prose": [r["text"] for r in val if r["lang"] in prose_langs],
+        "english": [r["text"] for r in val if r["lang"] == "en"],
+        "korean": [r["text"] for r in val if r["lang"] == "ko"],
+    }
     return {
         "vocab_size": len(tok),
         "bytes_per_token": {
-            "validation": bytes_per_token(tok, code + prose),
-            "code": bytes_per_token(tok, code) if code else None,
-            "prose": bytes_per_token(tok, prose) if prose else None,
+            "validation": bytes_per_token(tok, groups["code"] + groups["prose"]),
+            **{name: bytes_per_token(tok, texts) if texts else None for name, texts in groups.items()},
         },
         "round_trip_failures": round_trip_failures(tok, [r["text"] for r in val] + ROUND_TRIP_SAMPLES),
         "round_trip_texts": len(val) + len(ROUND_TRIP_SAMPLES),
