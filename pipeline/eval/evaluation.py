@@ -20,6 +20,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -274,11 +275,18 @@ def _score_humaneval(report: Report, runs: dict[str, Path], samples_dir: Path, s
     ids = task_ids(s.humaneval_problems)
     report.data["humaneval_problems"] = len(ids)
     report.data["humaneval_prompts_cut"] = {}
-    for name, path in runs.items():
-        samples = generate(
-            path, ids, s.humaneval_samples, s.temperature, s.max_new_tokens, batch_size=s.batch_size, progress=False
-        )
-        result, per_sample = score(samples, s.pass_k, s.timeout, unsafe=s.unsafe_sandbox)
+    scored = {}
+    # One model's completions run in the sandbox while the next model generates: a sample mostly
+    # waits on its sandbox process (start-up, a loop until the timeout), not on the cores.
+    with ThreadPoolExecutor(max_workers=1) as scorer:
+        for name, path in runs.items():
+            samples = generate(
+                path, ids, s.humaneval_samples, s.temperature, s.max_new_tokens, batch_size=s.generation_batch,
+                progress=False,
+            )  # fmt: skip
+            scored[name] = samples, scorer.submit(score, samples, s.pass_k, s.timeout, unsafe=s.unsafe_sandbox)
+    for name, (samples, outcome) in scored.items():
+        result, per_sample = outcome.result()
         report.data["humaneval_prompts_cut"][name] = len({r["task_id"] for r in samples if r["prompt_tokens_cut"]})
         write_jsonl(samples_dir / f"{name}.jsonl", samples)
         write_jsonl(samples_dir / f"{name}_results.jsonl", per_sample)

@@ -1,0 +1,84 @@
+"""eval_report's costs that changed, each against the way it ran before, in this one process.
+
+    python benchmarks/eval_speed.py [--profile tiny] [--model PATH] [--problems 20] [--rounds 2]
+
+- lm-eval's task index for the profile's standard tasks (`eval.lm_eval_tasks`): every one of
+  lm-eval's YAML files (the reference) against only the folders whose YAML names the tasks;
+  both must give the same verdict per task (offline: unavailable, for the same reason).
+- HumanEval generation from the HF checkpoint (`--model`, default the profile's dpo_model):
+  batches of `eval.batch_size` (8, the reference) against `eval.generation_batch`; greedy, the
+  profile's token budget. The completions must be identical.
+
+Each reports seconds (median over rounds) and the ratio to its reference (below 1: faster).
+Needs the model: `make run` makes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.config import load_profile
+from pipeline.eval.evaluation import _folders_naming, loadable, task_manager
+from pipeline.eval.humaneval import generate, task_ids
+from pipeline.layout import Layout
+
+
+def _median_seconds(fn, rounds: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(rounds):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--model", type=Path, help="an HF checkpoint folder (default: the profile's dpo_model)")
+    ap.add_argument("--problems", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    profile = load_profile(args.profile)
+    s = profile.eval
+    model = args.model or Layout.for_profile(profile.name).model_dir("dpo")
+    if not (model / "config.json").is_file():
+        print(f"benchmark: {model} missing: run `make run PROFILE={args.profile}` first", file=sys.stderr)
+        return 2
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        names = s.lm_eval_tasks or ["arc_easy"]
+        full, verdict_full = _median_seconds(lambda: loadable(task_manager(Path(tmp), names), names), 1)
+        narrow, verdict_narrow = _median_seconds(
+            lambda: loadable(task_manager(Path(tmp), names, _folders_naming(names)), names), args.rounds
+        )
+    same_verdict = verdict_full == verdict_narrow
+    ok &= same_verdict
+    print(f"lm-eval task index for {', '.join(names)}:")
+    print(f"  every folder (reference)   {full:7.2f} s")
+    print(f"  folders naming the tasks   {narrow:7.2f} s   x{narrow / full:.2f}   same verdict: {same_verdict}")
+
+    ids = task_ids(args.problems)
+    gen = {
+        batch: _median_seconds(
+            lambda b=batch: generate(model, ids, max_new_tokens=s.max_new_tokens, batch_size=b, progress=False),
+            args.rounds,
+        )
+        for batch in (s.batch_size, s.generation_batch)
+    }
+    (ref, ref_rows), (new, new_rows) = gen[s.batch_size], gen[s.generation_batch]
+    same = ref_rows == new_rows
+    ok &= same
+    print(f"HumanEval generation, {len(ids)} problems, greedy, at most {s.max_new_tokens} new tokens, {model}:")
+    print(f"  batch {s.batch_size} (reference)          {ref:7.2f} s")
+    print(f"  batch {s.generation_batch:<3d}                  {new:7.2f} s   x{new / ref:.2f}   identical: {same}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
