@@ -7,7 +7,7 @@
   both must give the same verdict per task (offline: unavailable, for the same reason).
 - HumanEval generation from the HF checkpoint (`--model`, default the profile's dpo_model):
   batches of `eval.batch_size` (8, the reference) against `eval.generation_batch`; greedy, the
-  profile's token budget. The completions must be identical.
+  profile's token budget (or `--max-new-tokens`). The completions must be identical.
 
 Each reports seconds (median over rounds) and the ratio to its reference (below 1: faster).
 Needs the model: `make run` makes it.
@@ -43,6 +43,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, help="an HF checkpoint folder (default: the profile's dpo_model)")
     ap.add_argument("--problems", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, help="default: the profile's eval.max_new_tokens")
     args = ap.parse_args()
     profile = load_profile(args.profile)
     s = profile.eval
@@ -51,6 +52,8 @@ def main() -> int:
         print(f"benchmark: {model} missing: run `make run PROFILE={args.profile}` first", file=sys.stderr)
         return 2
     ok = True
+    import lm_eval.tasks  # noqa: F401  imported before timing: both ways need it
+
     with tempfile.TemporaryDirectory() as tmp:
         names = s.lm_eval_tasks or ["arc_easy"]
         full, verdict_full = _median_seconds(lambda: loadable(task_manager(Path(tmp), names), names), 1)
@@ -63,10 +66,11 @@ def main() -> int:
     print(f"  every folder (reference)   {full:7.2f} s")
     print(f"  folders naming the tasks   {narrow:7.2f} s   x{narrow / full:.2f}   same verdict: {same_verdict}")
 
-    ids = task_ids(args.problems)
+    ids, budget = task_ids(args.problems), args.max_new_tokens or s.max_new_tokens
+    generate(model, ids[:1], max_new_tokens=2, progress=False)  # warm-up: first-call costs timed in neither
     gen = {
         batch: _median_seconds(
-            lambda b=batch: generate(model, ids, max_new_tokens=s.max_new_tokens, batch_size=b, progress=False),
+            lambda b=batch: generate(model, ids, max_new_tokens=budget, batch_size=b, progress=False),
             args.rounds,
         )
         for batch in (s.batch_size, s.generation_batch)
@@ -74,7 +78,7 @@ def main() -> int:
     (ref, ref_rows), (new, new_rows) = gen[s.batch_size], gen[s.generation_batch]
     same = ref_rows == new_rows
     ok &= same
-    print(f"HumanEval generation, {len(ids)} problems, greedy, at most {s.max_new_tokens} new tokens, {model}:")
+    print(f"HumanEval generation, {len(ids)} problems, greedy, at most {budget} new tokens, {model}:")
     print(f"  batch {s.batch_size} (reference)          {ref:7.2f} s")
     print(f"  batch {s.generation_batch:<3d}                  {new:7.2f} s   x{new / ref:.2f}   identical: {same}")
     return 0 if ok else 1
