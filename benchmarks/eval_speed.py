@@ -5,9 +5,10 @@
 - lm-eval's task index for the profile's standard tasks (`eval.lm_eval_tasks`): every one of
   lm-eval's YAML files (the reference) against only the folders whose YAML names the tasks;
   both must give the same verdict per task (offline: unavailable, for the same reason).
-- HumanEval generation from the HF checkpoint (`--model`, default the profile's dpo_model):
-  batches of `eval.batch_size` (8, the reference) against `eval.generation_batch`; greedy, the
-  profile's token budget (or `--max-new-tokens`). The completions must be identical.
+- HumanEval on two runs of the HF checkpoint (`--model`, default the profile's dpo_model), as
+  eval_report does for base/SFT/DPO: generate then score each in turn (the reference) against
+  scoring one run's completions in the sandbox while the next run generates. Greedy, the
+  profile's token budget (or `--max-new-tokens`); the results must be identical.
 
 Each reports seconds (median over rounds) and the ratio to its reference (below 1: faster).
 Needs the model: `make run` makes it.
@@ -20,11 +21,12 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.config import load_profile
 from pipeline.eval.evaluation import _folders_naming, loadable, task_manager
-from pipeline.eval.humaneval import generate, task_ids
+from pipeline.eval.humaneval import generate, score, task_ids
 from pipeline.layout import Layout
 
 
@@ -68,19 +70,25 @@ def main() -> int:
 
     ids, budget = task_ids(args.problems), args.max_new_tokens or s.max_new_tokens
     generate(model, ids[:1], max_new_tokens=2, progress=False)  # warm-up: first-call costs timed in neither
-    gen = {
-        batch: _median_seconds(
-            lambda b=batch: generate(model, ids, max_new_tokens=budget, batch_size=b, progress=False),
-            args.rounds,
-        )
-        for batch in (s.batch_size, s.generation_batch)
-    }
-    (ref, ref_rows), (new, new_rows) = gen[s.batch_size], gen[s.generation_batch]
+
+    def run() -> list[dict]:
+        return generate(model, ids, max_new_tokens=budget, batch_size=s.batch_size, progress=False)
+
+    def one_after_another() -> list:
+        return [score(run(), s.pass_k, s.timeout, unsafe=s.unsafe_sandbox)[1] for _ in range(2)]
+
+    def overlapped() -> list:
+        with ThreadPoolExecutor(max_workers=1) as scorer:
+            pending = [scorer.submit(score, run(), s.pass_k, s.timeout, unsafe=s.unsafe_sandbox) for _ in range(2)]
+        return [p.result()[1] for p in pending]
+
+    ref, ref_rows = _median_seconds(one_after_another, args.rounds)
+    new, new_rows = _median_seconds(overlapped, args.rounds)
     same = ref_rows == new_rows
     ok &= same
-    print(f"HumanEval generation, {len(ids)} problems, greedy, at most {budget} new tokens, {model}:")
-    print(f"  batch {s.batch_size} (reference)          {ref:7.2f} s")
-    print(f"  batch {s.generation_batch:<3d}                  {new:7.2f} s   x{new / ref:.2f}   identical: {same}")
+    print(f"HumanEval, 2 runs x {len(ids)} problems, greedy, at most {budget} new tokens, {model}:")
+    print(f"  generate, score, generate, score (reference)   {ref:7.2f} s")
+    print(f"  scoring beside the next generation             {new:7.2f} s   x{new / ref:.2f}   identical: {same}")
     return 0 if ok else 1
 
 

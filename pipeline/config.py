@@ -315,9 +315,6 @@ class EvalSettings:
     data cannot be loaded is reported as unavailable."""
     batch_size: int = 8
     """Sequences per forward pass in bits per byte and lm-eval."""
-    generation_batch: int = 32
-    """HumanEval problems an HF checkpoint generates at once (left-padded). On a CPU a decoding
-    step of 32 short sequences costs about what one of 8 does, so fewer, wider batches are faster."""
     humaneval_problems: int | None = 20
     """The first this many HumanEval problems (None: all 164)."""
     humaneval_samples: int = 1
@@ -338,11 +335,8 @@ class EvalSettings:
     """The GGUF quantization also evaluated on HumanEval through llama.cpp (None: none)."""
 
     def __post_init__(self) -> None:
-        sizes = (self.humaneval_samples, self.max_new_tokens, self.batch_size, self.generation_batch)
-        if min(sizes) < 1 or self.timeout <= 0:
-            raise ProfileError(
-                "eval: humaneval_samples, max_new_tokens, batch_size, generation_batch >= 1 and timeout > 0 are needed"
-            )
+        if self.humaneval_samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.timeout <= 0:
+            raise ProfileError("eval: humaneval_samples, max_new_tokens, batch_size >= 1 and timeout > 0 are needed")
         bad = [k for k in self.pass_k if not 1 <= k <= self.humaneval_samples]
         if bad:
             raise ProfileError(f"eval.pass_k {bad[0]} must be between 1 and humaneval_samples {self.humaneval_samples}")

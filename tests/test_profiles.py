@@ -100,7 +100,6 @@ def test_a_cycle_of_bases_is_an_error(tmp_path):
         ("eval: {pass_k: [1, ten]}\n", "eval.pass_k[1]: expected an integer, got 'ten'"),
         ("eval: {lm_eval_tasks: hellaswag}\n", "eval.lm_eval_tasks: expected a list of strings, got 'hellaswag'"),
         ("dpo: {quantize: 1}\n", "dpo.quantize: expected true or false, got 1"),
-        ("eval: {generation_batch: 0}\n", "eval: humaneval_samples, max_new_tokens, batch_size, generation_batch >= 1"),
         ("pretrain: 5\n", "pretrain: expected a mapping, got 5"),
         ("pretrian: {steps: 5}\n", "pretrian: unknown setting (known: name, corpus,"),
         ("model: {layers: 2}\n", "model.layers: unknown setting (known: hidden_size,"),

@@ -281,7 +281,7 @@ def _score_humaneval(report: Report, runs: dict[str, Path], samples_dir: Path, s
     with ThreadPoolExecutor(max_workers=1) as scorer:
         for name, path in runs.items():
             samples = generate(
-                path, ids, s.humaneval_samples, s.temperature, s.max_new_tokens, batch_size=s.generation_batch,
+                path, ids, s.humaneval_samples, s.temperature, s.max_new_tokens, batch_size=s.batch_size,
                 progress=False,
             )  # fmt: skip
             scored[name] = samples, scorer.submit(score, samples, s.pass_k, s.timeout, unsafe=s.unsafe_sandbox)
