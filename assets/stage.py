@@ -6,7 +6,8 @@
     ...                                   # compute
     return stage.finish(metadata)
 
-A reused result keeps its data version (the stage key), so nothing downstream turns stale.
+A reused result keeps its data version (the stage key), so nothing downstream turns stale, and
+its stored metrics are logged again into this run's MLflow run, tagged `<stage>.reused`.
 """
 
 from __future__ import annotations
@@ -73,11 +74,12 @@ class Stage:
         r = self.record
         unchanged = f"{self.name}: inputs, settings and code unchanged (key {self.key})"
         self.context.log.info(f"{unchanged}: reusing the result of run {r['run_id']}")
+        stored = deserialize_value(r["metadata"], dict)
+        tracking = getattr(self.context.resources, "mlflow", None)
+        if tracking is not None:  # this run's MLflow run shows every stage's figures, reused or not
+            tracking.reused(self.context.run.run_id, self.layout.profile, self.name, stored, r["run_id"])
         self._log_time(reused=True)
-        metadata = {
-            **deserialize_value(r["metadata"], dict),
-            "reused": True, "reused_from_run": r["run_id"], "stage_key": self.key,
-        }  # fmt: skip
+        metadata = {**stored, "reused": True, "reused_from_run": r["run_id"], "stage_key": self.key}
         return MaterializeResult(metadata=metadata, data_version=DataVersion(self.key))
 
     def finish(self, metadata: dict, data_version: str | None = None) -> MaterializeResult:

@@ -236,6 +236,12 @@ class StageLogger:
         for i in range(0, len(params), 100):
             self.c.log_batch(self.run_id, params=params[i : i + 100])
 
+    def tags(self, values: dict) -> None:
+        """Run tags named by the stage: `<stage>.<key>`."""
+        from mlflow.entities import RunTag
+
+        self.c.log_batch(self.run_id, tags=[RunTag(f"{self.stage}.{k}", str(v)) for k, v in values.items()])
+
     def metrics(self, values: dict, step: int | None = None) -> None:
         self._log([(k, v, step or 0) for k, v in values.items()])
 

@@ -30,7 +30,7 @@ class MLflowTracking(ConfigurableResource):
 
         logs.configure()  # the stage's lines carry its Dagster run id and name
         logs.bind(run_id=dagster_run_id, stage=stage)
-        try:
+        with self._retried():
             run_id = pipeline_run(self.tracking_uri, profile, dagster_run_id)
             mlflow.set_tracking_uri(self.tracking_uri)
             os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
@@ -40,6 +40,21 @@ class MLflowTracking(ConfigurableResource):
             )
             with mlflow.start_run(run_id=run_id, log_system_metrics=self.system_metrics), temperatures:
                 yield StageLogger(self.tracking_uri, run_id, stage)
+
+    def reused(self, dagster_run_id: str, profile: str, stage: str, metrics: dict, from_run: str) -> None:
+        """A reused stage in this Dagster run's MLflow run: its stored metrics, and the tags
+        `<stage>.reused` and `<stage>.reused_from_run` (the Dagster run that computed them). Two
+        calls to the store, no system metrics: a reused stage does no work worth sampling."""
+        with self._retried():
+            log = StageLogger(self.tracking_uri, pipeline_run(self.tracking_uri, profile, dagster_run_id), stage)
+            log.metrics(metrics)
+            log.tags({"reused": "true", "reused_from_run": from_run})
+
+    @contextlib.contextmanager
+    def _retried(self):
+        """A tracking server out of reach asks Dagster to retry the stage; any other error fails it."""
+        try:
+            yield
         except Exception as exc:
             if not server_unavailable(self.tracking_uri, exc):
                 raise

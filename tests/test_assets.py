@@ -265,6 +265,15 @@ def test_an_unchanged_rerun_reuses_every_stage_and_registers_nothing(e2e):
     computed_sft = e2e.result.asset_materializations_for_node("sft_model")[0].metadata
     assert reused_sft["sft_eval_loss"] == computed_sft["sft_eval_loss"]  # the stored figures, shown again
     assert reused_sft["reused_from_run"].value == e2e.result.run_id
+    # the second run's MLflow run carries the reused stages' stored figures, tagged as reused
+    c = client(e2e.tracking_uri)
+    run = c.search_runs(
+        [c.get_experiment_by_name("kiln-e2e").experiment_id], f"tags.`kiln.pipeline_run_id` = '{again.run_id}'"
+    )[0]
+    reused_base = again.asset_materializations_for_node("base_model")[0].metadata
+    assert run.data.metrics["base_model.val_bits_per_byte"] == reused_base["val_bits_per_byte"].value
+    assert run.data.tags["base_model.reused"] == "true"
+    assert run.data.tags["eval_report.reused_from_run"] == e2e.result.run_id
 
 
 def test_force_registers_a_new_version_of_the_same_model(e2e):

@@ -11,7 +11,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.cli import main
 from pipeline.config import RegistrySettings
 from pipeline.data.clean import read_split
-from pipeline.eval.evaluation import bits_per_byte, gate, lm_eval_scores, loadable, markdown_table, task_manager
+from pipeline.eval.evaluation import (
+    _folders_naming,
+    bits_per_byte,
+    gate,
+    lm_eval_scores,
+    loadable,
+    markdown_table,
+    standard_tasks,
+    task_manager,
+)
 from pipeline.eval.humaneval import STOP_SEQUENCES, generate, task_ids
 from pipeline.eval.lm_tasks import body_choice_rows, next_line_rows, write_kiln_tasks
 from pipeline.release import registry
@@ -108,6 +117,14 @@ def test_standard_tasks_without_data_are_reported_not_fatal(tmp_path):
     assert ok == [] and set(unavailable) == {"arc_easy", "no_such_task"}
     assert "Offline" in unavailable["arc_easy"] or "reach" in unavailable["arc_easy"]
     assert "no_such_task" in unavailable["no_such_task"]
+
+
+def test_standard_tasks_index_only_the_lm_eval_folders_that_name_them(tmp_path):
+    (tmp_path / "empty").mkdir()
+    tm, ok, unavailable = standard_tasks(tmp_path / "empty", ["arc_easy"])
+    assert ok == [] and ("Offline" in unavailable["arc_easy"] or "reach" in unavailable["arc_easy"])
+    assert "arc_challenge" in tm.all_tasks and "hellaswag" not in tm.all_tasks  # arc/ alone was indexed
+    assert _folders_naming(["arc_easy", "no_such_task"]) is None  # then every folder, and lm-eval's own verdict
 
 
 def test_humaneval_generation_from_hf_and_gguf(tiny_base, ggufs, tmp_path, capsys):
