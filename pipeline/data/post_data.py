@@ -5,7 +5,9 @@ feed them): each Python function with a docstring becomes a request (its signatu
 docstring) and an answer (the function). A preference pair's `chosen` is that real function;
 its `rejected` is the same function with one fault put in (pipeline/data/negatives.py: a flipped
 comparison, an integer off by one, a value not returned, ...), never text of another function.
-The held-out split is drawn by source document: no file feeds both train.jsonl and eval.jsonl.
+The held-out split is drawn by source document: no file feeds both train.jsonl and eval.jsonl,
+and a document falls on the same side in sft_data and dpo_data (at equal eval_share), so the SFT
+model has not trained on the functions of the held-out preference pairs.
 
 User files in TRL's standard formats are read too: conversational `messages` JSONL for SFT and
 `prompt`/`chosen`/`rejected` JSONL for DPO. A row that does not fit is rejected with its file,
@@ -26,6 +28,7 @@ the prompt out of the loss and DPOTrainer applies the tokenizer's chat template:
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import random
@@ -164,13 +167,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def encode_pair(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
+def encode_pair(tokenizer, row: dict, chat_ids=_chat_ids) -> tuple[list[int], list[int], list[int]]:
     """(prompt, chosen, rejected) token ids of a conversational DPO row as TRL's DPOTrainer makes
     them: the chat template over the prompt with the assistant's turn opened, and over prompt plus
     answer; each answer starts where the two renderings part."""
-    prompt = _chat_ids(tokenizer, row["prompt"], True)
-    chosen = _chat_ids(tokenizer, row["prompt"] + row["chosen"], False)
-    rejected = _chat_ids(tokenizer, row["prompt"] + row["rejected"], False)
+    prompt = chat_ids(tokenizer, row["prompt"], True)
+    chosen = chat_ids(tokenizer, row["prompt"] + row["chosen"], False)
+    rejected = chat_ids(tokenizer, row["prompt"] + row["rejected"], False)
     n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
     return prompt[:n], chosen[n:], rejected[n:]
 
@@ -179,8 +182,15 @@ def pair_check(tokenizer, max_length: int) -> PairCheck:
     """Why a DPO row cannot teach within `max_length` tokens (DPOTrainer keeps the start of prompt
     plus answer): the prompt fills them, or both answers are the same inside them; None if it can."""
 
+    @functools.lru_cache(maxsize=8)  # a function's prompt and chosen answer, for each candidate rejected
+    def cached(text: str, generation_prompt: bool) -> tuple[int, ...]:
+        return tuple(_chat_ids(tokenizer, json.loads(text), generation_prompt))
+
+    def chat_ids(_, messages, generation_prompt):
+        return list(cached(json.dumps(messages), generation_prompt))
+
     def check(row: dict) -> str | None:
-        prompt, chosen, rejected = encode_pair(tokenizer, row)
+        prompt, chosen, rejected = encode_pair(tokenizer, row, chat_ids)
         room = max_length - len(prompt)
         if room <= 0:
             return PROMPT_FILLS
