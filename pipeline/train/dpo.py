@@ -16,6 +16,7 @@ they are kept only as the after-training figures of the trainer.)
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,6 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
         model=model, ref_model=None, args=args, train_dataset=train, eval_dataset=held,
         processing_class=tokenizer, callbacks=[history_callback(history)],
     )  # fmt: skip
-    before = trainer.evaluate()
     t0 = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t0
@@ -126,7 +126,7 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
     pairs = s.steps * s.batch * s.grad_accum
     return DPOResult(
         trainable=trainable, total=total, steps=out.global_step, train_loss=out.training_loss,
-        eval_loss_before=before["eval_loss"], eval_loss_after=after["eval_loss"],
+        eval_loss_before=math.log(2), eval_loss_after=after["eval_loss"],  # before: policy = reference, loss log 2
         tokens_per_s=tokens_seen(history) / seconds, peak_memory_mb=peak_memory_mb(), seconds=seconds,
         train_rows=len(train), eval_rows=len(held), history=history, pairs_per_s=pairs / seconds,
         before=before_pref, after=after_pref,
