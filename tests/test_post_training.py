@@ -103,16 +103,18 @@ def second_{i}(a, b):
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_no_source_file_feeds_both_splits(kind, tmp_path):
-    records = [{"id": f"doc{i}", "text": MULTI.format(i=i), "lang": "python"} for i in range(40)]
+    # ingest cuts a long file into parts: doc{i} and doc{i}#1 are one file
+    records = [{"id": f"doc{i // 2}" + ("#1" if i % 2 else ""), "text": MULTI.format(i=i), "lang": "python"}
+               for i in range(40)]  # fmt: skip
     stats = build_post_data(kind, records, [], tmp_path / kind, 1000, 0.2)
     split = read_json(tmp_path / kind / "split.json")
     assert split["eval_sources"] and not set(split["eval_sources"]) & set(split["train_sources"])
     answer = "completion" if kind == "sft" else "chosen"
-    source_of = {f.answer: r["id"] for r in records for f in mine_functions(r["text"])}
+    source_of = {f.answer: r["id"].split("#")[0] for r in records for f in mine_functions(r["text"])}
     for part, sources in (("train", split["train_sources"]), ("eval", split["eval_sources"])):
         rows = list(read_jsonl(tmp_path / kind / f"{part}.jsonl"))
         assert {source_of[r[answer][0]["content"]] for r in rows} == set(sources)
-    assert stats.train + stats.eval == 80 and stats.eval % 2 == 0  # both functions of a file go together
+    assert stats.train + stats.eval == 80 and stats.eval % 4 == 0  # the four functions of a file go together
 
 
 def test_validation_documents_never_feed_the_sets(small_corpus, tmp_path):

@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import random
+import re
 import textwrap
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -51,7 +52,7 @@ class MinedFunction:
     answer: str  # the whole function, as written
     signature: str
     body: str  # the function's statements after the docstring
-    source: str = ""  # the id of the document it was found in
+    source: str = ""  # the file it was found in (source_file of its document's id)
 
 
 @dataclass
@@ -101,9 +102,15 @@ def _assistant(content: str) -> list[dict]:
     return [{"role": "assistant", "content": content}]
 
 
+def source_file(doc_id: str) -> str:
+    """The file a document came from: ingest cuts a long file into `id#1`, `id#2`, ... and marks a
+    repeated id `id~hash`; every part of one file must fall on the same side of the split."""
+    return re.split(r"[#~]", doc_id, maxsplit=1)[0]
+
+
 def mine_from_corpus(records: Iterable[dict], max_pairs: int | None, seed: int = 0) -> list[MinedFunction]:
     """Up to `max_pairs` (None: all) functions from the Python documents of `records`, in a seeded
-    order, each with the id of its document."""
+    order, each with the file it came from."""
     found = []
     seen: set[str] = set()
     for rec in records:
@@ -112,7 +119,7 @@ def mine_from_corpus(records: Iterable[dict], max_pairs: int | None, seed: int =
         for fn in mine_functions(rec["text"]):
             if fn.answer not in seen:  # the same helper in two files is one example (the first file's)
                 seen.add(fn.answer)
-                fn.source = str(rec.get("id", ""))
+                fn.source = source_file(str(rec.get("id", "")))
                 found.append(fn)
     random.Random(seed).shuffle(found)
     return found[:max_pairs]
