@@ -10,7 +10,8 @@ from assets.stage import Stage, StageConfig
 from assets.training import base_model
 from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
-from pipeline.data.post_data import build_post_data
+from pipeline.data.post_data import build_post_data, pair_check
+from pipeline.io import within_context
 from pipeline.train.dpo import train_dpo
 from pipeline.train.lora import TuneResult
 from pipeline.train.sft import sft_task_loss, train_sft
@@ -21,34 +22,49 @@ def _data_asset(
     kind: str, context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings
 ) -> MaterializeResult:
     profile, layout = kiln.load_with_layout()
-    s, out = getattr(profile, kind), layout.post_data(kind)
-    stage = Stage.start(context, layout, config, s, inputs=[layout.clean_splits, *map(Path, s.files)])
+    s, out, base = getattr(profile, kind), layout.post_data(kind), layout.model_dir("base")
+    # DPO pairs are checked with the base checkpoint's tokenizer and trained context (what DPO
+    # trains with): its config and tokenizer files are inputs, its weights are not.
+    base_files = sorted(p for p in base.glob("*") if p.suffix in (".json", ".jinja")) if kind == "dpo" else []
+    stage = Stage.start(context, layout, config, s, inputs=[layout.clean_splits, *map(Path, s.files), *base_files])
     if stage.reused:
         return stage.reuse()
+    check, length = None, None
+    if kind == "dpo":
+        from transformers import AutoTokenizer
+
+        length = within_context(s.max_length, base, "dpo.max_length")
+        check = pair_check(AutoTokenizer.from_pretrained(str(base)), length)
     train_split = read_split(layout.clean_splits, "train")  # never the validation split
-    stats = build_post_data(kind, train_split, s.files, out, s.max_pairs, s.eval_share, s.seed)
-    return stage.finish(
-        {
-            "path": MetadataValue.path(str(out)),
-            "train_rows": stats.train,
-            "eval_rows": stats.eval,
-            "sources": md_table(stats.sources, "source", "rows"),
-            "rejected": md_table(stats.rejected, "reason", "rows"),
-        }
-    )
+    stats = build_post_data(kind, train_split, s.files, out, s.max_pairs, s.eval_share, s.seed, check)
+    metadata = {
+        "path": MetadataValue.path(str(out)),
+        "train_rows": stats.train,
+        "eval_rows": stats.eval,
+        "sources": md_table(stats.sources, "source", "rows"),
+        "rejected": md_table(stats.rejected, "reason", "rows"),
+        "rejected_rows": sum(stats.rejected.values()),
+    }
+    if kind == "dpo":
+        metadata["max_length"] = length
+        metadata["corruption_kinds"] = md_table(stats.corruption_kinds, "rejected answer", "pairs")
+    return stage.finish(metadata)
 
 
-@asset(group_name="post_training", code_version="1", deps=[clean_corpus])
+@asset(group_name="post_training", code_version="2", deps=[clean_corpus])
 def sft_data(context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings) -> MaterializeResult:
     """Instruction pairs (prompt -> completion, chat format): the profile's SFT files, or functions
-    mined from the clean train split's code (signature and docstring -> the function)."""
+    mined from the clean train split's code (signature and docstring -> the function). Mined rows
+    are held out by source document: no file feeds both splits."""
     return _data_asset("sft", context, config, kiln)
 
 
-@asset(group_name="post_training", code_version="1", deps=[clean_corpus])
+@asset(group_name="post_training", code_version="2", deps=[clean_corpus, base_model])
 def dpo_data(context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings) -> MaterializeResult:
     """Preference pairs (prompt, chosen, rejected): the profile's files, or mined from code with the
-    real function chosen and another body or a truncated one rejected."""
+    real function chosen and the same function with one fault put in rejected (held out by source
+    document). Pairs whose prompt fills dpo.max_length (null: the trained context), or whose two
+    answers are the same tokens within it, are dropped and counted by reason (`rejected`)."""
     return _data_asset("dpo", context, config, kiln)
 
 
@@ -102,12 +118,18 @@ def sft_model(
     return stage.finish(metadata)
 
 
-@asset(group_name="post_training", code_version="2", deps=[sft_model, dpo_data])
+@asset(group_name="post_training", code_version="3", deps=[sft_model, dpo_data])
 def dpo_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
     """DPO (TRL DPOTrainer) from the SFT checkpoint with LoRA, the adapter-disabled model as the
-    frozen reference; the adapter merged into full-precision weights."""
+    frozen reference; the adapter merged into full-precision weights.
+
+    On the held-out pairs, measured alike on the SFT checkpoint (before) and the merged DPO model
+    (after), with answers tokenized and cut as DPO trains on them:
+    preference_accuracy_before/after: share of pairs with log p(chosen|prompt) > log p(rejected|prompt);
+    logp_margin_before/after: mean of log p(chosen|prompt) - log p(rejected|prompt), nats.
+    trl_reward_margin/trl_reward_accuracy: TRL's figures after training, relative to the reference."""
     profile, layout = kiln.load_with_layout()
     settings = profile.dpo
     inputs = [layout.model_dir("sft"), layout.post_data("dpo"), layout.post_data("sft")]  # sft: the task-loss check
@@ -117,15 +139,22 @@ def dpo_model(
     with mlflow.stage(context.run.run_id, profile.name, "dpo_model") as log:
         result = train_dpo(layout.model_dir("sft"), layout.post_data("dpo"), layout.stage_of("dpo"), settings)
         sft_task = sft_task_loss(layout.model_dir("dpo"), layout.post_data("sft"))
-        context.log.info(f"dpo: held-out margin {result.margin_before:.3f} -> {result.margin_after:.3f}")
+        b, a = result.before, result.after
+        context.log.info(
+            f"dpo: held-out preference accuracy {b.accuracy:.3f} -> {a.accuracy:.3f}, "
+            f"log-prob margin {b.margin:.3f} -> {a.margin:.3f} ({a.pairs} pairs)"
+        )
         curve = _curve(result, "dpo_model")
         metadata = {
             "path": MetadataValue.path(str(layout.model_dir("dpo"))),
             "eval_dpo_loss": result.eval_loss_after,
-            "reward_margin_before": result.margin_before,
-            "reward_margin_after": result.margin_after,
-            "preference_accuracy_before": result.accuracy_before,
-            "preference_accuracy_after": result.accuracy_after,
+            "held_out_pairs": a.pairs,
+            "preference_accuracy_before": b.accuracy,
+            "preference_accuracy_after": a.accuracy,
+            "logp_margin_before": b.margin,
+            "logp_margin_after": a.margin,
+            "trl_reward_margin": result.reward_margin,
+            "trl_reward_accuracy": result.reward_accuracy,
             "sft_task_eval_loss": sft_task,
             **_tune_metadata(result, curve),
         }

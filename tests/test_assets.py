@@ -97,8 +97,10 @@ E2E_PROFILE = {
     "clean": {"validation_share": 0.15, "short_doc_keep": 1.0},
     "tokenizer": {"vocab_size": 400, "min_frequency": 1},
     "model": {"hidden_size": 256, "intermediate_size": 256, "num_layers": 1},
-    "pretrain": {"seq_len": 64, "micro_batch": 4, "steps": 30, "warmup_steps": 2, "eval_every": 30},
-    "sft": {"steps": 2, "batch": 2, "lora_r": 4},  # max_length: the trained context, 64
+    # 128 positions: a mined function's prompt and the start of its answer (signature, docstring)
+    # take about 80 of them, and a preference pair must differ within the trained length
+    "pretrain": {"seq_len": 128, "micro_batch": 4, "steps": 30, "warmup_steps": 2, "eval_every": 30},
+    "sft": {"steps": 2, "batch": 2, "lora_r": 4},  # max_length: the trained context, 128
     "dpo": {"steps": 2, "batch": 2, "lora_r": 4},
     "gguf": {"eval_tokens": 512, "quick": True},  # perplexity windows of the trained context
     "eval": {
@@ -290,7 +292,7 @@ def test_force_registers_a_new_version_of_the_same_model(e2e):
 # Last in the file: it materializes dpo_model again (a second Dagster run, so a second MLflow run).
 def test_a_new_code_version_makes_only_what_follows_stale(e2e):
     assert stale_assets(e2e.instance, e2e.assets, e2e.resources) == set()
-    changed = with_code_version(e2e.assets, "dpo_model", "3")
+    changed = with_code_version(e2e.assets, "dpo_model", "4")
     assert stale_assets(e2e.instance, changed, e2e.resources) == {"dpo_model"}  # upstream and beside stay fresh
     # materializing the stale asset runs only it; its new data version then makes its direct
     # downstream stale (Dagster marks staleness one step at a time as each asset is re-run)

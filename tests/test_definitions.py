@@ -29,7 +29,7 @@ UPSTREAM = {
     "tokenizer": {"clean_corpus"},
     "base_model": {"tokenizer"},
     "sft_data": {"clean_corpus"},
-    "dpo_data": {"clean_corpus"},
+    "dpo_data": {"clean_corpus", "base_model"},
     "sft_model": {"base_model", "sft_data"},
     "dpo_model": {"sft_model", "dpo_data"},
     "gguf_model": {"dpo_model"},

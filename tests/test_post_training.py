@@ -9,9 +9,11 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import DPOSettings, SFTSettings
 from pipeline.data.clean import read_split
-from pipeline.data.post_data import build_post_data, dpo_records, mine_functions
+from pipeline.data.negatives import corruptions
+from pipeline.data.post_data import build_post_data, dpo_records, encode_pair, mine_functions, pair_check
 from pipeline.errors import KilnError
-from pipeline.train.dpo import train_dpo
+from pipeline.io import read_json, read_jsonl
+from pipeline.train.dpo import answer_logps, held_out_preference, train_dpo
 from pipeline.train.sft import count_4bit, make_sft_trainer, train_sft
 
 CODE = '''
@@ -45,15 +47,74 @@ def test_mine_functions_from_code():
     assert fn.body.strip().startswith("kept =")
 
 
-def test_preference_pairs_have_a_wrong_rejected(small_corpus):
+def test_corruptions_change_one_point_of_the_function():
+    source = (
+        "def pick(items, limit=3):\n"
+        '    """Items below the limit, or all when there are few."""\n'
+        "    if len(items) < limit and items:\n"
+        "        return list(items)\n"
+        "    return sorted(items, key=abs)[:limit]\n"
+    )
+    found = {c.kind: c.text for c in corruptions(source)}
+    assert "    if len(items) >= limit and items:\n" in found["flipped_comparison"]
+    assert "    if len(items) < limit or items:\n" in found["flipped_boolean"]
+    assert found["returns_none"].count("return None") == 1
+    assert "def pick(items, limit=3):" in found["flipped_comparison"]  # the signature's default is not touched
+    for text in found.values():
+        assert text != source and text.splitlines()[:2] == source.splitlines()[:2]  # signature and docstring kept
+    assert corruptions('def f(x):\n    """Doc."""\n    pass\n') == []  # nothing to corrupt
+
+
+def test_preference_pairs_reject_a_corrupted_copy_never_another_body(small_corpus):
     from pipeline.data.post_data import mine_from_corpus
 
     functions = mine_from_corpus(read_split(small_corpus, "train"), 20)
-    pairs = list(dpo_records(functions))
-    assert len(pairs) >= 15
-    for p in pairs:
-        assert p["chosen"][0]["content"] != p["rejected"][0]["content"]
-        assert p["prompt"][0]["role"] == "user" and p["chosen"][0]["role"] == "assistant"
+    results = list(dpo_records(functions))
+    pairs = [(fn, row) for fn, row, _ in results if isinstance(row, dict)]
+    assert len(pairs) == len(functions) == 20  # every mined function here has a corruption point
+    for fn, row in pairs:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen == fn.answer and rejected != chosen
+        assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+        # one edit: what differs lies between a shared start and a shared end
+        start = next(i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b)
+        end = next(i for i, (a, b) in enumerate(zip(chosen[::-1], rejected[::-1], strict=False)) if a != b)
+        assert len(chosen) - start - end < 12
+        assert not any(other.body in rejected for other in functions if other is not fn)
+
+
+MULTI = '''
+def first_{i}(xs):
+    """Sum of the positive items."""
+    total = 0
+    for x in xs:
+        if x > {i}:
+            total += x
+    return total
+
+
+def second_{i}(a, b):
+    """The larger of two values."""
+    if a >= b:
+        return a
+    return max(b, a + {i})
+'''
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_no_source_file_feeds_both_splits(kind, tmp_path):
+    # ingest cuts a long file into parts: doc{i} and doc{i}#1 are one file
+    records = [{"id": f"doc{i // 2}" + ("#1" if i % 2 else ""), "text": MULTI.format(i=i), "lang": "python"}
+               for i in range(40)]  # fmt: skip
+    stats = build_post_data(kind, records, [], tmp_path / kind, 1000, 0.2)
+    split = read_json(tmp_path / kind / "split.json")
+    assert split["eval_sources"] and not set(split["eval_sources"]) & set(split["train_sources"])
+    answer = "completion" if kind == "sft" else "chosen"
+    source_of = {f.answer: r["id"].split("#")[0] for r in records for f in mine_functions(r["text"])}
+    for part, sources in (("train", split["train_sources"]), ("eval", split["eval_sources"])):
+        rows = list(read_jsonl(tmp_path / kind / f"{part}.jsonl"))
+        assert {source_of[r[answer][0]["content"]] for r in rows} == set(sources)
+    assert stats.train + stats.eval == 80 and stats.eval % 4 == 0  # the four functions of a file go together
 
 
 def test_validation_documents_never_feed_the_sets(small_corpus, tmp_path):
@@ -94,6 +155,98 @@ def test_bad_user_rows_are_rejected_with_file_and_line(tmp_path):
     with pytest.raises(KilnError, match="no usable dpo rows .*empty chosen"):
         build_post_data("dpo", [], [str(dpo)], tmp_path / "out2", 10, 0.1)
     assert not (tmp_path / "out2").exists()
+
+
+def _pair(prompt: str, chosen: str, rejected: str) -> str:
+    return json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+
+def test_pairs_that_cannot_teach_within_the_length_are_dropped_and_counted(tiny_base, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    shared = "def f(x):\n" + "    x = x + 1\n" * 30  # far past 64 tokens
+    dpo = tmp_path / "dpo.jsonl"
+    dpo.write_text(
+        "\n".join(
+            [
+                _pair("Add one.", "def f(x):\n    return x + 1\n", "def f(x):\n    return x - 1\n"),
+                _pair("Same answers.", "def f(x):\n    return x\n", "def f(x):\n    return x\n"),
+                _pair("Differs late.", shared + "    return x\n", shared + "    return None\n"),
+                _pair("word " * 100, "def f(x):\n    return x\n", "def f(x):\n    return 0\n"),
+                _pair("Double.", "def g(x):\n    return 2 * x\n", "def g(x):\n    return 3 * x\n"),
+            ]
+        )
+        + "\n"
+    )
+    check = pair_check(tok, 64)
+    stats = build_post_data("dpo", [], [str(dpo)], tmp_path / "out", 10, 0.1, check=check)
+    assert stats.rejected == {"identical_within_max_length": 2, "prompt_fills_max_length": 1}
+    assert stats.train + stats.eval == 2 and stats.sources == {str(dpo): 2}
+    dropped = list(read_jsonl(tmp_path / "out" / "rejected.jsonl"))
+    assert [d["where"] for d in dropped] == [f"{dpo}:2", f"{dpo}:3", f"{dpo}:4"]
+    # the same pair counts when the length reaches its difference
+    late = json.loads(dpo.read_text().splitlines()[2])
+    row = {"prompt": [{"role": "user", "content": late["prompt"]}]}
+    row |= {k: [{"role": "assistant", "content": late[k]}] for k in ("chosen", "rejected")}
+    assert check(row) == "identical_within_max_length" and pair_check(tok, 256)(row) is None
+
+
+def test_mined_pairs_differ_within_the_trained_length(tiny_base, small_corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    stats = build_post_data(
+        "dpo", read_split(small_corpus, "train"), [], tmp_path / "d", 30, 0.1, check=pair_check(tok, 76)
+    )
+    rows = [*read_jsonl(tmp_path / "d" / "train.jsonl"), *read_jsonl(tmp_path / "d" / "eval.jsonl")]
+    assert len(rows) == stats.train + stats.eval == 30 and sum(stats.corruption_kinds.values()) == 30
+    for row in rows:
+        prompt, chosen, rejected = encode_pair(tok, row)
+        room = 76 - len(prompt)
+        assert room > 0 and chosen[:room] != rejected[:room]
+    # at 76 tokens some functions have no corruption early enough: dropped, and counted
+    assert stats.rejected.get("identical_within_max_length", 0) > 0
+    assert len(list(read_jsonl(tmp_path / "d" / "rejected.jsonl"))) == sum(stats.rejected.values())
+
+
+def _dpo_rows() -> list[dict]:
+    def row(prompt, chosen, rejected):
+        user, bot = [{"role": "user", "content": prompt}], lambda c: [{"role": "assistant", "content": c}]
+        return {"prompt": user, "chosen": bot(chosen), "rejected": bot(rejected)}
+
+    return [
+        row("Add one.", "def f(x):\n    return x + 1\n", "def f(x):\n    return x - 1\n"),
+        row("Double.", "def g(x):\n    return 2 * x\n", "def g(x):\n    return None\n"),
+        row("Long.", "def h(x):\n" + "    x = x * 3\n" * 20, "def h(x):\n" + "    x = x + 3\n" * 20),
+    ]
+
+
+def test_answer_log_probabilities_match_trl(tiny_base, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tok, rows, max_length = AutoTokenizer.from_pretrained(tiny_base), _dpo_rows(), 48  # the long pair is cut
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    args = DPOConfig(
+        output_dir=str(tmp_path), per_device_eval_batch_size=len(rows), max_length=max_length,
+        report_to="none", use_cpu=True,
+    )  # fmt: skip
+    data = Dataset.from_list(rows)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, processing_class=tok)
+    trl = trainer.evaluate()
+    ours = answer_logps(model, tok, rows, max_length)
+    assert sum(c for c, _ in ours) / 3 == pytest.approx(trl["eval_logps/chosen"], rel=1e-4)
+    assert sum(r for _, r in ours) / 3 == pytest.approx(trl["eval_logps/rejected"], rel=1e-4)
+
+    pref = held_out_preference(tiny_base, rows, max_length)
+    assert pref.pairs == 3
+    assert pref.accuracy == sum(c > r for c, r in ours) / 3
+    assert pref.margin == pytest.approx(sum(c - r for c, r in ours) / 3, abs=1e-4)
+    swapped = [r | {"chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+    flipped = held_out_preference(tiny_base, swapped, max_length)
+    assert flipped.accuracy == 1 - pref.accuracy and flipped.margin == pytest.approx(-pref.margin, abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +295,9 @@ def test_dpo_raises_the_margin_on_its_own_pairs(tiny_base, small_corpus, tmp_pat
     shutil.copy(data / "train.jsonl", data / "eval.jsonl")  # measure on the pairs it trains on
     settings = DPOSettings(steps=8, batch=4, lr=5e-3, beta=0.1, lora_r=4, lora_alpha=8, max_length=256)
     result = train_dpo(tiny_base, data, tmp_path / "out", settings)
-    assert result.margin_before == pytest.approx(0.0, abs=1e-6)  # zero-initialized adapter = reference
-    assert result.margin_after > 0.0
-    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+    held = list(read_jsonl(data / "eval.jsonl"))
+    assert result.before == held_out_preference(tiny_base, held, 256)  # before: the starting checkpoint itself
+    assert result.after == held_out_preference(tmp_path / "out" / "model", held, 256)  # after: the shipped model
+    assert result.after.margin > result.before.margin
+    assert result.after.accuracy >= result.before.accuracy
+    assert result.reward_margin > 0.0

@@ -3,12 +3,21 @@
 By default both are mined from real code in the clean *train* split (validation documents never
 feed them): each Python function with a docstring becomes a request (its signature and
 docstring) and an answer (the function). A preference pair's `chosen` is that real function;
-its `rejected` is a plausible wrong one: the body of another function under this signature,
-or the function cut off halfway.
+its `rejected` is the same function with one fault put in (pipeline/data/negatives.py: a flipped
+comparison, an integer off by one, a value not returned, ...), never text of another function.
+The held-out split is drawn by source document: no file feeds both train.jsonl and eval.jsonl,
+and a document falls on the same side in sft_data and dpo_data (at equal eval_share), so the SFT
+model has not trained on the functions of the held-out preference pairs.
 
 User files in TRL's standard formats are read too: conversational `messages` JSONL for SFT and
 `prompt`/`chosen`/`rejected` JSONL for DPO. A row that does not fit is rejected with its file,
 line and reason (written to rejected.jsonl and counted), never skipped silently.
+
+A preference pair teaches only where its two answers differ within the tokens DPO trains on
+(dpo.max_length, or the trained context). Pairs are tokenized as TRL's DPOTrainer does (the chat
+template over the prompt, then over prompt and answer) and dropped, with their reason counted,
+when the prompt alone fills that length or the two answers are the same token for token inside
+it (mined and user pairs alike).
 
 Records are written in TRL's conversational prompt-completion form, so that SFTTrainer masks
 the prompt out of the loss and DPOTrainer applies the tokenizer's chat template:
@@ -19,15 +28,18 @@ the prompt out of the loss and DPOTrainer applies the tokenizer's chat template:
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import random
+import re
 import textwrap
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.data.negatives import corruptions
 from pipeline.errors import KilnError
 from pipeline.io import atomic_path, write_json, write_jsonl
 
@@ -40,6 +52,7 @@ class MinedFunction:
     answer: str  # the whole function, as written
     signature: str
     body: str  # the function's statements after the docstring
+    source: str = ""  # the file it was found in (source_file of its document's id)
 
 
 @dataclass
@@ -47,7 +60,8 @@ class DataStats:
     train: int = 0
     eval: int = 0
     sources: dict = field(default_factory=dict)
-    rejected: dict = field(default_factory=dict)  # reason -> rows
+    rejected: dict = field(default_factory=dict)  # reason -> rows (malformed, or dropped by the length check)
+    corruption_kinds: dict = field(default_factory=dict)  # mined DPO pairs: corruption kind -> pairs
 
 
 def mine_functions(code: str, min_body_lines: int = 2, max_chars: int = 1500) -> Iterator[MinedFunction]:
@@ -88,16 +102,24 @@ def _assistant(content: str) -> list[dict]:
     return [{"role": "assistant", "content": content}]
 
 
-def mine_from_corpus(records: Iterable[dict], max_pairs: int, seed: int = 0) -> list[MinedFunction]:
-    """Up to `max_pairs` functions from the Python documents of `records`, in a seeded order."""
+def source_file(doc_id: str) -> str:
+    """The file a document came from: ingest cuts a long file into `id#1`, `id#2`, ... and marks a
+    repeated id `id~hash`; every part of one file must fall on the same side of the split."""
+    return re.split(r"[#~]", doc_id, maxsplit=1)[0]
+
+
+def mine_from_corpus(records: Iterable[dict], max_pairs: int | None, seed: int = 0) -> list[MinedFunction]:
+    """Up to `max_pairs` (None: all) functions from the Python documents of `records`, in a seeded
+    order, each with the file it came from."""
     found = []
     seen: set[str] = set()
     for rec in records:
         if rec.get("lang") != "python":
             continue
         for fn in mine_functions(rec["text"]):
-            if fn.answer not in seen:  # the same helper in two files is one example
+            if fn.answer not in seen:  # the same helper in two files is one example (the first file's)
                 seen.add(fn.answer)
+                fn.source = source_file(str(rec.get("id", "")))
                 found.append(fn)
     random.Random(seed).shuffle(found)
     return found[:max_pairs]
@@ -108,19 +130,82 @@ def sft_records(functions: list[MinedFunction]) -> Iterator[dict]:
         yield {"prompt": _user(fn.request), "completion": _assistant(fn.answer)}
 
 
-def dpo_records(functions: list[MinedFunction], seed: int = 0) -> Iterator[dict]:
-    """chosen: the real function; rejected: another function's body under this signature, or
-    the real one cut off halfway (alternating, so both kinds of wrong answer appear)."""
+PairCheck = Callable[[dict], "str | None"]  # a DPO row -> why it cannot teach (None: it can)
+
+
+def dpo_records(
+    functions: Iterable[MinedFunction], seed: int = 0, check: PairCheck | None = None
+) -> Iterator[tuple[MinedFunction, dict | str, str]]:
+    """(function, pair or the reason it has none, corruption kind) for each function. chosen: the
+    real function; rejected: one of its corruptions, drawn in a seeded order among those that
+    pass `check` (the pair differs within the trained length)."""
     rng = random.Random(seed)
-    for i, fn in enumerate(functions):
-        if i % 2 == 0 and len(functions) > 1:
-            other = functions[(i + rng.randrange(1, len(functions))) % len(functions)]
-            wrong = f"{fn.answer[: fn.answer.index(fn.body)]}{other.body}\n" if fn.body in fn.answer else other.answer
-        else:
-            lines = fn.answer.splitlines()
-            wrong = "\n".join(lines[: max(1, len(lines) // 2)]) + "\n"
-        if wrong.strip() != fn.answer.strip():
-            yield {"prompt": _user(fn.request), "chosen": _assistant(fn.answer), "rejected": _assistant(wrong)}
+    for fn in functions:
+        candidates = corruptions(fn.answer)
+        rng.shuffle(candidates)
+        problem = "no_corruption_applies"
+        for wrong in candidates:
+            row = {"prompt": _user(fn.request), "chosen": _assistant(fn.answer), "rejected": _assistant(wrong.text)}
+            problem = check(row) if check else None
+            if problem is None:
+                yield fn, row, wrong.kind
+                break
+            if problem == PROMPT_FILLS:  # no other rejected answer can help
+                break
+        if problem is not None:
+            yield fn, problem, ""
+
+
+PROMPT_FILLS = "prompt_fills_max_length"
+SAME_WITHIN = "identical_within_max_length"
+
+
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_pair(tokenizer, row: dict, chat_ids=_chat_ids) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) token ids of a conversational DPO row as TRL's DPOTrainer makes
+    them: the chat template over the prompt with the assistant's turn opened, and over prompt plus
+    answer; each answer starts where the two renderings part."""
+    prompt = chat_ids(tokenizer, row["prompt"], True)
+    chosen = chat_ids(tokenizer, row["prompt"] + row["chosen"], False)
+    rejected = chat_ids(tokenizer, row["prompt"] + row["rejected"], False)
+    n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+    return prompt[:n], chosen[n:], rejected[n:]
+
+
+def pair_check(tokenizer, max_length: int) -> PairCheck:
+    """Why a DPO row cannot teach within `max_length` tokens (DPOTrainer keeps the start of prompt
+    plus answer): the prompt fills them, or both answers are the same inside them; None if it can."""
+
+    @functools.lru_cache(maxsize=8)  # a function's prompt and chosen answer, for each candidate rejected
+    def cached(text: str, generation_prompt: bool) -> tuple[int, ...]:
+        return tuple(_chat_ids(tokenizer, json.loads(text), generation_prompt))
+
+    def chat_ids(_, messages, generation_prompt):
+        return list(cached(json.dumps(messages), generation_prompt))
+
+    def check(row: dict) -> str | None:
+        prompt, chosen, rejected = encode_pair(tokenizer, row, chat_ids)
+        room = max_length - len(prompt)
+        if room <= 0:
+            return PROMPT_FILLS
+        if chosen[:room] == rejected[:room]:
+            return SAME_WITHIN
+        return None
+
+    return check
 
 
 def _check_messages(messages, where: str) -> str | None:
@@ -136,8 +221,9 @@ def _check_messages(messages, where: str) -> str | None:
     return None
 
 
-def read_user_rows(path: Path, kind: str, rejected: list[dict]) -> Iterator[dict]:
-    """Rows of a user's SFT (`messages`) or DPO (`prompt`/`chosen`/`rejected`) JSONL, in our form."""
+def read_user_rows(path: Path, kind: str, rejected: list[dict]) -> Iterator[tuple[str, dict]]:
+    """(file:line, row) of a user's SFT (`messages`) or DPO (`prompt`/`chosen`/`rejected`) JSONL,
+    each row in our form."""
     if not path.is_file():
         raise KilnError(f"{path}: no such file")
     with path.open(encoding="utf-8", errors="replace") as fh:
@@ -154,13 +240,13 @@ def read_user_rows(path: Path, kind: str, rejected: list[dict]) -> Iterator[dict
                 problem = _check_messages(row.get("messages") if isinstance(row, dict) else None, where)
                 if problem is None:
                     msgs = row["messages"]
-                    yield {"prompt": msgs[:-1], "completion": msgs[-1:]}
+                    yield where, {"prompt": msgs[:-1], "completion": msgs[-1:]}
                     continue
             else:
                 problem = _dpo_problem(row)
                 if problem is None:
                     prompt = row["prompt"] if isinstance(row["prompt"], list) else _user(row["prompt"])
-                    yield {"prompt": prompt, **{k: _as_answer(row[k]) for k in ("chosen", "rejected")}}
+                    yield where, {"prompt": prompt, **{k: _as_answer(row[k]) for k in ("chosen", "rejected")}}
                     continue
             rejected.append({"where": where, "reason": problem})
 
@@ -182,6 +268,31 @@ def _dpo_problem(row) -> str | None:
     return None
 
 
+def _mined_dpo(functions, max_pairs, seed, check, rejected, kinds) -> list[tuple[str, dict]]:
+    """Up to `max_pairs` pairs, trying functions in order until that many pass `check`."""
+    rows = []
+    for fn, pair, kind in dpo_records(functions, seed, check):
+        if isinstance(pair, str):
+            rejected.append({"where": f"{fn.source}: {fn.signature.strip()}", "reason": pair})
+            continue
+        rows.append((fn.source, pair))
+        kinds[kind] += 1
+        if len(rows) == max_pairs:
+            break
+    return rows
+
+
+def split_by_source(rows: list[tuple[str, dict]], share: float) -> tuple[list[dict], list[dict], list[str]]:
+    """(train, held-out, held-out sources): every row of a source on the same side, about
+    `share` of the sources held out; a set with no held-out source still gets its last one."""
+    held_keys = {key for key, _ in rows if _is_eval(key, share)}
+    if not held_keys and len({key for key, _ in rows}) > 1:
+        held_keys = {rows[-1][0]}
+    train = [r for key, r in rows if key not in held_keys]
+    held = [r for key, r in rows if key in held_keys]
+    return train, held, sorted(held_keys)
+
+
 def build_post_data(
     kind: str,
     clean_train: Iterable[dict],
@@ -190,31 +301,43 @@ def build_post_data(
     max_pairs: int,
     eval_share: float,
     seed: int = 0,
+    check: PairCheck | None = None,
 ) -> DataStats:
-    """Write `out_dir/{train,eval}.jsonl` (and rejected.jsonl, stats.json) for kind 'sft' or 'dpo'."""
-    rows: list[tuple[str, dict]] = []
+    """Write `out_dir/{train,eval}.jsonl` (and rejected.jsonl, stats.json, split.json) for kind
+    'sft' or 'dpo'. `check` (DPO): pairs it finds a reason against are dropped and counted."""
+    rows: list[tuple[str, dict]] = []  # (source: the document or the user file's line, row)
     rejected: list[dict] = []
     stats = DataStats()
+    kinds: Counter = Counter()
     for f in user_files:
-        user = list(read_user_rows(Path(f), kind, rejected))
-        rows += [(f"{f}:{i}", r) for i, r in enumerate(user)]
+        user = []
+        for where, row in read_user_rows(Path(f), kind, rejected):
+            problem = check(row) if check else None
+            if problem is None:
+                user.append((where, row))
+            else:
+                rejected.append({"where": where, "reason": problem})
+        rows += user
         stats.sources[str(f)] = len(user)
     if not user_files:
-        functions = mine_from_corpus(clean_train, max_pairs, seed)
-        mined = list(sft_records(functions) if kind == "sft" else dpo_records(functions, seed))
-        rows += [(json.dumps(r["prompt"]), r) for r in mined]
+        if kind == "sft":
+            functions = mine_from_corpus(clean_train, max_pairs, seed)
+            mined = [(fn.source, r) for fn, r in zip(functions, sft_records(functions), strict=True)]
+        else:
+            mined = _mined_dpo(mine_from_corpus(clean_train, None, seed), max_pairs, seed, check, rejected, kinds)
+        rows += mined
         stats.sources["mined from clean_corpus train split"] = len(mined)
     stats.rejected = dict(Counter(r["reason"].split(" (")[0] for r in rejected))
+    stats.corruption_kinds = dict(kinds)
     if not rows:
         raise KilnError(f"no usable {kind} rows (rejected: {stats.rejected or 'none'}; sources: {stats.sources})")
-    train = [r for key, r in rows if not _is_eval(key, eval_share)]
-    held = [r for key, r in rows if _is_eval(key, eval_share)]
-    if not held and len(train) > 1:  # a tiny set still gets one held-out row to measure on
-        held = [train.pop()]
+    train, held, held_sources = split_by_source(rows, eval_share)  # a user file's rows: one source per line
     stats.train, stats.eval = len(train), len(held)
     with atomic_path(Path(out_dir)) as tmp:
         tmp.mkdir()
         for name, part in (("train", train), ("eval", held), ("rejected", rejected)):
             write_jsonl(tmp / f"{name}.jsonl", part)
         write_json(tmp / "stats.json", stats.__dict__)
+        train_sources = sorted({key for key, _ in rows} - set(held_sources))
+        write_json(tmp / "split.json", {"train_sources": train_sources, "eval_sources": held_sources})
     return stats

@@ -2,18 +2,29 @@
 
 LoRA adapters (on 4-bit NF4 weights when the profile asks for QLoRA) are trained against a
 frozen reference: with an adapter, TRL's reference is the same network with the adapter
-switched off, so no second copy of the weights is held. Reward margins and preference
-accuracy are measured on a held-out slice of pairs before and after training; the adapter is
-merged into full-precision weights.
+switched off, so no second copy of the weights is held. The adapter is merged into
+full-precision weights.
+
+Before and after are measured the same way on the held-out pairs: the SFT checkpoint DPO starts
+from, then the merged model that ships. For each pair, the log-probability of each answer given
+the prompt (summed over the answer's tokens, at the length DPO trains at); the preference
+accuracy is the share of pairs where the chosen answer is the likelier, the margin the mean of
+log p(chosen) - log p(rejected) in nats. (TRL's own reward margin and accuracy are relative to
+the reference, which is the SFT model itself, so before training they are 0 by construction;
+they are kept only as the after-training figures of the trainer.)
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pipeline.config import DPOSettings
+from pipeline.data.post_data import encode_pair
 from pipeline.io import within_context
 from pipeline.train.lora import (
     TuneResult,
@@ -30,15 +41,57 @@ from pipeline.train.lora import (
 
 
 @dataclass
+class Preference:
+    """How a model ranks the held-out pairs (see the module docstring)."""
+
+    accuracy: float  # share of pairs with log p(chosen | prompt) > log p(rejected | prompt)
+    margin: float  # mean of log p(chosen | prompt) - log p(rejected | prompt), nats
+    pairs: int
+
+
+@dataclass
 class DPOResult(TuneResult):
-    """eval_loss_* is the held-out DPO loss; margins and accuracies are measured on the same pairs
-    (None where the trainer did not report them)."""
+    """eval_loss_* is the held-out DPO loss; `before` is the SFT checkpoint's preference on the
+    held-out pairs, `after` the merged DPO model's, measured alike. The trainer's reward margin
+    and accuracy (None where it did not report them) are after training."""
 
     pairs_per_s: float
-    margin_before: float | None  # mean reward margin, chosen minus rejected
-    margin_after: float | None
-    accuracy_before: float | None  # share of pairs whose chosen answer scores higher
-    accuracy_after: float | None
+    before: Preference
+    after: Preference
+    reward_margin: float | None
+    reward_accuracy: float | None
+
+
+@torch.no_grad()
+def answer_logps(model, tokenizer, rows: list[dict], max_length: int) -> list[tuple[float, float]]:
+    """(log p(chosen | prompt), log p(rejected | prompt)) per row, summed over the answer tokens
+    that fit in `max_length` with the prompt: the pair tokenized and cut as DPOTrainer does."""
+    device = next(model.parameters()).device
+    out = []
+    for row in rows:
+        prompt, *answers = encode_pair(tokenizer, row)
+        pair = []
+        for answer in answers:
+            ids = (prompt + answer)[:max_length]
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0]
+            pair.append(logp[max(len(prompt) - 1, 0) :].sum().item())  # logp[i] scores token i + 1
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def held_out_preference(checkpoint: Path, rows: list[dict], max_length: int) -> Preference:
+    """The preference accuracy and log-probability margin of the model at `checkpoint` on `rows`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    logps = answer_logps(model, tokenizer, rows, max_length)
+    if not logps:
+        return Preference(accuracy=float("nan"), margin=float("nan"), pairs=0)
+    diffs = [c - r for c, r in logps]
+    return Preference(accuracy=sum(d > 0 for d in diffs) / len(diffs), margin=sum(diffs) / len(diffs), pairs=len(diffs))
 
 
 def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSettings) -> DPOResult:
@@ -47,7 +100,9 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
     from trl import DPOConfig, DPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(str(sft_checkpoint))
-    train, held, _ = tuning_datasets(data_dir, s.batch, "preference")
+    train, held, held_rows = tuning_datasets(data_dir, s.batch, "preference")
+    max_length = within_context(s.max_length, sft_checkpoint, "dpo.max_length")
+    before_pref = held_out_preference(sft_checkpoint, held_rows, max_length)
     model = get_peft_model(
         load_for_training(sft_checkpoint, s.quantize), lora_config(s.lora_r, s.lora_alpha, s.lora_dropout)
     )
@@ -55,25 +110,25 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
     history: list[dict] = []
     args = training_arguments(
         DPOConfig, out_dir, s.steps, s.batch, s.grad_accum, s.lr, s.seed, beta=s.beta,
-        max_length=within_context(s.max_length, sft_checkpoint, "dpo.max_length"),
+        max_length=max_length,
     )  # fmt: skip
     trainer = DPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=train, eval_dataset=held,
         processing_class=tokenizer, callbacks=[history_callback(history)],
     )  # fmt: skip
-    before = trainer.evaluate()
     t0 = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t0
     after = trainer.evaluate()
     trainer.model.save_pretrained(out_dir / "adapter")
     merge_adapter(sft_checkpoint, out_dir / "adapter", tokenizer, out_dir / "model")
+    after_pref = held_out_preference(out_dir / "model", held_rows, max_length)
     pairs = s.steps * s.batch * s.grad_accum
     return DPOResult(
         trainable=trainable, total=total, steps=out.global_step, train_loss=out.training_loss,
-        eval_loss_before=before["eval_loss"], eval_loss_after=after["eval_loss"],
+        eval_loss_before=math.log(2), eval_loss_after=after["eval_loss"],  # before: policy = reference, loss log 2
         tokens_per_s=tokens_seen(history) / seconds, peak_memory_mb=peak_memory_mb(), seconds=seconds,
         train_rows=len(train), eval_rows=len(held), history=history, pairs_per_s=pairs / seconds,
-        margin_before=before.get("eval_rewards/margins"), margin_after=after.get("eval_rewards/margins"),
-        accuracy_before=before.get("eval_rewards/accuracies"), accuracy_after=after.get("eval_rewards/accuracies"),
+        before=before_pref, after=after_pref,
+        reward_margin=after.get("eval_rewards/margins"), reward_accuracy=after.get("eval_rewards/accuracies"),
     )  # fmt: skip
