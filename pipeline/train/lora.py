@@ -101,6 +101,17 @@ def lora_config(r: int, alpha: int, dropout: float, trainable_tokens: list[int] 
     )  # fmt: skip
 
 
+def expose_head_bias(model) -> None:
+    """With tied embeddings peft wraps the output layer too, so the trained token rows score their
+    tokens; TRL's fused LM head reads `lm_head.weight` (the wrapper gives the rows with their
+    deltas) and `lm_head.bias`, which the wrapper lacks. A bias-free head gets `bias = None`."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensWrapper) and getattr(module.token_adapter.base_layer, "bias", 0) is None:
+            module.bias = None
+
+
 def trainable_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())

@@ -21,9 +21,9 @@ import torch
 
 from pipeline.config import SFTSettings
 from pipeline.io import read_jsonl, within_context
-from pipeline.train.tokenizer import chat_token_ids
 from pipeline.train.lora import (
     TuneResult,
+    expose_head_bias,
     history_callback,
     load_for_training,
     load_full_precision,
@@ -35,6 +35,7 @@ from pipeline.train.lora import (
     training_arguments,
     tuning_datasets,
 )
+from pipeline.train.tokenizer import chat_token_ids
 
 
 @dataclass
@@ -79,6 +80,7 @@ def make_sft_trainer(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SF
     train, _, held_rows = tuning_datasets(data_dir, s.batch, "SFT")
     base = load_for_training(base_checkpoint, quantize=True)
     model = get_peft_model(base, lora_config(s.lora_r, s.lora_alpha, s.lora_dropout, chat_token_ids(tokenizer)))
+    expose_head_bias(model)
     args = training_arguments(
         SFTConfig, out_dir, s.steps, s.batch, s.grad_accum, s.lr, s.seed,
         max_length=within_context(s.max_length, base_checkpoint, "sft.max_length"),
