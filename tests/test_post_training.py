@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from pipeline.config import DPOSettings, SFTSettings
 from pipeline.data.clean import read_split
@@ -219,3 +219,6 @@ def test_dpo_raises_the_margin_on_its_own_pairs(tiny_base, small_corpus, tmp_pat
     assert result.margin_before == pytest.approx(0.0, abs=1e-6)  # zero-initialized adapter = reference
     assert result.margin_after > 0.0
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "model")
+    stops = GenerationConfig.from_pretrained(tmp_path / "out" / "model").eos_token_id
+    assert set(stops) == {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")}  # ends a turn as SFT's does
