@@ -24,7 +24,6 @@ import numpy as np
 
 from pipeline.errors import KilnError
 from pipeline.eval.sandbox import check_available, run_tests
-from pipeline.train.tokenizer import document_start_ids
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 HUMANEVAL_CONTEXT = 4096  # the longest prompt with any completion; a 128k-token model needs no 128k cache
@@ -70,10 +69,9 @@ def splice(prompt: str, generated: str) -> str:
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """<|eos|>, <|bos|>, then the model's prompt: how pretraining packs a document after another,
-    so this is how a file starts for the model."""
-    ids = tokenizer(model_prompt(prompt), add_special_tokens=False)["input_ids"]
-    return [tokenizer.eos_token_id, *document_start_ids(tokenizer), *ids]
+    """<|eos|> then the model's prompt: pretraining put <|eos|> before every document, so this is how
+    a file starts for the model."""
+    return [tokenizer.eos_token_id, *tokenizer(model_prompt(prompt), add_special_tokens=False)["input_ids"]]
 
 
 def _fit(ids: list[int], room: int) -> tuple[list[int], int]:
