@@ -92,12 +92,15 @@ def _curve(result: TuneResult, title: str) -> bytes:
     return loss_curve([h for h in result.history if "loss" in h], [], title)
 
 
-@asset(group_name="post_training", code_version="2", deps=[base_model, sft_data])
+@asset(group_name="post_training", code_version="3", deps=[base_model, sft_data])
 def sft_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
-    """QLoRA SFT: the base model in 4-bit NF4, LoRA on every projection, completion-only loss (TRL
-    SFTTrainer); the adapter merged into full-precision base weights."""
+    """QLoRA SFT: the base model in 4-bit NF4, LoRA on every projection, the chat template's special
+    tokens' embedding rows trained in full, completion-only loss (TRL SFTTrainer); the adapter merged
+    into full-precision base weights. Held-out completion loss (nats/token): `sft_loss_base` (the
+    full-precision base), `sft_loss_adapter` (NF4 base + adapter, as trained), `sft_loss_merged`
+    (the merged model that ships); `sft_loss_improvement` is base minus merged."""
     profile, layout = kiln.load_with_layout()
     settings = profile.sft
     stage = Stage.start(context, layout, config, settings, inputs=[layout.model_dir("base"), layout.post_data("sft")])
@@ -105,12 +108,20 @@ def sft_model(
         return stage.reuse()
     with mlflow.stage(context.run.run_id, profile.name, "sft_model") as log:
         result = train_sft(layout.model_dir("base"), layout.post_data("sft"), layout.stage_of("sft"), settings)
-        context.log.info(f"sft: held-out completion loss {result.eval_loss_before:.3f} -> {result.eval_loss_after:.3f}")
+        context.log.info(
+            f"sft: held-out completion loss {result.eval_loss_before:.3f} (base) -> "
+            f"{result.eval_loss_adapter:.3f} (adapter) / {result.eval_loss_after:.3f} (merged)"
+        )
+        if not result.trainable_tokens:
+            context.log.warning("sft: the chat template writes no special tokens, so no embedding row trains")
         curve = _curve(result, "sft_model")
         metadata = {
             "path": MetadataValue.path(str(layout.model_dir("sft"))),
-            "base_eval_loss": result.eval_loss_before,
-            "sft_eval_loss": result.eval_loss_after,
+            "sft_loss_base": result.eval_loss_before,
+            "sft_loss_adapter": result.eval_loss_adapter,
+            "sft_loss_merged": result.eval_loss_after,
+            "sft_loss_improvement": result.eval_loss_before - result.eval_loss_after,
+            "trainable_tokens": " ".join(result.trainable_tokens) or "none",
             "quantized_layers": result.quantized_modules,
             **_tune_metadata(result, curve),
         }

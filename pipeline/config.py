@@ -238,7 +238,9 @@ class SFTSettings:
     grad_accum: int = 1
     """Batches per optimizer step."""
     lr: float = 1e-3
-    """Peak learning rate (cosine schedule)."""
+    """Peak learning rate (cosine schedule). QLoRA and TRL's recipes use 1e-4..2e-4 for 7B models;
+    small models take larger steps: on tiny (30 steps) 2e-4 lowered the held-out completion loss
+    of the merged model by 0.04 nats, 1e-3 by 0.17."""
     max_length: int | None = None
     """Tokens per row; longer rows are truncated. null: the trained context (pretrain.seq_len);
     a longer one is refused."""

@@ -265,7 +265,7 @@ def test_an_unchanged_rerun_reuses_every_stage_and_registers_nothing(e2e):
     assert [v["version"] for v in registry.list_versions(e2e.tracking_uri, "e2e")] == ["1"]
     reused_sft = again.asset_materializations_for_node("sft_model")[0].metadata
     computed_sft = e2e.result.asset_materializations_for_node("sft_model")[0].metadata
-    assert reused_sft["sft_eval_loss"] == computed_sft["sft_eval_loss"]  # the stored figures, shown again
+    assert reused_sft["sft_loss_merged"] == computed_sft["sft_loss_merged"]  # the stored figures, shown again
     assert reused_sft["reused_from_run"].value == e2e.result.run_id
     # the second run's MLflow run carries the reused stages' stored figures, tagged as reused
     c = client(e2e.tracking_uri)
@@ -292,7 +292,7 @@ def test_force_registers_a_new_version_of_the_same_model(e2e):
 # Last in the file: it materializes dpo_model again (a second Dagster run, so a second MLflow run).
 def test_a_new_code_version_makes_only_what_follows_stale(e2e):
     assert stale_assets(e2e.instance, e2e.assets, e2e.resources) == set()
-    changed = with_code_version(e2e.assets, "dpo_model", "4")
+    changed = with_code_version(e2e.assets, "dpo_model", "bumped")
     assert stale_assets(e2e.instance, changed, e2e.resources) == {"dpo_model"}  # upstream and beside stay fresh
     # materializing the stale asset runs only it; its new data version then makes its direct
     # downstream stale (Dagster marks staleness one step at a time as each asset is re-run)

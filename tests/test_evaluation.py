@@ -50,13 +50,14 @@ def _logprob(tok, model, context: str, continuation: str) -> float:
 def test_bits_per_byte_equals_a_direct_count(tiny_base):
     texts = ["def f(x):\n    return x + 1\n", "모델 은 다음 토큰 을 예측 합니다"]  # Korean: bytes are not characters
     tok, model = _model(tiny_base)
-    ids = [tok.eos_token_id]
-    for text in texts:
-        ids += [*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    ids = []
+    for text in texts:  # as pretraining packs a document
+        ids += [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
     assert len(ids) <= 64  # one window: the direct count below sees the same context
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-    nll = -sum(logp[i - 1, ids[i]].item() for i in range(1, len(ids)) if ids[i] != tok.eos_token_id)
+    separators = (tok.eos_token_id, tok.bos_token_id)
+    nll = -sum(logp[i - 1, ids[i]].item() for i in range(1, len(ids)) if ids[i] not in separators)
     expected = nll / math.log(2) / sum(len(t.encode("utf-8")) for t in texts)
     got = bits_per_byte(tiny_base, texts, batch_size=2, window=64)
     assert got["bytes"] == sum(len(t.encode("utf-8")) for t in texts) > sum(len(t) for t in texts)
@@ -67,8 +68,7 @@ def test_bits_per_byte_is_one_figure_for_training_and_eval_report(tiny_base, tmp
     """base_model's val_bpb and eval_report's bits per byte, on the same model and tokens, agree."""
     texts = ["def f(x):\n    return x + 1\n", "모델 은 다음 토큰 을 예측 합니다", "x = [i * i for i in range(9)]\n"]
     tok, model = _model(tiny_base)
-    # "" first: the token file then starts with <|eos|>, the layout eval_report scores
-    n = tokenize_to_file(["", *texts], tok, tmp_path / "val.bin")
+    n = tokenize_to_file(texts, tok, tmp_path / "val.bin")  # <|bos|> text <|eos|>, the layout eval_report scores
     window = n - 1  # one window, so both see the same context
     token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float64)
     _, val_bpb = evaluate(

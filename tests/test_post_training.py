@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from pipeline.config import DPOSettings, SFTSettings
 from pipeline.data.clean import read_split
@@ -14,7 +15,9 @@ from pipeline.data.post_data import build_post_data, dpo_records, encode_pair, m
 from pipeline.errors import KilnError
 from pipeline.io import read_json, read_jsonl
 from pipeline.train.dpo import answer_logps, held_out_preference, train_dpo
-from pipeline.train.sft import count_4bit, make_sft_trainer, train_sft
+from pipeline.train.lora import load_for_training
+from pipeline.train.sft import completion_loss, count_4bit, make_sft_trainer, train_sft
+from pipeline.train.tokenizer import chat_token_ids
 
 CODE = '''
 import os
@@ -276,17 +279,88 @@ def test_sft_trains_4bit_layers_with_masked_prompt(tiny_base, sft_data, tmp_path
     assert (labels[n_prompt:] == ids[n_prompt:]).all()  # the completion does
 
 
-def test_sft_merges_into_a_loadable_checkpoint(tiny_base, sft_data, tmp_path):
-    result = train_sft(tiny_base, sft_data, tmp_path, SFT)
+@pytest.fixture(scope="module")
+def sft_run(tiny_base, sft_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    return train_sft(tiny_base, sft_data, out, SFT), out
+
+
+CHAT_TOKENS = ["<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def test_sft_merges_into_a_loadable_checkpoint(tiny_base, sft_run):
+    result, out = sft_run
     assert result.quantized_modules == 7
     assert 0 < result.trainable < result.total * 0.5
-    assert result.eval_loss_after < result.eval_loss_before
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert result.eval_loss_after < result.eval_loss_before  # the merged model beats the full-precision base
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
     base = AutoModelForCausalLM.from_pretrained(tiny_base)
-    assert not any(type(m).__name__.startswith("Lora") for m in merged.modules())
+    assert not any(type(m).__name__.startswith(("Lora", "TrainableTokens")) for m in merged.modules())
     w_merged = merged.model.layers[0].self_attn.q_proj.weight
     assert w_merged.dtype == torch.float32
     assert not torch.equal(w_merged, base.model.layers[0].self_attn.q_proj.weight)  # the adapter was merged in
+
+
+def test_sft_trains_exactly_the_chat_token_rows_and_the_merged_model_holds_them(tiny_base, sft_run):
+    result, out = sft_run
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    chat = tok.convert_tokens_to_ids(CHAT_TOKENS)
+    assert chat_token_ids(tok) == sorted(chat) and sorted(result.trainable_tokens) == sorted(CHAT_TOKENS)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).get_input_embeddings().weight
+    merged_model = AutoModelForCausalLM.from_pretrained(out / "model")
+    merged = merged_model.get_input_embeddings().weight
+    changed = (merged != base).any(dim=1).nonzero().flatten().tolist()
+    # Tied embeddings: each chat row also scores its token as output, so all five get gradient
+    # (<|system|> too, absent from the rows); every other row (ordinary text tokens) stays frozen.
+    assert base.shape == merged.shape and changed == sorted(chat)
+    assert merged_model.config.tie_word_embeddings and torch.equal(merged_model.lm_head.weight, merged)
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:  # the adapter stores the rows
+        assert any("trainable_tokens" in key for key in f.keys())
+
+
+def test_merged_model_agrees_with_the_adapter_within_the_nf4_error(tiny_base, sft_run, sft_data):
+    """The adapter (NF4 base + LoRA + trained rows) and the merged model (full-precision base + the
+    same weights) differ only by NF4's rounding of the base's projections. To first order that is
+    the same weight perturbation that separates the NF4 base from the full-precision base, so the
+    two gaps are alike; the bound allows twice the base's gap plus 0.02 nats for higher-order terms."""
+    result, out = sft_run
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    held = [json.loads(line) for line in open(sft_data / "eval.jsonl")]
+    nf4_base = completion_loss(load_for_training(tiny_base, quantize=True), tok, held)
+    base_gap = abs(nf4_base - result.eval_loss_before)
+    assert base_gap > 0  # the quantization is real
+    assert abs(result.eval_loss_after - result.eval_loss_adapter) <= 2 * base_gap + 0.02
+    # ... and far smaller than what training changed
+    assert abs(result.eval_loss_after - result.eval_loss_adapter) < (result.eval_loss_before - result.eval_loss_after)
+
+
+def test_hf_generation_stops_at_end_of_turn(sft_run):
+    _, out = sft_run
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    end, eos = tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id
+    assert set(model.generation_config.eos_token_id) == {end, eos}
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    # A model that has learnt to close its turn: <|end|> made the likeliest token at every step.
+    closing = {"sequence_bias": {(end,): 100.0}, "max_new_tokens": 6, "do_sample": False}
+    assert model.generate(ids, **closing)[0, ids.shape[1] :].tolist() == [end]  # stops right after it
+    run_on = model.generate(ids, eos_token_id=eos, **closing)[0, ids.shape[1] :].tolist()
+    assert run_on == [end] * 6  # stopping at <|eos|> only, it would run on to max_new_tokens
+
+
+def test_chat_tokens_of_a_downloaded_tokenizer():
+    from hub_models import byte_level_tokenizer, sample_texts
+
+    from pipeline.train.pretrained import PLAIN_CHAT_TEMPLATE
+
+    tok = byte_level_tokenizer(sample_texts(40))
+    tok.chat_template = PLAIN_CHAT_TEMPLATE  # kiln's turns closed by the model's own eos
+    assert chat_token_ids(tok) == [tok.eos_token_id]
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
+    assert chat_token_ids(tok) == sorted(tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    assert chat_token_ids(tok) == []  # nothing to train: SFT trains the adapters only
 
 
 def test_dpo_raises_the_margin_on_its_own_pairs(tiny_base, small_corpus, tmp_path):
@@ -301,3 +375,6 @@ def test_dpo_raises_the_margin_on_its_own_pairs(tiny_base, small_corpus, tmp_pat
     assert result.after.margin > result.before.margin
     assert result.after.accuracy >= result.before.accuracy
     assert result.reward_margin > 0.0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "model")
+    stops = GenerationConfig.from_pretrained(tmp_path / "out" / "model").eos_token_id
+    assert set(stops) == {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")}  # ends a turn as SFT's does

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from pipeline.config import ModelShape, PretrainSettings, ProfileError, load_profile
 from pipeline.data.clean import read_split
@@ -52,6 +52,17 @@ def test_token_file_and_packing(data):
     assert tok.eos_token_id in packed.tokens  # documents are separated
 
 
+def test_every_document_opens_with_bos_and_closes_with_eos(data, tmp_path):
+    tok = data[0]
+    texts = ["def f(x):\n    return x\n", "the model reads tokens"]
+    n = tokenize_to_file(texts, tok, tmp_path / "two.bin")
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert bos != eos and tok.convert_ids_to_tokens(bos) == "<|bos|>"
+    expected = [bos, *ids[0], eos, bos, *ids[1], eos]  # as a chat sequence opens: <|bos|> first
+    assert PackedTokens(tmp_path / "two.bin", 4).tokens.tolist() == expected and n == len(expected)
+
+
 def test_few_steps_learn_and_save_a_loadable_model(data, tmp_path):
     tok, train, val, tb = data
     settings = dataclasses.replace(SETTINGS, steps=30, eval_every=30, checkpoint_every=30)
@@ -61,6 +72,9 @@ def test_few_steps_learn_and_save_a_loadable_model(data, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
     assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "model" / "tokenizer.json").exists()
+    # HF generation stops where llama.cpp does: at <|end|> (a chat turn's close) as well as <|eos|>
+    stops = GenerationConfig.from_pretrained(tmp_path / "model").eos_token_id
+    assert set(stops) == {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")}
 
 
 def test_resume_matches_an_uninterrupted_run(data, tmp_path):

@@ -32,7 +32,7 @@ from pipeline.eval.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
 from pipeline.eval.sandbox import check_available
 from pipeline.io import atomic_path, model_context, write_json, write_jsonl
 from pipeline.train.tokenizer import bits_per_byte as text_bits_per_byte
-from pipeline.train.tokenizer import text_nats_and_bytes, texts_of, token_byte_lengths
+from pipeline.train.tokenizer import document_start_ids, text_nats_and_bytes, texts_of, token_byte_lengths
 
 LOWER_IS_BETTER = {"bits_per_byte"}
 Say = Callable[[str], None]  # where progress lines go (print, or a Dagster log)
@@ -45,9 +45,10 @@ def _device() -> str:
 @torch.no_grad()
 def bits_per_byte(checkpoint: Path, texts: list[str], batch_size: int = 8, window: int = 512) -> dict:
     """Bits per UTF-8 byte of `texts` under the model, in the layout it was trained on: each text
-    after <|eos|>, scored in consecutive windows of `window` tokens (the training sequence
-    length: positions past it were never trained). Scored as base_model's `val_bpb` is, by
-    `text_nats_and_bytes`: the <|eos|> separators are context, not text."""
+    as <|bos|> text <|eos|> (after <|eos|> alone for a tokenizer without its own bos), scored in
+    consecutive windows of `window` tokens (the training sequence length: positions past it were
+    never trained). Scored as base_model's `val_bpb` is, by `text_nats_and_bytes`: the <|eos|>
+    and <|bos|> separators are context, not text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
@@ -55,9 +56,10 @@ def bits_per_byte(checkpoint: Path, texts: list[str], batch_size: int = 8, windo
     window = min(window, model.config.max_position_embeddings)
     eos = tok.eos_token_id
     token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float64)
-    stream = [eos]
+    start = document_start_ids(tok)
+    stream = [] if start else [eos]  # the first text's first token needs a token before it
     for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-        stream += [*ids, eos]
+        stream += [*start, *ids, eos]
     pad = -(len(stream) - 1) % window  # padding is <|eos|>: 0 bytes, so never scored
     x = torch.nn.functional.pad(torch.tensor(stream[:-1]), (0, pad), value=eos).view(-1, window)
     y = torch.nn.functional.pad(torch.tensor(stream[1:]), (0, pad), value=eos).view(-1, window)

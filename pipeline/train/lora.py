@@ -89,10 +89,27 @@ def load_for_training(checkpoint: Path, quantize: bool):
     return AutoModelForCausalLM.from_pretrained(str(checkpoint), **kwargs)
 
 
-def lora_config(r: int, alpha: int, dropout: float):
+def lora_config(r: int, alpha: int, dropout: float, trainable_tokens: list[int] | None = None):
+    """LoRA on LORA_TARGETS; `trainable_tokens` are embedding rows trained in full besides (peft's
+    trainable tokens: only those rows' deltas are stored, and with tied embeddings the output
+    layer follows the same rows)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
+        trainable_token_indices=trainable_tokens or None,
+    )  # fmt: skip
+
+
+def expose_head_bias(model) -> None:
+    """With tied embeddings peft wraps the output layer too, so the trained token rows score their
+    tokens; TRL's fused LM head reads `lm_head.weight` (the wrapper gives the rows with their
+    deltas) and `lm_head.bias`, which the wrapper lacks. A bias-free head gets `bias = None`."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensWrapper) and getattr(module.token_adapter.base_layer, "bias", 0) is None:
+            module.bias = None
 
 
 def trainable_parameters(model) -> tuple[int, int]:
@@ -139,14 +156,28 @@ def history_callback(history: list):
     return _History()
 
 
-def merge_adapter(base_checkpoint: Path, adapter_dir: Path, tokenizer, out: Path) -> None:
-    """Merge the LoRA adapter into a full-precision copy of the base weights (merging into the
-    4-bit weights would lose precision) and save a plain HF checkpoint with the tokenizer."""
-    from peft import PeftModel
+def load_full_precision(checkpoint: Path):
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_checkpoint), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+
+
+def merge_into(base, adapter_dir: Path, tokenizer, out: Path):
+    """Merge the LoRA adapter (and its trained token rows) into `base`, a full-precision model
+    (merging into the 4-bit weights would lose precision), and save a plain HF checkpoint with the
+    tokenizer, generating until <|end|> or <|eos|>; returns the merged model."""
+    from peft import PeftModel
+
+    from pipeline.train.tokenizer import set_stop_tokens
+
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    set_stop_tokens(merged, tokenizer)
     with atomic_path(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+    return merged
+
+
+def merge_adapter(base_checkpoint: Path, adapter_dir: Path, tokenizer, out: Path) -> None:
+    """`merge_into` a full-precision copy of `base_checkpoint`."""
+    merge_into(load_full_precision(base_checkpoint), adapter_dir, tokenizer, out)

@@ -40,7 +40,9 @@ from pipeline.train.loss import CausalLMLoss, linear_cross_entropy
 from pipeline.train.throughput import flops_per_token, mfu, peak_flops, steady_tokens_per_s
 from pipeline.train.tokenizer import (
     bits_per_byte,
+    document_start_ids,
     load_tokenizer,
+    set_stop_tokens,
     text_nats_and_bytes,
     texts_of,
     token_byte_lengths,
@@ -53,14 +55,14 @@ TOKEN_DTYPE = np.uint16  # 32k vocabulary fits; a quarter of int64's disk and me
 
 
 def tokenize_to_file(texts: Iterable[str], tokenizer, out: Path, batch: int = 256) -> int:
-    """Encode `texts` (each followed by <|eos|>) into one flat uint16 file; returns the token count."""
-    eos, n = tokenizer.eos_token_id, 0
+    """Encode `texts` into one flat uint16 file, each as <|bos|> text <|eos|>; returns the token count."""
+    start, eos, n = document_start_ids(tokenizer), tokenizer.eos_token_id, 0
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         chunk: list[str] = []
 
         def flush() -> int:
             ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=TOKEN_DTYPE)
+            flat = np.fromiter((t for doc in ids for t in (*start, *doc, eos)), dtype=TOKEN_DTYPE)
             flat.tofile(fh)
             return len(flat)
 
@@ -489,6 +491,7 @@ def pretrain(
         )  # fmt: skip
     if dist.main:
         t.model.config._attn_implementation = "sdpa"  # what later stages load it with
+        set_stop_tokens(t.model, tokenizer)
         with atomic_path(out_dir / "model") as tmp:
             t.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)

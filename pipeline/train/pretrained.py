@@ -17,7 +17,13 @@ import numpy as np
 from pipeline.errors import KilnError
 from pipeline.hub import resolve
 from pipeline.io import atomic_path, write_json
-from pipeline.train.tokenizer import bits_per_byte, measure_tokenizer, text_nats_and_bytes, token_byte_lengths
+from pipeline.train.tokenizer import (
+    bits_per_byte,
+    measure_tokenizer,
+    set_stop_tokens,
+    text_nats_and_bytes,
+    token_byte_lengths,
+)
 
 # kiln's turn format with the model's own end-of-sequence token closing each turn.
 PLAIN_CHAT_TEMPLATE = (
@@ -79,6 +85,7 @@ def pretrained_base(
         raise KilnError(f"{ref}: not a causal language model transformers can load ({str(exc)[:200]})") from None
     if model.get_input_embeddings().num_embeddings < len(tok):
         raise KilnError(f"{ref}: the tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size}")
+    set_stop_tokens(model, tok)
     model_dir = Path(out_dir) / "model"
     with atomic_path(model_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

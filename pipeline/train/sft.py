@@ -1,9 +1,14 @@
 """sft_model: QLoRA supervised fine-tuning with TRL's SFTTrainer.
 
 The base model is loaded in 4-bit NF4 (bitsandbytes, double quantization), LoRA adapters go on
-every attention and MLP projection, and the loss counts only the completion (the assistant's
-answer), not the prompt. The adapter is saved, then merged into a full-precision copy of the
-base weights: the result is a plain HF checkpoint.
+every attention and MLP projection, the embedding rows of the special tokens the chat template
+writes (<|bos|>, the roles, <|end|>) train in full, and the loss counts only the completion (the
+assistant's answer), not the prompt. The adapter is saved, then merged into a full-precision copy
+of the base weights: the result is a plain HF checkpoint.
+
+The task loss is measured three times on the held-out rows: the full-precision base, the adapter
+as trained (NF4 base + adapter) and the merged full-precision model that ships. The adapter and
+the merged model share every trained weight and differ only by the NF4 rounding of the base.
 """
 
 from __future__ import annotations
@@ -18,23 +23,29 @@ from pipeline.config import SFTSettings
 from pipeline.io import read_jsonl, within_context
 from pipeline.train.lora import (
     TuneResult,
+    expose_head_bias,
     history_callback,
     load_for_training,
+    load_full_precision,
     lora_config,
-    merge_adapter,
+    merge_into,
     peak_memory_mb,
     tokens_seen,
     trainable_parameters,
     training_arguments,
     tuning_datasets,
 )
+from pipeline.train.tokenizer import chat_token_ids
 
 
 @dataclass
 class SFTResult(TuneResult):
-    """eval_loss_* is the held-out completion loss (nats/token)."""
+    """Held-out completion losses (nats/token): eval_loss_before is the full-precision base's,
+    eval_loss_after the merged model's (what ships)."""
 
     quantized_modules: int  # linear layers trained in 4-bit NF4
+    eval_loss_adapter: float  # NF4 base + adapter, the model as trained
+    trainable_tokens: list[str]  # special tokens whose embedding rows trained
 
 
 @torch.no_grad()
@@ -59,7 +70,8 @@ def completion_loss(model, tokenizer, rows: list[dict]) -> float:
 
 
 def make_sft_trainer(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettings, history: list):
-    """The SFTTrainer on a 4-bit NF4 base with LoRA adapters, and the held-out rows."""
+    """The SFTTrainer on a 4-bit NF4 base with LoRA adapters and trainable chat-token rows, and the
+    held-out rows."""
     from peft import get_peft_model
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -67,7 +79,8 @@ def make_sft_trainer(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SF
     tokenizer = AutoTokenizer.from_pretrained(str(base_checkpoint))
     train, _, held_rows = tuning_datasets(data_dir, s.batch, "SFT")
     base = load_for_training(base_checkpoint, quantize=True)
-    model = get_peft_model(base, lora_config(s.lora_r, s.lora_alpha, s.lora_dropout))
+    model = get_peft_model(base, lora_config(s.lora_r, s.lora_alpha, s.lora_dropout, chat_token_ids(tokenizer)))
+    expose_head_bias(model)
     args = training_arguments(
         SFTConfig, out_dir, s.steps, s.batch, s.grad_accum, s.lr, s.seed,
         max_length=within_context(s.max_length, base_checkpoint, "sft.max_length"),
@@ -83,18 +96,20 @@ def train_sft(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettin
     history: list[dict] = []
     trainer, tokenizer, held_rows = make_sft_trainer(base_checkpoint, data_dir, out_dir, s, history)
     trainable, total = trainable_parameters(trainer.model)
-    before = completion_loss(trainer.model, tokenizer, held_rows)  # adapters start at zero: the base model's loss
     t0 = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t0
-    after = completion_loss(trainer.model, tokenizer, held_rows)
+    adapter = completion_loss(trainer.model, tokenizer, held_rows)
     trainer.model.save_pretrained(out_dir / "adapter")
-    merge_adapter(base_checkpoint, out_dir / "adapter", tokenizer, out_dir / "model")
+    full = load_full_precision(base_checkpoint)  # one copy: measured as the base, then merged into
+    before = completion_loss(full, tokenizer, held_rows)
+    after = completion_loss(merge_into(full, out_dir / "adapter", tokenizer, out_dir / "model"), tokenizer, held_rows)
     return SFTResult(
         trainable=trainable, total=total, steps=out.global_step, train_loss=out.training_loss,
         eval_loss_before=before, eval_loss_after=after, tokens_per_s=tokens_seen(history) / seconds,
         peak_memory_mb=peak_memory_mb(), seconds=seconds, train_rows=len(trainer.train_dataset),
         eval_rows=len(held_rows), history=history, quantized_modules=count_4bit(trainer.model),
+        eval_loss_adapter=adapter, trainable_tokens=tokenizer.convert_ids_to_tokens(chat_token_ids(tokenizer)),
     )  # fmt: skip
 
 

@@ -97,6 +97,46 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def document_start_ids(tokenizer) -> list[int]:
+    """What opens every document in pretraining: <|bos|>, as every chat sequence opens, so the
+    model has seen it before SFT. None for a tokenizer whose bos is missing or is its eos (its
+    documents are told apart by the eos between them)."""
+    bos = tokenizer.bos_token_id
+    return [] if bos is None or bos == tokenizer.eos_token_id else [bos]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end a generation: end-of-sequence and <|end|>, which closes a chat turn (the GGUF's
+    end-of-turn token), where the vocabulary has it."""
+    end = tokenizer.get_vocab().get(END)
+    return [i for i in dict.fromkeys([tokenizer.eos_token_id, end]) if i is not None]
+
+
+def set_stop_tokens(model, tokenizer) -> None:
+    """The model's generation_config stops at `stop_token_ids` (and at any eos it already had), so
+    HF generation ends a chat turn where llama.cpp does."""
+    config = model.generation_config
+    own = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    config.eos_token_id = [i for i in dict.fromkeys([*stop_token_ids(tokenizer), *own]) if i is not None]
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+
+
+def chat_token_ids(tokenizer) -> list[int]:
+    """The special tokens the chat template writes around messages (kiln's: <|bos|>, the roles and
+    <|end|>; a downloaded model's: whichever of its own its template uses)."""
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    texts = [tokenizer.apply_chat_template(turns, add_generation_prompt=False, tokenize=False)]
+    try:  # some templates refuse a system turn
+        system = [{"role": "system", "content": "s"}, *turns]
+        texts.append(tokenizer.apply_chat_template(system, add_generation_prompt=False, tokenize=False))
+    except Exception:  # noqa: BLE001 - jinja raises whatever the template author chose
+        pass
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    used = {i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    return sorted(used & special)
+
+
 def round_trip_failures(tokenizer, texts: Iterable[str]) -> list[str]:
     """Texts that do not come back byte for byte from encode then decode (first 80 chars each)."""
     failures = []
