@@ -268,8 +268,12 @@ class DPOSettings(SFTSettings):
     """Load the SFT checkpoint in 4-bit NF4 (QLoRA) for DPO too."""
     steps: int = 20
     """Optimizer steps."""
-    lr: float = 1e-3
-    """Peak learning rate (cosine schedule)."""
+    lr: float = 5e-4
+    """Peak learning rate (cosine schedule). TRL's and the alignment handbook's LoRA DPO recipes
+    use 5e-6..5e-5 for 7B models; a model of a few tens of millions of parameters with a rank-16
+    adapter and 20 steps barely moves there. On tiny, 1e-3 for 20 steps lowered the held-out
+    log-prob margin (4.62 -> 4.38 nats) and accuracy (6/7 -> 5/7); 5e-4 for 60 kept the accuracy
+    and 1e-4 for 60 left both where they were."""
     max_length: int | None = None
     """Tokens per prompt plus answer; longer pairs are truncated. null: the trained context
     (pretrain.seq_len); a longer one is refused."""
