@@ -249,7 +249,8 @@ def test_answer_log_probabilities_match_trl(tiny_base, tmp_path):
     assert pref.margin == pytest.approx(sum(c - r for c, r in ours) / 3, abs=1e-4)
     swapped = [r | {"chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
     flipped = held_out_preference(tiny_base, swapped, max_length)
-    assert flipped.accuracy == 1 - pref.accuracy and flipped.margin == pytest.approx(-pref.margin, abs=1e-4)
+    assert flipped.accuracy == pytest.approx(1 - pref.accuracy)
+    assert flipped.margin == pytest.approx(-pref.margin, abs=1e-4)
 
 
 @pytest.fixture(scope="module")
