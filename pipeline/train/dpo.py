@@ -30,8 +30,9 @@ from pipeline.train.lora import (
     TuneResult,
     history_callback,
     load_for_training,
+    load_full_precision,
     lora_config,
-    merge_adapter,
+    merge_into,
     peak_memory_mb,
     tokens_seen,
     trainable_parameters,
@@ -80,18 +81,24 @@ def answer_logps(model, tokenizer, rows: list[dict], max_length: int) -> list[tu
     return out
 
 
-def held_out_preference(checkpoint: Path, rows: list[dict], max_length: int) -> Preference:
-    """The preference accuracy and log-probability margin of the model at `checkpoint` on `rows`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+def preference(model, tokenizer, rows: list[dict], max_length: int) -> Preference:
+    """The preference accuracy and log-probability margin of `model` on `rows`."""
     logps = answer_logps(model, tokenizer, rows, max_length)
     if not logps:
         return Preference(accuracy=float("nan"), margin=float("nan"), pairs=0)
     diffs = [c - r for c, r in logps]
     return Preference(accuracy=sum(d > 0 for d in diffs) / len(diffs), margin=sum(diffs) / len(diffs), pairs=len(diffs))
+
+
+def _full_precision(checkpoint: Path):
+    return load_full_precision(checkpoint).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def held_out_preference(checkpoint: Path, rows: list[dict], max_length: int) -> Preference:
+    """`preference` of the model at `checkpoint`."""
+    from transformers import AutoTokenizer
+
+    return preference(_full_precision(checkpoint), AutoTokenizer.from_pretrained(str(checkpoint)), rows, max_length)
 
 
 def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSettings) -> DPOResult:
@@ -102,7 +109,6 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
     tokenizer = AutoTokenizer.from_pretrained(str(sft_checkpoint))
     train, held, held_rows = tuning_datasets(data_dir, s.batch, "preference")
     max_length = within_context(s.max_length, sft_checkpoint, "dpo.max_length")
-    before_pref = held_out_preference(sft_checkpoint, held_rows, max_length)
     model = get_peft_model(
         load_for_training(sft_checkpoint, s.quantize), lora_config(s.lora_r, s.lora_alpha, s.lora_dropout)
     )
@@ -121,8 +127,10 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
     seconds = time.perf_counter() - t0
     after = trainer.evaluate()
     trainer.model.save_pretrained(out_dir / "adapter")
-    merge_adapter(sft_checkpoint, out_dir / "adapter", tokenizer, out_dir / "model")
-    after_pref = held_out_preference(out_dir / "model", held_rows, max_length)
+    full = _full_precision(sft_checkpoint)  # one copy: measured as the start, then merged into
+    before_pref = preference(full, tokenizer, held_rows, max_length)
+    merged = merge_into(full, out_dir / "adapter", tokenizer, out_dir / "model")
+    after_pref = preference(merged, tokenizer, held_rows, max_length)
     pairs = s.steps * s.batch * s.grad_accum
     return DPOResult(
         trainable=trainable, total=total, steps=out.global_step, train_loss=out.training_loss,

@@ -176,8 +176,3 @@ def merge_into(base, adapter_dir: Path, tokenizer, out: Path):
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return merged
-
-
-def merge_adapter(base_checkpoint: Path, adapter_dir: Path, tokenizer, out: Path) -> None:
-    """`merge_into` a full-precision copy of `base_checkpoint`."""
-    merge_into(load_full_precision(base_checkpoint), adapter_dir, tokenizer, out)

@@ -122,8 +122,8 @@ def count_4bit(model) -> int:
 
 def sft_task_loss(checkpoint: Path, sft_data_dir: Path) -> float:
     """The completion loss of any checkpoint on the held-out SFT rows: base, SFT and DPO compare."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    model = load_full_precision(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     return completion_loss(model, tokenizer, list(read_jsonl(Path(sft_data_dir) / "eval.jsonl")))
