@@ -17,7 +17,7 @@ from resources import KilnSettings, MLflowTracking
 PII_SAMPLE_DOCS = 2000
 
 
-@asset(group_name="data", code_version="2")
+@asset(group_name="data", code_version="3")
 def raw_corpus(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """Every source of the profile in one normalized JSONL (id, text, source, lang), code and
     prose mixed by the profile's byte ratio."""

@@ -90,7 +90,19 @@ def test_bad_rows_are_carried_with_their_problem(tmp_path):
     recs = list(read_source(Source(path=str(bad)))) + list(read_source(Source(path=str(latin1))))
     errors = [r.get("error", "").split(" ")[0] for r in recs]
     assert errors == ["", "malformed_json", "missing_text_field", "not_utf8", "not_utf8"]
-    assert recs[1]["id"] == f"{bad}:2"  # names the file and line
+    assert recs[1]["id"] == "bad.jsonl:2" and recs[1]["source"] == str(bad)  # names the file and line
+
+
+def test_ids_do_not_depend_on_where_the_sources_lie(tmp_path):
+    # the train/validation split hashes ids: a clone in another folder must split alike
+    for where in ("a", "b/c"):
+        (tmp_path / where / "src" / "pkg").mkdir(parents=True)
+        (tmp_path / where / "src" / "pkg" / "m.py").write_text("x = 1\n")
+        (tmp_path / where / "src" / "rows.jsonl").write_text('{"text": "one"}\n')
+    ids = [sorted(r["id"] for r in read_source(Source(path=str(tmp_path / w / "src")))) for w in ("a", "b/c")]
+    assert ids[0] == ids[1] == ["src/pkg/m.py", "src/rows.jsonl:1"]
+    single = list(read_source(Source(path=str(tmp_path / "a" / "src" / "pkg" / "m.py"))))
+    assert [r["id"] for r in single] == ["m.py"]  # a file on its own: its name
 
 
 def test_request_problems_are_errors(tmp_path):

@@ -157,11 +157,11 @@ def _read_text_file(path: Path, doc_id: str, source: str, max_chars: int) -> Ite
         yield _make_row(f"{doc_id}#{i}" if i else doc_id, chunk, source, lang)
 
 
-def _read_jsonl(path: Path, src: Source, max_chars: int) -> Iterator[dict]:
+def _read_jsonl(path: Path, src: Source, max_chars: int, name: str) -> Iterator[dict]:
     label, seen_text = str(path), False
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            doc_id = f"{label}:{lineno}"
+            doc_id = f"{name}:{lineno}"
             if not raw.strip():
                 continue  # blank lines separate nothing in JSONL
             try:
@@ -187,7 +187,7 @@ def _read_jsonl(path: Path, src: Source, max_chars: int) -> Iterator[dict]:
         raise IngestError(f"{path}: no record has a string field {src.text_field!r} (set text_field)")
 
 
-def _read_parquet(path: Path, src: Source, max_chars: int) -> Iterator[dict]:
+def _read_parquet(path: Path, src: Source, max_chars: int, name: str) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     try:
@@ -200,7 +200,7 @@ def _read_parquet(path: Path, src: Source, max_chars: int) -> Iterator[dict]:
     for batch in _parquet_batches(path, table):
         for row in batch.to_pylist():
             row_no += 1
-            text, doc_id = row.get(src.text_field), f"{path}:{row_no}"
+            text, doc_id = row.get(src.text_field), f"{name}:{row_no}"
             if not isinstance(text, str):
                 yield _make_row(doc_id, "", str(path), "unknown", f"missing_text_field ({src.text_field})")
                 continue
@@ -234,18 +234,21 @@ def _read_path(path: Path, src: Source, max_chars: int, rng: random.Random) -> I
     if not path.exists():
         raise IngestError(f"{path}: no such file or folder")
     files = _files_under(path) if path.is_dir() else [path]
+    # Ids name a file from the source's own folder name down (`src/a/b.py`), never by where the
+    # checkout lies: the train/validation split hashes the id, and must not move with the clone.
+    top = path.absolute().parent
     if path.is_dir():
         rng.shuffle(files)  # a budget then takes a fair sample, not the alphabet's first letters
     for f in files:
         if not f.exists():  # pathlib says False for a dangling or looping link
             raise IngestError(f"{f}: a symbolic link that leads nowhere (dangling or looping)")
-        suffix = f.suffix.lower()
+        suffix, name = f.suffix.lower(), f.absolute().relative_to(top).as_posix()
         if suffix in JSONL_SUFFIXES:
-            yield from _read_jsonl(f, src, max_chars)
+            yield from _read_jsonl(f, src, max_chars, name)
         elif suffix in PARQUET_SUFFIXES:
-            yield from _read_parquet(f, src, max_chars)
+            yield from _read_parquet(f, src, max_chars, name)
         elif suffix in CODE_SUFFIXES or suffix in TEXT_SUFFIXES or not path.is_dir():
-            yield from _read_text_file(f, str(f), str(f), max_chars)
+            yield from _read_text_file(f, name, str(f), max_chars)
         # Other files inside a folder (images, archives, compiled files) are not text sources.
 
 
@@ -267,13 +270,13 @@ def _read_builtin(name: str, max_chars: int, rng: random.Random) -> Iterator[dic
     files = []
     for root in roots:
         files += [
-            f for f in _files_under(root)
+            (root, f) for f in _files_under(root)
             if f.suffix == ".py" and (name == "site_packages" or "site-packages" not in f.parts)
             and "pydoc_data" not in f.parts  # the docs source already carries that text
         ]  # fmt: skip
     rng.shuffle(files)
-    for f in files:
-        rel = str(f) if name == "site_packages" else str(f.relative_to(stdlib))
+    for root, f in files:
+        rel = f.relative_to(root).as_posix()  # not where the environment lies: the split hashes ids
         if name == "python_docstrings":
             yield from _docstrings(f, f"python_docstrings:{rel}", max_chars)
         else:
