@@ -66,7 +66,7 @@ def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="training", code_version="5", deps=[tokenizer])
+@asset(group_name="training", code_version="6", deps=[tokenizer])
 def base_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:

@@ -197,7 +197,8 @@ class PretrainSettings:
     compile: str = "auto"
     """torch.compile: auto (on CUDA only), on, off."""
     precision: str = "auto"
-    """auto (bf16 autocast where the GPU supports it, else fp32), bf16, fp32."""
+    """auto (bf16 autocast where the device multiplies bf16 natively: a bf16 GPU, a CPU with
+    AVX512-BF16 or AMX; else fp32), bf16, fp32. Weights and optimizer state stay fp32 either way."""
     devices: int = 1
     """GPUs to train on, data-parallel; above 1, `kiln pretrain` and the base_model asset start torchrun."""
 

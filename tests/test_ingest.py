@@ -1,12 +1,21 @@
 """raw_corpus: every source format, the code/prose mix, and bad input."""
 
+import ast
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.ingest import IngestError, Source, build_raw_corpus, guess_lang, read_source, split_long
+from pipeline.data.ingest import (
+    IngestError,
+    Source,
+    build_raw_corpus,
+    definitions_in,
+    guess_lang,
+    read_source,
+    split_long,
+)
 from pipeline.io import read_jsonl
 
 CODE = "def greet(name):\n    return f'hello {name}'\n"
@@ -171,3 +180,46 @@ def test_korean_prose_without_konlpy_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(IngestError, match="korean_prose needs the konlpy package"):
         list(read_source(Source(builtin="korean_prose")))
+
+
+def test_docstring_walk_finds_every_definition_in_ast_walk_order():
+    source = '''
+"""module"""
+import ast
+f = lambda x: x
+class A:
+    """a"""
+    def m(self):
+        def inner(): pass
+        return [lambda: 1]
+    class B:
+        async def c(self): pass
+if f:
+    def g(): pass
+else:
+    def h(): pass
+try:
+    def t(): pass
+except ValueError:
+    def e(): pass
+else:
+    def el(): pass
+finally:
+    def fi(): pass
+while False:
+    def w(): pass
+for i in ():
+    def fo(): pass
+with open("x") as fh:
+    def wi(): pass
+match 1:
+    case 1:
+        def ma(): pass
+async def top():
+    async with x:
+        def aw(): pass
+'''
+    tree = ast.parse(source)
+    kinds = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    expected = [tree] + [n for n in ast.walk(tree) if isinstance(n, kinds)]
+    assert definitions_in(tree) == expected and len(expected) == 18

@@ -13,6 +13,7 @@ from pipeline.errors import KilnError
 from pipeline.train.loss import ChunkedLinearCrossEntropy, linear_cross_entropy
 from pipeline.train.pretrain import (
     PackedTokens,
+    autocast_dtype,
     count_parameters,
     lr_at,
     pretrain,
@@ -177,3 +178,17 @@ def test_chunked_cross_entropy_under_bf16_autocast_matches_autograd_in_bf16():
     torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=2e-2, atol=2e-2 * scale)
     scale = ref_grads[1].abs().max().item()
     torch.testing.assert_close(weight.grad, ref_grads[1], rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16_natively(monkeypatch):
+    # which CPU this is cannot be chosen here: its two bf16 capabilities are set both ways
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        assert autocast_dtype(PretrainSettings(precision="auto"), cpu) == (torch.bfloat16 if native else None)
+        assert autocast_dtype(PretrainSettings(precision="fp32"), cpu) is None
+    with pytest.raises(KilnError, match="pretrain.precision is bf16 but this cpu has no native bf16"):
+        autocast_dtype(PretrainSettings(precision="bf16"), cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert autocast_dtype(PretrainSettings(precision="bf16"), cpu) == torch.bfloat16

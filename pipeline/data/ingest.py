@@ -15,6 +15,7 @@ file where no record has the text field, a dataset that cannot be loaded) raise 
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import hashlib
 import importlib.util
@@ -289,11 +290,32 @@ def _docstrings(path: Path, doc_id: str, max_chars: int) -> Iterator[dict]:
         tree = ast.parse(path.read_bytes())
     except (SyntaxError, ValueError):
         return  # the stdlib ships a few deliberately broken test files; they hold no docs
-    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-    docs = [d for n in nodes if (d := ast.get_docstring(n)) and len(d) > 80]
+    docs = [d for n in definitions_in(tree) if (d := ast.get_docstring(n)) and len(d) > 80]
     if docs:
         for i, chunk in enumerate(split_long("\n\n".join(docs), max_chars)):
             yield _make_row(f"{doc_id}#{i}" if i else doc_id, chunk, "python_docstrings", "en")
+
+
+_DEFINITION = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+# The fields that hold statements, in the order every node type lists them (If: body, orelse;
+# Try: body, handlers, orelse, finalbody; Match: cases).
+_STATEMENT_LISTS = ("body", "handlers", "orelse", "finalbody", "cases")
+
+
+def definitions_in(tree: ast.Module) -> list:
+    """The module and its classes and functions, in `ast.walk`'s order (breadth first, fields in
+    order). Definitions are statements, and statements sit only in the lists of other statements
+    and of except and case clauses, so the walk never enters an expression: `ast.walk` spent most
+    of the docstring source's time visiting them."""
+    found, queue = [tree], collections.deque([tree])
+    while queue:
+        node = queue.popleft()
+        for name in _STATEMENT_LISTS:
+            children = getattr(node, name, None)
+            if isinstance(children, list):  # a lambda's body is one expression
+                queue.extend(children)
+                found += [c for c in children if isinstance(c, _DEFINITION)]
+    return found
 
 
 # A chapter heading of the Constitution ("제3장 국회") or its addenda ("부칙 <헌법 제10호, ...>").

@@ -35,6 +35,7 @@ from pipeline import logs
 from pipeline.config import ModelShape, PretrainSettings, Profile
 from pipeline.errors import KilnError
 from pipeline.io import atomic_path, read_json, write_json
+from pipeline.train.device import bf16_native
 from pipeline.train.distributed import Distributed, launched_by_torchrun, torchrun_command
 from pipeline.train.loss import CausalLMLoss, linear_cross_entropy
 from pipeline.train.throughput import flops_per_token, mfu, peak_flops, steady_tokens_per_s
@@ -215,10 +216,10 @@ class Training:
         return s.micro_batch * s.grad_accum * self.dist.world * s.seq_len
 
 
-def _precision(settings: PretrainSettings, device: torch.device) -> torch.dtype | None:
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+def autocast_dtype(settings: PretrainSettings, device: torch.device) -> torch.dtype | None:
+    bf16_ok = bf16_native(device)
     if settings.precision == "bf16" and not bf16_ok:
-        raise KilnError("pretrain.precision is bf16 but this device has no bf16 support (use auto or fp32)")
+        raise KilnError(f"pretrain.precision is bf16 but this {device.type} has no native bf16 (use auto or fp32)")
     return torch.bfloat16 if settings.precision in ("auto", "bf16") and bf16_ok else None
 
 
@@ -235,7 +236,7 @@ def build_training(config, shape: ModelShape, settings: PretrainSettings, dist: 
     """Model, loss, optimizer and schedule on this process's device, seeded by the settings."""
     s = settings
     device = dist.device()
-    dtype = _precision(s, device)
+    dtype = autocast_dtype(s, device)
     dist.start(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # what fp32 matmuls remain (optimizer-side, eval) use TF32
@@ -308,13 +309,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _run_key(shape: ModelShape, settings: PretrainSettings, vocab: int, train_tokens: Path) -> str:
-    """What a checkpoint must match to be resumed: same shape, settings and training tokens."""
+def _run_key(shape: ModelShape, settings: PretrainSettings, vocab: int, train_tokens: Path, dtype) -> str:
+    """What a checkpoint must match to be resumed: same shape, settings, compute dtype (what
+    `auto` chose) and training tokens."""
     digest = hashlib.sha256()
     with open(train_tokens, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 24), b""):
             digest.update(block)
-    blob = json.dumps([asdict(shape), asdict(settings), vocab, digest.hexdigest()], sort_keys=True)
+    blob = json.dumps([asdict(shape), asdict(settings), vocab, digest.hexdigest(), str(dtype)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -476,7 +478,7 @@ def pretrain(
     random.seed(s.seed)
     np.random.seed(s.seed)
     t = build_training(config, shape, s, dist)
-    key = dist.share(_run_key(shape, s, vocab, Path(train_tokens)) if dist.main else None)
+    key = dist.share(_run_key(shape, s, vocab, Path(train_tokens), t.dtype) if dist.main else None)
     ckpt = Checkpoints(out_dir / "checkpoints" / "latest.pt", key)
     start, history, evals = ckpt.resume(t)
     log = fit(t, train, val, torch.tensor(token_bytes, dtype=torch.float64), ckpt, start, FitLog(history, evals),
