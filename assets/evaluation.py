@@ -19,7 +19,7 @@ from resources import KilnSettings, MLflowTracking
 
 # After gguf_benchmark, not beside it: two CPU-heavy steps at once would skew the benchmark's
 # speed figures, and a GGUF that failed parity is not worth evaluating.
-@asset(group_name="evaluation", code_version="6", deps=[base_model, sft_model, dpo_model, gguf_benchmark, clean_corpus])
+@asset(group_name="evaluation", code_version="7", deps=[base_model, sft_model, dpo_model, gguf_benchmark, clean_corpus])
 def eval_report(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:

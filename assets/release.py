@@ -55,7 +55,7 @@ def gguf_model(
     return stage.finish(metadata)
 
 
-@asset(group_name="release", code_version="3", deps=[gguf_model, clean_corpus])
+@asset(group_name="release", code_version="4", deps=[gguf_model, clean_corpus])
 def gguf_benchmark(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -101,7 +101,7 @@ def gguf_parity(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="release", code_version="2", deps=[gguf_model, "eval_report"])  # by key: assets.evaluation
+@asset(group_name="release", code_version="3", deps=[gguf_model, "eval_report"])  # by key: assets.evaluation
 def sampling_preset(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:

@@ -79,18 +79,18 @@ def test_the_model_is_sent_the_prompt_without_its_trailing_newline(tiny_base, gg
     prompts = [problems()[t]["prompt"] for t in task_ids(5)]
     for prompt in prompts:
         ids = _prompt_ids(tok, prompt)
-        assert ids[0] == tok.eos_token_id and tok.decode(ids[1:]) == prompt.rstrip()
+        assert ids[0] == tok.bos_token_id != tok.eos_token_id and tok.decode(ids[1:]) == prompt.rstrip()
     llm = load(ggufs["F16"])
     try:
         for prompt in prompts:
             ids = _gguf_prompt_ids(llm, prompt)
-            assert ids[0] == llm.token_eos() and llm.detokenize(ids[1:]).decode() == prompt.rstrip()
+            assert ids[0] == llm.token_bos() == tok.bos_token_id and llm.detokenize(ids[1:]).decode() == prompt.rstrip()
     finally:
         llm.close()
 
 
 def test_hf_generation_continues_the_stripped_prompt(tiny_base):
-    """The completions equal a plain greedy decode of <|eos|> + the prompt without its trailing
+    """The completions equal a plain greedy decode of <|bos|> + the prompt without its trailing
     newline, cut at the first stop sequence and spliced onto the prompt by hand. Problems whose
     prompt fits the trained context with the new tokens: a longer one is cut (tested apart)."""
     import torch
@@ -105,7 +105,7 @@ def test_hf_generation_continues_the_stripped_prompt(tiny_base):
     assert all(row["prompt_tokens_cut"] == 0 for row in rows)
     for row, task_id in zip(rows, ids, strict=True):
         prompt = problems()[task_id]["prompt"]
-        x = torch.tensor([[tok.eos_token_id, *tok(prompt[:-1], add_special_tokens=False)["input_ids"]]])
+        x = torch.tensor([[tok.bos_token_id, *tok(prompt[:-1], add_special_tokens=False)["input_ids"]]])
         with torch.no_grad():
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip

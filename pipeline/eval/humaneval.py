@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.errors import KilnError
 from pipeline.eval.sandbox import check_available, run_tests
+from pipeline.train.tokenizer import document_start_ids
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 HUMANEVAL_CONTEXT = 4096  # the longest prompt with any completion; a 128k-token model needs no 128k cache
@@ -69,9 +70,10 @@ def splice(prompt: str, generated: str) -> str:
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """<|eos|> then the model's prompt: pretraining put <|eos|> before every document, so this is how
-    a file starts for the model."""
-    return [tokenizer.eos_token_id, *tokenizer(model_prompt(prompt), add_special_tokens=False)["input_ids"]]
+    """The model's prompt opened as pretraining opened every document: <|bos|> (for a tokenizer
+    without its own bos, the <|eos|> that ended the document before), as bits per byte scores."""
+    start = document_start_ids(tokenizer) or [tokenizer.eos_token_id]
+    return [*start, *tokenizer(model_prompt(prompt), add_special_tokens=False)["input_ids"]]
 
 
 def _fit(ids: list[int], room: int) -> tuple[list[int], int]:
@@ -190,7 +192,9 @@ def _gguf_completer(path: Path, samples: int, temperature: float, max_new_tokens
 
 def _gguf_prompt_ids(llm, prompt: str) -> list[int]:
     """`_prompt_ids` with llama.cpp's own tokenizer: gguf_benchmark's parity check holds it equal to the HF one."""
-    return [llm.token_eos(), *llm.tokenize(model_prompt(prompt).encode(), add_bos=False, special=False)]
+    bos, eos = llm.token_bos(), llm.token_eos()
+    start = [bos] if bos >= 0 and bos != eos else [eos]  # document_start_ids, read from the GGUF
+    return [*start, *llm.tokenize(model_prompt(prompt).encode(), add_bos=False, special=False)]
 
 
 def read_samples(path: Path) -> list[dict]:

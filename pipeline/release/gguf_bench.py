@@ -416,12 +416,13 @@ def benchmark_all(files: dict, checkpoint: Path, validation_texts: list[str], se
     """Parity against `checkpoint` and speed/memory for each GGUF in `files` (kind -> path)."""
     from transformers import AutoTokenizer
 
-    from pipeline.train.tokenizer import ROUND_TRIP_SAMPLES
+    from pipeline.train.tokenizer import ROUND_TRIP_SAMPLES, document_start_ids
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
-    ids: list[int] = []
+    start = document_start_ids(tok)
+    ids: list[int] = [] if start else [tok.eos_token_id]  # texts laid out as pretraining packs them
     for text in validation_texts:
-        ids += tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        ids += [*start, *tok.encode(text, add_special_tokens=False), tok.eos_token_id]
         if len(ids) >= settings.eval_tokens:
             break
     ids = ids[: settings.eval_tokens]
