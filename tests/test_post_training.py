@@ -1,6 +1,7 @@
 """Post-training: the mined and user datasets, QLoRA SFT on 4-bit weights, DPO, merging."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -376,6 +377,9 @@ def test_dpo_raises_the_margin_on_its_own_pairs(tiny_base, small_corpus, tmp_pat
     assert result.after.margin > result.before.margin
     assert result.after.accuracy >= result.before.accuracy
     assert result.reward_margin > 0.0
+    # TRL's reward margin is beta x the change of the mean log-prob margin; its loss falls below log 2
+    assert result.reward_margin == pytest.approx(0.1 * (result.after.margin - result.before.margin), rel=1e-6)
+    assert result.eval_loss_after < result.eval_loss_before == pytest.approx(math.log(2))
     tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "model")
     stops = GenerationConfig.from_pretrained(tmp_path / "out" / "model").eos_token_id
     assert set(stops) == {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")}  # ends a turn as SFT's does

@@ -9,13 +9,14 @@ Before and after are measured the same way on the held-out pairs: the SFT checkp
 from, then the merged model that ships. For each pair, the log-probability of each answer given
 the prompt (summed over the answer's tokens, at the length DPO trains at); the preference
 accuracy is the share of pairs where the chosen answer is the likelier, the margin the mean of
-log p(chosen) - log p(rejected) in nats. (TRL's own reward margin and accuracy are relative to
-the reference, which is the SFT model itself, so before training they are 0 by construction;
-they are kept only as the after-training figures of the trainer.)
+log p(chosen) - log p(rejected) in nats. TRL's held-out DPO loss, reward margin and accuracy
+are computed from the same two measurements, the merged model against the SFT checkpoint as its
+reference (before training they are log 2, 0 and 0 by construction).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import types
@@ -50,13 +51,14 @@ class Preference:
     accuracy: float  # share of pairs with log p(chosen | prompt) > log p(rejected | prompt)
     margin: float  # mean of log p(chosen | prompt) - log p(rejected | prompt), nats
     pairs: int
+    logps: list[tuple[float, float]]  # (log p(chosen | prompt), log p(rejected | prompt)) per pair
 
 
 @dataclass
 class DPOResult(TuneResult):
     """eval_loss_* is the held-out DPO loss; `before` is the SFT checkpoint's preference on the
-    held-out pairs, `after` the merged DPO model's, measured alike. The trainer's reward margin
-    and accuracy (None where it did not report them) are after training."""
+    held-out pairs, `after` the merged DPO model's, measured alike. The reward margin and accuracy
+    are TRL's, of the merged model against the SFT checkpoint (`dpo_figures`)."""
 
     pairs_per_s: float
     before: Preference
@@ -68,17 +70,34 @@ class DPOResult(TuneResult):
 @torch.no_grad()
 def answer_logps(model, tokenizer, rows: list[dict], max_length: int) -> list[tuple[float, float]]:
     """(log p(chosen | prompt), log p(rejected | prompt)) per row, summed over the answer tokens
-    that fit in `max_length` with the prompt: the pair tokenized and cut as DPOTrainer does."""
+    that fit in `max_length` with the prompt: the pair tokenized and cut as DPOTrainer does.
+
+    The two answers of a mined pair are one function with one fault put in, so they share the
+    prompt and the answer up to the fault: that prefix runs once, and each answer's rest runs on
+    its cached keys and values (the log-probs are the full forward's within float rounding)."""
     device = next(model.parameters()).device
     out = []
     for row in rows:
         prompt, *answers = encode_pair(tokenizer, row)
+        seqs = [(prompt + answer)[:max_length] for answer in answers]
+        shared = next((i for i, (a, b) in enumerate(zip(*seqs, strict=False)) if a != b), min(map(len, seqs)))
+        shared = max(shared, 1)  # the first token is the prefix at least
+        start = max(len(prompt) - 1, 0)  # logits at position i score token i + 1: the first answer token's
+        head = model(
+            input_ids=torch.tensor([seqs[0][:shared]], device=device), use_cache=True,
+            logits_to_keep=max(shared - start, 1),
+        )  # fmt: skip
+        first = shared - head.logits.shape[1]  # the position the first kept logits belong to
         pair = []
-        for answer in answers:
-            ids = (prompt + answer)[:max_length]
-            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0]
-            pair.append(logp[max(len(prompt) - 1, 0) :].sum().item())  # logp[i] scores token i + 1
+        for ids in seqs:
+            logits = head.logits[0]
+            if len(ids) > shared:
+                cache = copy.deepcopy(head.past_key_values)
+                rest = model(input_ids=torch.tensor([ids[shared:]], device=device), past_key_values=cache)
+                logits = torch.cat([logits, rest.logits[0]])
+            logits = logits[start - first : len(ids) - 1 - first].float()
+            targets = torch.tensor(ids[start + 1 :], device=device)
+            pair.append(torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum().item())
         out.append((pair[0], pair[1]))
     return out
 
@@ -87,9 +106,23 @@ def preference(model, tokenizer, rows: list[dict], max_length: int) -> Preferenc
     """The preference accuracy and log-probability margin of `model` on `rows`."""
     logps = answer_logps(model, tokenizer, rows, max_length)
     if not logps:
-        return Preference(accuracy=float("nan"), margin=float("nan"), pairs=0)
+        return Preference(accuracy=float("nan"), margin=float("nan"), pairs=0, logps=[])
     diffs = [c - r for c, r in logps]
-    return Preference(accuracy=sum(d > 0 for d in diffs) / len(diffs), margin=sum(diffs) / len(diffs), pairs=len(diffs))
+    return Preference(
+        accuracy=sum(d > 0 for d in diffs) / len(diffs), margin=sum(diffs) / len(diffs), pairs=len(diffs), logps=logps
+    )
+
+
+def dpo_figures(before: Preference, after: Preference, beta: float) -> tuple[float, float, float]:
+    """(DPO loss, reward margin, reward accuracy) of the `after` model against the `before` one as
+    its reference, as TRL defines them for the sigmoid loss: the reward of an answer is beta x
+    (log p_after - log p_before); the loss is the mean of -log sigmoid(chosen reward - rejected
+    reward), the margin the mean of that difference, the accuracy the share where it is positive."""
+    if not before.pairs:
+        return float("nan"), float("nan"), float("nan")
+    margins = [beta * ((ac - bc) - (ar - br)) for (bc, br), (ac, ar) in zip(before.logps, after.logps, strict=True)]
+    loss = sum(-F.logsigmoid(torch.tensor(m, dtype=torch.float64)).item() for m in margins) / len(margins)
+    return loss, sum(margins) / len(margins), sum(m > 0 for m in margins) / len(margins)
 
 
 def _full_precision(checkpoint: Path):
@@ -189,18 +222,20 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
     t0 = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t0
-    after = trainer.evaluate()
     trainer.model.save_pretrained(out_dir / "adapter")
     full = _full_precision(sft_checkpoint)  # one copy: measured as the start, then merged into
     before_pref = preference(full, tokenizer, held_rows, max_length)
     merged = merge_into(full, out_dir / "adapter", tokenizer, out_dir / "model")
     after_pref = preference(merged, tokenizer, held_rows, max_length)
+    # TRL's held-out figures from the two measurements above, instead of its evaluation pass: that
+    # pass ran both models over the held-out pairs a second time.
+    eval_loss, reward_margin, reward_accuracy = dpo_figures(before_pref, after_pref, s.beta)
     pairs = s.steps * s.batch * s.grad_accum
     return DPOResult(
         trainable=trainable, total=total, steps=out.global_step, train_loss=out.training_loss,
-        eval_loss_before=math.log(2), eval_loss_after=after["eval_loss"],  # before: policy = reference, loss log 2
+        eval_loss_before=math.log(2), eval_loss_after=eval_loss,  # before: policy = reference, loss log 2
         tokens_per_s=tokens_seen(history) / seconds, peak_memory_mb=peak_memory_mb(), seconds=seconds,
         train_rows=len(trainer.train_dataset), eval_rows=len(held_rows), history=history, pairs_per_s=pairs / seconds,
         before=before_pref, after=after_pref,
-        reward_margin=after.get("eval_rewards/margins"), reward_accuracy=after.get("eval_rewards/accuracies"),
+        reward_margin=reward_margin, reward_accuracy=reward_accuracy,
     )  # fmt: skip
