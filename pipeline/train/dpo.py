@@ -16,7 +16,6 @@ reference (before training they are log 2, 0 and 0 by construction).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 import types
@@ -70,34 +69,17 @@ class DPOResult(TuneResult):
 @torch.no_grad()
 def answer_logps(model, tokenizer, rows: list[dict], max_length: int) -> list[tuple[float, float]]:
     """(log p(chosen | prompt), log p(rejected | prompt)) per row, summed over the answer tokens
-    that fit in `max_length` with the prompt: the pair tokenized and cut as DPOTrainer does.
-
-    The two answers of a mined pair are one function with one fault put in, so they share the
-    prompt and the answer up to the fault: that prefix runs once, and each answer's rest runs on
-    its cached keys and values (the log-probs are the full forward's within float rounding)."""
+    that fit in `max_length` with the prompt: the pair tokenized and cut as DPOTrainer does."""
     device = next(model.parameters()).device
     out = []
     for row in rows:
         prompt, *answers = encode_pair(tokenizer, row)
-        seqs = [(prompt + answer)[:max_length] for answer in answers]
-        shared = next((i for i, (a, b) in enumerate(zip(*seqs, strict=False)) if a != b), min(map(len, seqs)))
-        shared = max(shared, 1)  # the first token is the prefix at least
-        start = max(len(prompt) - 1, 0)  # logits at position i score token i + 1: the first answer token's
-        head = model(
-            input_ids=torch.tensor([seqs[0][:shared]], device=device), use_cache=True,
-            logits_to_keep=max(shared - start, 1),
-        )  # fmt: skip
-        first = shared - head.logits.shape[1]  # the position the first kept logits belong to
         pair = []
-        for ids in seqs:
-            logits = head.logits[0]
-            if len(ids) > shared:
-                cache = copy.deepcopy(head.past_key_values)
-                rest = model(input_ids=torch.tensor([ids[shared:]], device=device), past_key_values=cache)
-                logits = torch.cat([logits, rest.logits[0]])
-            logits = logits[start - first : len(ids) - 1 - first].float()
-            targets = torch.tensor(ids[start + 1 :], device=device)
-            pair.append(torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum().item())
+        for answer in answers:
+            ids = (prompt + answer)[:max_length]
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0]
+            pair.append(logp[max(len(prompt) - 1, 0) :].sum().item())  # logp[i] scores token i + 1
         out.append((pair[0], pair[1]))
     return out
 
