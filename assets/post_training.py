@@ -129,7 +129,7 @@ def sft_model(
     return stage.finish(metadata)
 
 
-@asset(group_name="post_training", code_version="3", deps=[sft_model, dpo_data])
+@asset(group_name="post_training", code_version="4", deps=[sft_model, dpo_data])
 def dpo_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -140,7 +140,8 @@ def dpo_model(
     (after), with answers tokenized and cut as DPO trains on them:
     preference_accuracy_before/after: share of pairs with log p(chosen|prompt) > log p(rejected|prompt);
     logp_margin_before/after: mean of log p(chosen|prompt) - log p(rejected|prompt), nats.
-    trl_reward_margin/trl_reward_accuracy: TRL's figures after training, relative to the reference."""
+    eval_dpo_loss, trl_reward_margin/trl_reward_accuracy: TRL's held-out figures (sigmoid loss,
+    reward = beta x log-prob change), from the same before/after log-probs."""
     profile, layout = kiln.load_with_layout()
     settings = profile.dpo
     inputs = [layout.model_dir("sft"), layout.post_data("dpo"), layout.post_data("sft")]  # sft: the task-loss check

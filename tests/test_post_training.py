@@ -1,6 +1,7 @@
 """Post-training: the mined and user datasets, QLoRA SFT on 4-bit weights, DPO, merging."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -14,7 +15,7 @@ from pipeline.data.negatives import corruptions
 from pipeline.data.post_data import build_post_data, dpo_records, encode_pair, mine_functions, pair_check
 from pipeline.errors import KilnError
 from pipeline.io import read_json, read_jsonl
-from pipeline.train.dpo import answer_logps, held_out_preference, train_dpo
+from pipeline.train.dpo import answer_logps, held_out_preference, make_dpo_trainer, train_dpo
 from pipeline.train.lora import load_for_training
 from pipeline.train.sft import completion_loss, count_4bit, make_sft_trainer, train_sft
 from pipeline.train.tokenizer import chat_token_ids
@@ -376,6 +377,38 @@ def test_dpo_raises_the_margin_on_its_own_pairs(tiny_base, small_corpus, tmp_pat
     assert result.after.margin > result.before.margin
     assert result.after.accuracy >= result.before.accuracy
     assert result.reward_margin > 0.0
+    # TRL's reward margin is beta x the change of the mean log-prob margin; its loss falls below log 2
+    assert result.reward_margin == pytest.approx(0.1 * (result.after.margin - result.before.margin), rel=1e-6)
+    assert result.eval_loss_after < result.eval_loss_before == pytest.approx(math.log(2))
     tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "model")
     stops = GenerationConfig.from_pretrained(tmp_path / "out" / "model").eos_token_id
     assert set(stops) == {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")}  # ends a turn as SFT's does
+
+
+def test_cpu_head_trains_what_trls_head_trains(tiny_base, small_corpus, tmp_path):
+    """score_completions_only (the CPU DPO head) gives TRL's loss, LoRA gradients and logged figures on the
+    same batch: it is faster, not different (benchmarks/dpo_step.py measures by how much)."""
+    data = tmp_path / "dpo"
+    build_post_data("dpo", read_split(small_corpus, "train"), [], data, 8, 0.1)
+    settings = DPOSettings(steps=2, batch=4, lora_r=4, lora_alpha=8, max_length=96)  # 96: some pairs are cut
+    runs = {}
+    for cpu_head in (False, True):
+        torch.manual_seed(0)
+        trainer = make_dpo_trainer(tiny_base, data, tmp_path / str(cpu_head), settings, cpu_head=cpu_head)[0]
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["completion_mask"].sum() < batch["attention_mask"].sum()  # prompts (and padding) not scored
+        loss = trainer.training_step(trainer.model, batch).item()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        figures = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        runs[cpu_head] = loss, grads, figures
+    (loss_trl, grads_trl, figs_trl), (loss_cpu, grads_cpu, figs_cpu) = runs[False], runs[True]
+    assert loss_cpu == pytest.approx(loss_trl, abs=1e-5)
+    assert grads_cpu.keys() == grads_trl.keys() and len(grads_cpu) > 0
+    for name, grad in grads_trl.items():
+        torch.testing.assert_close(grads_cpu[name], grad, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in grads_trl.values())  # a zero step would compare nothing
+    assert figs_cpu.keys() == figs_trl.keys()
+    for key in ("logps/chosen", "logps/rejected", "entropy", "logits/chosen", "mean_token_accuracy", "num_tokens"):
+        assert figs_cpu[key] == pytest.approx(figs_trl[key], rel=1e-4, abs=1e-5), key

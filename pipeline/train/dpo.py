@@ -9,19 +9,21 @@ Before and after are measured the same way on the held-out pairs: the SFT checkp
 from, then the merged model that ships. For each pair, the log-probability of each answer given
 the prompt (summed over the answer's tokens, at the length DPO trains at); the preference
 accuracy is the share of pairs where the chosen answer is the likelier, the margin the mean of
-log p(chosen) - log p(rejected) in nats. (TRL's own reward margin and accuracy are relative to
-the reference, which is the SFT model itself, so before training they are 0 by construction;
-they are kept only as the after-training figures of the trainer.)
+log p(chosen) - log p(rejected) in nats. TRL's held-out DPO loss, reward margin and accuracy
+are computed from the same two measurements, the merged model against the SFT checkpoint as its
+reference (before training they are log 2, 0 and 0 by construction).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import DPOSettings
 from pipeline.data.post_data import encode_pair
@@ -48,13 +50,14 @@ class Preference:
     accuracy: float  # share of pairs with log p(chosen | prompt) > log p(rejected | prompt)
     margin: float  # mean of log p(chosen | prompt) - log p(rejected | prompt), nats
     pairs: int
+    logps: list[tuple[float, float]]  # (log p(chosen | prompt), log p(rejected | prompt)) per pair
 
 
 @dataclass
 class DPOResult(TuneResult):
     """eval_loss_* is the held-out DPO loss; `before` is the SFT checkpoint's preference on the
-    held-out pairs, `after` the merged DPO model's, measured alike. The trainer's reward margin
-    and accuracy (None where it did not report them) are after training."""
+    held-out pairs, `after` the merged DPO model's, measured alike. The reward margin and accuracy
+    are TRL's, of the merged model against the SFT checkpoint (`dpo_figures`)."""
 
     pairs_per_s: float
     before: Preference
@@ -85,9 +88,23 @@ def preference(model, tokenizer, rows: list[dict], max_length: int) -> Preferenc
     """The preference accuracy and log-probability margin of `model` on `rows`."""
     logps = answer_logps(model, tokenizer, rows, max_length)
     if not logps:
-        return Preference(accuracy=float("nan"), margin=float("nan"), pairs=0)
+        return Preference(accuracy=float("nan"), margin=float("nan"), pairs=0, logps=[])
     diffs = [c - r for c, r in logps]
-    return Preference(accuracy=sum(d > 0 for d in diffs) / len(diffs), margin=sum(diffs) / len(diffs), pairs=len(diffs))
+    return Preference(
+        accuracy=sum(d > 0 for d in diffs) / len(diffs), margin=sum(diffs) / len(diffs), pairs=len(diffs), logps=logps
+    )
+
+
+def dpo_figures(before: Preference, after: Preference, beta: float) -> tuple[float, float, float]:
+    """(DPO loss, reward margin, reward accuracy) of the `after` model against the `before` one as
+    its reference, as TRL defines them for the sigmoid loss: the reward of an answer is beta x
+    (log p_after - log p_before); the loss is the mean of -log sigmoid(chosen reward - rejected
+    reward), the margin the mean of that difference, the accuracy the share where it is positive."""
+    if not before.pairs:
+        return float("nan"), float("nan"), float("nan")
+    margins = [beta * ((ac - bc) - (ar - br)) for (bc, br), (ac, ar) in zip(before.logps, after.logps, strict=True)]
+    loss = sum(-F.logsigmoid(torch.tensor(m, dtype=torch.float64)).item() for m in margins) / len(margins)
+    return loss, sum(margins) / len(margins), sum(m > 0 for m in margins) / len(margins)
 
 
 def _full_precision(checkpoint: Path):
@@ -101,7 +118,62 @@ def held_out_preference(checkpoint: Path, rows: list[dict], max_length: int) -> 
     return preference(_full_precision(checkpoint), AutoTokenizer.from_pretrained(str(checkpoint)), rows, max_length)
 
 
-def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSettings) -> DPOResult:
+# Config fields with which a model's head is more than `hidden @ weight.T (+ bias)`: TRL's head handles them.
+_SCALED_HEAD = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def score_completions_only(model) -> bool:
+    """Give the trainer's model a CPU head that scores only the answer tokens; True when it did.
+
+    DPOTrainer asks the model for per-token log-probs with `fused_lm_head=True`. Without Triton
+    (on a CPU) TRL's fused head scores every position, prompt and padding included, and folds the
+    32k-wide logits through about a dozen elementwise torch passes forward and as many backward:
+    two thirds of small's DPO step. This head computes the same log-probs (and the entropy, mean
+    logit and top-1 flags TRL logs) from the logits of the labelled positions only, with one
+    log-softmax, and is left off where the head is scaled or capped (TRL's then stays)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.get_text_config()
+    if next(base.parameters()).device.type != "cpu" or any(getattr(config, k, None) for k in _SCALED_HEAD):
+        return False
+    if getattr(config, "output_router_logits", False):
+        return False
+    trl_forward = base.forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
+        if not fused_lm_head or shift_labels is not None:
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels, **kwargs)
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        kwargs.pop("num_items_in_batch", None)
+        hidden = self.base_model(*args, **{**kwargs, "use_cache": False}).last_hidden_state[:, :-1]
+        labels = labels[:, 1:]
+        mask = labels != -100
+        targets = labels[mask]
+        head = self.get_output_embeddings()
+        logits = F.linear(hidden[mask], head.weight, head.bias).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        picked = logp.gather(1, targets[:, None])[:, 0]
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+            mean_logits, is_top1 = logits.mean(-1), logits.argmax(-1) == targets  # argmax: the first maximum
+
+        def spread(x):  # per position, zero where the label is -100, as TRL's head returns them
+            return x.new_zeros(mask.shape).masked_scatter(mask, x)
+
+        log_probs = spread(picked)
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / mask.sum().clamp(min=1), log_probs=log_probs, entropy=spread(entropy),
+            mean_logits=spread(mean_logits), is_top1=spread(is_top1), label_mask=mask,
+        )  # fmt: skip
+
+    base.forward = types.MethodType(forward, base)
+    return True
+
+
+def make_dpo_trainer(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSettings, cpu_head: bool = True):
+    """TRL's DPOTrainer as dpo_model runs it: (trainer, tokenizer, held-out rows, max_length, history).
+    `cpu_head`: score only the answer tokens on a CPU (`score_completions_only`); False keeps
+    TRL's own head (the benchmark and the tests compare the two)."""
     from peft import get_peft_model
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -112,7 +184,6 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
     model = get_peft_model(
         load_for_training(sft_checkpoint, s.quantize), lora_config(s.lora_r, s.lora_alpha, s.lora_dropout)
     )
-    trainable, total = trainable_parameters(model)
     history: list[dict] = []
     args = training_arguments(
         DPOConfig, out_dir, s.steps, s.batch, s.grad_accum, s.lr, s.seed, beta=s.beta,
@@ -122,21 +193,31 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
         model=model, ref_model=None, args=args, train_dataset=train, eval_dataset=held,
         processing_class=tokenizer, callbacks=[history_callback(history)],
     )  # fmt: skip
+    if cpu_head:
+        score_completions_only(trainer.model)
+    return trainer, tokenizer, held_rows, max_length, history
+
+
+def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSettings) -> DPOResult:
+    trainer, tokenizer, held_rows, max_length, history = make_dpo_trainer(sft_checkpoint, data_dir, out_dir, s)
+    trainable, total = trainable_parameters(trainer.model)
     t0 = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t0
-    after = trainer.evaluate()
     trainer.model.save_pretrained(out_dir / "adapter")
     full = _full_precision(sft_checkpoint)  # one copy: measured as the start, then merged into
     before_pref = preference(full, tokenizer, held_rows, max_length)
     merged = merge_into(full, out_dir / "adapter", tokenizer, out_dir / "model")
     after_pref = preference(merged, tokenizer, held_rows, max_length)
+    # TRL's held-out figures from the two measurements above, instead of its evaluation pass: that
+    # pass ran both models over the held-out pairs a second time.
+    eval_loss, reward_margin, reward_accuracy = dpo_figures(before_pref, after_pref, s.beta)
     pairs = s.steps * s.batch * s.grad_accum
     return DPOResult(
         trainable=trainable, total=total, steps=out.global_step, train_loss=out.training_loss,
-        eval_loss_before=math.log(2), eval_loss_after=after["eval_loss"],  # before: policy = reference, loss log 2
+        eval_loss_before=math.log(2), eval_loss_after=eval_loss,  # before: policy = reference, loss log 2
         tokens_per_s=tokens_seen(history) / seconds, peak_memory_mb=peak_memory_mb(), seconds=seconds,
-        train_rows=len(train), eval_rows=len(held), history=history, pairs_per_s=pairs / seconds,
+        train_rows=len(trainer.train_dataset), eval_rows=len(held_rows), history=history, pairs_per_s=pairs / seconds,
         before=before_pref, after=after_pref,
-        reward_margin=after.get("eval_rewards/margins"), reward_accuracy=after.get("eval_rewards/accuracies"),
+        reward_margin=reward_margin, reward_accuracy=reward_accuracy,
     )  # fmt: skip
