@@ -92,7 +92,7 @@ def _curve(result: TuneResult, title: str) -> bytes:
     return loss_curve([h for h in result.history if "loss" in h], [], title)
 
 
-@asset(group_name="post_training", code_version="3", deps=[base_model, sft_data])
+@asset(group_name="post_training", code_version="4", deps=[base_model, sft_data])
 def sft_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:

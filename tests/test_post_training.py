@@ -281,6 +281,32 @@ def test_sft_trains_4bit_layers_with_masked_prompt(tiny_base, sft_data, tmp_path
     assert (labels[n_prompt:] == ids[n_prompt:]).all()  # the completion does
 
 
+def test_cpu_head_trains_what_trls_head_trains_in_sft(tiny_base, sft_data, tmp_path):
+    """The same CPU head under SFTTrainer (NF4 base, LoRA, trainable chat-token rows behind peft's
+    wrapper of the tied output layer): TRL's loss, gradients and logged figures on the same batch."""
+    runs = {}
+    for cpu_head in (False, True):
+        torch.manual_seed(0)
+        trainer = make_sft_trainer(tiny_base, sft_data, tmp_path / str(cpu_head), SFT, [], cpu_head=cpu_head)[0]
+        head = trainer.model.get_base_model().forward.__func__.__qualname__
+        assert head.startswith("score_completions_only") == cpu_head  # the two runs compare two heads
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["labels"] == -100).any()  # prompts not scored
+        loss = trainer.training_step(trainer.model, batch).item()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        runs[cpu_head] = loss, grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    (loss_trl, grads_trl, figs_trl), (loss_cpu, grads_cpu, figs_cpu) = runs[False], runs[True]
+    assert loss_cpu == pytest.approx(loss_trl, rel=1e-5)
+    assert any("trainable_tokens" in n for n in grads_trl) and grads_cpu.keys() == grads_trl.keys()
+    for name, grad in grads_trl.items():
+        torch.testing.assert_close(grads_cpu[name], grad, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in grads_trl.values())
+    for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+        assert figs_cpu[key] == pytest.approx(figs_trl[key], rel=1e-4, abs=1e-5), key
+
+
 @pytest.fixture(scope="module")
 def sft_run(tiny_base, sft_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
@@ -387,7 +413,7 @@ def test_dpo_raises_the_margin_on_its_own_pairs(tiny_base, small_corpus, tmp_pat
 
 def test_cpu_head_trains_what_trls_head_trains(tiny_base, small_corpus, tmp_path):
     """score_completions_only (the CPU DPO head) gives TRL's loss, LoRA gradients and logged figures on the
-    same batch: it is faster, not different (benchmarks/dpo_step.py measures by how much)."""
+    same batch: it is faster, not different (benchmarks/tune_step.py measures by how much)."""
     data = tmp_path / "dpo"
     build_post_data("dpo", read_split(small_corpus, "train"), [], data, 8, 0.1)
     settings = DPOSettings(steps=2, batch=4, lora_r=4, lora_alpha=8, max_length=96)  # 96: some pairs are cut

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from pipeline.train.lora import (
     lora_config,
     merge_into,
     peak_memory_mb,
+    score_completions_only,
     tokens_seen,
     trainable_parameters,
     training_arguments,
@@ -116,58 +116,6 @@ def held_out_preference(checkpoint: Path, rows: list[dict], max_length: int) -> 
     from transformers import AutoTokenizer
 
     return preference(_full_precision(checkpoint), AutoTokenizer.from_pretrained(str(checkpoint)), rows, max_length)
-
-
-# Config fields with which a model's head is more than `hidden @ weight.T (+ bias)`: TRL's head handles them.
-_SCALED_HEAD = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-
-
-def score_completions_only(model) -> bool:
-    """Give the trainer's model a CPU head that scores only the answer tokens; True when it did.
-
-    DPOTrainer asks the model for per-token log-probs with `fused_lm_head=True`. Without Triton
-    (on a CPU) TRL's fused head scores every position, prompt and padding included, and folds the
-    32k-wide logits through about a dozen elementwise torch passes forward and as many backward:
-    two thirds of small's DPO step. This head computes the same log-probs (and the entropy, mean
-    logit and top-1 flags TRL logs) from the logits of the labelled positions only, with one
-    log-softmax, and is left off where the head is scaled or capped (TRL's then stays)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config.get_text_config()
-    if next(base.parameters()).device.type != "cpu" or any(getattr(config, k, None) for k in _SCALED_HEAD):
-        return False
-    if getattr(config, "output_router_logits", False):
-        return False
-    trl_forward = base.forward
-
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
-        if not fused_lm_head or shift_labels is not None:
-            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels, **kwargs)
-        from trl.trainer.utils import FusedCausalLMOutput
-
-        kwargs.pop("num_items_in_batch", None)
-        hidden = self.base_model(*args, **{**kwargs, "use_cache": False}).last_hidden_state[:, :-1]
-        labels = labels[:, 1:]
-        mask = labels != -100
-        targets = labels[mask]
-        head = self.get_output_embeddings()
-        logits = F.linear(hidden[mask], head.weight, head.bias).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        picked = logp.gather(1, targets[:, None])[:, 0]
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-            mean_logits, is_top1 = logits.mean(-1), logits.argmax(-1) == targets  # argmax: the first maximum
-
-        def spread(x):  # per position, zero where the label is -100, as TRL's head returns them
-            return x.new_zeros(mask.shape).masked_scatter(mask, x)
-
-        log_probs = spread(picked)
-        return FusedCausalLMOutput(
-            loss=-log_probs.sum() / mask.sum().clamp(min=1), log_probs=log_probs, entropy=spread(entropy),
-            mean_logits=spread(mean_logits), is_top1=spread(is_top1), label_mask=mask,
-        )  # fmt: skip
-
-    base.forward = types.MethodType(forward, base)
-    return True
 
 
 def make_dpo_trainer(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSettings, cpu_head: bool = True):

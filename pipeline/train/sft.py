@@ -30,6 +30,7 @@ from pipeline.train.lora import (
     lora_config,
     merge_into,
     peak_memory_mb,
+    score_completions_only,
     tokens_seen,
     trainable_parameters,
     training_arguments,
@@ -69,9 +70,12 @@ def completion_loss(model, tokenizer, rows: list[dict]) -> float:
     return total / max(count, 1)
 
 
-def make_sft_trainer(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettings, history: list):
+def make_sft_trainer(
+    base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettings, history: list, cpu_head: bool = True
+):
     """The SFTTrainer on a 4-bit NF4 base with LoRA adapters and trainable chat-token rows, and the
-    held-out rows."""
+    held-out rows. `cpu_head`: score only the completion tokens on a CPU (`score_completions_only`);
+    False keeps TRL's own head (the tests compare the two)."""
     from peft import get_peft_model
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -89,6 +93,8 @@ def make_sft_trainer(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SF
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[history_callback(history)]
     )
+    if cpu_head:
+        score_completions_only(trainer.model)
     return trainer, tokenizer, held_rows
 
 
