@@ -129,7 +129,7 @@ def sft_model(
     return stage.finish(metadata)
 
 
-@asset(group_name="post_training", code_version="4", deps=[sft_model, dpo_data])
+@asset(group_name="post_training", code_version="5", deps=[sft_model, dpo_data])
 def dpo_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:

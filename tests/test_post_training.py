@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from pipeline.config import DPOSettings, SFTSettings
+from pipeline.config import DPOSettings, ProfileError, SFTSettings
 from pipeline.data.clean import read_split
 from pipeline.data.negatives import corruptions
 from pipeline.data.post_data import build_post_data, dpo_records, encode_pair, mine_functions, pair_check
@@ -438,3 +438,28 @@ def test_cpu_head_trains_what_trls_head_trains(tiny_base, small_corpus, tmp_path
     assert figs_cpu.keys() == figs_trl.keys()
     for key in ("logps/chosen", "logps/rejected", "entropy", "logits/chosen", "mean_token_accuracy", "num_tokens"):
         assert figs_cpu[key] == pytest.approx(figs_trl[key], rel=1e-4, abs=1e-5), key
+
+
+def test_dpo_sft_weight_adds_the_chosen_answers_nll(tiny_base, small_corpus, tmp_path):
+    """dpo.sft_weight w: the loss is DPO's plus w times the mean negative log-likelihood of the
+    chosen answers' tokens, computed here apart from the trainer on the same batch."""
+    data = tmp_path / "dpo"
+    build_post_data("dpo", read_split(small_corpus, "train"), [], data, 8, 0.1)
+    losses = {}
+    for w in (0.0, 2.0):
+        settings = DPOSettings(steps=2, batch=4, lora_r=4, lora_alpha=8, max_length=96, sft_weight=w)
+        trainer = make_dpo_trainer(tiny_base, data, tmp_path / str(w), settings)[0]
+        trainer.model.eval()
+        trainer.current_gradient_accumulation_steps = 1
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            losses[w] = trainer.compute_loss(trainer.model, batch).item()
+            half = len(batch["input_ids"]) // 2  # the chosen rows, then the rejected ones
+            ids, attention = batch["input_ids"][:half], batch["attention_mask"][:half]
+            logits = trainer.model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(2, ids[:, 1:, None])[..., 0]
+        nll = -logp[batch["completion_mask"][:half, 1:].bool()].mean().item()
+    assert losses[0.0] == pytest.approx(math.log(2), abs=1e-5)  # the policy is the reference at the start
+    assert losses[2.0] == pytest.approx(losses[0.0] + 2.0 * nll, rel=1e-4)
+    with pytest.raises(ProfileError, match="dpo.sft_weight must be 0 or more"):
+        DPOSettings(sft_weight=-1)

@@ -133,9 +133,11 @@ def make_dpo_trainer(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPO
         load_for_training(sft_checkpoint, s.quantize), lora_config(s.lora_r, s.lora_alpha, s.lora_dropout)
     )
     history: list[dict] = []
+    # dpo.sft_weight adds the chosen answers' log-likelihood, so they do not lose probability too
+    loss = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, s.sft_weight]} if s.sft_weight else {}
     args = training_arguments(
         DPOConfig, out_dir, s.steps, s.batch, s.grad_accum, s.lr, s.seed, beta=s.beta,
-        max_length=max_length,
+        max_length=max_length, **loss,
     )  # fmt: skip
     trainer = DPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=train, eval_dataset=held,
