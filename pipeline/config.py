@@ -270,8 +270,8 @@ class DPOSettings(SFTSettings):
     answers' tokens (TRL's `sft` loss type beside `sigmoid`). 0 is plain DPO. Plain DPO can raise
     the preference accuracy by making the chosen answers less likely too: on small, 2e-3 for 60
     steps gave held-out accuracy 0.484 -> 0.659 but bits per byte 1.783 -> 1.988 and SFT task
-    loss 5.10 -> 5.96; with sft_weight 1 on the same checkpoint and pairs, 0.484 -> 0.648 with
-    the task loss at 5.03 and bits per byte +0.016 (profiles/small.yaml)."""
+    loss 5.10 -> 5.96; with sft_weight 1, 0.495 -> 0.637 with the task loss 5.10 -> 5.03 and bits
+    per byte +0.013 (profiles/small.yaml)."""
     quantize: bool = False
     """Load the SFT checkpoint in 4-bit NF4 (QLoRA) for DPO too."""
     steps: int = 20
