@@ -101,7 +101,9 @@ def test_a_killed_study_resumes_without_repeating_finished_trials(ggufs, small_c
     before = {t.number: (t.params, t.value) for t in optuna.load_study(study_name=name, storage=storage).trials
               if t.state.is_finished()}  # fmt: skip
     assert len(before) >= 2
-    time.sleep(2.5)  # past the heartbeat's grace period: a trial cut off by the kill is now stale
+    # past the heartbeat's grace period (2 s) by more than SQLite's clock resolution (CURRENT_TIMESTAMP
+    # keeps whole seconds: a beat at 5.0 s checked at 7.6 s reads as 2 s old, not yet stale)
+    time.sleep(3.5)
     summary = _run(gguf, items, replace(SETTINGS, trials=len(before) + 2), storage)
     after = {t["number"]: (t["params"], t["value"]) for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED")}
     assert {n: after[n] for n in before} == before  # the finished trials are kept as they were
