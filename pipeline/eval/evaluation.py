@@ -32,7 +32,7 @@ from pipeline.eval.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
 from pipeline.eval.sandbox import check_available
 from pipeline.io import atomic_path, model_context, write_json, write_jsonl
 from pipeline.train.tokenizer import bits_per_byte as text_bits_per_byte
-from pipeline.train.tokenizer import document_start_ids, text_nats_and_bytes, texts_of, token_byte_lengths
+from pipeline.train.tokenizer import document_stream, text_nats_and_bytes, texts_of, token_byte_lengths
 
 LOWER_IS_BETTER = {"bits_per_byte"}
 Say = Callable[[str], None]  # where progress lines go (print, or a Dagster log)
@@ -56,10 +56,7 @@ def bits_per_byte(checkpoint: Path, texts: list[str], batch_size: int = 8, windo
     window = min(window, model.config.max_position_embeddings)
     eos = tok.eos_token_id
     token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float64)
-    start = document_start_ids(tok)
-    stream = [] if start else [eos]  # the first text's first token needs a token before it
-    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-        stream += [*start, *ids, eos]
+    stream = list(document_stream(tok, tok(texts, add_special_tokens=False)["input_ids"]))
     pad = -(len(stream) - 1) % window  # padding is <|eos|>: 0 bytes, so never scored
     x = torch.nn.functional.pad(torch.tensor(stream[:-1]), (0, pad), value=eos).view(-1, window)
     y = torch.nn.functional.pad(torch.tensor(stream[1:]), (0, pad), value=eos).view(-1, window)

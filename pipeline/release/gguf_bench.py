@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -416,16 +417,11 @@ def benchmark_all(files: dict, checkpoint: Path, validation_texts: list[str], se
     """Parity against `checkpoint` and speed/memory for each GGUF in `files` (kind -> path)."""
     from transformers import AutoTokenizer
 
-    from pipeline.train.tokenizer import ROUND_TRIP_SAMPLES, document_start_ids
+    from pipeline.train.tokenizer import ROUND_TRIP_SAMPLES, document_stream
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
-    start = document_start_ids(tok)
-    ids: list[int] = [] if start else [tok.eos_token_id]  # texts laid out as pretraining packs them
-    for text in validation_texts:
-        ids += [*start, *tok.encode(text, add_special_tokens=False), tok.eos_token_id]
-        if len(ids) >= settings.eval_tokens:
-            break
-    ids = ids[: settings.eval_tokens]
+    encoded = (tok.encode(text, add_special_tokens=False) for text in validation_texts)  # only as many as needed
+    ids = list(itertools.islice(document_stream(tok, encoded), settings.eval_tokens))
     if len(ids) < 2:
         raise KilnError("no validation text to measure perplexity on")
     window = within_context(settings.window, checkpoint, "gguf.window")

@@ -105,6 +105,16 @@ def document_start_ids(tokenizer) -> list[int]:
     return [] if bos is None or bos == tokenizer.eos_token_id else [bos]
 
 
+def document_stream(tokenizer, encoded: Iterable[list[int]]) -> Iterator[int]:
+    """Encoded texts laid out as pretraining packs them, each as <|bos|> text <|eos|>, for scoring:
+    without a bos of its own, an <|eos|> first, so the first text's first token has one before it."""
+    start, eos = document_start_ids(tokenizer), tokenizer.eos_token_id
+    if not start:
+        yield eos
+    for ids in encoded:
+        yield from (*start, *ids, eos)
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Ids that end a generation: end-of-sequence and <|end|>, which closes a chat turn (the GGUF's
     end-of-turn token), where the vocabulary has it."""
