@@ -124,7 +124,8 @@ def _finished(name: str, storage: str) -> list:
 @pytest.mark.slow  # worker processes importing llama.cpp and Optuna
 def test_two_workers_share_one_study(ggufs, small_corpus, tmp_path):
     gguf, storage = ggufs["Q4_K_M"], f"sqlite:///{tmp_path / 'shared.db'}"
-    name, quota = tuning.study_name(gguf, SETTINGS), 16
+    name, quota = tuning.study_name(gguf, SETTINGS), 40
+    # 40 trials: enough that the second worker, a spawned process importing llama.cpp, joins before the first is done
     args = ("kiln_next_line", SETTINGS.problems, list(read_split(small_corpus, "validation")), quota)
     ctx = multiprocessing.get_context("spawn")
     workers = [ctx.Process(target=_tune_shared, args=(gguf, args, storage)) for _ in range(2)]
