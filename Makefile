@@ -79,13 +79,13 @@ bench-serve: $(STAMP)
 # PostgreSQL, an MLflow tracking server on it and the Dagster daemon and UI on the same database, in
 # .services/; prints the environment that points kiln at them (also in .services/env.sh).
 services: postgres $(STAMP)
-	$(BIN)/python -m pipeline.services up
+	$(BIN)/python -m pipeline.deploy.services up
 
 services-down:
-	$(BIN)/python -m pipeline.services down
+	$(BIN)/python -m pipeline.deploy.services down
 
 services-status:
-	$(BIN)/python -m pipeline.services status
+	$(BIN)/python -m pipeline.deploy.services status
 
 clean-work:
 	rm -rf data/work

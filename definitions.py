@@ -28,7 +28,7 @@ STAGE_MODULES = [corpus, training, post_training, evaluation, release]
 
 
 def kiln_job(name: str, selection, description: str, compute: str):
-    """A job whose runs carry the tags the production run queue limits (pipeline/services.py): one run
+    """A job whose runs carry the tags the production run queue limits (pipeline/deploy/services.py): one run
     per `kiln/group` at a time, and one `kiln/compute: accelerator` run (training, evaluation,
     benchmarks) on the machine's cores or GPU at a time. Its run logs use kiln's logging set-up."""
     return define_asset_job(

@@ -8,7 +8,7 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image
 from assets.stage import Stage, StageConfig
-from pipeline import hub
+from pipeline.train import hub
 from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
 from pipeline.io import read_json

@@ -78,7 +78,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from hub_models import sample_texts
 
-    from pipeline.hub import resolve
+    from pipeline.train.hub import resolve
 
     held_out = sample_texts(60, seed=7)
     results = {}

@@ -1,6 +1,6 @@
 """Releases on the production deployment: N `kiln promote` / `kiln rollback` commands started at once
 from separate processes (serialized by the PostgreSQL advisory lock) against the same N commands
-run one after another, on services started in a temporary folder (pipeline/services.py).
+run one after another, on services started in a temporary folder (pipeline/deploy/services.py).
 
     python benchmarks/release_concurrency.py [--commands 8]
 

@@ -13,7 +13,7 @@ Then the verdict tricks (wrong completions that try to be scored as passing: a p
 marker, an exit hook that prints it after a failed assertion, an object whose `__eq__` always
 answers True, an int subclass doing the same) are scored by the previous sandbox and the current
 one, and the false passes counted. Only these harmless tricks run in the previous sandbox: the
-escapes of tests/test_sandbox.py (fork bombs, deleting files) would really escape it.
+escapes of tests/eval/test_sandbox.py (fork bombs, deleting files) would really escape it.
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.ingest import Source
 from pipeline.errors import KilnError
 from pipeline.layout import PROFILES_DIR
 from pipeline.schema import ProfileError, apply_values, read_yaml
+from pipeline.sources import Source
 
 
 @dataclass
@@ -44,7 +44,7 @@ class CorpusSettings:
             Source(builtin="python_docstrings"),
         ]
     )
-    """Where the text comes from (files, folders, HF datasets, builtins); see `pipeline.data.ingest.Source`."""
+    """Where the text comes from (files, folders, HF datasets, builtins); see `pipeline.sources.Source`."""
     code_share: float | None = 0.6
     """Share of bytes that is code (the rest prose); None keeps every document of every source."""
     max_bytes: int | None = 4_000_000

@@ -37,7 +37,7 @@ class Download(Command):
         parser.add_argument("--json", action="store_true", help="--list and --info as JSON")
 
     def run(self, args: argparse.Namespace) -> int:
-        from pipeline import hub
+        from pipeline.train import hub
         from pipeline.layout import model_cache_dir
 
         cache = Path(args.cache) if args.cache else model_cache_dir()

@@ -76,7 +76,7 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return [*start, *tokenizer(model_prompt(prompt), add_special_tokens=False)["input_ids"]]
 
 
-def _fit(ids: list[int], room: int) -> tuple[list[int], int]:
+def fit_prompt(ids: list[int], room: int) -> tuple[list[int], int]:
     """The last `room` tokens of a prompt, as lm-eval left-truncates a context, so that prompt and
     completion never pass the trained context; and how many tokens were cut."""
     return ids[-room:], max(len(ids) - room, 0)
@@ -140,7 +140,7 @@ def _hf_completer(checkpoint: Path, samples: int, temperature: float, max_new_to
 
     @torch.no_grad()
     def complete(prompts: list[str]) -> list[tuple[list[str], int]]:
-        fitted = [_fit(_prompt_ids(tok, p), room) for p in prompts]
+        fitted = [fit_prompt(_prompt_ids(tok, p), room) for p in prompts]
         batch = tok.pad({"input_ids": [ids for ids, _ in fitted]}, return_tensors="pt")
         width = batch["input_ids"].shape[1]
         out = model.generate(
@@ -169,7 +169,7 @@ class _StopAtSequences:
 
 
 def _gguf_completer(path: Path, samples: int, temperature: float, max_new_tokens: int, seed: int):
-    from pipeline.release.gguf_bench import load, usable_context
+    from pipeline.gguf import load, usable_context
 
     llm = load(path, n_ctx=HUMANEVAL_CONTEXT)  # or less: the context the file declares, the trained one
     room = _room(usable_context(llm), max_new_tokens, path)
@@ -178,7 +178,7 @@ def _gguf_completer(path: Path, samples: int, temperature: float, max_new_tokens
         return [complete_one(p) for p in prompts]
 
     def complete_one(prompt: str) -> tuple[list[str], int]:
-        ids, cut = _fit(_gguf_prompt_ids(llm, prompt), room)
+        ids, cut = fit_prompt(gguf_prompt_ids(llm, prompt), room)
         return [
             llm.create_completion(
                 ids, max_tokens=max_new_tokens, temperature=temperature if samples > 1 else 0.0,
@@ -190,7 +190,7 @@ def _gguf_completer(path: Path, samples: int, temperature: float, max_new_tokens
     return complete
 
 
-def _gguf_prompt_ids(llm, prompt: str) -> list[int]:
+def gguf_prompt_ids(llm, prompt: str) -> list[int]:
     """`_prompt_ids` with llama.cpp's own tokenizer: gguf_benchmark's parity check holds it equal to the HF one."""
     bos, eos = llm.token_bos(), llm.token_eos()
     start = [bos] if bos >= 0 and bos != eos else [eos]  # document_start_ids, read from the GGUF

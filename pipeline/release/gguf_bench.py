@@ -36,66 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KilnError
+from pipeline.gguf import THREADS, check_gguf, declared_context, load, usable_context
 from pipeline.io import within_context
 
 PARITY_LIMITS = {"F16": 0.01, "Q8_0": 0.03}  # relative perplexity difference allowed; others reported
-GGUF_MAGIC = b"GGUF"
-THREADS = os.cpu_count() or 1  # llama.cpp's threads, and the bandwidth measurement's
 LATENCY_REQUESTS = 100  # P99 of fewer requests is one or two samples' noise
 QUICK_REQUESTS = 20
 PROMPT_TOKENS, ANSWER_TOKENS = 32, 8  # one latency request: short, so that 100 of them stay cheap
-
-
-def check_gguf(path: Path) -> None:
-    """A clear error for a missing, truncated or foreign file before llama.cpp sees it."""
-    path = Path(path)
-    if not path.is_file():
-        raise KilnError(f"{path}: no such file")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head != GGUF_MAGIC:
-        raise KilnError(f"{path}: not a GGUF file (starts with {head!r}, not {GGUF_MAGIC!r})")
-
-
-def declared_context(path: Path) -> int:
-    """The context a GGUF declares (`<arch>.context_length`): for kiln's model, the trained one."""
-    from gguf import GGUFReader
-
-    check_gguf(path)
-    try:
-        reader = GGUFReader(str(path))
-        arch = reader.get_field("general.architecture")
-        field = arch and reader.get_field(f"{arch.contents()}.context_length")
-    except (ValueError, IndexError, KeyError) as exc:  # the reader's words for a cut-off or damaged header
-        raise KilnError(f"{path}: cannot read its metadata ({exc}); the file may be truncated or corrupt") from None
-    if field is None:
-        raise KilnError(f"{path}: the GGUF declares no context_length")
-    return int(field.contents())
-
-
-def load(path: Path, n_ctx: int | None = None, logits_all: bool = False, threads: int = THREADS):
-    """The GGUF under llama.cpp with `n_ctx` positions, never more than the file declares (its
-    `context_length`, the trained one); None: the declared context."""
-    import llama_cpp
-
-    from pipeline.release.gguf_export import quiet_native
-
-    declared = declared_context(path)
-    n_ctx = declared if n_ctx is None else min(n_ctx, declared)
-    try:
-        with quiet_native():
-            return llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=logits_all,
-                n_threads=threads, verbose=False,
-            )  # fmt: skip
-    except (ValueError, RuntimeError) as exc:  # llama-cpp-python's words for "could not load"
-        raise KilnError(f"{path}: llama.cpp cannot load it ({exc}); the file may be truncated or corrupt") from None
-
-
-def usable_context(llm) -> int:
-    """Positions a loaded model may use: llama.cpp pads its context (to a multiple of 256), but
-    llama-cpp-python's buffers and the model's training end at the context it was given."""
-    return min(llm.n_ctx(), llm.context_params.n_ctx)
 
 
 def _nll_windows(logits_fn, ids: list[int], window: int) -> tuple[float, int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KilnError
+from pipeline.gguf import quiet_native
 from pipeline.io import atomic_path
 from pipeline.train.tokenizer import (
     BYTE_LEVEL_BPE,
@@ -270,24 +271,6 @@ def _add_tensors(writer, shards: list[Path], cfg: dict) -> None:
                 data = rotary_permute(data, n_kv)
             # matrices in F16; norms (1-D) stay F32, as llama.cpp expects
             writer.add_tensor(gguf_name, data.astype(np.float16 if data.ndim == 2 else np.float32))
-
-
-@contextlib.contextmanager
-def quiet_native():
-    """Silence what llama.cpp's C code prints on stdout/stderr (a line per tensor when quantizing)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
 
 
 def quantize(f16: Path, out: Path, kind: str, threads: int = 0) -> Path:

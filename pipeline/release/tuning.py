@@ -101,7 +101,7 @@ def _next_line_items(n: int, validation: list[dict]) -> list[Item]:
 def sampler_values(trial, settings: TuneSettings) -> dict:
     """One trial's sampler values: searched ranges from the trial, fixed ones as given, the
     rest at the default preset's."""
-    from pipeline.serve.presets import Preset
+    from pipeline.presets import Preset
 
     values = {k: getattr(Preset(), k) for k in PARAMS}
     for name, r in dataclasses.asdict(settings.space).items():
@@ -121,13 +121,13 @@ def complete_all(llm, items: list[Item], values: dict, seed: int, step: Callable
     `step(i, score, tps)` sees the running figures after each item and may raise optuna.TrialPruned."""
     import llama_cpp
 
-    from pipeline.eval.humaneval import _fit, _gguf_prompt_ids
-    from pipeline.release.gguf_bench import usable_context
+    from pipeline.eval.humaneval import fit_prompt, gguf_prompt_ids
+    from pipeline.gguf import usable_context
 
     right, tokens, seconds = 0, 0, 0.0
     for i, item in enumerate(items):
         # the prompt keeps its end so that it and the answer fit the trained context
-        ids, _ = _fit(_gguf_prompt_ids(llm, item.prompt), max(usable_context(llm) - values["max_tokens"], 1))
+        ids, _ = fit_prompt(gguf_prompt_ids(llm, item.prompt), max(usable_context(llm) - values["max_tokens"], 1))
         llama_cpp.llama_perf_context_reset(llm.ctx)
         start = time.perf_counter()
         out = llm.create_completion(
@@ -215,7 +215,7 @@ def tune(
     import optuna
     from tqdm import tqdm
 
-    from pipeline.release.gguf_bench import check_gguf, load
+    from pipeline.gguf import check_gguf, load
 
     check_gguf(Path(gguf))  # a missing or foreign file is one line, before its hash names the study
     if not settings.space.searched():
@@ -282,7 +282,7 @@ def summarize(study, storage: str, settings: TuneSettings, items: int) -> dict:
     when no trial finished or none met the latency floor."""
     import optuna
 
-    from pipeline.serve.presets import Preset, load_presets
+    from pipeline.presets import Preset, load_presets
 
     trials = [_trial_row(t) for t in study.trials]
     complete = [t for t in trials if t["state"] == "COMPLETE"]

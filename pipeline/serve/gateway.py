@@ -1,5 +1,5 @@
-"""The HTTP gateway (FastAPI): the state every route shares, and the app that mounts kiln's own routes
-(kiln_api.py) and the OpenAI-compatible ones (openai_api.py).
+"""The HTTP gateway (FastAPI): the state every route shares. app.py builds the app that mounts kiln's own
+routes (kiln_api.py) and the OpenAI-compatible ones (openai_api.py) over it.
 
     GET  /                      model, version, alias, replicas ready/total, uptime
     GET  /health                200 once a replica is warm, else 503
@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.middleware.cors import CORSMiddleware
+from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pipeline.serve.guards import Admission, Auth, RateLimiter, Rejected, retry_after_header
 from pipeline.serve.inference import Call, Inference, InferenceError, loop_deadline, prepare_text
 from pipeline.serve.metrics import Metrics
-from pipeline.serve.presets import DEFAULT, Preset
+from pipeline.presets import DEFAULT, Preset
 from pipeline.serve.rollout import Deployment
 
 log = logging.getLogger("kiln.serve")
@@ -140,58 +138,3 @@ class Gateway:
             stream = reframe(stream, call)
         headers = {**STREAM_HEADERS, "X-Request-Id": call.request_id}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-
-
-class RouteCounter:
-    """Pure ASGI middleware: counts every response by route and status (no per-chunk cost)."""
-
-    def __init__(self, app, metrics: Metrics, routes: set[str]) -> None:
-        self.app, self.metrics, self.routes = app, metrics, routes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in self.routes else "other"
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                self.metrics.requests.labels(route, str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
-def create_app(settings, deployment: Deployment, metrics: Metrics, on_startup_failure=None) -> FastAPI:
-    from pipeline.serve.kiln_api import router as kiln_router
-    from pipeline.serve.openai_api import router as openai_router
-
-    gw = Gateway(settings, deployment, metrics)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        async def start():
-            try:
-                await deployment.start()
-            except Exception:  # deployment.error says why; /health stays 503
-                if on_startup_failure:
-                    on_startup_failure()
-
-        task = asyncio.create_task(start())  # /health answers 503 while the replicas load
-        yield
-        task.cancel()
-        await deployment.stop()
-
-    app = FastAPI(title="kiln serve", lifespan=lifespan)
-    app.state.kiln = gw
-    app.state.guard = gw.guard
-
-    app.include_router(kiln_router)
-    app.include_router(openai_router)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
-            expose_headers=["X-Request-Id", "Retry-After"],
-        )  # fmt: skip
-    routes = {r.path for router in (kiln_router, openai_router) for r in router.routes if hasattr(r, "path")}
-    app.add_middleware(RouteCounter, metrics=metrics, routes=routes)
-    return app

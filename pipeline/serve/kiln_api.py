@@ -21,7 +21,7 @@ from pipeline import logs
 from pipeline.serve.gateway import STREAM_HEADERS, Gateway
 from pipeline.serve.guards import Rejected
 from pipeline.serve.inference import Call, sse_event
-from pipeline.serve.presets import DEFAULT, Preset
+from pipeline.presets import DEFAULT, Preset
 
 log = logs.get("api")
 router = APIRouter()

@@ -25,7 +25,7 @@ import aiohttp
 
 from pipeline.io import free_port
 from pipeline.layout import cache_dir
-from pipeline.release.gguf_bench import declared_context
+from pipeline.gguf import declared_context
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.source import ModelSource
 

@@ -35,7 +35,7 @@ def file_target(path: Path):
 def build(settings, target, canary=None, canary_share: float = 0.0, on_startup_failure=None):
     """The FastAPI app and its deployment; the replicas start when the app starts (its lifespan)."""
     from pipeline.serve import engine
-    from pipeline.serve.gateway import create_app
+    from pipeline.serve.app import create_app
     from pipeline.serve.metrics import Metrics
     from pipeline.serve.rollout import Deployment
 

@@ -17,7 +17,7 @@ from pipeline.errors import KilnError
 from pipeline.io import atomic_path
 from pipeline.layout import cache_dir
 from pipeline.release import registry
-from pipeline.serve.presets import Preset, load_presets
+from pipeline.presets import Preset, load_presets
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KilnError
-from pipeline.hub import resolve
+from pipeline.train.hub import resolve
 from pipeline.io import atomic_path, write_json
 from pipeline.train.tokenizer import (
     bits_per_byte,
@@ -75,7 +75,7 @@ def pretrained_base(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.eval.evaluation import bits_per_byte as model_bits_per_byte
+    from pipeline.train.scoring import bits_per_byte as model_bits_per_byte
 
     folder = resolve(ref, revision)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))

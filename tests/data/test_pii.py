@@ -113,7 +113,7 @@ def test_labelled_set_per_kind():
     from collections import Counter
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "data" / "pii_labelled.jsonl"
+    path = Path(__file__).resolve().parents[2] / "data" / "pii_labelled.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     assert sum(bool(r["pii"]) for r in rows) >= 40 and sum(not r["pii"] for r in rows) >= 30
     for finder in (find_pii, scan_pii):

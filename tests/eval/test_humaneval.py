@@ -7,7 +7,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.errors import KilnError
 from pipeline.eval.humaneval import (
-    _gguf_prompt_ids,
+    gguf_prompt_ids,
     _prompt_ids,
     generate,
     pass_at_k,
@@ -83,7 +83,7 @@ def test_the_model_is_sent_the_prompt_without_its_trailing_newline(tiny_base, gg
     llm = load(ggufs["F16"])
     try:
         for prompt in prompts:
-            ids = _gguf_prompt_ids(llm, prompt)
+            ids = gguf_prompt_ids(llm, prompt)
             assert ids[0] == llm.token_bos() == tok.bos_token_id and llm.detokenize(ids[1:]).decode() == prompt.rstrip()
     finally:
         llm.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ASSETS = {
     "raw_corpus": "data", "clean_corpus": "data", "tokenizer": "training", "base_model": "training",
     "sft_data": "post_training", "dpo_data": "post_training", "sft_model": "post_training",

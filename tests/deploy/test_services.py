@@ -1,5 +1,5 @@
 """The production deployment against real services: PostgreSQL, an MLflow tracking server on it and
-Dagster's PostgreSQL storage, started once for the session by `pipeline.services` (what `make
+Dagster's PostgreSQL storage, started once for the session by `pipeline.deploy.services` (what `make
 services` runs) in a temporary folder on free loopback ports, and stopped afterwards."""
 
 import json

@@ -1,0 +1,70 @@
+"""The FastAPI app of `kiln serve`: the shared Gateway, kiln's own routes (kiln_api.py), the
+OpenAI-compatible ones (openai_api.py), CORS and the per-route response counter. The routers import the
+gateway, and this module imports both, so the imports run one way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from pipeline.serve.gateway import Gateway
+from pipeline.serve.kiln_api import router as kiln_router
+from pipeline.serve.metrics import Metrics
+from pipeline.serve.openai_api import router as openai_router
+from pipeline.serve.rollout import Deployment
+
+
+class RouteCounter:
+    """Pure ASGI middleware: counts every response by route and status (no per-chunk cost)."""
+
+    def __init__(self, app, metrics: Metrics, routes: set[str]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.routes else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def create_app(settings, deployment: Deployment, metrics: Metrics, on_startup_failure=None) -> FastAPI:
+    gw = Gateway(settings, deployment, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def start():
+            try:
+                await deployment.start()
+            except Exception:  # deployment.error says why; /health stays 503
+                if on_startup_failure:
+                    on_startup_failure()
+
+        task = asyncio.create_task(start())  # /health answers 503 while the replicas load
+        yield
+        task.cancel()
+        await deployment.stop()
+
+    app = FastAPI(title="kiln serve", lifespan=lifespan)
+    app.state.kiln = gw
+    app.state.guard = gw.guard
+
+    app.include_router(kiln_router)
+    app.include_router(openai_router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )  # fmt: skip
+    routes = {r.path for router in (kiln_router, openai_router) for r in router.routes if hasattr(r, "path")}
+    app.add_middleware(RouteCounter, metrics=metrics, routes=routes)
+    return app

@@ -1,0 +1,54 @@
+"""A source of the corpus, as a profile names it (`corpus.sources`) and raw_corpus reads it.
+
+It lives in the core, below both the profile schema (`pipeline.config`) and the stage that reads
+it (`pipeline.data.ingest`), so that each may import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import KilnError
+
+BUILTINS = ("python_stdlib", "python_docs", "python_docstrings", "site_packages", "korean_prose")
+
+
+class IngestError(KilnError):
+    """A source that cannot be read as asked: the message names the file or setting."""
+
+
+@dataclass
+class Source:
+    """One input of the corpus. Exactly one of `path`, `builtin` and `hf_dataset` is set."""
+
+    path: str | None = None
+    """A file or a folder (searched recursively) of text, code, JSONL or Parquet files."""
+    builtin: str | None = None
+    """Real text on every machine: python_stdlib (code), python_docs (Python's reference
+    documentation in pydoc_data), python_docstrings (the stdlib's docstrings, prose),
+    site_packages (the source of the installed Python packages, code), korean_prose (the
+    Constitution of the Republic of Korea and ten National Assembly bills, from the konlpy
+    package's data; prose, lang `ko`)."""
+    hf_dataset: str | None = None
+    """A Hugging Face dataset name or local dataset folder, loaded with `datasets.load_dataset`."""
+    hf_config: str | None = None
+    """The dataset's configuration name, if it has several."""
+    split: str = "train"
+    """The dataset split to read."""
+    text_field: str = "text"
+    """The field holding the text in JSONL, Parquet and dataset records."""
+    kind: str = "auto"
+    """code, prose, or auto (code when the file's suffix is a programming language)."""
+
+    def __post_init__(self) -> None:
+        chosen = [n for n in ("path", "builtin", "hf_dataset") if getattr(self, n)]
+        if len(chosen) != 1:
+            raise IngestError(f"a source needs exactly one of path, builtin, hf_dataset; got {chosen or 'none'}")
+        if self.builtin and self.builtin not in BUILTINS:
+            raise IngestError(f"unknown builtin source {self.builtin!r}; choose from {', '.join(BUILTINS)}")
+        if self.kind not in ("auto", "code", "prose"):
+            raise IngestError(f"source kind must be auto, code or prose, not {self.kind!r}")
+
+    @property
+    def label(self) -> str:
+        return self.path or self.builtin or f"hf:{self.hf_dataset}"
