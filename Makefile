@@ -19,7 +19,7 @@ export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install server sandbox postgres services services-down services-status ui mlflow-ui bench \
+.PHONY: run test install server server-required sandbox postgres services services-down services-status ui mlflow-ui bench \
 	bench-serve serve clean-work
 
 install: sandbox $(STAMP) server
@@ -32,11 +32,12 @@ sandbox:
 		|| echo "bubblewrap is missing: sudo apt-get install bubblewrap (HumanEval scoring needs it)"
 
 # The production deployment on one machine (`make services`) runs Debian's PostgreSQL: installed when
-# missing and this is root, as bubblewrap is; the services tests install it the same way or skip.
+# missing and this is root, as bubblewrap is. `make test` needs it: a failed install stops it here, with
+# apt's own error, rather than turning the services tests into skips.
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 		{ apt-get install -y postgresql || { apt-get update && apt-get install -y postgresql; }; }; } \
-		|| echo "postgresql is missing: sudo apt-get install postgresql (make services and its tests need it)"
+		|| { echo "postgresql is missing: sudo apt-get install postgresql (make services and its tests need it)"; exit 1; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,13 +48,18 @@ $(STAMP): pyproject.toml
 server: $(STAMP)
 	$(BIN)/python -m pipeline.serve.engine || echo "llama-server was not built: kiln serve and its tests will say why"
 
+# `make test` needs llama-server: a failed build stops it here, after the compiler's own error.
+server-required: $(STAMP)
+	$(BIN)/python -m pipeline.serve.engine
+
 # FORCE=1: compute every stage again and register a new version even when nothing changed.
 run: sandbox $(STAMP)
 	time $(BIN)/kiln run --profile $(PROFILE) $(if $(FORCE),--force)
 
-test: sandbox postgres $(STAMP) server
+# KILN_REQUIRE_SERVICES: a test that finds llama-server or PostgreSQL missing fails instead of skipping
+test: sandbox postgres $(STAMP) server-required
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	KILN_REQUIRE_SERVICES=1 $(BIN)/python -m pytest
 
 ui: $(STAMP)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

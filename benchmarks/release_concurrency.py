@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import services
+from pipeline.deploy import services
 from pipeline.layout import REPO_ROOT
 from pipeline.release import registry
 from pipeline.tracking import LOCK_DATABASE_ENV, client, experiment_id

@@ -118,16 +118,20 @@ def postgres_bin() -> Path | None:
 def ensure_postgres() -> Path:
     """The PostgreSQL programs, installed from Debian's `postgresql` package when missing and root
     (as the Makefile's `postgres` target does); a KilnError saying how to install them otherwise."""
+    apt_said = ""
     if postgres_bin() is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         install = ["apt-get", "install", "-y", "postgresql"]
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        if subprocess.call(install, env=env, **quiet) != 0:
-            subprocess.call(["apt-get", "update"], env=env, **quiet)
-            subprocess.call(install, env=env, **quiet)
+        done = subprocess.run(install, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True)
+            done = subprocess.run(install, env=env, capture_output=True, text=True)
+        # apt's own last words, so a failed install says why (a missing package, no network, a held lock)
+        apt_said = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:]) if done.returncode else ""
     found = postgres_bin()
     if found is None:
-        raise KilnError("PostgreSQL is not installed: sudo apt-get install -y postgresql (Debian's package)")
+        why = f" (apt-get install postgresql: {apt_said})" if apt_said else ""
+        raise KilnError(f"PostgreSQL is not installed: sudo apt-get install -y postgresql (Debian's package){why}")
     return found
 
 

@@ -12,6 +12,7 @@ the other.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -243,9 +244,31 @@ def resolve(uri: str, profile: str, alias_or_version: str) -> tuple[str, dict[st
     return version, dict(_call(uri, "reading the version", lambda: c.get_model_version(name, version)).tags)
 
 
-def _append_history(c, name: str, event: dict) -> None:
+def _append_history(c, name: str, event: dict) -> str:
     index = sum(1 for k in c.get_registered_model(name).tags if k.startswith(HISTORY))
     c.set_registered_model_tag(name, f"{HISTORY}{index:04d}", json.dumps(event))
+    return f"{HISTORY}{index:04d}"
+
+
+def _move_production(c, name: str, event: dict) -> dict:
+    """Record `event` in the history, then point production at its version. The registry cannot write
+    both at once: a failed alias write takes the event back, and a command that dies between the two
+    leaves the history one step ahead, which the next promote or rollback completes (`_complete_move`)."""
+    tag = _append_history(c, name, event)
+    try:
+        c.set_registered_model_alias(name, PRODUCTION, event["to"])
+    except Exception:
+        with contextlib.suppress(Exception):  # if this fails too, _complete_move finishes the move later
+            c.delete_registered_model_tag(name, tag)
+        raise
+    return event
+
+
+def _complete_move(c, name: str, events: list[dict]) -> None:
+    """Production where the last event put it, when it is still where that event found it: the state an
+    interrupted `_move_production` leaves. An alias moved by hand elsewhere is left alone."""
+    if events and events[-1]["to"] != _current(c, name) == events[-1]["from"]:
+        c.set_registered_model_alias(name, PRODUCTION, events[-1]["to"])
 
 
 def _who() -> str:
@@ -262,11 +285,10 @@ def promote(uri: str, profile: str, version: str | None = None) -> dict:
 
     def do():
         with _lock(uri, name):  # read the current production and write the event as one step
+            _complete_move(c, name, history(uri, profile))
             previous = _current(c, name)
-            c.set_registered_model_alias(name, PRODUCTION, target)
             event = {"action": "promote", "to": target, "from": previous, "who": _who(), "when": time.time()}
-            _append_history(c, name, event)
-            return event
+            return _move_production(c, name, event)
 
     return _call(uri, "promote", do)
 
@@ -292,16 +314,15 @@ def rollback(uri: str, profile: str) -> dict:
 
     def do():
         with _lock(uri, name):
+            _complete_move(c, name, history(uri, profile))
             stack = _production_stack(history(uri, profile))
             if len(stack) < 2:
                 raise KilnError(f"{name}: no earlier production version to roll back to")
             previous, target = stack[-1], stack[-2]
             with tempfile.TemporaryDirectory(prefix="kiln-verify-") as tmp:  # its files, as for a promotion
                 verify(uri, profile, target, Path(tmp))
-            c.set_registered_model_alias(name, PRODUCTION, target)
             event = {"action": "rollback", "to": target, "from": previous, "who": _who(), "when": time.time()}
-            _append_history(c, name, event)
-            return event
+            return _move_production(c, name, event)
 
     return _call(uri, "rollback", do)
 

@@ -140,6 +140,7 @@ def score_completions_only(model) -> bool:
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels, **kwargs)
         from trl.trainer.utils import FusedCausalLMOutput
 
+        self.kiln_head_calls += 1  # the tests check TRL still asks for this head: a newer TRL may not
         kwargs.pop("num_items_in_batch", None)
         hidden = self.base_model(*args, **{**kwargs, "use_cache": False}).last_hidden_state[:, :-1]
         labels = labels[:, 1:]
@@ -162,6 +163,7 @@ def score_completions_only(model) -> bool:
             mean_logits=spread(mean_logits), is_top1=spread(is_top1), label_mask=mask,
         )  # fmt: skip
 
+    base.kiln_head_calls = 0
     base.forward = types.MethodType(forward, base)
     return True
 

@@ -142,8 +142,12 @@ def test_hostile_completions_are_contained(tmp_path, monkeypatch):
     outcomes = dict(zip(hostile, results[1:], strict=True))
     false_passes = [name for name, r in outcomes.items() if r["passed"]]
     assert false_passes == []
-    assert wall < 60, f"{len(samples)} samples took {wall:.0f}s"
-    time.sleep(0.5)  # anything that escaped has had time to act
+    assert wall < 120, f"{len(samples)} samples took {wall:.0f}s"  # not a speed bound: nothing waited 60 s
+    # A killed sandbox's processes take a moment to be reaped; one that escaped sleeps 60 s (and runs as a
+    # sandbox user from its fork on): wait for the first to go, well short of the second's end.
+    deadline = time.monotonic() + 20
+    while _processes_with(token) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _processes_with(token) == [], "a process outlived its sandbox"
     assert (
         sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"] and (tmp_path / "keep.txt").read_text() == "precious"
@@ -164,7 +168,8 @@ def test_scratch_folder_is_writable_and_the_verdict_holds(tmp_path):
     assert run_tests(p["prompt"], writes, p["test"], p["entry_point"]).passed  # its own folder is allowed
     slow_start = time.perf_counter()
     out = run_tests(p["prompt"], "    while True:\n        pass\n", p["test"], p["entry_point"], timeout=1.0)
-    assert out.reason == "timeout" and time.perf_counter() - slow_start < 5
+    # the loop never ends: returning at all shows the timeout; the bound only rules out waiting for something else
+    assert out.reason == "timeout" and time.perf_counter() - slow_start < 30
 
 
 def test_plain_values_round_trip_and_refuse_the_rest():
@@ -238,5 +243,5 @@ def test_a_runner_that_stops_reading_cannot_hold_the_scorer():
         "    return 0\nimport sys, time\nsys.modules['__main__']._requests = iter(lambda: time.sleep(60), 1)\n"
     )
     out = run_tests(prompt, stop_reading, test, "total", timeout=2.0)
-    assert out.reason == "timeout" and time.perf_counter() - start < 6
+    assert out.reason == "timeout" and time.perf_counter() - start < 30  # the runner would sleep 60 s
     assert run_tests(prompt, "    return sum(xs)\n", test, "total", timeout=10.0).passed  # the same size answered

@@ -71,6 +71,58 @@ def test_promote_promote_rollback_rollback(store):
     assert [r["version"] for r in registry.list_versions(uri, "test")] == ["1", "2"]  # nothing deleted
 
 
+def _production(uri: str) -> str | None:
+    return next((r["version"] for r in registry.list_versions(uri, "test") if "production" in r["aliases"]), None)
+
+
+def _failing(monkeypatch, method: str, once: bool = True):
+    """The registry client's `method` raises (a store that drops the connection between two writes): a
+    failure the real store cannot be made to produce on cue."""
+    from mlflow import MlflowClient
+
+    real, calls = getattr(MlflowClient, method), []
+
+    def broken(self, *args, **kwargs):
+        calls.append(args)
+        if once and len(calls) > 1:
+            return real(self, *args, **kwargs)
+        raise ConnectionError("the store went away")
+
+    monkeypatch.setattr(MlflowClient, method, broken)
+    return calls
+
+
+def test_a_promote_that_fails_between_its_writes_leaves_history_and_alias_agreeing(store, monkeypatch):
+    uri, (v1, v2) = store
+    registry.promote(uri, "test", v1)
+    calls = _failing(monkeypatch, "set_registered_model_alias")
+    with pytest.raises(KilnError, match="the store went away"):
+        registry.promote(uri, "test", v2)
+    assert calls and _production(uri) == "1"  # the alias write was tried, and failed
+    assert [e["to"] for e in registry.history(uri, "test")] == ["1"]  # the event was taken back
+    monkeypatch.undo()
+    registry.promote(uri, "test", v2)
+    assert registry.rollback(uri, "test")["to"] == "1" and _production(uri) == "1"
+    assert [(e["action"], e["to"]) for e in registry.history(uri, "test")] == [
+        ("promote", "1"), ("promote", "2"), ("rollback", "1"),
+    ]  # fmt: skip
+
+
+def test_a_promote_that_dies_between_its_writes_is_completed_by_the_next_command(store, monkeypatch):
+    """The alias write and the take-back both fail (the command died there): the history is one step
+    ahead, and the next rollback first completes that move, so it goes back to the right version."""
+    uri, (v1, v2) = store
+    registry.promote(uri, "test", v1)
+    _failing(monkeypatch, "set_registered_model_alias")
+    _failing(monkeypatch, "delete_registered_model_tag", once=False)
+    with pytest.raises(KilnError):
+        registry.promote(uri, "test", v2)
+    monkeypatch.undo()
+    assert _production(uri) == "1" and [e["to"] for e in registry.history(uri, "test")] == ["1", "2"]
+    back = registry.rollback(uri, "test")
+    assert (back["from"], back["to"]) == ("2", "1") and _production(uri) == "1"
+
+
 def test_rollback_twice_walks_back(store, tmp_path):
     uri, (v1, v2) = store
     run = pipeline_run(uri, "test", "dagster-run-3")

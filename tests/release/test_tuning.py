@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -123,30 +124,33 @@ def _finished(name: str, storage: str) -> list:
 
 @pytest.mark.slow  # worker processes importing llama.cpp and Optuna
 def test_two_workers_share_one_study(ggufs, small_corpus, tmp_path):
+    """Two processes on one study share its quota and its history (no trial's values drawn twice). Both
+    start from a barrier once set up, but how the trials split between them is the scheduler's business:
+    the assertions hold whichever worker ran how many."""
     gguf, storage = ggufs["Q4_K_M"], f"sqlite:///{tmp_path / 'shared.db'}"
-    name, quota = tuning.study_name(gguf, SETTINGS), 40
-    # 40 trials: enough that the second worker, a spawned process importing llama.cpp, joins before the first is done
+    name, quota = tuning.study_name(gguf, SETTINGS), 16
     args = ("kiln_next_line", SETTINGS.problems, list(read_split(small_corpus, "validation")), quota)
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_tune_shared, args=(gguf, args, storage)) for _ in range(2)]
-    workers[0].start()
-    deadline = time.monotonic() + 120
-    while not _finished(name, storage) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    workers[1].start()  # once the first has a trial: it sees that history, so it is seeded after it
+    ready = ctx.Barrier(2)
+    workers = [ctx.Process(target=_tune_shared, args=(gguf, args, storage, ready)) for _ in range(2)]
     for w in workers:
-        w.join(timeout=180)
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
     assert [w.exitcode for w in workers] == [0, 0]
     finished = _finished(name, storage)
-    assert quota <= len(finished) <= quota + 1  # plus at most the other worker's trial in flight at the quota
-    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both did some of the work
+    # one study's quota, not one per worker: plus at most the other worker's trial in flight at the quota
+    assert quota <= len(finished) <= quota + 1
+    assert {t.user_attrs["worker"] for t in finished} <= {f"{socket.gethostname()}:{w.pid}" for w in workers}
     params = [json.dumps(t.params, sort_keys=True) for t in finished]
     assert len(set(params)) == len(params)
 
 
-def _tune_shared(gguf, items_args, storage):
+def _tune_shared(gguf, items_args, storage, ready):
     objective, problems, validation, quota = items_args
-    _run(gguf, tuning.heldout_items(objective, problems, validation), replace(SETTINGS, trials=quota), storage)
+    items = tuning.heldout_items(objective, problems, validation)
+    ready.wait(timeout=120)  # both imported and set up: neither has a head start of a process start-up
+    _run(gguf, items, replace(SETTINGS, trials=quota), storage)
 
 
 def test_bad_studies_are_one_line(ggufs, items, tmp_path):

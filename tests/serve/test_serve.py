@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from needs import unavailable
 
 from pipeline.errors import KilnError
 from pipeline.serve import engine
@@ -187,7 +188,7 @@ def llama_server() -> Path:
     try:
         return engine.locate()
     except engine.EngineUnavailable as exc:
-        pytest.skip(f"llama-server is not available: {exc}")
+        unavailable("llama-server", exc)
 
 
 @pytest.fixture(scope="module")

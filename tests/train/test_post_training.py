@@ -281,6 +281,19 @@ def test_sft_trains_4bit_layers_with_masked_prompt(tiny_base, sft_data, tmp_path
     assert (labels[n_prompt:] == ids[n_prompt:]).all()  # the completion does
 
 
+def assert_trl_called_the_head(trainer, cpu_head: bool) -> None:
+    """Equal losses prove nothing if TRL no longer asks for the fused head: then both runs used TRL's
+    own path. Count the CPU head's calls in the step just taken."""
+    import trl
+
+    calls = getattr(trainer.model.get_base_model(), "kiln_head_calls", 0)
+    assert (calls > 0) == cpu_head, (
+        f"TRL {trl.__version__} called kiln's CPU head {calls} times in one training step: it no longer asks the "
+        "model for per-token log-probs with fused_lm_head=True; install the locked TRL (make lock pins it) or "
+        "update pipeline/train/lora.py score_completions_only"
+    )
+
+
 def test_cpu_head_trains_what_trls_head_trains_in_sft(tiny_base, sft_data, tmp_path):
     """The same CPU head under SFTTrainer (NF4 base, LoRA, trainable chat-token rows behind peft's
     wrapper of the tied output layer): TRL's loss, gradients and logged figures on the same batch."""
@@ -295,6 +308,7 @@ def test_cpu_head_trains_what_trls_head_trains_in_sft(tiny_base, sft_data, tmp_p
         batch = next(iter(trainer.get_train_dataloader()))
         assert (batch["labels"] == -100).any()  # prompts not scored
         loss = trainer.training_step(trainer.model, batch).item()
+        assert_trl_called_the_head(trainer, cpu_head)
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
         runs[cpu_head] = loss, grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
     (loss_trl, grads_trl, figs_trl), (loss_cpu, grads_cpu, figs_cpu) = runs[False], runs[True]
@@ -426,6 +440,7 @@ def test_cpu_head_trains_what_trls_head_trains(tiny_base, small_corpus, tmp_path
         batch = next(iter(trainer.get_train_dataloader()))
         assert batch["completion_mask"].sum() < batch["attention_mask"].sum()  # prompts (and padding) not scored
         loss = trainer.training_step(trainer.model, batch).item()
+        assert_trl_called_the_head(trainer, cpu_head)
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
         figures = {k: v[-1] for k, v in trainer._metrics["train"].items()}
         runs[cpu_head] = loss, grads, figures

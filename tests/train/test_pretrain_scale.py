@@ -149,6 +149,12 @@ def test_device_report_on_this_machine(capsys):
         assert (
             report["device"] == "cpu" and report["pretrain_loss"] == "chunked" and report["bitsandbytes_cuda"] is None
         )
+    else:  # the GPU this machine has, and what kiln will train it with
+        from pipeline.train.loss import liger_installed
+
+        assert report["device"] == torch.cuda.get_device_name() and report["cuda_version"] == torch.version.cuda
+        assert report["pretrain_loss"] == ("fused" if liger_installed() else "chunked")
+        assert report["bf16"] == torch.cuda.is_bf16_supported() and isinstance(report["bitsandbytes_cuda"], bool)
 
 
 def test_device_check_fails_clearly_without_a_cuda_bitsandbytes(monkeypatch, capsys):
