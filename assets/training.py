@@ -8,10 +8,10 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image
 from assets.stage import Stage, StageConfig
-from pipeline.train import hub
 from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
 from pipeline.io import read_json
+from pipeline.train import hub
 from pipeline.train.pretrain import build_base_model
 from pipeline.train.pretrained import pretrained_base, pretrained_tokenizer
 from pipeline.train.tokenizer import build_tokenizer

@@ -87,7 +87,8 @@ def violations(root: Path) -> list[str]:
                 across = RUNGS[t_pkg] == RUNGS[own] and t_pkg != own and RUNGS[own] > 0
                 if up or across:
                     found.append(f"{where}:{line}: {module} (rung {RUNGS[own]}) imports {t} (rung {RUNGS[t_pkg]})")
-            private = [n for n in names if n.startswith("_") and not n.startswith("__") and f"{target}.{n}" not in modules]
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            private = [n for n in private if f"{target}.{n}" not in modules]  # a private module is named, not taken
             if private and target != module:
                 found.append(f"{where}:{line}: {module} imports private {', '.join(private)} from {target}")
     found += [f"import cycle: {' -> '.join(c)}" for c in cycles(edges)]

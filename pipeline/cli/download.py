@@ -37,8 +37,8 @@ class Download(Command):
         parser.add_argument("--json", action="store_true", help="--list and --info as JSON")
 
     def run(self, args: argparse.Namespace) -> int:
-        from pipeline.train import hub
         from pipeline.layout import model_cache_dir
+        from pipeline.train import hub
 
         cache = Path(args.cache) if args.cache else model_cache_dir()
         chosen = [bool(args.model), bool(args.config), args.list, bool(args.info)]

@@ -31,9 +31,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.errors import KilnError
 from pipeline.io import atomic_path
-from pipeline.sources import BUILTINS, IngestError, Source
+from pipeline.sources import IngestError, Source
 
 CODE_SUFFIXES = {
     ".py": "python", ".pyi": "python", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp",
@@ -44,6 +43,8 @@ CODE_SUFFIXES = {
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
+
+
 @dataclass
 class IngestStats:
     documents: int = 0

@@ -1,11 +1,11 @@
 """The production deployment on one machine: PostgreSQL, an MLflow tracking server on it, and a
 Dagster instance on the same database, started and stopped by kiln.
 
-    python -m pipeline.deploy.services up       # (make services) start what is not running, print the environment
-    python -m pipeline.deploy.services env      # the environment again: eval "$(python -m pipeline.deploy.services env)"
-    python -m pipeline.deploy.services status   # (make services-status) each service: up or down, pid, port, URL
+    python -m pipeline.deploy.services up      # (make services) start what is not running, print the environment
+    python -m pipeline.deploy.services env     # the environment again, for eval "$(...)"
+    python -m pipeline.deploy.services status  # (make services-status) each service: up or down, pid, port, URL
     python -m pipeline.deploy.services restart mlflow
-    python -m pipeline.deploy.services down     # (make services-down) stop everything; the data stays
+    python -m pipeline.deploy.services down    # (make services-down) stop everything; the data stays
 
 Everything lives in one folder (`.services/` in the checkout, or KILN_SERVICES_DIR):
 
@@ -343,7 +343,8 @@ def write_dagster_yaml(s: Services) -> Path:
     }  # fmt: skip
     s.dagster_home.mkdir(parents=True, exist_ok=True)
     with atomic_path(s.dagster_home / "dagster.yaml") as tmp:
-        tmp.write_text("# written by `python -m pipeline.deploy.services up`\n" + yaml.safe_dump(config, sort_keys=False))
+        header = "# written by `python -m pipeline.deploy.services up`\n"
+        tmp.write_text(header + yaml.safe_dump(config, sort_keys=False))
     return s.dagster_home / "dagster.yaml"
 
 

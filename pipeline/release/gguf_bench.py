@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KilnError
-from pipeline.gguf import THREADS, check_gguf, declared_context, load, usable_context
+from pipeline.gguf import THREADS, declared_context, load, usable_context
 from pipeline.io import within_context
 
 PARITY_LIMITS = {"F16": 0.01, "Q8_0": 0.03}  # relative perplexity difference allowed; others reported

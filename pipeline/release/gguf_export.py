@@ -13,11 +13,8 @@ Every file is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np

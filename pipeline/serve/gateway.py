@@ -22,10 +22,10 @@ import logging
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from pipeline.presets import DEFAULT, Preset
 from pipeline.serve.guards import Admission, Auth, RateLimiter, Rejected, retry_after_header
 from pipeline.serve.inference import Call, Inference, InferenceError, loop_deadline, prepare_text
 from pipeline.serve.metrics import Metrics
-from pipeline.presets import DEFAULT, Preset
 from pipeline.serve.rollout import Deployment
 
 log = logging.getLogger("kiln.serve")

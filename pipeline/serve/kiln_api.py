@@ -18,10 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, field_validator
 
 from pipeline import logs
+from pipeline.presets import DEFAULT, Preset
 from pipeline.serve.gateway import STREAM_HEADERS, Gateway
 from pipeline.serve.guards import Rejected
 from pipeline.serve.inference import Call, sse_event
-from pipeline.presets import DEFAULT, Preset
 
 log = logs.get("api")
 router = APIRouter()

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import aiohttp
 
+from pipeline.gguf import declared_context
 from pipeline.io import free_port
 from pipeline.layout import cache_dir
-from pipeline.gguf import declared_context
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.source import ModelSource
 

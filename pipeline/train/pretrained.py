@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KilnError
-from pipeline.train.hub import resolve
 from pipeline.io import atomic_path, write_json
+from pipeline.train.hub import resolve
 from pipeline.train.tokenizer import (
     bits_per_byte,
     measure_tokenizer,

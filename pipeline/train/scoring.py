@@ -22,7 +22,8 @@ def bits_per_byte(checkpoint: Path, texts: list[str], batch_size: int = 8, windo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).to(device).eval()
     window = min(window, model.config.max_position_embeddings)
     eos = tok.eos_token_id
     token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float64)

@@ -129,8 +129,8 @@ def test_the_benchmark_measures_within_the_trained_context(ggufs):
 
 
 def test_serving_slots_are_capped_at_the_trained_context(ggufs):
-    from pipeline.serve.metrics import Metrics
     from pipeline.presets import load_presets
+    from pipeline.serve.metrics import Metrics
     from pipeline.serve.replicas import Pool
     from pipeline.serve.settings import load_settings
     from pipeline.serve.source import ModelSource

@@ -7,9 +7,9 @@ import pytest
 from pipeline.cli import main
 from pipeline.errors import KilnError
 from pipeline.eval.humaneval import (
-    gguf_prompt_ids,
     _prompt_ids,
     generate,
+    gguf_prompt_ids,
     pass_at_k,
     problems,
     score,

@@ -22,10 +22,10 @@ import pytest
 from needs import unavailable
 
 from pipeline.errors import KilnError
+from pipeline.presets import load_presets
 from pipeline.serve import engine
 from pipeline.serve.guards import Admission, RateLimiter, Rejected
 from pipeline.serve.inference import prepare_text, split_events, usage_from_tail
-from pipeline.presets import load_presets
 from pipeline.serve.replicas import free_port
 from pipeline.serve.settings import ServeSettings, load_settings
 

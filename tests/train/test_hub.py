@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from hub_models import COMMIT, byte_level_tokenizer, sample_texts, save_in_hub_cache, tiny_llama
 
-from pipeline.train import hub
 from pipeline.cli import main
 from pipeline.errors import KilnError
+from pipeline.train import hub
 
 
 @pytest.fixture(scope="module")
