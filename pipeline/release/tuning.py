@@ -164,9 +164,10 @@ def shown_url(url: str) -> str:
 
 def open_study(storage: str, name: str, settings: TuneSettings, heartbeat_s: int = 10):
     """The study `name` in `storage`, created or loaded. A trial whose process died stops beating
-    and is failed after 2 heartbeats, then run again once with the same values. The sampler is
-    seeded with the seed plus the trials already held, so a resumed run draws new values
-    instead of the first run's again, and the same history always gives the same next values."""
+    and is failed after 2 heartbeats, then run again once with the same values. Each trial's values
+    are drawn by a sampler seeded with the seed plus the trial's number (`seeded_sampler`), so a
+    resumed run draws new values instead of the first run's again, workers sharing the study draw
+    different ones, and the same history always gives the same next values."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from sqlalchemy.exc import SQLAlchemyError
@@ -174,20 +175,45 @@ def open_study(storage: str, name: str, settings: TuneSettings, heartbeat_s: int
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # kiln says per trial what it did
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are stable enough
     try:
-        rdb = RDBStorage(
+        rdb = _rdb_storage(lambda: RDBStorage(
             storage, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )  # fmt: skip
+        ))  # fmt: skip
         held = len(optuna.load_study(study_name=name, storage=rdb).trials) if _exists(rdb, name) else 0
     except (ImportError, ValueError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
         raise KilnError(f"tune.storage {shown_url(storage)}: cannot open ({str(exc).splitlines()[0][:200]})") from None
-    sampler = optuna.samplers.TPESampler(seed=settings.seed + held, n_startup_trials=max(2, settings.trials // 3))
+    sampler = seeded_sampler(settings, held)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=max(1, settings.problems // 2))
     study = optuna.create_study(
         storage=rdb, study_name=name, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
     )
     _fail_unstarted(study, rdb, 2 * heartbeat_s)
     return study
+
+
+def seeded_sampler(settings: TuneSettings, number: int):
+    """TPE seeded for trial `number`. Each trial reseeds the study's sampler with its own number, which
+    the storage hands out once across every worker: workers that start together on one study draw
+    different values, and one worker's study draws the same values each time it runs."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=settings.seed + number, n_startup_trials=max(2, settings.trials // 3))
+
+
+def _rdb_storage(open_storage, attempts: int = 3):
+    """Optuna's storage, opened by `open_storage`. Workers that open a new database at the same moment
+    all create its tables, and all but one lose with a unique-key or "already exists" error; by then
+    the tables are there, so the loser opens the storage again."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return open_storage()
+        except (IntegrityError, OperationalError, ProgrammingError) as exc:
+            lost_the_race = any(w in str(exc).lower() for w in ("unique", "already exists", "duplicate"))
+            if not lost_the_race or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _fail_unstarted(study, rdb, grace_s: float) -> None:
@@ -249,6 +275,7 @@ def _objective(llm, items: list[Item], settings: TuneSettings):
     floor, warmup = settings.min_tokens_per_s, max(1, len(items) // 2)
 
     def objective(trial) -> float:
+        trial.study.sampler = seeded_sampler(settings, trial.number)  # before the values are drawn
         values = sampler_values(trial, settings)
         trial.set_user_attr("values", values)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it, in a shared study

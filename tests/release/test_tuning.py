@@ -284,3 +284,36 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed(tmp_path):
     time.sleep(2.5)  # past the grace period of 2 heartbeats
     states = {t.number: t.state for t in tuning.open_study(storage, name, SETTINGS, heartbeat_s=1).trials}
     assert states == {orphan.number: optuna.trial.TrialState.FAIL, live.number: optuna.trial.TrialState.RUNNING}
+
+
+def test_a_worker_that_loses_the_race_to_create_the_tables_opens_them_again(tmp_path):
+    """Two workers on a new database both create Optuna's tables; the loser's error is a unique key.
+    Caused here for real: the first opener's schema exists, then a second schema creation collides."""
+    import sqlite3
+
+    from sqlalchemy.exc import IntegrityError
+
+    storage = f"sqlite:///{tmp_path / 'race.db'}"
+    first = optuna.storages.RDBStorage(storage)
+    attempts = []
+
+    def open_storage():
+        attempts.append(1)
+        if len(attempts) == 1:  # what the loser sees: its alembic row collides with the winner's
+            con = sqlite3.connect(tmp_path / "race.db")
+            try:
+                con.execute("INSERT INTO alembic_version VALUES ((SELECT version_num FROM alembic_version))")
+            except sqlite3.IntegrityError as exc:
+                raise IntegrityError("INSERT INTO alembic_version", {}, exc) from exc
+            finally:
+                con.close()
+        return optuna.storages.RDBStorage(storage)
+
+    opened = tuning._rdb_storage(open_storage)
+    assert len(attempts) == 2 and opened.get_all_studies() == first.get_all_studies() == []
+
+    def broken():
+        raise IntegrityError("INSERT INTO trials", {}, sqlite3.IntegrityError("NOT NULL constraint failed"))
+
+    with pytest.raises(IntegrityError):  # any other integrity error is not a race: raised at once
+        tuning._rdb_storage(broken)
