@@ -8,6 +8,9 @@
 
 PYTHON ?= python3
 VENV := .venv
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+UV_VERSION := 0.13.8
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 PROFILE ?= tiny
@@ -19,7 +22,7 @@ export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install server server-required sandbox postgres services services-down services-status ui mlflow-ui bench \
+.PHONY: run test install lock pre-commit test-fast server server-required sandbox postgres services services-down services-status ui mlflow-ui bench \
 	bench-serve serve clean-work
 
 install: sandbox $(STAMP) server
@@ -39,11 +42,25 @@ postgres:
 		{ apt-get install -y postgresql || { apt-get update && apt-get install -y postgresql; }; }; } \
 		|| { echo "postgresql is missing: sudo apt-get install postgresql (make services and its tests need it)"; exit 1; }
 
-$(STAMP): pyproject.toml
+# Installs exactly requirements.lock (every package pinned, with its hashes), then kiln itself without
+# dependencies; `make lock` re-resolves pyproject.toml's ranges into it.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade --quiet pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/python -m pip install --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# The newest versions pyproject.toml allows (with the test extra), pinned with hashes, from the indexes
+# pip is configured with (pip.conf, PIP_* variables: uv does not read them, so they are handed over).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml --extra test --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match --no-header --quiet \
+		$$(for u in $$($(BIN)/pip config get global.extra-index-url 2>/dev/null); do echo --extra-index-url $$u; done) \
+		$$(for u in $${PIP_FIND_LINKS:-$$($(BIN)/pip config get global.find-links 2>/dev/null)}; do echo --find-links $$u; done) \
+		-o $(LOCK)
 
 server: $(STAMP)
 	$(BIN)/python -m pipeline.serve.engine || echo "llama-server was not built: kiln serve and its tests will say why"
@@ -59,7 +76,17 @@ run: sandbox $(STAMP)
 # KILN_REQUIRE_SERVICES: a test that finds llama-server or PostgreSQL missing fails instead of skipping
 test: sandbox postgres $(STAMP) server-required
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	KILN_REQUIRE_SERVICES=1 $(BIN)/python -m pytest
+
+# the tests not marked slow: a quick loop while working (make test runs them all, as CI does)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+# ruff (lint and format), the layer test and mypy before each commit, as `make test` checks them
+pre-commit: $(STAMP)
+	$(BIN)/pre-commit install
 
 ui: $(STAMP)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
