@@ -88,7 +88,7 @@ def test_an_unreachable_tracking_server_says_so_quickly(tmp_path, capsys):
         start = time.perf_counter()
         line = _kiln([*argv, "--tracking-uri", uri, "--profile", "tiny"], capsys)
         assert f"the tracking server at {uri} is unreachable" in line, line
-        assert time.perf_counter() - start < 10
+        assert time.perf_counter() - start < 30  # MLflow's own retries would take minutes
     assert not unused.exists()  # nothing created for a pull that could not start
 
 
