@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,8 @@ def ray_connection(address: str | None) -> Iterator[None]:
         import ray
     except ImportError:
         raise KilnError("clean.executor is ray but Ray is not installed: pip install 'kiln[ray]'") from None
+    if address:
+        _check_reachable(address)  # Ray itself retries an absent cluster for minutes
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -75,6 +78,17 @@ def ray_connection(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """A KilnError naming `address` unless something accepts connections on its host:port."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10):
+            return
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise KilnError(f"clean.ray_address {address}: no Ray cluster to connect to ({reason})") from None
 
 
 def _ray_command() -> list[str]:
