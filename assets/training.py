@@ -7,7 +7,7 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image
-from assets.stage import Stage, StageConfig
+from assets.stage import ACCELERATOR, CPU, Stage, StageConfig
 from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
 from pipeline.io import read_json
@@ -20,7 +20,7 @@ from resources import KilnSettings, MLflowTracking
 PARAMETER_LIMIT = 300_000_000
 
 
-@asset(group_name="training", code_version="3", deps=[clean_corpus])
+@asset(group_name="training", code_version="3", deps=[clean_corpus], op_tags=CPU)
 def tokenizer(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -66,7 +66,7 @@ def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="training", code_version="6", deps=[tokenizer])
+@asset(group_name="training", code_version="6", deps=[tokenizer], op_tags=ACCELERATOR)
 def base_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:

@@ -445,6 +445,21 @@ class TuneSettings:
 
 
 @dataclass
+class RunSettings:
+    """`kiln run`: how one Dagster run executes its steps."""
+
+    max_concurrent: int = 1
+    """Steps run at once, each in its own process (Dagster's multiprocess executor); steps tagged
+    `kiln/compute: accelerator` (training, GGUF, benchmark, tuning) still one at a time. 1: every
+    step in the run's one process, which on a few cores is faster than a process per step that
+    imports torch and Dagster again."""
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise ProfileError("run.max_concurrent must be at least 1")
+
+
+@dataclass
 class RegistrySettings:
     """registered_model: the quality gate before the `candidate` alias."""
 
@@ -472,6 +487,7 @@ class Profile:
     eval: EvalSettings = field(default_factory=EvalSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     tune: TuneSettings = field(default_factory=TuneSettings)
+    run: RunSettings = field(default_factory=RunSettings)
 
     def __post_init__(self) -> None:
         if self.model.from_pretrained is None:  # a downloaded model's context is its own config's
