@@ -6,7 +6,7 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image, md_table
-from assets.stage import Stage, StageConfig
+from assets.stage import ACCELERATOR, CPU, Stage, StageConfig
 from assets.training import base_model
 from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
@@ -51,7 +51,7 @@ def _data_asset(
     return stage.finish(metadata)
 
 
-@asset(group_name="post_training", code_version="2", deps=[clean_corpus])
+@asset(group_name="post_training", code_version="2", deps=[clean_corpus], op_tags=CPU)
 def sft_data(context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings) -> MaterializeResult:
     """Instruction pairs (prompt -> completion, chat format): the profile's SFT files, or functions
     mined from the clean train split's code (signature and docstring -> the function). Mined rows
@@ -59,7 +59,7 @@ def sft_data(context: AssetExecutionContext, config: StageConfig, kiln: KilnSett
     return _data_asset("sft", context, config, kiln)
 
 
-@asset(group_name="post_training", code_version="2", deps=[clean_corpus, base_model])
+@asset(group_name="post_training", code_version="2", deps=[clean_corpus, base_model], op_tags=ACCELERATOR)
 def dpo_data(context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings) -> MaterializeResult:
     """Preference pairs (prompt, chosen, rejected): the profile's files, or mined from code with the
     real function chosen and the same function with one fault put in rejected (held out by source
@@ -92,7 +92,7 @@ def _curve(result: TuneResult, title: str) -> bytes:
     return loss_curve([h for h in result.history if "loss" in h], [], title)
 
 
-@asset(group_name="post_training", code_version="4", deps=[base_model, sft_data])
+@asset(group_name="post_training", code_version="4", deps=[base_model, sft_data], op_tags=ACCELERATOR)
 def sft_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -129,7 +129,7 @@ def sft_model(
     return stage.finish(metadata)
 
 
-@asset(group_name="post_training", code_version="5", deps=[sft_model, dpo_data])
+@asset(group_name="post_training", code_version="5", deps=[sft_model, dpo_data], op_tags=ACCELERATOR)
 def dpo_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:

@@ -5,7 +5,7 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image, md_table
 from assets.post_training import dpo_model
-from assets.stage import Stage, StageConfig, forced
+from assets.stage import ACCELERATOR, Stage, StageConfig, forced
 from pipeline.charts import bar_chart, gguf_comparison, optimisation_history
 from pipeline.data.clean import read_split
 from pipeline.io import read_json, write_json
@@ -34,7 +34,7 @@ from pipeline.release.tuning import markdown_table as trials_table
 from resources import KilnSettings, MLflowTracking
 
 
-@asset(group_name="release", code_version="1", deps=[dpo_model])
+@asset(group_name="release", code_version="1", deps=[dpo_model], op_tags=ACCELERATOR)
 def gguf_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -55,7 +55,7 @@ def gguf_model(
     return stage.finish(metadata)
 
 
-@asset(group_name="release", code_version="4", deps=[gguf_model, clean_corpus])
+@asset(group_name="release", code_version="4", deps=[gguf_model, clean_corpus], op_tags=ACCELERATOR)
 def gguf_benchmark(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -101,7 +101,9 @@ def gguf_parity(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="release", code_version="3", deps=[gguf_model, "eval_report"])  # by key: assets.evaluation
+@asset(
+    group_name="release", code_version="3", deps=[gguf_model, "eval_report"], op_tags=ACCELERATOR
+)  # by key: assets.evaluation
 def sampling_preset(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:

@@ -22,6 +22,12 @@ from pydantic import Field
 from pipeline import reuse
 from pipeline.layout import Layout
 
+# Op tags the multiprocess executor limits (pipeline/cli/run.py): steps that take the GPU, or
+# every core on a machine without one, run one at a time; light ones beside them.
+COMPUTE_TAG = "kiln/compute"
+ACCELERATOR = {COMPUTE_TAG: "accelerator"}
+CPU = {COMPUTE_TAG: "cpu"}
+
 
 class StageConfig(Config):
     """Run config of every asset that reuses stored results (Launchpad: ops.<asset>.config.force)."""

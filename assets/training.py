@@ -7,12 +7,12 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 
 from assets.corpus import clean_corpus
 from assets.metadata import log_to_mlflow, md_image
-from assets.stage import Stage, StageConfig
+from assets.stage import ACCELERATOR, CPU, Stage, StageConfig
 from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
 from pipeline.io import read_json
 from pipeline.train import hub
-from pipeline.train.pretrain import build_base_model
+from pipeline.train.launch import build_base_model
 from pipeline.train.pretrained import pretrained_base, pretrained_tokenizer
 from pipeline.train.tokenizer import build_tokenizer
 from resources import KilnSettings, MLflowTracking
@@ -20,7 +20,7 @@ from resources import KilnSettings, MLflowTracking
 PARAMETER_LIMIT = 300_000_000
 
 
-@asset(group_name="training", code_version="3", deps=[clean_corpus])
+@asset(group_name="training", code_version="3", deps=[clean_corpus], op_tags=CPU)
 def tokenizer(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -66,7 +66,7 @@ def tokenizer_round_trip(kiln: KilnSettings) -> AssetCheckResult:
     )
 
 
-@asset(group_name="training", code_version="6", deps=[tokenizer])
+@asset(group_name="training", code_version="6", deps=[tokenizer], op_tags=ACCELERATOR)
 def base_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -88,9 +88,8 @@ def base_model(
 
     with mlflow.stage(context.run.run_id, profile.name, "base_model") as log:  # system metrics while training
         result, baseline = build_base_model(
-            layout.clean_splits, layout.tokenizer, layout.stage_of("base"), profile, on_step=log_step,
-            profile_ref=kiln.profile,
-        )  # fmt: skip
+            layout.clean_splits, layout.tokenizer, layout.base_files.folder, profile, on_step=log_step
+        )
         curve = loss_curve(result.history, result.evals, f"base_model ({profile.name})")
         metadata = {
             "path": MetadataValue.path(str(layout.model_dir("base"))),

@@ -13,6 +13,11 @@ kiln's loop runs twice per round: with the profile's precision (auto: bf16 autoc
 device multiplies bf16 natively, as a CPU with AVX512-BF16 does) and forced to fp32, the
 reference's precision. Both print their held-out loss after the last step: the faster one must
 not learn worse.
+
+`--weight-grad` instead compares the chunked loss's output-weight gradient multiplied in the
+compute dtype (kiln's) with the earlier fp32 copies of both operands, in one run: the loss alone
+in bf16 at the profile's shape (forward and backward, tokens/s), and kiln's loop both ways at the
+profile's precision (tokens/s and the loss curve, step by step).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import load_profile
+from pipeline.train.device import bf16_native
 from pipeline.train.pretrain import PackedTokens, llama_config, pretrain, tokenize_to_file
 from pipeline.train.tokenizer import load_tokenizer, texts_of, token_byte_lengths
 
@@ -89,13 +95,75 @@ def kiln_loop(tok, train: Path, val: Path, profile, steps: int, out: Path, preci
     return [h["tokens_per_s"] for h in result.history], result.val_loss
 
 
+def _fp32_weight_grad(probs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The earlier weight gradient: fp32 copies of both operands, whatever the compute dtype."""
+    return probs.T.float() @ h.float()
+
+
+def _loss_rates(profile, vocab: int, repeats: int = 5) -> dict[str, float]:
+    """Tokens/s of the chunked loss alone (forward and backward) with bf16 hidden states, each way."""
+    from pipeline.train import loss
+
+    s, d = profile.pretrain, profile.model.hidden_size
+    n = s.micro_batch * s.seq_len
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(n, d), torch.randn(vocab, d, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    rates, kiln_grad = {}, loss.weight_grad
+    for name, fn in (("compute dtype", kiln_grad), ("fp32 copies", _fp32_weight_grad)) * 2:  # alternated
+        loss.weight_grad = fn
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            loss.ChunkedLinearCrossEntropy.apply(hidden.bfloat16(), weight, targets, 256).backward()
+            times.append(time.perf_counter() - t0)
+        rates.setdefault(name, []).extend(times)
+    loss.weight_grad = kiln_grad
+    return {name: n / statistics.median(times) for name, times in rates.items()}
+
+
+def weight_grad_comparison(profile, steps: int) -> None:
+    from pipeline.train import loss
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tok, train, val = _prepare(profile, tmp)
+        curves, rates, kiln_grad = {}, {}, loss.weight_grad
+        for name, fn in (("compute dtype", kiln_grad), ("fp32 copies", _fp32_weight_grad)):
+            loss.weight_grad = fn
+            settings = dataclasses.replace(
+                profile.pretrain, steps=steps, warmup_steps=2, eval_every=steps, checkpoint_every=steps
+            )
+            result = pretrain(train, val, tok, token_byte_lengths(tok), tmp / name.replace(" ", "_"), profile.model,
+                              settings, progress=False)  # fmt: skip
+            curves[name] = [h["loss"] for h in result.history]
+            rates[name] = (statistics.median(h["tokens_per_s"] for h in result.history[2:]), result.val_loss)
+        loss.weight_grad = kiln_grad
+        # bf16 without native support is emulated (minutes per step at tiny's shape): nothing to compare
+        loss_only = _loss_rates(profile, len(tok)) if bf16_native(torch.device("cpu")) else None
+    dtype = _dtype(profile.pretrain)
+    print(f"profile {profile.name}: {steps} steps of kiln's loop each way at its precision ({dtype}), device cpu")
+    for name in curves:
+        alone = f"loss alone in bf16 {loss_only[name]:8.0f} tokens/s" if loss_only else "no native bf16 here"
+        print(f"  weight gradient from {name:<14} {rates[name][0]:8.0f} tokens/s (median), held-out loss "
+              f"{rates[name][1]:.4f}, {alone}")  # fmt: skip
+    gap = max(abs(a - b) for a, b in zip(curves["compute dtype"], curves["fp32 copies"], strict=True))
+    print(f"  largest step-by-step loss difference: {gap:.2e}")
+    print(f"  loss curve (compute dtype): {' '.join(f'{x:.3f}' for x in curves['compute dtype'])}")
+    print(f"  loss curve (fp32 copies):   {' '.join(f'{x:.3f}' for x in curves['fp32 copies'])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--weight-grad", action="store_true", help="compare the loss's weight gradient both ways")
     args = ap.parse_args()
     profile = load_profile(args.profile)
+    if args.weight_grad:
+        weight_grad_comparison(profile, args.steps)
+        return
     s = profile.pretrain
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -83,6 +83,13 @@ class CleanSettings:
     tasks: int | None = 1
     """datatrove tasks (and local worker processes); more splits the work for several cores;
     None: one per CPU core of the machine that loads the profile."""
+    executor: str = "local"
+    """Where datatrove runs the steps: local (worker processes on this machine), ray (a Ray
+    cluster, `clean.ray_address`; the `ray` extra), slurm (job arrays through
+    docs/deploy/clean_slurm.py, which submits and finishes the run outside the pipeline)."""
+    ray_address: str | None = None
+    """The Ray cluster's address (host:port of `ray start --head`); null: $RAY_ADDRESS, else a
+    Ray instance started on this machine for the run."""
 
     def __post_init__(self) -> None:
         if self.tasks is None:
@@ -93,6 +100,8 @@ class CleanSettings:
             raise ProfileError(f"clean.short_doc_keep must be in [0, 1], not {self.short_doc_keep}")
         if not 0.0 < self.validation_share < 0.5:
             raise ProfileError(f"clean.validation_share must be in (0, 0.5), not {self.validation_share}")
+        if self.executor not in ("local", "ray", "slurm"):
+            raise ProfileError(f"clean.executor must be local, ray or slurm, not {self.executor!r}")
         if self.minhash_hashes < 8 or self.minhash_ngrams < 1 or self.tasks < 1:
             raise ProfileError("clean.minhash_hashes must be >= 8, minhash_ngrams and tasks >= 1")
 
@@ -436,6 +445,21 @@ class TuneSettings:
 
 
 @dataclass
+class RunSettings:
+    """`kiln run`: how one Dagster run executes its steps."""
+
+    max_concurrent: int = 1
+    """Steps run at once, each in its own process (Dagster's multiprocess executor); steps tagged
+    `kiln/compute: accelerator` (training, GGUF, benchmark, tuning) still one at a time. 1: every
+    step in the run's one process, which on a few cores is faster than a process per step that
+    imports torch and Dagster again."""
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise ProfileError("run.max_concurrent must be at least 1")
+
+
+@dataclass
 class RegistrySettings:
     """registered_model: the quality gate before the `candidate` alias."""
 
@@ -463,6 +487,7 @@ class Profile:
     eval: EvalSettings = field(default_factory=EvalSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     tune: TuneSettings = field(default_factory=TuneSettings)
+    run: RunSettings = field(default_factory=RunSettings)
 
     def __post_init__(self) -> None:
         if self.model.from_pretrained is None:  # a downloaded model's context is its own config's

@@ -4,7 +4,7 @@
         raw_corpus/raw.jsonl
         clean_corpus/{clean/,rejected/,logs/,stats.json}
         tokenizer/{tokenizer/,stats.json}
-        base_model/{model/,tokens/,checkpoints/,summary.json,metrics.json}
+        base_model/{model/,tokens/,checkpoints/,profile.yaml,summary.json,metrics.json}
         sft_data/, dpo_data/                 train.jsonl, eval.jsonl, rejected.jsonl, stats.json
         sft_model/, dpo_model/               {adapter/,model/,trainer/}
         gguf_model/{kiln-<profile>-<quant>.gguf,files.json}
@@ -57,6 +57,52 @@ def model_cache_dir() -> Path:
     (`models--org--name/{blobs,refs,snapshots}`): `KILN_MODEL_CACHE`, else `model_cache/` in the
     work folder."""
     return Path(os.environ.get("KILN_MODEL_CACHE") or work_dir_from_env() / "model_cache")
+
+
+@dataclass(frozen=True)
+class BaseModelFiles:
+    """The files of one base_model run folder (the stage's, or any `kiln pretrain --output`)."""
+
+    folder: Path
+
+    @property
+    def model(self) -> Path:
+        """The saved HF checkpoint (AutoModelForCausalLM.from_pretrained)."""
+        return Path(self.folder) / "model"
+
+    @property
+    def tokens(self) -> Path:
+        """The packed token files and their stats."""
+        return Path(self.folder) / "tokens"
+
+    def token_file(self, split: str) -> Path:
+        """train.bin or validation.bin: every document of the split as <|bos|> text <|eos|>, uint16."""
+        return self.tokens / f"{split}.bin"
+
+    @property
+    def token_stats(self) -> Path:
+        """Tokens per split, the tokenizer they were packed with and the unigram baseline."""
+        return self.tokens / "stats.json"
+
+    @property
+    def profile(self) -> Path:
+        """The profile the run trains with, written for `python -m pipeline.train.launch` under torchrun."""
+        return Path(self.folder) / "profile.yaml"
+
+    @property
+    def checkpoint(self) -> Path:
+        """The resumable state: weights, optimizer, schedule, step, random generators."""
+        return Path(self.folder) / "checkpoints" / "latest.pt"
+
+    @property
+    def summary(self) -> Path:
+        """Parameters, validation loss and bits per byte, the unigram baseline, tokens/s."""
+        return Path(self.folder) / "summary.json"
+
+    @property
+    def metrics(self) -> Path:
+        """Pretraining's per-step history and evaluations."""
+        return Path(self.folder) / "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -138,14 +184,19 @@ class Layout:
         return self.stage_of(kind) / "adapter"
 
     @property
+    def base_files(self) -> BaseModelFiles:
+        """base_model's run folder: model, token files, checkpoints, profile, summary, metrics."""
+        return BaseModelFiles(self.stage_of("base"))
+
+    @property
     def base_summary(self) -> Path:
         """Parameters, validation loss and bits per byte, the unigram baseline, tokens/s."""
-        return self.stage_of("base") / "summary.json"
+        return self.base_files.summary
 
     @property
     def base_metrics(self) -> Path:
         """Pretraining's per-step history and evaluations."""
-        return self.stage_of("base") / "metrics.json"
+        return self.base_files.metrics
 
     def post_data(self, kind: str) -> Path:
         """sft_data or dpo_data."""

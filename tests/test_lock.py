@@ -32,8 +32,17 @@ def locked() -> dict[str, tuple[Version, list[str]]]:
 
 
 def declared() -> list[Requirement]:
+    """The dependencies and the test extra, with the extras it takes from kiln itself (`kiln[ray]`) expanded."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["test"]]]
+    extras = project["optional-dependencies"]
+    todo, found = [*project["dependencies"], *extras["test"]], []
+    while todo:
+        req = Requirement(todo.pop())
+        if canonicalize_name(req.name) == canonicalize_name(project["name"]):
+            todo += [r for extra in req.extras for r in extras[extra]]
+        else:
+            found.append(req)
+    return found
 
 
 def test_every_declared_dependency_is_locked_within_its_range():

@@ -17,9 +17,21 @@ from pipeline.errors import KilnError
 from pipeline.layout import DAGSTER_HOME, REPO_ROOT, Layout
 from pipeline.reuse import FORCE_TAG, time_table, timings_since
 
-# One process for every step: on a few cores a process per step spends more time importing torch
-# and Dagster than the stages overlap, and an unchanged re-run would be mostly that.
+# One process for every step (run.max_concurrent 1, the default): on a few cores a process per step
+# spends more time importing torch and Dagster than the stages overlap, and an unchanged re-run
+# would be mostly that.
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
+
+
+def execution_config(max_concurrent: int) -> dict:
+    """The run config's executor: in one process, or with `max_concurrent` > 1 Dagster's
+    multiprocess executor running independent steps side by side, steps tagged `kiln/compute:
+    accelerator` (assets/stage.py) one at a time."""
+    if max_concurrent <= 1:
+        return IN_PROCESS
+    limits = [{"key": "kiln/compute", "value": "accelerator", "limit": 1}]
+    multiprocess = {"max_concurrent": max_concurrent, "tag_concurrency_limits": limits}
+    return {"execution": {"config": {"multiprocess": multiprocess}}}
 
 
 class Run(Command):
@@ -50,7 +62,7 @@ class Run(Command):
         prepare_dagster_home(Path(env["DAGSTER_HOME"]))
         started, clock = time.time(), time.monotonic()
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="kiln-run-") as config:
-            json.dump(IN_PROCESS, config)  # JSON is YAML
+            json.dump(execution_config(profile.run.max_concurrent), config)  # JSON is YAML
             config.flush()
             cmd = dagster_command(args.job, config.name, args.force)
             print("running:", " ".join(cmd), file=sys.stderr)

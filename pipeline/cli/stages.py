@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -128,9 +127,11 @@ class Pretrain(Command):
     help = "pretrain the base model from scratch (resumes an interrupted run)"
     description = (
         "Tokenize the cleaned corpus, then pretrain the profile's Llama model; writes "
-        "OUTPUT/model/ (save_pretrained with safetensors and the tokenizer), OUTPUT/checkpoints/, "
-        "OUTPUT/metrics.json and OUTPUT/summary.json. Run it again after an interruption to resume. "
-        "With pretrain.devices > 1 in the profile it starts itself under torchrun, one process per GPU."
+        "OUTPUT/model/ (save_pretrained with safetensors and the tokenizer), OUTPUT/tokens/, OUTPUT/checkpoints/, "
+        "OUTPUT/profile.yaml, OUTPUT/metrics.json and OUTPUT/summary.json. Run it again after an interruption to "
+        "resume. With pretrain.devices > 1 in the profile it starts torchrun, one process per GPU, each running "
+        "`python -m pipeline.train.launch OUTPUT`. --prepare-only stops after the token files and profile.yaml: "
+        "then start that entry under torchrun on each node (docs/deploy/pretrain-multinode.sh)."
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -139,17 +140,27 @@ class Pretrain(Command):
             "--tokenizer", required=True, metavar="DIR", help="a tokenizer folder (kiln tokenizer's OUTPUT/tokenizer)"
         )
         parser.add_argument("--output", "-o", required=True, metavar="DIR")
+        parser.add_argument(
+            "--prepare-only", action="store_true",
+            help="pack the token files and write OUTPUT/profile.yaml, then stop (for torchrun across nodes)",
+        )  # fmt: skip
         add_profile(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from pipeline.config import load_profile
-        from pipeline.train.pretrain import build_base_model
+        from pipeline.layout import BaseModelFiles
+        from pipeline.train.launch import build_base_model, prepare_run
 
         clean, profile = clean_folder(args.clean), load_profile(args.profile)
         output = writable_folder(Path(args.output))
-        result, baseline = build_base_model(clean, Path(args.tokenizer), output, profile, profile_ref=args.profile)
-        if os.environ.get("RANK", "0") != "0":
-            return 0  # under torchrun, rank 0 reports
+        if args.prepare_only:
+            stats = prepare_run(clean, Path(args.tokenizer), BaseModelFiles(output), profile)
+            print(json.dumps(stats, indent=2))
+            print(
+                f"prepared {output}: start `python -m pipeline.train.launch {output}` under torchrun", file=sys.stderr
+            )
+            return 0
+        result, baseline = build_base_model(clean, Path(args.tokenizer), output, profile)
         print(
             json.dumps(
                 {"parameters": result.parameters, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
@@ -158,7 +169,7 @@ class Pretrain(Command):
                 indent=2,
             )
         )  # fmt: skip
-        print(f"model in {output / 'model'}", file=sys.stderr)
+        print(f"model in {BaseModelFiles(output).model}", file=sys.stderr)
         return 0
 
 

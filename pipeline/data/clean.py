@@ -1,7 +1,8 @@
 """clean_corpus: quality filters, exact and MinHash dedup, PII masking and the split, on datatrove.
 
-The stage is a chain of datatrove pipelines run by its local executor (Ray or Slurm executors
-take the same steps when scaling out):
+The stage is a chain of datatrove pipelines, run by datatrove's local executor or on a Ray cluster
+(`clean.executor`, pipeline/data/executors.py); Slurm takes the same steps through
+docs/deploy/clean_slurm.py:
 
     A  read raw → ingest errors → quality rules → short-document sampling → write → exact-dedup signatures
     B  find exact duplicates
@@ -33,6 +34,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from tqdm import tqdm
 
 from pipeline.config import CleanSettings
+from pipeline.data.executors import MakeExecutor, datatrove_executor
 from pipeline.data.pii import mask_pii
 from pipeline.data.quality import quality_problem
 from pipeline.io import atomic_path, read_jsonl, write_json
@@ -206,7 +208,8 @@ def clean_corpus(raw_files: list[Path], output: Path, settings: CleanSettings, p
     input_documents = _shard_inputs(raw_files, work / "raw", rejected, settings.tasks)
     bands, rows = minhash_bands(settings.minhash_threshold, settings.minhash_hashes)
     stages = _stages(settings, bands, rows, work, rejected, clean)
-    _run_stages(stages, work / "filtered", output / "logs", settings.tasks, progress)
+    with datatrove_executor(settings) as make_executor:  # clean.executor: local or a Ray cluster
+        _run_stages(stages, work / "filtered", output / "logs", settings.tasks, progress, make_executor)
     if (rejected / "empty-00000.jsonl").stat().st_size == 0:
         (rejected / "empty-00000.jsonl").unlink()
     stats = _count(input_documents, clean, rejected, [bands, rows])
@@ -294,14 +297,14 @@ def _stages(settings: CleanSettings, bands: int, rows: int, work: Path, rejected
     ]  # fmt: skip
 
 
-def _run_stages(stages: list, filtered: Path, logs: Path, workers: int, progress: bool) -> None:
-    """Run each pipeline on datatrove's local executor with at most `workers` processes; stop after
-    the filter stage when nothing reached `filtered`.
+def _run_stages(
+    stages: list, filtered: Path, logs: Path, workers: int, progress: bool, make_executor: MakeExecutor
+) -> None:
+    """Run each pipeline on the executor `make_executor` builds, at most `workers` tasks at a time;
+    stop after the filter stage when nothing reached `filtered`.
 
     datatrove logs every task at INFO to stderr; its logs and per-step stats go to logs/ instead.
     """
-    from datatrove.executor import LocalPipelineExecutor
-
     shutil.rmtree(logs, ignore_errors=True)  # datatrove skips tasks a previous run marked complete
     logs.mkdir()
     with open(logs / "console.log", "w", encoding="utf-8") as console:
@@ -309,9 +312,7 @@ def _run_stages(stages: list, filtered: Path, logs: Path, workers: int, progress
             if name != "filter" and not any(f.stat().st_size for f in filtered.glob("*.jsonl")):
                 break  # nothing passed the filters: datatrove's readers refuse a folder with no files
             with contextlib.redirect_stderr(console):
-                LocalPipelineExecutor(
-                    steps, tasks=n_tasks, workers=min(n_tasks, workers), logging_dir=str(logs / name)
-                ).run()
+                make_executor(steps, n_tasks, min(n_tasks, workers), str(logs / name)).run()
 
 
 def _publish(scratch: Path, output: Path) -> None:

@@ -17,6 +17,17 @@ import torch
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden, weight, targets) -> mean
 
 
+def weight_grad(probs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """One chunk's output-weight gradient `probs.T @ h` (V, d), multiplied in the compute dtype: a
+    third of the output layer's FLOPs, which in bf16 run on the bf16 units where fp32 copies of both
+    operands would not. The matmul accumulates in fp32 (cuBLAS and oneDNN do for bf16); on CUDA it
+    also returns fp32 (`out_dtype`), elsewhere the chunk's result is rounded to bf16 once and the
+    caller sums the chunks in fp32."""
+    if probs.dtype != torch.float32 and probs.is_cuda:
+        return torch.mm(probs.T, h, out_dtype=torch.float32)
+    return probs.T @ h
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean next-token cross-entropy of `hidden @ weight.T`, without the whole (N, V) logits.
 
@@ -42,7 +53,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(t), device=t.device), t] -= 1.0
             probs = probs.div_(n).to(dtype)
             torch.mm(probs, w, out=grad_hidden[start : start + chunk])
-            grad_weight.addmm_(probs.T.float(), h.float())  # accumulated in fp32 whatever the compute dtype
+            grad_weight += weight_grad(probs, h)  # summed over chunks in fp32 whatever the compute dtype
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total / n
 

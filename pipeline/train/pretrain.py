@@ -1,29 +1,25 @@
-"""base_model: pretrain a Llama-architecture model from scratch on the packed train split.
+"""base_model's training: pretrain a Llama-architecture model from scratch on packed token files.
 
-Reads top to bottom: token files and packing → model → `build_training` (model, loss,
-optimizer, schedule on this process's device) → `train_step` (one optimizer step over the
-micro-batches) → checkpoints → `fit` (the loop: steps, evaluation, checkpoints) → `pretrain`
-(checks, build, resume, fit, save) → `build_base_model` (token files, then pretrain; under
-torchrun when the profile asks for several devices). The model is transformers'
+Reads top to bottom: model → `build_training` (model, loss, optimizer, schedule on this
+process's device) → `train_step` (one optimizer step over the micro-batches) → `fit` (the loop:
+steps, evaluation, checkpoints) → `pretrain` (checks, build, resume, fit, save). The token files
+come first (pipeline/train/pack.py); the stage around it, and torchrun's entry when the profile
+asks for several devices, are in pipeline/train/launch.py. The model is transformers'
 LlamaForCausalLM (pre-norm RMSNorm, RoPE, SwiGLU, grouped-query attention through SDPA), so
 every later stage (peft, TRL, lm-eval, the GGUF converter) loads it as it is.
 
-Resume is exact: a checkpoint holds the model, the optimizer, the scheduler, the step, and
-every random generator; the data position is the step itself, because the order of the
-packed sequences is a pure function of (seed, epoch). On CPU a resumed run ends with the same
-weights, bit for bit, as an uninterrupted one.
+Resume is exact (pipeline/train/checkpoint.py): a checkpoint holds the model, the optimizer, the
+scheduler, the step, and every random generator; the data position is the step itself, because
+the order of the packed sequences is a pure function of (seed, epoch).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
-import subprocess
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,79 +28,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import logs
-from pipeline.config import ModelShape, PretrainSettings, Profile
+from pipeline.config import ModelShape, PretrainSettings
 from pipeline.errors import KilnError
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import atomic_path, write_json
+from pipeline.layout import BaseModelFiles
+from pipeline.train.checkpoint import Checkpoints, run_key
 from pipeline.train.device import bf16_native
-from pipeline.train.distributed import Distributed, launched_by_torchrun, torchrun_command
+from pipeline.train.distributed import Distributed
 from pipeline.train.loss import CausalLMLoss, linear_cross_entropy
-from pipeline.train.throughput import flops_per_token, mfu, peak_flops, steady_tokens_per_s
-from pipeline.train.tokenizer import (
-    bits_per_byte,
-    document_start_ids,
-    load_tokenizer,
-    set_stop_tokens,
-    text_nats_and_bytes,
-    texts_of,
-    token_byte_lengths,
-)
-
-TOKEN_DTYPE = np.uint16  # 32k vocabulary fits; a quarter of int64's disk and memory
-
-
-# ---------------------------------------------------------------- token files and packing
-
-
-def tokenize_to_file(texts: Iterable[str], tokenizer, out: Path, batch: int = 256) -> int:
-    """Encode `texts` into one flat uint16 file, each as <|bos|> text <|eos|>; returns the token count."""
-    start, eos, n = document_start_ids(tokenizer), tokenizer.eos_token_id, 0
-    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-        chunk: list[str] = []
-
-        def flush() -> int:
-            ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            flat = np.fromiter((t for doc in ids for t in (*start, *doc, eos)), dtype=TOKEN_DTYPE)
-            flat.tofile(fh)
-            return len(flat)
-
-        for text in texts:
-            chunk.append(text)
-            if len(chunk) == batch:
-                n += flush()
-                chunk = []
-        if chunk:
-            n += flush()
-    return n
-
-
-class PackedTokens:
-    """Fixed-length sequences cut from a memory-mapped token file, in a seeded order per epoch.
-
-    Sample k of the run is sequence perm(epoch)[k % n] with epoch = k // n: the data position is
-    just k, so resuming needs no saved iterator state.
-    """
-
-    def __init__(self, path: Path, seq_len: int, seed: int = 0):
-        self.tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
-        self.seq_len, self.seed = seq_len, seed
-        self.n = (len(self.tokens) - 1) // seq_len
-        self._perms: dict[int, np.ndarray] = {}
-
-    def sequence(self, i: int) -> np.ndarray:
-        start = i * self.seq_len
-        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
-
-    def sample(self, k: int) -> np.ndarray:
-        epoch, j = divmod(k, self.n)
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
-        return self.sequence(int(self._perms[epoch][j]))
-
-    def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets, each (size, seq_len)."""
-        seqs = torch.from_numpy(np.stack([self.sample(first + b) for b in range(size)]))
-        return seqs[:, :-1], seqs[:, 1:]
-
+from pipeline.train.pack import TOKEN_DTYPE as TOKEN_DTYPE  # re-exported: the token files' readers import them here
+from pipeline.train.pack import PackedTokens as PackedTokens
+from pipeline.train.pack import tokenize_to_file as tokenize_to_file
+from pipeline.train.pack import unigram_bpb as unigram_bpb
+from pipeline.train.throughput import flops_per_token, matmul_parameters, mfu, peak_flops, steady_tokens_per_s
+from pipeline.train.tokenizer import bits_per_byte, set_stop_tokens, text_nats_and_bytes
 
 # ---------------------------------------------------------------- model
 
@@ -184,9 +121,9 @@ class PretrainResult:
     final_train_loss: float
     val_loss: float
     val_bpb: float
-    tokens_per_s: float  # steady state: median step, without compile, evaluation or checkpoint time
+    tokens_per_s: float  # all devices together; steady state: median step, without compile, evaluation or checkpoint
     parameters: int
-    mfu: float | None = None  # share of the device's peak bf16 FLOP/s; None off the peak table
+    mfu: float | None = None  # per device: share of one device's peak bf16 FLOP/s; None off the peak table
     loss: str = "chunked"  # which linear cross-entropy ran
     history: list = field(default_factory=list)  # one dict per step
     evals: list = field(default_factory=list)  # one dict per evaluation
@@ -212,8 +149,13 @@ class Training:
 
     @property
     def tokens_per_step(self) -> int:
+        """Over all processes."""
         s = self.settings
         return s.micro_batch * s.grad_accum * self.dist.world * s.seq_len
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Per-device MFU of the whole run's `tokens_per_s` (each of the world's devices did a share)."""
+        return mfu(tokens_per_s, self.flops_per_token, self.peak_flops, devices=self.dist.world)
 
 
 def autocast_dtype(settings: PretrainSettings, device: torch.device) -> torch.dtype | None:
@@ -267,7 +209,10 @@ def build_training(config, shape: ModelShape, settings: PretrainSettings, dist: 
         )
     return Training(
         s, model, objective, optimizer, scheduler, device, dtype, dist, loss_name, n_params,
-        flops_per_token(n_params, shape.num_layers, shape.hidden_size, s.seq_len),
+        flops_per_token(
+            matmul_parameters(n_params, config.vocab_size, shape.hidden_size, shape.tie_embeddings),
+            shape.num_layers, shape.hidden_size, s.seq_len,
+        ),
         peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None,
     )  # fmt: skip
 
@@ -288,68 +233,6 @@ def train_step(t: Training, micro_batches: list[tuple[torch.Tensor, torch.Tensor
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     return float(t.dist.mean(loss_sum)), float(grad_norm)  # one host sync per step, after the optimizer
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    # generator states are CPU byte tensors, whatever device the checkpoint was loaded onto
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _run_key(shape: ModelShape, settings: PretrainSettings, vocab: int, train_tokens: Path, dtype) -> str:
-    """What a checkpoint must match to be resumed: same shape, settings, compute dtype (what
-    `auto` chose) and training tokens."""
-    digest = hashlib.sha256()
-    with open(train_tokens, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    blob = json.dumps([asdict(shape), asdict(settings), vocab, digest.hexdigest(), str(dtype)], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@dataclass
-class Checkpoints:
-    """`latest.pt` under a run's folder: the weights, optimizer, schedule, step, logs and every
-    random generator, written by rank 0 under a temporary name, keyed to the run."""
-
-    path: Path
-    key: str
-
-    def save(self, t: Training, step: int, history: list, evals: list) -> None:
-        if not t.dist.main:
-            return
-        state = {
-            "run_key": self.key, "step": step, "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-            "scheduler": t.scheduler.state_dict(), "rng": _rng_state(), "history": history, "evals": evals,
-        }  # fmt: skip
-        with atomic_path(self.path) as tmp:  # a kill during the write leaves the previous checkpoint
-            torch.save(state, tmp)
-
-    def resume(self, t: Training) -> tuple[int, list, list]:
-        """(step, history, evals) of a matching checkpoint, loaded into `t`; (0, [], []) without one."""
-        if not self.path.exists():
-            return 0, [], []
-        state = torch.load(self.path, map_location=t.device, weights_only=False)
-        if state["run_key"] != self.key:
-            return 0, [], []
-        t.model.load_state_dict(state["model"])
-        t.optimizer.load_state_dict(state["optimizer"])
-        t.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        return state["step"], state["history"], state["evals"]
 
 
 # ---------------------------------------------------------------- the loop
@@ -423,7 +306,7 @@ def fit(
                 events.info("evaluation", step=step + 1, val_loss=val_loss, val_bpb=val_bpb)
         if on_step:
             on_step(row)
-        share = mfu(steady, t.flops_per_token, t.peak_flops)
+        share = t.mfu(steady)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{steady:.0f}", **({"mfu": f"{share:.1%}"} if share else {}))
         bar.update(1)
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps:
@@ -461,14 +344,14 @@ def pretrain(
     stop_after: int | None = None,
     on_step: Callable[[dict], None] | None = None,
 ) -> PretrainResult:
-    """Train, checkpointing to `out_dir/checkpoints`, and save the model to `out_dir/model`.
+    """Train, checkpointing and saving the model into the run folder `out_dir` (`BaseModelFiles`).
 
     A checkpoint left by an interrupted run with the same settings and training tokens is resumed;
     one left by a finished run is reused as it is (the weights would come out the same).
     `stop_after` ends this call after that many steps of the run (as a kill would, right after
     a checkpoint): the next call resumes. Under torchrun every process calls this; rank 0 writes.
     """
-    s, out_dir, dist = settings, Path(out_dir), Distributed.from_env()
+    s, files, dist = settings, BaseModelFiles(Path(out_dir)), Distributed.from_env()
     train, val = PackedTokens(train_tokens, s.seq_len, s.seed), PackedTokens(val_tokens, s.seq_len, s.seed)
     vocab = len(tokenizer)
     _check_data(train, val, s, dist.world, vocab)
@@ -478,13 +361,13 @@ def pretrain(
     random.seed(s.seed)
     np.random.seed(s.seed)
     t = build_training(config, shape, s, dist)
-    key = dist.share(_run_key(shape, s, vocab, Path(train_tokens), t.dtype) if dist.main else None)
-    ckpt = Checkpoints(out_dir / "checkpoints" / "latest.pt", key)
+    key = dist.share(run_key(shape, s, vocab, Path(train_tokens), t.dtype) if dist.main else None)
+    ckpt = Checkpoints(files.checkpoint, key)
     start, history, evals = ckpt.resume(t)
     log = fit(t, train, val, torch.tensor(token_bytes, dtype=torch.float64), ckpt, start, FitLog(history, evals),
               progress, stop_after, on_step)  # fmt: skip
     tokens_per_s = steady_tokens_per_s(log.step_seconds, t.tokens_per_step)
-    share = mfu(tokens_per_s, t.flops_per_token, t.peak_flops)
+    share = t.mfu(tokens_per_s)
     if log.stopped_early:
         return PretrainResult(
             steps=len(log.history), tokens_seen=0, final_train_loss=log.history[-1]["loss"], val_loss=float("nan"),
@@ -494,10 +377,10 @@ def pretrain(
     if dist.main:
         t.model.config._attn_implementation = "sdpa"  # what later stages load it with
         set_stop_tokens(t.model, tokenizer)
-        with atomic_path(out_dir / "model") as tmp:
+        with atomic_path(files.model) as tmp:
             t.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        write_json(out_dir / "metrics.json", {"history": log.history, "evals": log.evals, "context_length": s.seq_len})
+        write_json(files.metrics, {"history": log.history, "evals": log.evals, "context_length": s.seq_len})
     dist.barrier()
     dist.stop()
     return PretrainResult(
@@ -514,82 +397,3 @@ def pretrain(
         evals=log.evals,
         resumed_from=start,
     )
-
-
-def unigram_bpb(train_tokens: Path, val_tokens: Path, vocab: int, token_bytes: list[int]) -> float:
-    """Bits per byte of a unigram model (add-one smoothed train frequencies) on the validation
-    tokens: the floor any trained model must beat."""
-    counts = np.bincount(np.memmap(train_tokens, dtype=TOKEN_DTYPE, mode="r"), minlength=vocab) + 1.0
-    logp = np.log(counts / counts.sum())
-    val = np.memmap(val_tokens, dtype=TOKEN_DTYPE, mode="r")
-    return bits_per_byte(*text_nats_and_bytes(-logp[val], val, np.asarray(token_bytes)))
-
-
-def build_base_model(
-    clean_dir: Path, tokenizer_dir: Path, out_dir: Path, profile: Profile, progress=True, on_step=None,
-    profile_ref: str | None = None,
-) -> tuple[PretrainResult, float]:  # fmt: skip
-    """The base_model stage: packed token files of both splits, then pretrain; writes
-    `out_dir/summary.json`. Returns (result, the unigram baseline's bits per byte).
-
-    With `pretrain.devices` > 1 outside torchrun, this starts `kiln pretrain` under torchrun
-    (one process per device, each reading the profile again from `profile_ref`, else as this
-    process did: $KILN_PROFILE or the default) and
-    reads the result back from the files rank 0 wrote.
-    """
-    s = profile.pretrain
-    if s.devices > 1 and not launched_by_torchrun():
-        args = ["pipeline.cli", "pretrain", "--clean", str(clean_dir), "--tokenizer", str(tokenizer_dir),
-                "--output", str(out_dir)] + (["--profile", profile_ref] if profile_ref else [])  # fmt: skip
-        done = subprocess.run(torchrun_command(s.devices, args), check=False)
-        if done.returncode != 0:
-            raise KilnError(f"pretraining on {s.devices} devices (pretrain.devices) failed: exit {done.returncode}")
-        return _result_from_files(Path(out_dir))
-    from pipeline.data.clean import read_split  # datatrove: not needed by pretrain() itself
-
-    dist = Distributed.from_env()
-    dist.start(dist.device())
-    tok = load_tokenizer(tokenizer_dir)
-    tokens = Path(out_dir) / "tokens"
-    token_bytes = token_byte_lengths(tok)
-    baseline = None
-    if dist.main:  # token files and the baseline once; the other ranks wait, then read the files
-        tokenize_to_file(texts_of(read_split(clean_dir, "train")), tok, tokens / "train.bin")
-        tokenize_to_file(texts_of(read_split(clean_dir, "validation")), tok, tokens / "validation.bin")
-        baseline = unigram_bpb(tokens / "train.bin", tokens / "validation.bin", len(tok), token_bytes)
-    baseline = dist.share(baseline)
-    result = pretrain(
-        tokens / "train.bin", tokens / "validation.bin", tok, token_bytes, out_dir, profile.model, s,
-        progress=progress, on_step=on_step,
-    )  # fmt: skip
-    if dist.main:
-        write_json(
-            Path(out_dir) / "summary.json",
-            {
-                "parameters": result.parameters,
-                "parameters_budget": count_parameters(profile.model, len(tok)),
-                "steps": result.steps,
-                "final_train_loss": result.final_train_loss,
-                "val_loss": result.val_loss,
-                "val_bpb": result.val_bpb,
-                "unigram_bpb": baseline,
-                "tokens_seen": result.tokens_seen,
-                "tokens_per_s": result.tokens_per_s,
-                "mfu": result.mfu,
-                "loss": result.loss,
-                "devices": max(s.devices, 1),
-                "context_length": s.seq_len,
-                "resumed_from": result.resumed_from,
-            },
-        )
-    return result, baseline
-
-
-def _result_from_files(out_dir: Path) -> tuple[PretrainResult, float]:
-    summary, metrics = read_json(out_dir / "summary.json"), read_json(out_dir / "metrics.json")
-    result = PretrainResult(
-        summary["steps"], summary["tokens_seen"], summary["final_train_loss"], summary["val_loss"], summary["val_bpb"],
-        summary["tokens_per_s"], summary["parameters"], summary["mfu"], summary["loss"],
-        metrics["history"], metrics["evals"], summary["resumed_from"],
-    )  # fmt: skip
-    return result, summary["unigram_bpb"]

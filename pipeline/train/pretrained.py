@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.errors import KilnError
 from pipeline.io import atomic_path, write_json
+from pipeline.layout import BaseModelFiles
 from pipeline.train.hub import resolve
 from pipeline.train.tokenizer import (
     bits_per_byte,
@@ -69,9 +70,9 @@ def pretrained_base(
     window: int,
 ) -> dict:  # fmt: skip
     """The base_model stage for `ref`: its weights and kiln's copy of its tokenizer saved as
-    `out_dir/model/` (safetensors), then measured as a pretrained model is: validation bits per
-    byte in windows of `window` tokens against a unigram model of the train split. Writes
-    `out_dir/summary.json` and an empty `out_dir/metrics.json` (no training history)."""
+    the run folder's model (`BaseModelFiles`, safetensors), then measured as a pretrained model is:
+    validation bits per byte in windows of `window` tokens against a unigram model of the train
+    split. Writes its summary and an empty metrics file (no training history)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,7 +87,8 @@ def pretrained_base(
     if model.get_input_embeddings().num_embeddings < len(tok):
         raise KilnError(f"{ref}: the tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size}")
     set_stop_tokens(model, tok)
-    model_dir = Path(out_dir) / "model"
+    files = BaseModelFiles(Path(out_dir))
+    model_dir = files.model
     with atomic_path(model_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -102,8 +104,8 @@ def pretrained_base(
         "val_bytes": val["bytes"],
         "unigram_bpb": unigram_bpb(tok, train, validation),
     }
-    write_json(Path(out_dir) / "summary.json", summary)
-    write_json(Path(out_dir) / "metrics.json", {"history": [], "evals": []})
+    write_json(files.summary, summary)
+    write_json(files.metrics, {"history": [], "evals": []})
     return summary
 
 

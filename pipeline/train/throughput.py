@@ -2,10 +2,12 @@
 
 Steady state is the median step time over the steps after the first few of a call, so the
 compile, the first CUDA allocations, evaluations and checkpoints (timed apart) stay out of it.
-MFU = tokens/s x FLOPs per token / the device's peak dense bf16 FLOP/s, with the usual count of
-FLOPs per token for a decoder: 6N for the matmuls of N parameters (forward and backward) plus
-12 L d T for attention scores and values (L layers, width d, sequence T; causal masking not
-discounted). A device missing from the table gets no MFU rather than a guessed one.
+MFU is per device: tokens/s of the whole run x FLOPs per token / (devices x one device's peak
+dense bf16 FLOP/s), with the usual count of FLOPs per token for a decoder: 6N for the matmuls of N
+parameters (forward and backward) plus 12 L d T for attention scores and values (L layers, width
+d, sequence T; causal masking not discounted). N leaves out the input embedding when it is not
+tied to the output layer: a lookup multiplies nothing. A device missing from the table gets no
+MFU rather than a guessed one.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
+def matmul_parameters(parameters: int, vocab_size: int, hidden: int, tied: bool) -> int:
+    """The N of 6N: all parameters but an untied input embedding (vocab x hidden); a tied one is
+    the output layer's weight, which is a matmul and stays."""
+    return parameters if tied else parameters - vocab_size * hidden
+
+
 def flops_per_token(parameters: int, layers: int, hidden: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12 L d T."""
     return 6 * parameters + 12 * layers * hidden * seq_len
@@ -53,6 +61,7 @@ def steady_tokens_per_s(step_seconds: list[float], tokens_per_step: int, warmup:
     return tokens_per_step / statistics.median(steady)
 
 
-def mfu(tokens_per_s: float, flops_token: float, peak: float | None) -> float | None:
-    """Achieved FLOP/s as a share of the peak, or None without a known peak."""
-    return tokens_per_s * flops_token / peak if peak else None
+def mfu(tokens_per_s: float, flops_token: float, peak: float | None, devices: int = 1) -> float | None:
+    """Achieved FLOP/s per device as a share of one device's peak, or None without a known peak.
+    `tokens_per_s` is the whole run's, over all `devices` (data parallel: each does its share)."""
+    return tokens_per_s * flops_token / (peak * devices) if peak else None

@@ -112,3 +112,25 @@ def test_kiln_runs_every_job_in_one_process_and_any_asset_may_be_forced():
     forced = {"ops": {name: {"config": {"force": True}} for name in set(GROUPS) - {"raw_corpus"}}}
     config = validate_run_config(defs.resolve_job_def("kiln_pipeline"), forced)
     assert config["ops"]["sft_model"]["config"] == {"force": True}
+
+
+def test_max_concurrent_runs_steps_in_processes_and_accelerator_steps_one_at_a_time():
+    from dagster import validate_run_config
+
+    from pipeline.cli.run import IN_PROCESS, execution_config
+    from pipeline.config import RunSettings
+    from pipeline.errors import KilnError
+
+    assert execution_config(1) == IN_PROCESS and RunSettings().max_concurrent == 1
+    job = defs.resolve_job_def("kiln_pipeline")
+    config = validate_run_config(job, execution_config(3))
+    multiprocess = config["execution"]["multi_or_in_process_executor"]["multiprocess"]
+    assert multiprocess["max_concurrent"] == 3
+    assert multiprocess["tag_concurrency_limits"] == [{"key": "kiln/compute", "value": "accelerator", "limit": 1}]
+    compute = {node.name: node.definition.tags.get("kiln/compute") for node in job.graph.nodes}
+    heavy = {"base_model", "sft_model", "dpo_data", "dpo_model", "gguf_model", "gguf_benchmark", "sampling_preset"}
+    assert {name for name, tag in compute.items() if tag == "accelerator"} == heavy
+    # what may overlap: sft_data (light) beside the tokenizer and pretraining, which it does not wait for
+    assert compute["sft_data"] == compute["tokenizer"] == "cpu" and "base_model" not in UPSTREAM["sft_data"]
+    with pytest.raises(KilnError, match="run.max_concurrent must be at least 1"):
+        RunSettings(max_concurrent=0)

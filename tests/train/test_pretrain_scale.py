@@ -13,10 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import ModelShape, PretrainSettings, load_profile
 from pipeline.data.clean import read_split
-from pipeline.train.distributed import torchrun_command
+from pipeline.layout import BaseModelFiles
+from pipeline.train.distributed import Distributed, torchrun_command
+from pipeline.train.launch import build_base_model
 from pipeline.train.loss import linear_cross_entropy, loss_kind
-from pipeline.train.pretrain import build_base_model, count_parameters, pretrain, tokenize_to_file
-from pipeline.train.throughput import flops_per_token, mfu, peak_flops, steady_tokens_per_s
+from pipeline.train.pretrain import build_training, count_parameters, llama_config, pretrain, tokenize_to_file
+from pipeline.train.throughput import flops_per_token, matmul_parameters, mfu, peak_flops, steady_tokens_per_s
 from pipeline.train.tokenizer import load_tokenizer, texts_of, token_byte_lengths, train_tokenizer
 
 SHAPE = ModelShape(hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2)
@@ -41,6 +43,39 @@ def test_cpu_loss_is_the_chunked_one_and_exact():
     assert torch.allclose(
         loss_fn(hidden, weight, targets), torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
     )
+
+
+class MatmulDtypes(torch.overrides.TorchFunctionMode):
+    """The operand dtypes of every matrix product whose result has `shape`."""
+
+    MATMULS = ("mm", "addmm", "addmm_", "matmul", "__matmul__")
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.seen = tuple(shape), []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in self.MATMULS and tuple(getattr(out, "shape", ())) == self.shape:
+            self.seen.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor) and a.shape != self.shape))
+        return out
+
+
+def test_chunked_loss_multiplies_the_weight_gradient_in_the_compute_dtype():
+    """bf16 hidden states: the output weight's gradient (V, d) is multiplied in bf16, not from fp32
+    copies, yet comes out fp32 and within bf16 rounding of the fp32 gradient."""
+    torch.manual_seed(0)
+    n, d, v = 600, 32, 70
+    hidden, weight, targets = torch.randn(n, d), torch.randn(v, d, requires_grad=True), torch.randint(0, v, (n,))
+    _, loss_fn = linear_cross_entropy("cpu", torch.bfloat16)
+    with MatmulDtypes((v, d)) as mode:
+        loss_fn(hidden, weight, targets).backward()
+    assert mode.seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in mode.seen), mode.seen
+    assert weight.grad.dtype == torch.float32
+    reference = torch.randn(v, d).copy_(weight.detach()).requires_grad_()
+    torch.nn.functional.cross_entropy(hidden @ reference.T, targets).backward()
+    assert torch.allclose(weight.grad, reference.grad, atol=2e-3, rtol=2e-2)
+    assert not torch.equal(weight.grad, reference.grad)  # it did run in bf16
 
 
 def test_mfu_of_the_issue_measurement():
@@ -70,10 +105,40 @@ def test_steady_state_leaves_out_the_first_steps():
 
 
 def test_torchrun_command_runs_one_process_per_device():
-    cmd = torchrun_command(4, ["pipeline.cli", "pretrain", "--output", "out"])
+    cmd = torchrun_command(4, ["pipeline.train.launch", "out"])
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     assert "--nproc-per-node=4" in cmd
-    assert cmd[-5:] == ["-m", "pipeline.cli", "pretrain", "--output", "out"]
+    assert cmd[-3:] == ["-m", "pipeline.train.launch", "out"]
+
+
+def _training(shape: ModelShape, world: int, peak: float | None):
+    """build_training's state on this one process, then seen as rank 0 of `world` data-parallel
+    processes on devices of `peak` FLOP/s (only the arithmetic reads the world size and the peak)."""
+    t = build_training(llama_config(shape, 300, 0, 1, 2, context=32), shape, DDP_SETTINGS, Distributed())
+    return dataclasses.replace(t, dist=Distributed(rank=0, local_rank=0, world=world), peak_flops=peak)
+
+
+def test_mfu_is_per_device_and_tokens_per_s_is_the_whole_runs():
+    """On 4 data-parallel devices a step moves 4x the tokens, in the same time as one device's
+    share: tokens/s is the run's, MFU each device's (not 4x one device's peak)."""
+    one, four = _training(SHAPE, 1, 989e12), _training(SHAPE, 4, 989e12)
+    assert four.tokens_per_step == 4 * one.tokens_per_step
+    step_seconds = 0.5
+    per_device = one.mfu(one.tokens_per_step / step_seconds)
+    assert four.mfu(four.tokens_per_step / step_seconds) == pytest.approx(per_device)
+    assert per_device == pytest.approx(one.tokens_per_step / step_seconds * one.flops_per_token / 989e12)
+    assert mfu(4000.0, 1e9, 1e12, devices=4) == pytest.approx(1.0) and _training(SHAPE, 4, None).mfu(1e6) is None
+
+
+def test_six_n_leaves_out_an_untied_input_embedding():
+    untied = dataclasses.replace(SHAPE, tie_embeddings=False)
+    t_tied, t_untied = _training(SHAPE, 1, None), _training(untied, 1, None)
+    attention = 12 * SHAPE.num_layers * SHAPE.hidden_size * DDP_SETTINGS.seq_len
+    # untied: the output layer is a matmul of its own, the input embedding a lookup
+    assert t_untied.parameters == t_tied.parameters + 300 * SHAPE.hidden_size
+    assert t_untied.flops_per_token == 6 * (t_untied.parameters - 300 * SHAPE.hidden_size) + attention
+    assert t_tied.flops_per_token == 6 * t_tied.parameters + attention  # the tied matrix is the output matmul
+    assert matmul_parameters(1000, 10, 20, tied=True) == 1000 and matmul_parameters(1000, 10, 20, tied=False) == 800
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +195,16 @@ def test_devices_2_starts_torchrun_and_reads_back_the_result(small_corpus, token
         "eval: {max_new_tokens: 16}\n"
     )
     profile = load_profile(profile_file)
-    result, baseline = build_base_model(
-        small_corpus, token_files / "tok", tmp_path / "out", profile, progress=False, profile_ref=str(profile_file)
-    )
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    files = BaseModelFiles(tmp_path / "out")
+    result, baseline = build_base_model(small_corpus, token_files / "tok", files.folder, profile, progress=False)
+    summary = json.loads(files.summary.read_text())
     assert summary["devices"] == 2 and result.steps == 2 and len(result.history) == 2
     assert result.tokens_seen == 2 * 2 * 32 * 2  # steps x micro_batch x seq_len x processes
     assert baseline == summary["unigram_bpb"] > 0
-    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+    assert (files.model / "model.safetensors").exists()
+    # the processes read the profile written into the run folder, not the caller's file
+    written = load_profile(files.profile)
+    assert written.pretrain == profile.pretrain and written.model == profile.model
 
 
 def test_device_report_on_this_machine(capsys):
