@@ -18,6 +18,7 @@ the benchmark.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -71,7 +72,7 @@ def ray_connection(address: str | None) -> Iterator[None]:
     if address:
         _check_reachable(address)  # Ray itself retries an absent cluster for minutes
     try:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise KilnError(f"clean.ray_address {address}: no Ray cluster to connect to ({str(exc)[:200]})") from None
     try:
