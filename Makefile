@@ -19,7 +19,7 @@ export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install server sandbox postgres services services-down services-status ui mlflow-ui bench \
+.PHONY: run test install server sandbox postgres prometheus services services-down services-status ui mlflow-ui bench \
 	bench-serve serve clean-work
 
 install: sandbox $(STAMP) server
@@ -38,6 +38,14 @@ postgres:
 		{ apt-get install -y postgresql || { apt-get update && apt-get install -y postgresql; }; }; } \
 		|| echo "postgresql is missing: sudo apt-get install postgresql (make services and its tests need it)"
 
+# Prometheus (Debian's package) for `make services`, and its `promtool`, which the tests run on the alert
+# rules (deploy/prometheus/): installed the same way.
+prometheus:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y --no-install-recommends prometheus || \
+		{ apt-get update && apt-get install -y --no-install-recommends prometheus; }; }; } \
+		|| echo "prometheus is missing: sudo apt-get install prometheus (make services and the alert-rule tests need it)"
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
@@ -51,7 +59,7 @@ server: $(STAMP)
 run: sandbox $(STAMP)
 	time $(BIN)/kiln run --profile $(PROFILE) $(if $(FORCE),--force)
 
-test: sandbox postgres $(STAMP) server
+test: sandbox postgres prometheus $(STAMP) server
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -76,9 +84,9 @@ bench-serve: $(STAMP)
 	$(BIN)/python -m pipeline.serve.engine
 	$(BIN)/python benchmarks/serve_load.py
 
-# PostgreSQL, an MLflow tracking server on it and the Dagster daemon and UI on the same database, in
-# .services/; prints the environment that points kiln at them (also in .services/env.sh).
-services: postgres $(STAMP)
+# PostgreSQL, an MLflow tracking server on it, the Dagster daemon and UI on the same database and Prometheus
+# scraping kiln serve, in .services/; prints the environment that points kiln at them (also in .services/env.sh).
+services: postgres prometheus $(STAMP)
 	$(BIN)/python -m pipeline.deploy.services up
 
 services-down:
