@@ -22,7 +22,7 @@ export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install lock pre-commit test-fast server server-required sandbox postgres services services-down services-status ui mlflow-ui bench \
+.PHONY: run test install lock pre-commit test-fast server server-required sandbox postgres prometheus services services-down services-status ui mlflow-ui bench \
 	bench-serve serve clean-work
 
 install: sandbox $(STAMP) server
@@ -41,6 +41,14 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 		{ apt-get install -y postgresql || { apt-get update && apt-get install -y postgresql; }; }; } \
 		|| { echo "postgresql is missing: sudo apt-get install postgresql (make services and its tests need it)"; exit 1; }
+
+# Prometheus (Debian's package) for `make services`, and its `promtool`, which the tests run on the alert
+# rules (deploy/prometheus/): installed the same way.
+prometheus:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y --no-install-recommends prometheus || \
+		{ apt-get update && apt-get install -y --no-install-recommends prometheus; }; }; } \
+		|| { echo "prometheus is missing: sudo apt-get install prometheus (make services and the alert-rule tests need it)"; exit 1; }
 
 # Installs exactly requirements.lock (every package pinned, with its hashes), then kiln itself without
 # dependencies; `make lock` re-resolves pyproject.toml's ranges into it.
@@ -73,8 +81,8 @@ server-required: $(STAMP)
 run: sandbox $(STAMP)
 	time $(BIN)/kiln run --profile $(PROFILE) $(if $(FORCE),--force)
 
-# KILN_REQUIRE_SERVICES: a test that finds llama-server or PostgreSQL missing fails instead of skipping
-test: sandbox postgres $(STAMP) server-required
+# KILN_REQUIRE_SERVICES: a test that finds llama-server, PostgreSQL or promtool missing fails instead of skipping
+test: sandbox postgres prometheus $(STAMP) server-required
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -109,9 +117,9 @@ bench-serve: $(STAMP)
 	$(BIN)/python -m pipeline.serve.engine
 	$(BIN)/python benchmarks/serve_load.py
 
-# PostgreSQL, an MLflow tracking server on it and the Dagster daemon and UI on the same database, in
-# .services/; prints the environment that points kiln at them (also in .services/env.sh).
-services: postgres $(STAMP)
+# PostgreSQL, an MLflow tracking server on it, the Dagster daemon and UI on the same database and Prometheus
+# scraping kiln serve, in .services/; prints the environment that points kiln at them (also in .services/env.sh).
+services: postgres prometheus $(STAMP)
 	$(BIN)/python -m pipeline.deploy.services up
 
 services-down:

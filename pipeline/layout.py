@@ -48,6 +48,17 @@ def services_dir_from_env() -> Path:
     return Path(os.environ.get("KILN_SERVICES_DIR") or SERVICES_DIR)
 
 
+PROMETHEUS_TARGETS_ENV = "KILN_PROMETHEUS_TARGETS"
+PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"  # the alert rules, their tests, the Grafana dashboard
+
+
+def prometheus_targets_from_env() -> Path | None:
+    """The folder where a running `kiln serve` announces itself to the Prometheus of `make services`
+    (file-based discovery): `KILN_PROMETHEUS_TARGETS`, else none."""
+    folder = os.environ.get(PROMETHEUS_TARGETS_ENV)
+    return Path(folder) if folder else None
+
+
 def work_dir_from_env() -> Path:
     return Path(os.environ.get("KILN_WORK_DIR") or DEFAULT_WORK_DIR)
 

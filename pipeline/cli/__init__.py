@@ -1,7 +1,8 @@
 """The `kiln` command: each stage alone on your own files, the whole pipeline, and profiles.
 
 COMMANDS is the table from name to command, in the order `kiln --help` lists them; each command
-declares its arguments next to its code (stages.py, release.py, humaneval.py, tuning.py, run.py, serve.py). To add one,
+declares its arguments next to its code (stages.py, release.py, humaneval.py, tuning.py, run.py, serve.py,
+canary.py). To add one,
 write a `Command` with `help`, `add_arguments` and `run`, and add it to the table.
 
 A user mistake (a missing file, a bad setting) prints one line, `kiln: error: ...`, and exits 2;
@@ -15,6 +16,7 @@ import os
 import sys
 
 from pipeline import logs
+from pipeline.cli.canary import Canary
 from pipeline.cli.command import Command
 from pipeline.cli.download import Download
 from pipeline.cli.humaneval import Humaneval
@@ -43,6 +45,7 @@ COMMANDS: dict[str, Command] = {
     "pull": Pull(),
     "history": History(),
     "serve": Serve(),
+    "canary": Canary(),
     "run": Run(),
 }
 

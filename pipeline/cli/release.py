@@ -161,7 +161,7 @@ class Pull(RegistryCommand):
 
 
 class History(RegistryCommand):
-    help = "the promotion history: who moved production, when, from which version"
+    help = "the promotion history: who moved production, when, from which version; canary decisions with why"
 
     def run(self, args: argparse.Namespace) -> int:
         import time
@@ -170,7 +170,8 @@ class History(RegistryCommand):
 
         for e in history(*self.target(args)):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["when"]))
-            print(f"{when}  {e['action']:<8} {e['from'] or '-':>4} -> {e['to']:<4} by {e['who']}")
+            why = f"  ({e['reason']})" if e.get("reason") else ""
+            print(f"{when}  {e['action']:<8} {e['from'] or '-':>4} -> {e['to']:<4} by {e['who']}{why}")
         return 0
 
 

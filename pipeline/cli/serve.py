@@ -31,12 +31,17 @@ class Serve(Command):
         parser.add_argument("--canary", default=None, metavar="ALIAS", help="also serve this alias or version")
         parser.add_argument("--canary-share", type=float, default=0.1, help="share of requests for the canary")
         parser.add_argument(
+            "--canary-auto", action="store_true", default=None,
+            help="decide the canary by analysis of live traffic: promote it (production moves in the registry), "
+            "hold, or abort it (share 0, tagged canary_failed); thresholds: KILN_CANARY_* settings",
+        )  # fmt: skip
+        parser.add_argument(
             "--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or registry/)"
         )
 
     def run(self, args: argparse.Namespace) -> int:
         from pipeline.config import load_profile
-        from pipeline.serve.server import file_target, registry_target, run_server
+        from pipeline.serve.server import file_target, registry_canary_actions, registry_target, run_server
         from pipeline.serve.settings import load_settings
         from pipeline.tracking import default_tracking_uri
 
@@ -44,16 +49,22 @@ class Serve(Command):
             raise KilnError(f"--replicas {args.replicas}: at least 1")
         if not 0 <= args.canary_share <= 1:
             raise KilnError(f"--canary-share {args.canary_share}: a share between 0 and 1")
-        settings = load_settings(host=args.host, port=args.port, kiln_replicas=args.replicas, kiln_quant=args.quant)
+        settings = load_settings(
+            host=args.host, port=args.port, kiln_replicas=args.replicas, kiln_quant=args.quant,
+            kiln_canary_auto=args.canary_auto,
+        )  # fmt: skip
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         if args.gguf:
             if args.canary:
                 raise KilnError("--canary needs the registry; it cannot go with --gguf")
-            target, canary = file_target(Path(args.gguf)), None
+            target, canary, actions = file_target(Path(args.gguf)), None, None
         else:
             uri, profile = args.tracking_uri or default_tracking_uri(), load_profile(args.profile).name
             which = args.version or args.alias or "production"
             target = registry_target(uri, profile, which, settings.kiln_quant)
             canary = registry_target(uri, profile, args.canary, settings.kiln_quant) if args.canary else None
-        run_server(settings, target, canary, args.canary_share if canary else 0.0)
+            actions = registry_canary_actions(uri, profile)
+        if settings.kiln_canary_auto and canary is None:
+            raise KilnError("--canary-auto needs a canary to decide on: --canary ALIAS")
+        run_server(settings, target, canary, args.canary_share if canary else 0.0, actions)
         return 0

@@ -1,5 +1,6 @@
-"""The production deployment on one machine: PostgreSQL, an MLflow tracking server on it, and a
-Dagster instance on the same database, started and stopped by kiln.
+"""The production deployment on one machine: PostgreSQL, an MLflow tracking server on it, a
+Dagster instance on the same database, and Prometheus scraping `kiln serve` while it runs
+(pipeline/deploy/prometheus.py), started and stopped by kiln.
 
     python -m pipeline.deploy.services up      # (make services) start what is not running, print the environment
     python -m pipeline.deploy.services env     # the environment again, for eval "$(...)"
@@ -15,6 +16,8 @@ Everything lives in one folder (`.services/` in the checkout, or KILN_SERVICES_D
                         and download through the server, so they need no access to this folder)
     dagster_home/       dagster.yaml: run, event-log and schedule storage in PostgreSQL, the queued
                         run coordinator with kiln's concurrency limits
+    prometheus/         Prometheus (Debian's package): scrape config, alert rules, the gateways it
+                        scrapes (targets/, written by each running `kiln serve`), its data
     logs/               each service's log file
     state.json          ports, process ids and the database password (mode 600)
     env.sh              the printed environment, for `source`
@@ -40,9 +43,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.deploy import prometheus
+from pipeline.deploy.apt import apt_install
 from pipeline.errors import KilnError
 from pipeline.io import atomic_path, free_port, writable_folder, write_json
-from pipeline.layout import REPO_ROOT, services_dir_from_env
+from pipeline.layout import PROMETHEUS_TARGETS_ENV, REPO_ROOT, services_dir_from_env
 
 PG_USER = "kiln"  # the database role kiln's services connect as
 DATABASES = ("mlflow", "dagster", "kiln")  # tracking server, Dagster instance, release locks
@@ -86,6 +91,10 @@ class Services:
         """Where the production deployment's artifacts go (KILN_WORK_DIR)."""
         return self.root / "work"
 
+    @property
+    def prometheus(self) -> Path:
+        return self.root / "prometheus"
+
     def log(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.log"
 
@@ -118,16 +127,7 @@ def postgres_bin() -> Path | None:
 def ensure_postgres() -> Path:
     """The PostgreSQL programs, installed from Debian's `postgresql` package when missing and root
     (as the Makefile's `postgres` target does); a KilnError saying how to install them otherwise."""
-    apt_said = ""
-    if postgres_bin() is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        install = ["apt-get", "install", "-y", "postgresql"]
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        done = subprocess.run(install, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True)
-            done = subprocess.run(install, env=env, capture_output=True, text=True)
-        # apt's own last words, so a failed install says why (a missing package, no network, a held lock)
-        apt_said = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:]) if done.returncode else ""
+    apt_said = apt_install("postgresql") if postgres_bin() is None else ""
     found = postgres_bin()
     if found is None:
         why = f" (apt-get install postgresql: {apt_said})" if apt_said else ""
@@ -329,6 +329,18 @@ def stop_mlflow(s: Services, state: dict) -> None:
     s.save(state)
 
 
+def start_prometheus(s: Services, state: dict) -> None:
+    """Prometheus with kiln's rules, scraping each `kiln serve` announced in prometheus/targets/."""
+    if alive(state.get("prometheus_pid")):
+        return
+    prometheus.write_config(s.prometheus)
+    state["prometheus_pid"] = _spawn(s, "prometheus", prometheus.command(s.prometheus, state["prometheus_port"]),
+                                     dict(os.environ))  # fmt: skip
+    s.save(state)
+    url = f"http://127.0.0.1:{state['prometheus_port']}/-/ready"
+    _wait_http(url, state["prometheus_pid"], s.log("prometheus"), "prometheus")
+
+
 def write_dagster_yaml(s: Services) -> Path:
     """Run, event-log and schedule storage in PostgreSQL (its URL from the environment, so the file
     holds no password), the queued run coordinator with kiln's limits, no telemetry."""
@@ -375,6 +387,7 @@ def environment(s: Services, state: dict) -> dict[str, str]:
         "DAGSTER_HOME": str(s.dagster_home),
         "KILN_DAGSTER_DATABASE_URL": database_url(state, "dagster", "postgresql+psycopg2"),
         "KILN_LOCK_DATABASE_URL": database_url(state, "kiln"),
+        PROMETHEUS_TARGETS_ENV: str(s.prometheus / "targets"),
     }
 
 
@@ -384,6 +397,7 @@ def _ports(state: dict, pg_up: bool) -> dict:
         ("pg_port", pg_up),
         ("mlflow_port", alive(state.get("mlflow_pid"))),
         ("ui_port", alive(state.get("ui_pid"))),
+        ("prometheus_port", alive(state.get("prometheus_pid"))),
     ):
         port = state.get(key)
         if not port or not (ours or port_free(port)):
@@ -403,6 +417,7 @@ def up(root: Path | None = None, ui: bool = True, daemon: bool = True) -> dict[s
     start_postgres(s, state["pg_port"])
     create_databases(state)
     start_mlflow(s, state)
+    start_prometheus(s, state)
     write_dagster_yaml(s)
     if daemon or ui:
         start_dagster(s, state, ui)
@@ -417,7 +432,7 @@ def down(root: Path | None = None) -> None:
     """Stop every service (the Dagster processes first: they write to the database); data stays."""
     s = Services(Path(root or services_dir_from_env()))
     state = s.state()
-    for key in ("ui_pid", "daemon_pid", "mlflow_pid"):
+    for key in ("ui_pid", "daemon_pid", "mlflow_pid", "prometheus_pid"):
         _stop(state.pop(key, None))
     if s.state_file.exists():
         s.save(state)
@@ -445,14 +460,20 @@ def status(root: Path | None = None) -> list[tuple[str, bool, str]]:
         ("mlflow", alive(pid("mlflow_pid")), f"http://127.0.0.1:{state['mlflow_port']}  pid {pid('mlflow_pid')}"),
         ("dagster-daemon", alive(pid("daemon_pid")), f"pid {pid('daemon_pid')}  DAGSTER_HOME {s.dagster_home}"),
         ("dagster-webserver", alive(pid("ui_pid")), f"http://127.0.0.1:{state['ui_port']}  pid {pid('ui_pid')}"),
+        (
+            "prometheus",
+            alive(pid("prometheus_pid")),
+            f"http://127.0.0.1:{state.get('prometheus_port')}  pid {pid('prometheus_pid')}",
+        ),
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.deploy.services",
-        description="kiln's production deployment on this machine: PostgreSQL, an MLflow tracking server on it "
-        "and a Dagster instance (daemon and UI) on the same database. Data stays in the services folder.",
+        description="kiln's production deployment on this machine: PostgreSQL, an MLflow tracking server on it, "
+        "a Dagster instance (daemon and UI) on the same database and Prometheus scraping kiln serve. Data stays in "
+        "the services folder.",
     )
     parser.add_argument(
         "action", choices=["up", "down", "status", "env", "restart"],

@@ -275,8 +275,9 @@ def _who() -> str:
     return os.environ.get("KILN_USER") or getpass.getuser()
 
 
-def promote(uri: str, profile: str, version: str | None = None) -> dict:
-    """Point `production` at `version` (default: the candidate) after verifying its files."""
+def promote(uri: str, profile: str, version: str | None = None, note: dict | None = None) -> dict:
+    """Point `production` at `version` (default: the candidate) after verifying its files. `note`
+    (who decided and why, e.g. a canary analysis) goes into the history event."""
     c = client(uri)
     name = model_name(profile)
     target = _call(uri, "promote", lambda: _resolve(c, name, version or CANDIDATE))
@@ -288,9 +289,29 @@ def promote(uri: str, profile: str, version: str | None = None) -> dict:
             _complete_move(c, name, history(uri, profile))
             previous = _current(c, name)
             event = {"action": "promote", "to": target, "from": previous, "who": _who(), "when": time.time()}
-            return _move_production(c, name, event)
+            return _move_production(c, name, {**event, **(note or {})})
 
     return _call(uri, "promote", do)
+
+
+def record_event(uri: str, profile: str, event: dict) -> dict:
+    """Append one event (an `action`, `from`, `to` and whatever else says why) to the model's history,
+    stamped with who and when; the aliases do not move."""
+    c = client(uri)
+    name = model_name(profile)
+
+    def do():
+        with _lock(uri, name):
+            stamped = {**event, "who": _who(), "when": time.time()}
+            _append_history(c, name, stamped)
+            return stamped
+
+    return _call(uri, f"recording {event.get('action')}", do)
+
+
+def guarded(uri: str, what: str, fn):
+    """`fn()` against the registry at `uri`, its failure one clear line (for modules beside this one)."""
+    return _call(uri, what, fn)
 
 
 def _production(c, name: str):

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from pipeline.serve.canary_api import router as canary_router
 from pipeline.serve.gateway import Gateway
 from pipeline.serve.kiln_api import router as kiln_router
 from pipeline.serve.metrics import Metrics
@@ -37,8 +38,10 @@ class RouteCounter:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(settings, deployment: Deployment, metrics: Metrics, on_startup_failure=None) -> FastAPI:
-    gw = Gateway(settings, deployment, metrics)
+def create_app(
+    settings, deployment: Deployment, metrics: Metrics, on_startup_failure=None, canary_actions=None
+) -> FastAPI:
+    gw = Gateway(settings, deployment, metrics, canary_actions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -48,10 +51,13 @@ def create_app(settings, deployment: Deployment, metrics: Metrics, on_startup_fa
             except Exception:  # deployment.error says why; /health stays 503
                 if on_startup_failure:
                     on_startup_failure()
+                return
+            gw.canary.start()  # --canary-auto: the analysis looks every KILN_CANARY_INTERVAL_SEC
 
         task = asyncio.create_task(start())  # /health answers 503 while the replicas load
         yield
         task.cancel()
+        gw.canary.stop()
         await deployment.stop()
 
     app = FastAPI(title="kiln serve", lifespan=lifespan)
@@ -60,11 +66,13 @@ def create_app(settings, deployment: Deployment, metrics: Metrics, on_startup_fa
 
     app.include_router(kiln_router)
     app.include_router(openai_router)
+    app.include_router(canary_router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
             expose_headers=["X-Request-Id", "Retry-After"],
         )  # fmt: skip
-    routes = {r.path for router in (kiln_router, openai_router) for r in router.routes if hasattr(r, "path")}
+    routers = (kiln_router, openai_router, canary_router)
+    routes = {r.path for router in routers for r in router.routes if hasattr(r, "path")}
     app.add_middleware(RouteCounter, metrics=metrics, routes=routes)
     return app

@@ -9,20 +9,27 @@ routes (kiln_api.py) and the OpenAI-compatible ones (openai_api.py) over it.
     POST /llm/generate/stream   {"prompt", "preset"} as server-sent events
     GET  /metrics               Prometheus text
     POST /admin/reload          swap to the version the alias names now (admin key)
+    GET  /canary                the canary, production, request counts, decisions (canary_api.py)
+    GET  /canary/analysis       the canary analysis now
+    POST /admin/canary/promote  promote the canary now, the analysis attached (admin key)
+    POST /admin/canary/abort    abort the canary now: share 0, version tagged canary_failed (admin key)
 
 Every inference route passes auth and the rate limit (a dependency), then admission
-(`Gateway.admit`); every outcome, 429 included, ends in one `Call.finish`.
+(`Gateway.admit`); every outcome, 429 included, ends in one `Call.finish`, and every request that
+reached a version, with its answer's text, in the per-version quality counters (`Gateway.quality`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pipeline.presets import DEFAULT, Preset
+from pipeline.serve.canary import CanaryActions, CanaryWatch, Quality, answer_texts, stream_text
 from pipeline.serve.guards import Admission, Auth, RateLimiter, Rejected, retry_after_header
 from pipeline.serve.inference import Call, Inference, InferenceError, loop_deadline, prepare_text
 from pipeline.serve.metrics import Metrics
@@ -35,8 +42,12 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class Gateway:
     """The state every route shares: settings, the deployment, the guards, the metrics."""
 
-    def __init__(self, settings, deployment: Deployment, metrics: Metrics) -> None:
+    def __init__(
+        self, settings, deployment: Deployment, metrics: Metrics, canary_actions: CanaryActions | None = None
+    ) -> None:
         self.settings, self.deployment, self.metrics = settings, deployment, metrics
+        self.quality = Quality(metrics.registry, settings)
+        self.canary = CanaryWatch(settings, deployment, self.quality, canary_actions)
         self.auth = Auth(settings.api_keys, settings.admin_keys)
         self.limiter = RateLimiter(settings.kiln_rate_limit_rpm, settings.kiln_rate_limit_burst)
         self.admission = Admission(settings.max_concurrent_inference, settings.kiln_max_queue)
@@ -80,6 +91,7 @@ class Gateway:
         """A request that ran and failed: its status and detail, or the fallback answer for a 5xx."""
         call.error = detail
         call.finish(self.metrics, status)
+        self.quality.outcome(call)
         if status >= 500 and self.settings.llm_fallback_response is not None:
             return fallback(self.settings.llm_fallback_response)
         return JSONResponse({"detail": detail}, status, headers={"X-Request-Id": call.request_id})
@@ -118,6 +130,10 @@ class Gateway:
         finally:
             self.admission.release()
         call.finish(self.metrics, 200)
+        self.quality.outcome(call)
+        texts = answer_texts(body) if isinstance(body, dict) else []
+        for text in texts:
+            self.quality.answer(call.version, text, call.completion_tokens // max(1, len(texts)))
         return JSONResponse(body, headers={"X-Request-Id": call.request_id})
 
     async def run_stream(self, call: Call, path: str, body: dict, fallback, reframe=None, pool=None) -> Response:
@@ -136,5 +152,26 @@ class Gateway:
         stream = self.inference.relay(call, replica, resp, first, on_end=self.admission.release)
         if reframe is not None:
             stream = reframe(stream, call)
+        stream = self._watched(stream, call)
         headers = {**STREAM_HEADERS, "X-Request-Id": call.request_id}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+    async def _watched(self, stream, call: Call):
+        """The stream unchanged; at its end the request's outcome and its answer's text go to `quality`."""
+        pieces, pending = [], b""
+        try:
+            async for chunk in stream:
+                pending += chunk
+                *events, pending = pending.split(b"\n\n")
+                for raw in events:
+                    line = raw.rsplit(b"\n", 1)[-1]
+                    if line.startswith(b"data: {"):
+                        try:
+                            pieces.append(stream_text(json.loads(line[6:])))
+                        except (ValueError, AttributeError):
+                            pass  # not an event this gateway wrote: nothing to count
+                yield chunk
+        finally:
+            self.quality.outcome(call)
+            if call.status == 200:
+                self.quality.answer(call.version, "".join(pieces), call.completion_tokens)

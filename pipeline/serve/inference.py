@@ -65,6 +65,7 @@ class Call:
 
     route: str
     key_id: str | None = None
+    user: str | None = None  # the caller's own user id (OpenAI's `user`): the canary draw sticks to it
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     started: float = field(default_factory=time.monotonic)
     query: str = ""
@@ -148,7 +149,7 @@ class Inference:
 
     async def _attempts(self, call: Call, attempt, pool: Pool | None):
         """Run `attempt(replica)` on a replica, and once more on another if it raised _Retryable."""
-        pool, tried, last = pool or self.deployment.route(), [], None
+        pool, tried, last = pool or self.deployment.route(call.user or call.key_id), [], None
         for _ in range(2):
             pool, replica = self._pick(pool, tried)
             tried.append(replica)

@@ -4,7 +4,8 @@ The request goes to llama-server's own implementation of the same route, so ever
 understands works; the gateway fills what the client left out from the preset (`"preset"` in
 the body picks one, default `default`), masks the text the model will read, and chooses the pool:
 a `model` naming the canary's version or alias goes to the canary, anything else is routed as
-usual. Streams are relayed byte for byte: no per-token re-encoding on the hot path.
+usual (the canary's share, sticky per `user`, else per API key). Streams are relayed byte for
+byte: no per-token re-encoding on the hot path.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ async def _proxy(request: Request, route: str, key: str | None, chat: bool):
     if not isinstance(body, dict):
         return _error(422, "the request body must be a JSON object")
     call = Call(route, key_id=key)
+    call.user = body["user"] if isinstance(body.get("user"), str) and body["user"] else None
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -84,7 +86,7 @@ async def _proxy(request: Request, route: str, key: str | None, chat: bool):
         body.setdefault(k, v)
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = preset.max_tokens
-    pool = _pool_for(gw, body.get("model"))
+    pool = _pool_for(gw, body.get("model"), call.user or key)
     served = pool or gw.deployment.active
     model_id = served.source.label if served else "kiln"
     path = "/v1/chat/completions" if chat else "/v1/completions"
@@ -103,11 +105,13 @@ async def _proxy(request: Request, route: str, key: str | None, chat: bool):
     return await gw.run_json(call, work, lambda text: JSONResponse(_fallback_answer(text, model_id, chat)))
 
 
-def _pool_for(gw: Gateway, model):
+def _pool_for(gw: Gateway, model, user: str | None = None):
+    """The canary when `model` names it; else the pool the (sticky) canary draw picks, so the answer's
+    `model` names the version that wrote it."""
     canary = gw.deployment.canary
     if canary is not None and model and model in (canary.source.label, canary.version, "canary"):
         return canary
-    return None
+    return gw.deployment.route(user)
 
 
 def _fallback_answer(text: str, model: str, chat: bool) -> dict:

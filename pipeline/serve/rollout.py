@@ -8,13 +8,18 @@ replica from start to end, so it finishes on the version it started on. The regi
 every KILN_POLL_SEC; `POST /admin/reload` triggers the same step at once.
 
 With a canary (`--canary candidate --canary-share 0.1`) that share of requests goes to the
-canary's pool; its version is on every metric and log line, so the two compare.
+canary's pool; its version is on every metric and log line, so the two compare. The draw is sticky:
+a request naming a user (OpenAI's `user` field, else the API key) hashes to a fixed point in [0, 1),
+so one user sees one version throughout the canary; anonymous requests draw at random.
+`adopt_canary` (a promotion) makes the canary's warm pool production in place; `drop_canary` (an
+abort) stops routing to it and retires it once its requests in flight have finished.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import random
 import time
@@ -41,6 +46,11 @@ class Target:
     catalog: Callable[[], list[dict]] | None = None  # every registered version with its aliases
 
 
+def sticky_draw(user: str) -> float:
+    """A user's fixed point in [0, 1): the same user always falls on the same side of the share."""
+    return int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") / 2**64
+
+
 class Deployment:
     def __init__(
         self, binary: Path, settings, metrics: Metrics, target: Target,
@@ -61,10 +71,42 @@ class Deployment:
     def pools(self) -> list[Pool]:
         return [p for p in (self.active, self.canary) if p is not None]
 
-    def route(self) -> Pool | None:
-        if self.canary is not None and self.canary.ready() and random.random() < self.canary_share:
-            return self.canary
+    def route(self, user: str | None = None) -> Pool | None:
+        """The canary's pool for its share of requests (sticky per `user`), else production's."""
+        if self.canary is not None and self.canary.ready() and self.canary_share > 0:
+            if (sticky_draw(user) if user else random.random()) < self.canary_share:
+                return self.canary
         return self.active
+
+    async def adopt_canary(self) -> None:
+        """The canary's pool becomes production (it is warm: nothing restarts); the old production
+        pool finishes its requests and stops."""
+        async with self._lock:
+            new, old = self.canary, self.active
+            if new is None:
+                return
+            self.canary, self.canary_share, self.canary_target = None, 0.0, None
+            new.role = "production"
+            self.active = new
+            self.metrics.served.labels(new.version, "canary").set(0)
+            self.metrics.served.labels(new.version, "production").set(1)
+            self.metrics.swaps.inc()
+            log.info("canary promoted in place: %s -> %s", old.source.label if old else None, new.source.label)
+            if old is not None and old is not new:
+                self.metrics.served.labels(old.version, "production").set(0)
+                self._draining.add(old)
+                asyncio.create_task(self._retire(old))
+
+    async def drop_canary(self) -> None:
+        """Share 0 at once; the canary's pool finishes what it has in flight, then stops."""
+        async with self._lock:
+            pool, self.canary, self.canary_share = self.canary, None, 0.0
+            if pool is None:
+                return
+            self.metrics.served.labels(pool.version, "canary").set(0)
+            log.info("canary %s dropped: share 0", pool.source.label)
+            self._draining.add(pool)
+            asyncio.create_task(self._retire(pool))
 
     async def _start_pool(self, source: ModelSource, role: str) -> Pool:
         pool = Pool(self.binary, source, self.settings, self.metrics, role)

@@ -6,9 +6,13 @@ the same app with `build`.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 from pipeline.errors import KilnError
+from pipeline.io import atomic_path
+from pipeline.layout import prometheus_targets_from_env
 
 
 def registry_target(uri: str, profile: str, which: str, quant: str):
@@ -25,6 +29,17 @@ def registry_target(uri: str, profile: str, which: str, quant: str):
     )
 
 
+def registry_canary_actions(uri: str, profile: str):
+    """What a canary decision does in the registry at `uri` (pipeline/release/canary.py)."""
+    from pipeline.release import canary
+    from pipeline.serve.canary import CanaryActions
+
+    return CanaryActions(
+        promote=lambda version, analysis: canary.record_promotion(uri, profile, version, analysis),
+        abort=lambda version, analysis, reason: canary.record_abort(uri, profile, version, analysis, reason),
+    )
+
+
 def file_target(path: Path):
     from pipeline.serve import source
     from pipeline.serve.rollout import Target
@@ -32,8 +47,9 @@ def file_target(path: Path):
     return Target("local", fetch=lambda _: source.from_file(path))
 
 
-def build(settings, target, canary=None, canary_share: float = 0.0, on_startup_failure=None):
-    """The FastAPI app and its deployment; the replicas start when the app starts (its lifespan)."""
+def build(settings, target, canary=None, canary_share: float = 0.0, on_startup_failure=None, canary_actions=None):
+    """The FastAPI app and its deployment; the replicas start when the app starts (its lifespan).
+    `canary_actions` (`registry_canary_actions`): what a canary decision does in the registry."""
     from pipeline.serve import engine
     from pipeline.serve.app import create_app
     from pipeline.serve.metrics import Metrics
@@ -46,10 +62,10 @@ def build(settings, target, canary=None, canary_share: float = 0.0, on_startup_f
         raise KilnError(str(exc)) from None
     metrics = Metrics()
     deployment = Deployment(binary, settings, metrics, target, canary, canary_share, initial=initial)
-    return create_app(settings, deployment, metrics, on_startup_failure), deployment
+    return create_app(settings, deployment, metrics, on_startup_failure, canary_actions), deployment
 
 
-def run_server(settings, target, canary=None, canary_share: float = 0.0) -> None:
+def run_server(settings, target, canary=None, canary_share: float = 0.0, canary_actions=None) -> None:
     """Serve until Ctrl-C (uvicorn on uvloop and httptools, no access log: the gateway writes its own;
     uvicorn's own lines go through kiln's logging set-up, pipeline/logs.py)."""
     import uvicorn
@@ -60,7 +76,7 @@ def run_server(settings, target, canary=None, canary_share: float = 0.0) -> None
         if server is not None:
             server.should_exit = True
 
-    app, deployment = build(settings, target, canary, canary_share, stop)
+    app, deployment = build(settings, target, canary, canary_share, stop, canary_actions)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
         access_log=False, log_level="warning", log_config=None,
@@ -68,6 +84,26 @@ def run_server(settings, target, canary=None, canary_share: float = 0.0) -> None
     )  # fmt: skip
     server = uvicorn.Server(config)
     print(f"kiln serve: {deployment.initial.label} on http://{settings.host}:{settings.port}", flush=True)
-    server.run()
+    with announced(settings):
+        server.run()
     if deployment.active is None and deployment.error:
         raise KilnError(f"serving failed: {deployment.error}")
+
+
+@contextlib.contextmanager
+def announced(settings):
+    """While serving, a target file in $KILN_PROMETHEUS_TARGETS (set by `make services`) tells its
+    Prometheus to scrape this gateway's /metrics; removed when serving stops."""
+    folder = prometheus_targets_from_env()
+    if folder is None:
+        yield
+        return
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    path = folder / f"kiln-serve-{settings.port}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps([{"targets": [f"{host}:{settings.port}"], "labels": {"service": "kiln-serve"}}]))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)

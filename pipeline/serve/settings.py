@@ -41,6 +41,11 @@ class ServeSettings(BaseSettings):
     kiln_warmup_requests: int = Field(3, ge=0)
     kiln_context_shift: bool = Field(False, description="keep generating past a full context by dropping old tokens")
     kiln_quant: str = "Q4_K_M"
+    kiln_canary_auto: bool = Field(False, description="decide the canary by analysis: promote, hold or abort")
+    kiln_canary_min_requests: int = Field(50, ge=1, description="requests each version needs before a decision")
+    kiln_canary_interval_sec: float = Field(10.0, gt=0, description="how often --canary-auto looks")
+    kiln_canary_alpha: float = Field(0.05, gt=0, lt=0.5, description="chance of aborting a canary like production")
+    kiln_canary_beta: float = Field(0.10, gt=0, lt=0.5, description="chance of passing one worse by the margin")
 
     @classmethod
     def settings_customise_sources(
