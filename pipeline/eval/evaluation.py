@@ -465,7 +465,9 @@ def gate(
         (passes if ok else failures).append(line)
 
     for metric, value in ours.items():
-        if production and f"{shipped}.{metric}" in production:
+        # per-language bits per byte are parts of the overall figure, over far fewer documents (a
+        # few Korean ones): the overall one gates, the parts are reported
+        if production and f"{shipped}.{metric}" in production and not metric.startswith("bits_per_byte."):
             compare(shipped, metric, value, production[f"{shipped}.{metric}"], "production")
     if quantized:
         for metric, value in report["models"].get(quantized, {}).items():

@@ -201,6 +201,9 @@ def test_gate_rules():
     # the quantized GGUF may not lose what the HF model solves
     assert not gate(_report(2.0, 0.5, gguf_pass=0.3), "dpo", None, 0.05, 0.05, "dpo_Q4_K_M")[0]
     assert gate(_report(2.0, 0.5, gguf_pass=0.5), "dpo", None, 0.05, 0.05, "dpo_Q4_K_M")[0]
+    korean = _report(2.0, 0.5)
+    korean["models"]["dpo"]["bits_per_byte.ko"] = 9.0  # a part over a few documents: reported, not gated
+    assert gate(korean, "dpo", {**prod, "dpo.bits_per_byte.ko": 4.0}, 0.05, 0.05)[0]
     assert "bits_per_byte ↓" in markdown_table({**_report(2.0, 0.5), "settings": {
         "humaneval_samples": 1, "max_new_tokens": 8, "temperature": 0.8}})  # fmt: skip
 
