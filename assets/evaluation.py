@@ -3,7 +3,7 @@
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
 
 from assets.corpus import clean_corpus
-from assets.metadata import log_to_mlflow, md_image
+from assets.metadata import log_to_mlflow, md_image, table
 from assets.post_training import dpo_model, sft_model
 from assets.release import gguf_benchmark
 from assets.stage import Stage, StageConfig
@@ -11,7 +11,15 @@ from assets.training import base_model
 from pipeline.charts import metric_panels
 from pipeline.data.clean import read_split
 from pipeline.errors import KilnError
-from pipeline.eval.evaluation import LOWER_IS_BETTER, evaluate_all, flat_metrics, gate, markdown_table, metric_table
+from pipeline.eval.evaluation import (
+    LOWER_IS_BETTER,
+    evaluate_all,
+    figure_rows,
+    flat_metrics,
+    gate,
+    metric_table,
+    rounded_metrics,
+)
 from pipeline.io import read_json
 from pipeline.release.registry import SHIPPED, production_metrics
 from resources import KilnSettings, MLflowTracking
@@ -19,7 +27,7 @@ from resources import KilnSettings, MLflowTracking
 
 # After gguf_benchmark, not beside it: two CPU-heavy steps at once would skew the benchmark's
 # speed figures, and a GGUF that failed parity is not worth evaluating.
-@asset(group_name="evaluation", code_version="7", deps=[base_model, sft_model, dpo_model, gguf_benchmark, clean_corpus])
+@asset(group_name="evaluation", code_version="8", deps=[base_model, sft_model, dpo_model, gguf_benchmark, clean_corpus])
 def eval_report(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -46,13 +54,14 @@ def eval_report(
         chart = metric_panels(metric_table(report), f"eval_report ({profile.name})", LOWER_IS_BETTER, report["chance"])
         metadata = {
             "path": MetadataValue.path(str(layout.eval_report)),
-            "table": MetadataValue.md(markdown_table(report)),
+            "table": table(*figure_rows(report)),  # value ± standard error, and n, per metric
             "chart": md_image(chart, "evaluation"),
-            **flat_metrics(report, list(report["models"])),
+            **rounded_metrics(report, list(report["models"])),
             **{f"seconds.{part}": t for part, t in report["seconds"].items()},
         }
         files = [layout.eval_report, layout.eval_markdown, layout.humaneval_samples]
-        log_to_mlflow(log, metadata, params=s, files=files, images={"eval.png": chart})
+        exact = {**metadata, **flat_metrics(report, list(report["models"]))}  # MLflow keeps every digit
+        log_to_mlflow(log, exact, params=s, files=files, images={"eval.png": chart})
     return stage.finish(metadata)
 
 

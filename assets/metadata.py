@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import base64
 
-from dagster import MetadataValue
+from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 
 
 def md_table(rows: dict, key: str, value: str) -> MetadataValue:
     lines = [f"| {key} | {value} |", "|---|---:|"] + [f"| {k} | {v:,} |" for k, v in rows.items()]
     return MetadataValue.md("\n".join(lines) if rows else f"(no {value})")
+
+
+def table(columns: list[str], rows: list[list]) -> MetadataValue:
+    """Dagster's own table (sortable in the UI, not Markdown behind a button); cells as text, so a
+    figure keeps the digits it was rounded to."""
+    schema = TableSchema(columns=[TableColumn(name=c, type="string") for c in columns])
+    cells = [{c: "—" if v is None else str(v) for c, v in zip(columns, row, strict=True)} for row in rows]
+    records = [TableRecord(c) for c in cells]
+    return MetadataValue.table(records, schema=schema)
 
 
 def md_image(png: bytes, alt: str) -> MetadataValue:

@@ -35,12 +35,14 @@ def _data_asset(
 
         length = within_context(s.max_length, base, "dpo.max_length")
         check = pair_check(AutoTokenizer.from_pretrained(str(base)), length)
-    train_split = read_split(layout.clean_splits, "train")  # never the validation split
-    stats = build_post_data(kind, train_split, s.files, out, s.max_pairs, s.eval_share, s.seed, check)
+    # Training rows from the train split; held-out rows from validation files pretraining never saw.
+    train_split, validation = (read_split(layout.clean_splits, k) for k in ("train", "validation"))
+    stats = build_post_data(kind, train_split, s.files, out, s.max_pairs, s.eval_share, s.seed, check, validation)
     metadata = {
         "path": MetadataValue.path(str(out)),
         "train_rows": stats.train,
         "eval_rows": stats.eval,
+        "held_out_from": stats.held_out_from,
         "sources": md_table(stats.sources, "source", "rows"),
         "rejected": md_table(stats.rejected, "reason", "rows"),
         "rejected_rows": sum(stats.rejected.values()),
@@ -51,19 +53,19 @@ def _data_asset(
     return stage.finish(metadata)
 
 
-@asset(group_name="post_training", code_version="2", deps=[clean_corpus], op_tags=CPU)
+@asset(group_name="post_training", code_version="3", deps=[clean_corpus], op_tags=CPU)
 def sft_data(context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings) -> MaterializeResult:
     """Instruction pairs (prompt -> completion, chat format): the profile's SFT files, or functions
-    mined from the clean train split's code (signature and docstring -> the function). Mined rows
-    are held out by source document: no file feeds both splits."""
+    mined from the clean train split's code (signature and docstring -> the function). Mined held-out
+    rows come from validation files that pretraining never saw and kiln's lm-eval tasks do not use."""
     return _data_asset("sft", context, config, kiln)
 
 
-@asset(group_name="post_training", code_version="2", deps=[clean_corpus, base_model], op_tags=ACCELERATOR)
+@asset(group_name="post_training", code_version="3", deps=[clean_corpus, base_model], op_tags=ACCELERATOR)
 def dpo_data(context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings) -> MaterializeResult:
     """Preference pairs (prompt, chosen, rejected): the profile's files, or mined from code with the
-    real function chosen and the same function with one fault put in rejected (held out by source
-    document). Pairs whose prompt fills dpo.max_length (null: the trained context), or whose two
+    real function chosen and the same function with one fault put in rejected (held out: from
+    validation files, as sft_data). Pairs whose prompt fills dpo.max_length (null: the trained context), or whose two
     answers are the same tokens within it, are dropped and counted by reason (`rejected`)."""
     return _data_asset("dpo", context, config, kiln)
 
@@ -141,7 +143,8 @@ def dpo_model(
     preference_accuracy_before/after: share of pairs with log p(chosen|prompt) > log p(rejected|prompt);
     logp_margin_before/after: mean of log p(chosen|prompt) - log p(rejected|prompt), nats.
     eval_dpo_loss, trl_reward_margin/trl_reward_accuracy: TRL's held-out figures (sigmoid loss,
-    reward = beta x log-prob change), from the same before/after log-probs."""
+    reward = beta x log-prob change), from the same before/after log-probs; the loss before
+    training is log 2 by definition (eval_dpo_loss_before_theoretical), not a measurement."""
     profile, layout = kiln.load_with_layout()
     settings = profile.dpo
     inputs = [layout.model_dir("sft"), layout.post_data("dpo"), layout.post_data("sft")]  # sft: the task-loss check
@@ -160,6 +163,8 @@ def dpo_model(
         metadata = {
             "path": MetadataValue.path(str(layout.model_dir("dpo"))),
             "eval_dpo_loss": result.eval_loss_after,
+            # not a measurement: the sigmoid DPO loss with the policy equal to its reference
+            "eval_dpo_loss_before_theoretical": result.eval_loss_before,
             "held_out_pairs": a.pairs,
             "preference_accuracy_before": b.accuracy,
             "preference_accuracy_after": a.accuracy,

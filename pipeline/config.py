@@ -375,7 +375,7 @@ class EvalSettings:
             raise ProfileError("eval.humaneval_problems must be between 1 and 164 (or null for all)")
 
 
-TUNE_OBJECTIVES = ("humaneval", "kiln_next_line")  # pipeline.release.tuning scores each
+TUNE_OBJECTIVES = ("humaneval", "kiln_next_line", "kiln_next_line_prefix")  # pipeline.release.tuning scores each
 
 
 @dataclass
@@ -416,7 +416,9 @@ class TuneSettings:
 
     objective: str = "humaneval"
     """What the study maximises on held-out data: humaneval (pass@1 on the last `problems` HumanEval
-    problems, in the sandbox) or kiln_next_line (the next line of held-out code, exact match)."""
+    problems, in the sandbox), kiln_next_line (the next line of held-out code, exact match) or
+    kiln_next_line_prefix (the share of that line written right before the first wrong character:
+    a graded score that separates samplers on a model too small to pass a HumanEval problem)."""
     problems: int = 8
     """Held-out items scored per trial (HumanEval problems, or lines of held-out code)."""
     trials: int = 6
@@ -425,6 +427,10 @@ class TuneSettings:
     """Seconds of tuning at most per run (None: no limit); trials then stop, the best one is kept."""
     min_tokens_per_s: float = 20.0
     """The latency budget: a trial generating fewer tokens per second is infeasible."""
+    min_speed_share: float = 0.5
+    """The latency budget relative to greedy decoding, measured at the start of the same study on
+    the same items (a figure of this machine under this load, not an absolute one): a trial
+    generating less than this share of greedy's tokens per second is infeasible."""
     seed: int = 0
     """Seed of the TPE sampler and of llama.cpp's sampling in every trial."""
     threads: int = 1
@@ -438,6 +444,8 @@ class TuneSettings:
         if self.objective not in TUNE_OBJECTIVES:
             known = ", ".join(TUNE_OBJECTIVES)
             raise ProfileError(f"tune.objective: unknown objective {self.objective!r} (known: {known})")
+        if not 0 <= self.min_speed_share <= 1:
+            raise ProfileError(f"tune.min_speed_share must be in [0, 1], not {self.min_speed_share}")
         if min(self.problems, self.trials, self.threads) < 1 or self.min_tokens_per_s < 0:
             raise ProfileError("tune: problems, trials and threads >= 1 and min_tokens_per_s >= 0 are needed")
         if self.timeout is not None and self.timeout <= 0:

@@ -6,6 +6,7 @@ it (`pipeline.data.ingest`), so that each may import it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pipeline.errors import KilnError
@@ -52,3 +53,25 @@ class Source:
     @property
     def label(self) -> str:
         return self.path or self.builtin or f"hf:{self.hf_dataset}"
+
+
+# A builtin source made from another's files: its documents split with the file they came from.
+DERIVED_FROM = {"python_docstrings": "python_stdlib"}
+# A package copied inside another (pip/_vendor/requests/...): one package, wherever it is installed.
+_VENDORED = re.compile(r"(?:^|/)(?:_vendor|vendor|_vendored|vendored|extern|_extern)/")
+
+
+def origin_file(doc_id: str) -> str:
+    """The file a document was made from, as the train/validation split keys it: the chunks of one
+    file (`id#1`), a repeated id (`id~hash`), the docstrings of a stdlib module
+    (`python_docstrings:X` comes from `python_stdlib:X`) and a vendored copy of a package in
+    site-packages (`site_packages:pip/_vendor/requests/api.py` is `site_packages:requests/api.py`)
+    all have one origin, so they land on one side of the split."""
+    base = re.split(r"[#~]", doc_id, maxsplit=1)[0]
+    source, colon, rel = base.partition(":")
+    if not colon:
+        return base
+    source = DERIVED_FROM.get(source, source)
+    if source == "site_packages":
+        rel = _VENDORED.split(rel)[-1]
+    return f"{source}:{rel}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -95,10 +96,17 @@ class RegistryCommand(Command):
 
 class Models(RegistryCommand):
     help = "list the registered versions: created, aliases, key metrics, file sizes"
+    description = (
+        "List the registered versions as a table of key columns: version, created, aliases, parameters, the base "
+        "model's held-out bits per byte, each GGUF's tg128 tokens/s (generation speed, named tg128 as llama-bench "
+        "names it; a model trained on a shorter context generates fewer tokens, shown in brackets) and the GGUF "
+        "sizes in MB. --wide: every tag as a column; --json: every tag, as JSON."
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)
-        parser.add_argument("--json", action="store_true")
+        parser.add_argument("--json", action="store_true", help="every tag of every version, as JSON")
+        parser.add_argument("--wide", action="store_true", help="every tag as a column")
 
     def run(self, args: argparse.Namespace) -> int:
         from pipeline.release.registry import list_versions
@@ -108,11 +116,40 @@ class Models(RegistryCommand):
             print(json.dumps(rows, indent=2))
             return 0
         first = ["version", "created", "aliases"]
-        keys = first + sorted({k for r in rows for k in r} - set(first))
-        print(" | ".join(keys))
-        for r in rows:
-            print(" | ".join(str(r.get(k, "")) for k in keys))
+        if args.wide:
+            keys = first + sorted({k for r in rows for k in r} - set(first))
+            print(aligned([keys, *[[str(r.get(k, "")) for k in keys] for r in rows]]))
+            return 0
+        table = [key_columns(r) for r in rows]
+        heads = list(dict.fromkeys(h for t in table for h in t))
+        print(aligned([heads, *[[t.get(h, "-") for h in heads] for t in table]]))
         return 0
+
+
+_TG = re.compile(r"^(?P<quant>.+)_tg(?P<n>\d+)_tokens_per_s$")
+
+
+def key_columns(row: dict) -> dict[str, str]:
+    """The few columns `kiln models` shows by default, as text: speeds named tg128 whatever the
+    length measured (the measured length in brackets when shorter), sizes in MB."""
+    out = {k: str(row.get(k, "")) or "-" for k in ("version", "created", "aliases")}
+    out["params"] = f"{float(row['parameters']) / 1e6:.1f}M" if row.get("parameters") else "-"
+    out["base bpb"] = f"{float(row['base_val_bpb']):.3f}" if row.get("base_val_bpb") else "-"
+    for key, value in sorted(row.items()):
+        m = _TG.match(key)
+        if m:
+            short = "" if m["n"] == "128" else f" ({m['n']} tok)"
+            out[f"{m['quant']} tg128 tok/s"] = f"{float(value):,.0f}{short}"
+        elif key.endswith(".gguf"):
+            out[f"{key.rsplit('-', 1)[-1].removesuffix('.gguf')} MB"] = f"{int(value) / 2**20:.1f}"
+    return out
+
+
+def aligned(rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 class Promote(RegistryCommand):
@@ -179,19 +216,30 @@ class Compare(RegistryCommand):
     help = "versions side by side: eval figures, GGUF speed and memory, sizes, presets, gate; what moved"
     description = (
         "Compare registered versions (numbers or aliases; the first is the reference): eval figures with their "
-        "standard errors, GGUF tokens/s, time to first token and peak memory, file sizes, presets and the gate's "
-        "verdict. A change beyond the combined standard error is marked *. Ends with MLflow's comparison link "
-        "of the versions' runs."
+        "standard errors and n, GGUF tokens/s, time to first token and peak memory, file sizes, presets and the "
+        "gate's verdict. Each eval figure is tested on the paired per-item differences (the same documents and "
+        "problems) and shown with its 95%% interval; * marks a figure whose interval excludes 0 after Holm's "
+        "correction over all the figures tested. Stored speeds come from different runs and are never starred; "
+        "when the GGUF files are at hand their speed is measured again here, in turns, and that is tested. "
+        "Ends with MLflow's comparison link of the versions' runs."
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)
         parser.add_argument("versions", nargs="+", metavar="VERSION", help="version numbers or aliases, two or more")
-        parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+        parser.add_argument("--json", action="store_true", help="print the comparison as JSON (intervals, p-values)")
+        parser.add_argument(
+            "--speed-repeats", type=int, default=5, metavar="N",
+            help="repeats of the interleaved speed measurement of the versions' GGUFs, at least 5 (0: skip it)",
+        )  # fmt: skip
 
     def run(self, args: argparse.Namespace) -> int:
+        from pipeline.errors import KilnError
         from pipeline.release.compare import compare, table
+        from pipeline.release.paired import MIN_REPEATS
 
-        result = compare(*self.target(args), args.versions)
+        if args.speed_repeats and args.speed_repeats < MIN_REPEATS:
+            raise KilnError(f"--speed-repeats must be 0 or at least {MIN_REPEATS}, not {args.speed_repeats}")
+        result = compare(*self.target(args), args.versions, args.speed_repeats)
         print(json.dumps(result, indent=2) if args.json else table(result))
         return 0

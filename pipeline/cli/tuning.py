@@ -52,18 +52,21 @@ class Tune(Command):
         s = profile.tune
         s = replace(s, trials=args.trials or s.trials, timeout=args.timeout or s.timeout)
         validation = []
-        if s.objective == "kiln_next_line":
+        if s.objective.startswith("kiln_next_line"):
             folder = Path(args.validation) if args.validation else layout.clean_splits
             if not folder.is_dir():
                 raise KilnError(f"{folder}: no clean split folder for kiln_next_line (give --validation DIR)")
             validation = list(read_split(folder, "validation"))
-        items = heldout_items(s.objective, s.problems, validation, profile.eval.timeout, profile.eval.unsafe_sandbox)
+        held = (s.objective, s.problems, validation, profile.eval.timeout, profile.eval.unsafe_sandbox)
+        items, fresh = heldout_items(*held), heldout_items(*held, fresh=True)
         storage = args.storage or s.storage or f"sqlite:///{out.resolve() / 'study.db'}"
-        summary = tune(Path(args.gguf or layout.gguf(TUNED_QUANT)), items, s, storage)
+        summary = tune(Path(args.gguf or layout.gguf(TUNED_QUANT)), items, s, storage, fresh=fresh)
         write_outputs(summary, out / "presets.json", out / "study.json")
         best = summary["best"]
         print(markdown_table(summary))
         print(f"\nbest: trial {best['number']}, {s.objective} {best['value']:.3f}, {best['tokens_per_s']:.0f} tokens/s")
+        if summary.get("untuned"):
+            print(f"untuned: {summary['untuned']}")
         print(f"preset {TUNED!r}: {summary['presets'][TUNED]}")
         print(f"written: {out / 'presets.json'}, {out / 'study.json'}")
         print(f"inspect: {summary['dashboard']}")

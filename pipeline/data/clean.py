@@ -38,6 +38,7 @@ from pipeline.data.executors import MakeExecutor, datatrove_executor
 from pipeline.data.pii import mask_pii
 from pipeline.data.quality import quality_problem
 from pipeline.io import atomic_path, read_jsonl, write_json
+from pipeline.sources import origin_file
 
 
 def minhash_bands(threshold: float, num_hashes: int) -> tuple[int, int]:
@@ -145,8 +146,9 @@ def source_document(doc_id: str) -> str:
 
 
 class SplitTagger(PipelineStep):
-    """Tags each document train or validation by its source document, so all chunks of one file
-    land in one split: a file on both sides would leak into every held-out figure."""
+    """Tags each document train or validation by the file it was made from (`origin_file`), so all
+    chunks of one file, the docstrings of a module and the module itself, and vendored copies of one
+    package land in one split: a file on both sides would leak into every held-out figure."""
 
     name = "✂️ train/validation split"
     type = "✂️ - FORMAT"
@@ -157,7 +159,7 @@ class SplitTagger(PipelineStep):
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         for doc in data:
-            doc.metadata["split"] = _split_of(source_document(doc.id), self.validation_share)
+            doc.metadata["split"] = _split_of(origin_file(doc.id), self.validation_share)
             self.stat_update(doc.metadata["split"])
             yield doc
 

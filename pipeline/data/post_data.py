@@ -1,13 +1,18 @@
 """sft_data and dpo_data: instruction and preference sets, from the clean corpus or the user's files.
 
-By default both are mined from real code in the clean *train* split (validation documents never
-feed them): each Python function with a docstring becomes a request (its signature and
-docstring) and an answer (the function). A preference pair's `chosen` is that real function;
-its `rejected` is the same function with one fault put in (pipeline/data/negatives.py: a flipped
-comparison, an integer off by one, a value not returned, ...), never text of another function.
-The held-out split is drawn by source document: no file feeds both train.jsonl and eval.jsonl,
-and a document falls on the same side in sft_data and dpo_data (at equal eval_share), so the SFT
-model has not trained on the functions of the held-out preference pairs.
+By default both are mined from real code: each Python function with a docstring becomes a
+request (its signature and docstring) and an answer (the function). Training rows come from the
+clean *train* split; held-out rows from the *validation* split's Python files that
+`held_for_post_training` reserves (about half of them; kiln's lm-eval tasks use the others), less
+any function also found in the train split, so the base model never saw a held-out answer in
+pretraining and "held-out" measures what it learned, not what it memorised. A preference pair's
+`chosen` is that real function; its `rejected` is the same function with one fault put in
+(pipeline/data/negatives.py: a flipped comparison, an integer off by one, a value not returned,
+...), never text of another function.
+Without a validation split to draw from (and for user files) the held-out rows are drawn by
+source document: no file feeds both train.jsonl and eval.jsonl, and a document falls on the same
+side in sft_data and dpo_data (at equal eval_share), so the SFT model has not trained on the
+functions of the held-out preference pairs; stats.json says where the held-out rows came from.
 
 User files in TRL's standard formats are read too: conversational `messages` JSONL for SFT and
 `prompt`/`chosen`/`rejected` JSONL for DPO. A row that does not fit is rejected with its file,
@@ -42,6 +47,7 @@ from pathlib import Path
 from pipeline.data.negatives import corruptions
 from pipeline.errors import KilnError
 from pipeline.io import atomic_path, write_json, write_jsonl
+from pipeline.sources import origin_file
 
 ROLES = ("system", "user", "assistant")
 
@@ -62,6 +68,7 @@ class DataStats:
     sources: dict = field(default_factory=dict)
     rejected: dict = field(default_factory=dict)  # reason -> rows (malformed, or dropped by the length check)
     corruption_kinds: dict = field(default_factory=dict)  # mined DPO pairs: corruption kind -> pairs
+    held_out_from: str = ""  # where the mined held-out rows come from
 
 
 def mine_functions(code: str, min_body_lines: int = 2, max_chars: int = 1500) -> Iterator[MinedFunction]:
@@ -92,6 +99,16 @@ def mine_functions(code: str, min_body_lines: int = 2, max_chars: int = 1500) ->
 
 def _is_eval(key: str, share: float) -> bool:
     return int(hashlib.sha1(f"post:{key}".encode()).hexdigest()[:8], 16) / 2**32 < share
+
+
+POST_TRAINING_SHARE = 0.5  # of the validation split's Python files: the held-out SFT/DPO rows
+
+
+def held_for_post_training(doc_id: str) -> bool:
+    """Whether a validation document's file holds held-out SFT and DPO rows (about half of the
+    Python files, by a hash of the file it was made from); kiln's lm-eval tasks use the others, so
+    no function is both a held-out preference pair and a multiple-choice question."""
+    return _is_eval(f"validation:{origin_file(doc_id)}", POST_TRAINING_SHARE)
 
 
 def _user(content: str) -> list[dict]:
@@ -282,6 +299,24 @@ def _mined_dpo(functions, max_pairs, seed, check, rejected, kinds) -> list[tuple
     return rows
 
 
+def _mined_rows(kind, functions, max_pairs, seed, check, rejected, kinds) -> list[tuple[str, dict]]:
+    if kind == "sft":
+        functions = functions[:max_pairs]
+        return [(fn.source, r) for fn, r in zip(functions, sft_records(functions), strict=True)]
+    return _mined_dpo(functions, max_pairs, seed, check, rejected, kinds)
+
+
+def _held_out_rows(kind, train_functions, validation, sizes, seed, check, rejected, kinds):
+    """Rows from the validation files reserved for post-training, whose function the train split
+    does not hold too (pretraining saw every train document); as many as eval_share of all rows."""
+    seen = {fn.answer for fn in train_functions}
+    reserved = (r for r in validation if held_for_post_training(str(r.get("id", ""))))
+    functions = [fn for fn in mine_from_corpus(reserved, None, seed) if fn.answer not in seen]
+    max_pairs, eval_share = sizes
+    wanted = max(1, round(max_pairs * eval_share / (1 - eval_share)))
+    return _mined_rows(kind, functions, wanted, seed, check, rejected, kinds)
+
+
 def split_by_source(rows: list[tuple[str, dict]], share: float) -> tuple[list[dict], list[dict], list[str]]:
     """(train, held-out, held-out sources): every row of a source on the same side, about
     `share` of the sources held out; a set with no held-out source still gets its last one."""
@@ -302,9 +337,12 @@ def build_post_data(
     eval_share: float,
     seed: int = 0,
     check: PairCheck | None = None,
+    clean_validation: Iterable[dict] | None = None,
 ) -> DataStats:
     """Write `out_dir/{train,eval}.jsonl` (and rejected.jsonl, stats.json, split.json) for kind
-    'sft' or 'dpo'. `check` (DPO): pairs it finds a reason against are dropped and counted."""
+    'sft' or 'dpo'. `check` (DPO): pairs it finds a reason against are dropped and counted. With
+    `clean_validation`, mined held-out rows come from its files that `held_for_post_training`
+    reserves, about eval_share of all rows."""
     rows: list[tuple[str, dict]] = []  # (source: the document or the user file's line, row)
     rejected: list[dict] = []
     stats = DataStats()
@@ -319,19 +357,27 @@ def build_post_data(
                 rejected.append({"where": where, "reason": problem})
         rows += user
         stats.sources[str(f)] = len(user)
+    held_mined: list[tuple[str, dict]] = []
     if not user_files:
-        if kind == "sft":
-            functions = mine_from_corpus(clean_train, max_pairs, seed)
-            mined = [(fn.source, r) for fn, r in zip(functions, sft_records(functions), strict=True)]
-        else:
-            mined = _mined_dpo(mine_from_corpus(clean_train, None, seed), max_pairs, seed, check, rejected, kinds)
+        functions = mine_from_corpus(clean_train, None, seed)
+        mined = _mined_rows(kind, functions, max_pairs, seed, check, rejected, kinds)
         rows += mined
         stats.sources["mined from clean_corpus train split"] = len(mined)
+        if clean_validation is not None:
+            sizes = (max_pairs, eval_share)
+            held_mined = _held_out_rows(kind, functions, clean_validation, sizes, seed, check, rejected, kinds)
+            stats.sources["held out, mined from clean_corpus validation split"] = len(held_mined)
     stats.rejected = dict(Counter(r["reason"].split(" (")[0] for r in rejected))
     stats.corruption_kinds = dict(kinds)
     if not rows:
         raise KilnError(f"no usable {kind} rows (rejected: {stats.rejected or 'none'}; sources: {stats.sources})")
-    train, held, held_sources = split_by_source(rows, eval_share)  # a user file's rows: one source per line
+    if held_mined:
+        train, held = [r for _, r in rows], [r for _, r in held_mined]
+        held_sources = sorted({key for key, _ in held_mined})
+        stats.held_out_from = "validation split (files reserved for post-training, unseen in pretraining)"
+    else:  # a user file's rows: one source per line
+        train, held, held_sources = split_by_source(rows, eval_share)
+        stats.held_out_from = "files" if user_files else "train split, held out by file (no validation functions)"
     stats.train, stats.eval = len(train), len(held)
     with atomic_path(Path(out_dir)) as tmp:
         tmp.mkdir()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -27,14 +28,16 @@ from pathlib import Path
 import torch
 
 from pipeline.config import EvalSettings
-from pipeline.eval.humaneval import generate, score, task_ids
+from pipeline.data.ingest import is_code
+from pipeline.data.post_data import held_for_post_training
+from pipeline.eval.humaneval import fitting_task_ids, generate, per_task_pass_at_k, score
 from pipeline.eval.lm_tasks import CHOICES, KILN_TASKS, write_kiln_tasks
 from pipeline.eval.sandbox import check_available
 from pipeline.io import atomic_path, model_context, write_json, write_jsonl
-from pipeline.train.scoring import bits_per_byte
+from pipeline.train.scoring import bits_per_byte, ratio_stderr
 from pipeline.train.tokenizer import texts_of
 
-LOWER_IS_BETTER = {"bits_per_byte"}
+LOWER_IS_BETTER = {"bits_per_byte", "bits_per_byte.code", "bits_per_byte.en", "bits_per_byte.ko"}
 Say = Callable[[str], None]  # where progress lines go (print, or a Dagster log)
 
 
@@ -120,7 +123,7 @@ def lm_eval_scores(checkpoint: Path, tm, tasks: list[str], limit: int | None, ba
         task_manager=tm,
         limit=limit,
         batch_size=batch_size,
-        log_samples=False,
+        log_samples=True,  # each document's result: what a paired comparison of two versions needs
         bootstrap_iters=1000,
     )
     found = {}
@@ -131,11 +134,14 @@ def lm_eval_scores(checkpoint: Path, tm, tasks: list[str], limit: int | None, ba
             for k, v in row.items()
             if "_stderr," in k and isinstance(v, int | float)
         }
+        samples = sorted(out.get("samples", {}).get(task, []), key=lambda d: d["doc_id"])
         found[task] = {
             "scores": scores,
             "stderr": stderr,
             "higher_is_better": out["higher_is_better"].get(task, {}),
             "n": out["n-samples"].get(task, {}).get("effective"),
+            "ids": [str(d["doc_id"]) for d in samples],
+            "items": {m: [float(d[m]) for d in samples] for m in scores if samples and all(m in d for d in samples)},
         }
     return found
 
@@ -147,6 +153,9 @@ class Report:
         self.data: dict = {
             "models": {m: {} for m in models},
             "stderr": {m: {} for m in models},
+            "n": {},  # metric -> the items it averages (documents, problems)
+            "items": {m: {} for m in models},  # model -> metric -> per-item results, for paired comparisons
+            "item_ids": {},  # metric -> the ids of those items, in the same order for every model
             "higher_is_better": {},
             "tasks": {},
             "unavailable": {},
@@ -154,11 +163,21 @@ class Report:
             "settings": dataclasses.asdict(settings),
         }
 
-    def put(self, model: str, metric: str, value: float, stderr: float | None = None, higher_is_better=True):
+    def put(
+        self, model: str, metric: str, value: float, stderr: float | None = None, higher_is_better=True,
+        n: int | None = None,
+    ):  # fmt: skip
         self.data["models"][model][metric] = value
         if stderr is not None:
             self.data["stderr"][model][metric] = stderr
+        if n is not None:
+            self.data["n"][metric] = n
         self.data["higher_is_better"][metric] = higher_is_better
+
+    def items(self, model: str, metric: str, ids: list[str], values: list) -> None:
+        """Per-item results of one figure (`values[i]` for item `ids[i]`)."""
+        self.data["items"][model][metric] = values
+        self.data["item_ids"][metric] = ids
 
     @contextmanager
     def timed(self, part: str):
@@ -195,21 +214,54 @@ def evaluate_all(
         if not s.unsafe_sandbox:
             check_available()  # refuse before generating anything it could not score
         runs = {**models, **({gguf[0]: gguf[1]} if gguf else {})}
-        _score_humaneval(report, runs, out / "humaneval", s, say)
+        room = min(report.data["context"].values(), default=context) - s.max_new_tokens
+        ids = _humaneval_ids(next(iter(models.values())), s.humaneval_problems, room) if models and room > 0 else []
+        if ids:
+            _score_humaneval(report, runs, ids, out / "humaneval", s, say)
+        else:
+            report.data["humaneval_problems"] = report.data["humaneval_n_scored"] = 0
+            report.data["unavailable"]["humaneval"] = (
+                f"no problem's prompt fits the trained context with room for {s.max_new_tokens} new tokens"
+            )
     write_json(out / "report.json", report.data)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(markdown_table(report.data))
     return report.data
 
 
+def language_group(lang: str | None) -> str:
+    """code, en, ko or other: the languages bits per byte is reported for."""
+    if lang and is_code(lang):
+        return "code"
+    return lang if lang in ("en", "ko") else "other"
+
+
 def _score_bits_per_byte(
     report: Report, models: dict[str, Path], validation: list[dict], s: EvalSettings, context: int, say: Say
 ) -> None:
-    """Each model's bits per byte on the held-out texts, in windows of the training `context`."""
+    """Each model's bits per byte on the held-out texts, in windows of the training `context`: over
+    all of them and per language (code, English, Korean), each with its standard error over
+    documents and its document count; each document's own bits and bytes are kept."""
     texts = list(texts_of(validation, s.bpb_max_bytes))
+    records = validation[: len(texts)]
+    ids = [str(r.get("id", i)) for i, r in enumerate(records)]
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(language_group(r.get("lang")), []).append(i)
     for name, path in models.items():
         r = bits_per_byte(path, texts, s.batch_size, context)
-        report.put(name, "bits_per_byte", r["bits_per_byte"], higher_is_better=False)
+        docs = r["documents"]
+        counted = [i for i, (_, n) in enumerate(docs) if n > 0]
+        se = ratio_stderr([docs[i][0] for i in counted], [docs[i][1] for i in counted])
+        report.put(name, "bits_per_byte", r["bits_per_byte"], se, higher_is_better=False, n=len(counted))
+        report.items(name, "bits_per_byte", ids, docs)
+        for lang in ("code", "en", "ko"):
+            scored = [i for i in groups.get(lang, []) if docs[i][1] > 0]
+            if scored:
+                bits, n_bytes = [docs[i][0] for i in scored], [docs[i][1] for i in scored]
+                value = sum(bits) / sum(n_bytes)
+                report.put(name, f"bits_per_byte.{lang}", value, ratio_stderr(bits, n_bytes), False, len(scored))
+                report.items(name, f"bits_per_byte.{lang}", [ids[i] for i in scored], [docs[i] for i in scored])
         say(f"{name}: {r['bits_per_byte']:.4f} bits/byte over {r['bytes']:,} held-out bytes")
     report.data["bpb_bytes"] = r["bytes"] if models else 0
 
@@ -221,6 +273,8 @@ def _score_lm_eval(
     whose data loads (the others listed as unavailable), run on each model through lm-eval."""
     data = report.data
     fits = _answer_fits(next(iter(models.values())), min(data["context"].values())) if models else None
+    # The validation files that hold the held-out SFT/DPO rows are not questions here too.
+    validation = [r for r in validation if not (r.get("lang") == "python" and held_for_post_training(str(r["id"])))]
     written, skipped, left_out = write_kiln_tasks(validation, task_dir, s.lm_eval_limit, fits)
     data["unavailable"].update(skipped)
     data["lm_eval_left_out"] = {t: n for t, n in left_out.items() if n}
@@ -236,15 +290,25 @@ def _score_lm_eval(
             data["tasks"][task] = r["n"]
             for metric, value in r["scores"].items():
                 better = r["higher_is_better"].get(metric, True)
-                report.put(name, f"{task}.{metric}", value, r["stderr"].get(metric), better)
+                report.put(name, f"{task}.{metric}", value, r["stderr"].get(metric), better, r["n"])
+                if metric in r["items"]:
+                    report.items(name, f"{task}.{metric}", [f"{task}:{i}" for i in r["ids"]], r["items"][metric])
         say(f"{name}: lm-eval {', '.join(tasks)} done")
 
 
-def _score_humaneval(report: Report, runs: dict[str, Path], samples_dir: Path, s: EvalSettings, say: Say) -> None:
-    """HumanEval pass@k of each HF checkpoint or GGUF file in `runs`; the completions and their
-    results go to `samples_dir` as <name>.jsonl and <name>_results.jsonl."""
-    ids = task_ids(s.humaneval_problems)
-    report.data["humaneval_problems"] = len(ids)
+def _humaneval_ids(checkpoint: Path, limit: int | None, room: int) -> list[str]:
+    from transformers import AutoTokenizer
+
+    return fitting_task_ids(AutoTokenizer.from_pretrained(str(checkpoint)), limit, room)
+
+
+def _score_humaneval(
+    report: Report, runs: dict[str, Path], ids: list[str], samples_dir: Path, s: EvalSettings, say: Say
+) -> None:
+    """HumanEval pass@k of each HF checkpoint or GGUF file in `runs` on the problems `ids` (those
+    whose prompt fits), with the standard error over problems; the completions and their results
+    go to `samples_dir` as <name>.jsonl and <name>_results.jsonl."""
+    report.data["humaneval_problems"] = report.data["humaneval_n_scored"] = len(ids)
     report.data["humaneval_prompts_cut"] = {}
     scored = {}
     # One model's completions run in the sandbox while the next model generates: a sample mostly
@@ -262,9 +326,23 @@ def _score_humaneval(report: Report, runs: dict[str, Path], samples_dir: Path, s
         write_jsonl(samples_dir / f"{name}.jsonl", samples)
         write_jsonl(samples_dir / f"{name}_results.jsonl", per_sample)
         for k in s.pass_k:
-            if f"pass@{k}" in result:
-                report.put(name, f"humaneval.pass_at_{k}", result[f"pass@{k}"])
+            per_task = per_task_pass_at_k(per_sample, k)
+            if f"pass@{k}" in result and per_task:
+                values = [per_task[t] for t in ids if t in per_task]
+                metric = f"humaneval.pass_at_{k}"
+                report.put(name, metric, result[f"pass@{k}"], mean_stderr(values), n=len(values))
+                report.items(name, metric, [t for t in ids if t in per_task], values)
         say(f"{name}: HumanEval {result}")
+
+
+def mean_stderr(values: list[float]) -> float | None:
+    """The standard error of a mean over items (sample standard deviation / sqrt n); None under two.
+    For 0/1 outcomes (an accuracy, a greedy pass@1) it is sqrt(p(1-p)/(n-1))."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def metric_table(report: dict) -> dict[str, dict[str, float]]:
@@ -276,9 +354,32 @@ def metric_table(report: dict) -> dict[str, dict[str, float]]:
     return table
 
 
+def figure_rows(report: dict) -> tuple[list[str], list[list]]:
+    """(columns, rows) of the report as people read it: each metric with its direction and n, and
+    per model its value ± standard error rounded to the standard error's second digit."""
+    models = list(report["models"])
+    rows = []
+    for metric, values in metric_table(report).items():
+        arrow = "↓" if not report["higher_is_better"].get(metric, True) else "↑"
+        cells = [format_figure(values[m], report["stderr"][m].get(metric)) if m in values else None for m in models]
+        rows.append([f"{metric} {arrow}", report.get("n", {}).get(metric), *cells])
+    return ["metric", "n", *models], rows
+
+
+def rounded_metrics(report: dict, models: list[str]) -> dict[str, float]:
+    """flat_metrics rounded to their meaningful digits (the standard error's second significant
+    digit; 4 decimals without one): what the Dagster UI shows."""
+    out = {}
+    for key, value in flat_metrics(report, models).items():
+        model, metric = key.split(".", 1)
+        err = report["stderr"].get(model, {}).get(metric)
+        out[key] = float(format_figure(value, err).split(" ")[0]) if isinstance(value, float) else value
+    return out
+
+
 def markdown_table(report: dict) -> str:
     models = list(report["models"])
-    lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    lines = ["| metric | n | " + " | ".join(models) + " |", "|---|---:|" + "---:|" * len(models)]
     for metric, values in metric_table(report).items():
         arrow = "↓" if not report["higher_is_better"].get(metric, True) else "↑"
         cells = []
@@ -286,15 +387,17 @@ def markdown_table(report: dict) -> str:
             if m not in values:
                 cells.append("—")
                 continue
-            err = report["stderr"][m].get(metric)
-            cells.append(f"{values[m]:.4f}" + (f" ± {err:.4f}" if err else ""))
-        lines.append(f"| {metric} {arrow} | " + " | ".join(cells) + " |")
+            cells.append(format_figure(values[m], report["stderr"][m].get(metric)))
+        n = report.get("n", {}).get(metric)
+        lines.append(f"| {metric} {arrow} | {n if n is not None else '—'} | " + " | ".join(cells) + " |")
     s = report["settings"]
     notes = [
         f"bits per byte over {report.get('bpb_bytes', 0):,} held-out bytes; lm-eval documents per task: "
         + ", ".join(f"{t} {n}" for t, n in report["tasks"].items())
-        + f"; kiln tasks have {CHOICES} choices (chance {1 / CHOICES:.2f}), ± is the standard error",
-        f"HumanEval: {report.get('humaneval_problems')} of 164 problems, {s['humaneval_samples']} sample(s) each "
+        + f"; kiln tasks have {CHOICES} choices (chance {1 / CHOICES:.2f}), ± is the standard error "
+        "(over documents for bits per byte), n the documents or problems it averages",
+        f"HumanEval: {report.get('humaneval_problems')} of 164 problems scored (those whose prompt fits the trained "
+        f"context with room for the answer), {s['humaneval_samples']} sample(s) each "
         + ("(greedy)" if s["humaneval_samples"] == 1 else f"at temperature {s['temperature']}")
         + f", at most {s['max_new_tokens']} new tokens",
         *_context_notes(report),
@@ -322,9 +425,25 @@ def _context_notes(report: dict) -> list[str]:
     ]
 
 
+def format_figure(value: float, stderr: float | None) -> str:
+    """A figure to its meaningful digits: the standard error to two significant digits and the
+    value to the same decimal place (4 decimals when there is no standard error)."""
+    if not stderr:
+        return f"{value:.4f}"
+    places = max(0, 1 - math.floor(math.log10(abs(stderr))))
+    return f"{value:.{places}f} ± {stderr:.{places}f}"
+
+
 def flat_metrics(report: dict, models: list[str]) -> dict[str, float]:
-    """`model.metric` -> value for the given models: what MLflow and the registry tags carry."""
-    return {f"{m}.{k}": v for m in models for k, v in report["models"].get(m, {}).items()}
+    """`model.metric` -> value for the given models: what MLflow and the registry tags carry, with
+    `humaneval.n_scored` (the problems pass@k is over) beside each model's pass@k."""
+    out = {}
+    for m in models:
+        for k, v in report["models"].get(m, {}).items():
+            out[f"{m}.{k}"] = v
+            if k.startswith("humaneval.") and "humaneval_n_scored" in report:
+                out[f"{m}.humaneval.n_scored"] = report["humaneval_n_scored"]
+    return out
 
 
 def gate(
@@ -346,7 +465,9 @@ def gate(
         (passes if ok else failures).append(line)
 
     for metric, value in ours.items():
-        if production and f"{shipped}.{metric}" in production:
+        # per-language bits per byte are parts of the overall figure, over far fewer documents (a
+        # few Korean ones): the overall one gates, the parts are reported
+        if production and f"{shipped}.{metric}" in production and not metric.startswith("bits_per_byte."):
             compare(shipped, metric, value, production[f"{shipped}.{metric}"], "production")
     if quantized:
         for metric, value in report["models"].get(quantized, {}).items():

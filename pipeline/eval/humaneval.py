@@ -49,6 +49,21 @@ def task_ids(limit: int | None) -> list[str]:
     return list(problems())[:limit]
 
 
+def fitting_task_ids(tokenizer, limit: int | None, room: int) -> list[str]:
+    """The first `limit` problems, in HumanEval's order, whose whole prompt as the model is sent it
+    fits in `room` tokens (the trained context less max_new_tokens). A prompt cut to fit loses its
+    `def` line first, and a model that cannot see the signature says nothing by failing it."""
+    return [t for t, p in problems().items() if len(_prompt_ids(tokenizer, p["prompt"])) <= room][:limit]
+
+
+def per_task_pass_at_k(results: list[dict], k: int) -> dict[str, float]:
+    """task_id -> that problem's pass@k estimate, for the problems with at least k samples."""
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    for r in results:
+        per_task[r["task_id"]].append(r["passed"])
+    return {t: pass_at_k(len(v), sum(v), k) for t, v in per_task.items() if len(v) >= k}
+
+
 def truncate(text: str) -> str:
     """The completion up to the first stop sequence: one function body, nothing after it."""
     cut = min((i for i in (text.find(s) for s in STOP_SEQUENCES) if i >= 0), default=len(text))
@@ -238,14 +253,11 @@ def score(
     with ThreadPoolExecutor(max_workers=workers) as pool:  # each run is its own sandbox
         outcomes = list(pool.map(run, samples))
     results = [{**s, "passed": o.passed, "result": o.reason} for s, o in zip(samples, outcomes, strict=True)]
-    per_task: dict[str, list[bool]] = defaultdict(list)
-    for r in results:
-        per_task[r["task_id"]].append(r["passed"])
     report = {}
     for k in ks:
-        eligible = [v for v in per_task.values() if len(v) >= k]
+        eligible = per_task_pass_at_k(results, k)
         if eligible:
-            report[f"pass@{k}"] = float(np.mean([pass_at_k(len(v), sum(v), k) for v in eligible]))
-    report["tasks"] = len(per_task)
+            report[f"pass@{k}"] = float(np.mean(list(eligible.values())))
+    report["tasks"] = len({r["task_id"] for r in results})
     report["samples"] = len(results)
     return report, results

@@ -7,11 +7,14 @@ no download:
   acc_norm (length-normalized), chance 0.25.
 - kiln_next_line (multiple choice): up to 12 lines of held-out code; which of four lines of the
   same file comes next? acc and acc_norm, chance 0.25.
+- kiln_next_sentence_ko (multiple choice): up to 3 sentences of held-out Korean prose; which of
+  four sentences of the same document comes next? acc and acc_norm, chance 0.25.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +24,13 @@ from pipeline.data.ingest import is_code
 from pipeline.data.post_data import mine_functions
 from pipeline.io import atomic_path, write_jsonl
 
-KILN_TASKS = ("kiln_body_choice", "kiln_next_line")
+KILN_TASKS = ("kiln_body_choice", "kiln_next_line", "kiln_next_sentence_ko")
 CHOICES = 4
 CONTEXT_LINES = 12
+CONTEXT_SENTENCES = 3
+# A sentence ends at a full stop (Korean prose ends one with "다." and the like) or a line break.
+_SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|\n+")
+MIN_SENTENCE_CHARS = 8
 
 
 def body_choice_rows(
@@ -81,6 +88,34 @@ def next_line_rows(records: list[dict], limit: int | None, seed: int = 0) -> lis
     return rows
 
 
+def sentences(text: str) -> list[str]:
+    return [x.strip() for x in _SENTENCE_END.split(text) if len(x.strip()) >= MIN_SENTENCE_CHARS]
+
+
+def next_sentence_rows(records: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
+    """Sentences of held-out Korean documents with up to CONTEXT_SENTENCES sentences before them;
+    the distractors are other sentences of the same document, so only the context tells them apart."""
+    candidates = []
+    for r in records:
+        if r.get("lang") == "ko":
+            found = sentences(r["text"])
+            candidates += [(found, i) for i in range(1, len(found))]
+    rng = random.Random(seed)
+    rng.shuffle(candidates)
+    rows = []
+    for found, i in candidates:
+        pool = sorted(set(found) - {found[i]})
+        if len(pool) < CHOICES - 1:
+            continue
+        choices = [found[i], *rng.sample(pool, CHOICES - 1)]
+        rng.shuffle(choices)
+        context = " ".join(found[max(0, i - CONTEXT_SENTENCES) : i])
+        rows.append({"query": context, "choices": [" " + c for c in choices], "gold": choices.index(found[i])})
+        if limit is not None and len(rows) == limit:
+            break
+    return rows
+
+
 def _substantive(line: str) -> bool:
     stripped = line.strip()
     return len(stripped) >= 4 and not stripped.startswith("#")
@@ -116,7 +151,11 @@ def write_kiln_tasks(
     left out before `limit` is applied. Returns (task -> rows written, task -> why it was skipped,
     task -> documents left out)."""
     out = Path(out)
-    every = {"kiln_body_choice": body_choice_rows(records, None), "kiln_next_line": next_line_rows(records, None)}
+    every = {
+        "kiln_body_choice": body_choice_rows(records, None),
+        "kiln_next_line": next_line_rows(records, None),
+        "kiln_next_sentence_ko": next_sentence_rows(records, None),
+    }
     rows = {**every, "kiln_body_choice": body_choice_rows(records, None, fits=answer_fits)}
     left_out = {}
     for name, task_rows in rows.items():
@@ -128,7 +167,7 @@ def write_kiln_tasks(
         tmp.mkdir(parents=True)
         for name, task_rows in rows.items():
             if not task_rows:
-                skipped[name] = "too few held-out Python functions or code lines to build it"
+                skipped[name] = "too few held-out Python functions, code lines or Korean sentences to build it"
                 continue
             write_jsonl(tmp / f"{name}.jsonl", task_rows)
             spec = _task_yaml(name, out / f"{name}.jsonl", out / "cache")

@@ -1,12 +1,21 @@
-"""`kiln compare A B [C...]`: registered versions side by side.
+"""`kiln compare A B [C...]`: registered versions side by side, and what moved on the evidence.
 
 For each version (a number or an alias): its eval figures (the `eval.*` tags, with their standard
-errors from the version's eval_report.json), GGUF speed and memory (its benchmark.json), file
-sizes, presets, the gate's verdict and aliases. Each later version is compared with the first,
-and a figure moved when the difference is larger than the two standard errors combined
-(sqrt(se_a² + se_b²)). The standard error of an accuracy is lm-eval's; of a pass@1 the
-binomial one over the problems; of a tokens/s the half range of the benchmark's repeats. The
-reports are read from the version's stored files and checked against their sha256 tags first.
+errors and n from the version's eval_report.json), GGUF speed and memory (its benchmark.json),
+file sizes, presets, the gate's verdict and aliases. The reports are read from the version's stored
+files and checked against their sha256 tags first.
+
+Each later version is compared with the first on paired differences (`pipeline.release.paired`):
+both answered the same documents and problems, and eval_report keeps each one's result, so an
+accuracy or pass@k is tested by a paired bootstrap over items and bits per byte by a paired
+bootstrap over documents; each gets its difference, a 95% interval and a p-value, and is marked
+`*` only when the interval excludes 0 and Holm's correction over all the figures tested keeps it
+(a 5% chance, over the whole table, of starring a figure that did not move). A version evaluated
+before per-item results were kept is shown with a note, not tested. GGUF speed and memory stored
+at registration were measured on different days under different load: they are shown, never
+starred. When both versions' GGUFs are at hand (a local artifact store), their speed is measured
+again here, in turns (A, B, A, B, ...) in one process, and only that paired measurement is tested
+(a t-interval over the repeats' differences).
 """
 
 from __future__ import annotations
@@ -15,24 +24,45 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlparse
 
 from pipeline.errors import KilnError
 from pipeline.release import registry
+from pipeline.release.paired import MIN_REPEATS, holm, paired_mean, paired_ratio, paired_t
 from pipeline.tracking import client
 
 LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` over a local sqlite store
 SPEED = {"tg": 128, "pp": 512}  # named by the lengths measured (shorter within a shorter trained context)
+STORED_SPEED_NOTE = (
+    "GGUF speed and memory stored at registration come from different runs under different machine load: "
+    "shown, never starred"
+)
 
 
-def compare(uri: str, profile: str, which: list[str]) -> dict:
-    """The versions `which` names, their figures, and what moved beyond its standard error."""
+def compare(uri: str, profile: str, which: list[str], speed_repeats: int = MIN_REPEATS) -> dict:
+    """The versions `which` names, their figures, each later version's paired tests against the
+    first, and what moved. `speed_repeats`: repeats of the interleaved speed measurement when the
+    GGUFs are at hand (0: none)."""
     if len(which) < 2:
         raise KilnError("compare needs at least two versions (numbers or aliases)")
     versions = [_version(uri, profile, w) for w in which]
-    first = versions[0]
-    moved = [m for v in versions[1:] for m in _moves(first, v)]
-    return {"model": registry.model_name(profile), "versions": versions, "moved": moved, "mlflow": _link(uri, versions)}
+    notes = [STORED_SPEED_NOTE]
+    remeasured = _remeasure(versions, speed_repeats, notes) if speed_repeats else {}
+    tests = [t for v in versions[1:] for t in _tests(versions[0], v, remeasured, notes)]
+    for v in versions:
+        v.pop("ggufs", None)
+        for f in v["figures"].values():
+            f.pop("items", None)
+            f.pop("ids", None)
+    return {
+        "model": registry.model_name(profile),
+        "versions": versions,
+        "tests": tests,
+        "moved": [t for t in tests if t["moved"]],
+        "remeasured": {v: {n: f["value"] for n, f in r.items()} for v, r in remeasured.items()},
+        "notes": list(dict.fromkeys(notes)),
+        "mlflow": _link(uri, versions),
+    }
 
 
 def _version(uri: str, profile: str, which: str) -> dict:
@@ -55,7 +85,23 @@ def _version(uri: str, profile: str, which: str) -> dict:
         "presets": {k[7:]: json.loads(v) for k, v in tags.items() if k.startswith("preset.") and k.count(".") == 1},
         "tuned": tuned,
         "figures": figures,
+        "ggufs": _local_ggufs(mv.source, tags),
     }
+
+
+def _local_ggufs(source: str, tags: dict) -> dict[str, Path]:
+    """quant -> the version's GGUF file where its artifacts are on this machine (a local store) and
+    the file matches its sha256 tag; {} for a remote store."""
+    parsed = urlparse(source)
+    if parsed.scheme not in ("", "file"):
+        return {}
+    folder = Path(unquote(parsed.path) if parsed.scheme else source) / "gguf"
+    found = {}
+    for f in sorted(folder.glob("*.gguf")) if folder.is_dir() else []:
+        digest = tags.get(f"sha256.gguf/{f.name}")
+        if digest and registry.sha256(f) == digest:
+            found[f.stem.rsplit("-", 1)[-1]] = f
+    return found
 
 
 def _reports(uri: str, mv, tags: dict, names: tuple[str, ...]) -> dict:
@@ -86,40 +132,97 @@ def _eval_figures(tags: dict, report: dict | None) -> dict:
         model, metric = key.removeprefix(registry.EVAL_TAG).split(".", 1)
         v = float(value)
         se = report.get("stderr", {}).get(model, {}).get(metric)
-        if se is None and metric.startswith("humaneval.pass_at_1") and problems:
+        if se is None and metric == "humaneval.pass_at_1" and problems:  # not pass_at_10: its own figure
             se = math.sqrt(v * (1 - v) / problems)
         better = "higher" if report.get("higher_is_better", {}).get(metric, "bits_per_byte" not in metric) else "lower"
-        out[f"eval.{model}.{metric}"] = {"value": v, "stderr": se, "better": better}
+        figure = {"value": v, "stderr": se, "n": report.get("n", {}).get(metric), "better": better}
+        items = report.get("items", {}).get(model, {}).get(metric)
+        if items is not None and metric in report.get("item_ids", {}):
+            figure.update(items=items, ids=report["item_ids"][metric])
+        out[f"eval.{model}.{metric}"] = figure
     return out
 
 
 def _gguf_figures(bench: dict | None) -> dict:
+    """Speed and memory as stored at registration: shown, never tested (see STORED_SPEED_NOTE)."""
     out = {}
     for quant, r in (bench or {}).get("files", {}).items():
         for test, usual in SPEED.items():
             n = r.get(f"{test}_tokens", usual)  # a version benchmarked before the lengths were recorded: the usual ones
             s, name = r.get(f"{test}_tokens_per_s") or r[f"{test}{n}_tokens_per_s"], f"{test}{n}_tokens_per_s"
-            spread = (s["max"] - s["min"]) / 2
-            out[f"gguf.{quant}.{name}"] = {"value": s["median"], "stderr": spread, "better": "higher"}
+            out[f"gguf.{quant}.{name}"] = {"value": s["median"], "range": [s["min"], s["max"]], "better": "higher"}
         out[f"gguf.{quant}.time_to_first_token_s"] = {"value": r["time_to_first_token_s"], "better": "lower"}
         for ctx, mb in r.get("peak_rss_mb", {}).get("peak", {}).items():
             out[f"gguf.{quant}.peak_rss_mb_ctx{ctx}"] = {"value": mb, "better": "lower"}
     return out
 
 
-def _moves(first: dict, other: dict) -> list[dict]:
-    """Each figure of `other` that differs from `first`'s by more than their combined standard error."""
-    moves = []
-    for name, b in other["figures"].items():
-        a = first["figures"].get(name)
-        if a is None or a.get("stderr") is None or b.get("stderr") is None:
+def _remeasure(versions: list[dict], repeats: int, notes: list[str]) -> dict[str, dict]:
+    """version -> figure -> {"value", "repeats", "better"}: each GGUF quant every version has at
+    hand, measured again here in turns (A, B, A, B, ...) in one process."""
+    from pipeline.release.gguf_bench import interleaved_speed
+
+    quants = set.intersection(*(set(v["ggufs"]) for v in versions))
+    if not quants:
+        notes.append("speed not measured again: the versions' GGUF files are not all at hand (a remote store)")
+        return {}
+    out: dict[str, dict] = {v["version"]: {} for v in versions}
+    for quant in sorted(quants):
+        runs = interleaved_speed({v["version"]: v["ggufs"][quant] for v in versions}, repeats)
+        for version, r in runs.items():
+            for test in ("pp", "tg"):
+                name = f"remeasured.{quant}.{test}{r[f'{test}_tokens']}_tokens_per_s"
+                out[version][name] = {"value": sum(r[test]) / repeats, "repeats": r[test], "better": "higher"}
+    notes.append(
+        f"remeasured.*: measured now, {repeats} repeats in turns (A, B, A, B, ...) in one process; "
+        "tested by a t-interval over the repeats' paired differences"
+    )
+    return out
+
+
+def _paired(name: str, a: dict, b: dict):
+    """The paired test of one figure, or None when either version lacks per-item results."""
+    if "repeats" in a and "repeats" in b:
+        return paired_t(a["repeats"], b["repeats"])
+    if "items" not in a or "items" not in b:
+        return None
+    where = {i: k for k, i in enumerate(b["ids"])}
+    both = [(k, where[i]) for k, i in enumerate(a["ids"]) if i in where]
+    if len(both) < 2:
+        return None
+    xs, ys = [a["items"][k] for k, _ in both], [b["items"][k] for _, k in both]
+    return paired_ratio(xs, ys) if isinstance(xs[0], list) else paired_mean(xs, ys)
+
+
+def _tests(first: dict, other: dict, remeasured: dict[str, dict], notes: list[str]) -> list[dict]:
+    """Each figure of `other` tested against `first`'s on paired differences, Holm-corrected
+    over all of them: moved only where the interval excludes 0 and Holm keeps it."""
+    mine = {**other["figures"], **remeasured.get(other["version"], {})}
+    theirs = {**first["figures"], **remeasured.get(first["version"], {})}
+    found = []
+    for name, b in mine.items():
+        a = theirs.get(name)
+        if a is None or not name.startswith(("eval.", "remeasured.")):
             continue
-        delta, se = b["value"] - a["value"], math.hypot(a["stderr"], b["stderr"])
-        if abs(delta) > se and delta != 0:
-            improved = (delta > 0) == (b["better"] == "higher")
-            moves.append({"figure": name, "from_version": first["version"], "version": other["version"],
-                          "delta": delta, "stderr": se, "direction": "better" if improved else "worse"})  # fmt: skip
-    return moves
+        result = _paired(name, a, b)
+        if result is None:
+            if name.startswith("eval."):
+                notes.append(
+                    f"eval figures without per-item results in version {first['version']} or {other['version']} "
+                    "(evaluated before they were kept) are shown, not tested"
+                )
+            continue
+        found.append((name, a, b, result))
+    moved, adjusted = holm([r.p for *_, r in found])
+    tests = []
+    for (name, _, b, r), keep, p_holm in zip(found, moved, adjusted, strict=True):
+        excludes_zero = r.low > 0 or r.high < 0
+        tests.append({
+            "figure": name, "from_version": first["version"], "version": other["version"], **r.as_dict(),
+            "p_holm": p_holm, "moved": bool(keep and excludes_zero),
+            "direction": "better" if (r.delta > 0) == (b["better"] == "higher") else "worse",
+        })  # fmt: skip
+    return tests
 
 
 def _link(uri: str, versions: list[dict]) -> str:
@@ -135,34 +238,48 @@ def _link(uri: str, versions: list[dict]) -> str:
 
 def table(result: dict) -> str:
     """A text table: one row per figure, one column per version; later versions show their change
-    from the first, marked * when it is beyond the standard error."""
+    from the first and, where it was tested, its 95% interval, marked * when it moved (the
+    interval excludes 0 after Holm's correction over the figures tested)."""
     versions = result["versions"]
     heads = [f"v{v['version']}" + (f" ({','.join(v['aliases'])})" if v["aliases"] else "") for v in versions]
-    moved = {(m["figure"], m["version"]) for m in result["moved"]}
-    names = list(dict.fromkeys(n for v in versions for n in v["figures"]))
-    rows = [["figure", *heads]]
+    tested = {(t["figure"], t["version"]): t for t in result.get("tests", [])}
+    remeasured = result.get("remeasured", {})
+    figures = [
+        {**v["figures"], **{n: {"value": x} for n, x in remeasured.get(v["version"], {}).items()}} for v in versions
+    ]
+    names = list(dict.fromkeys(n for f in figures for n in f))
+    rows = [["figure", "n", *heads]]
     for n in names:
-        cells = [n]
+        count = next((f[n].get("n") for f in figures if n in f and f[n].get("n") is not None), None)
+        cells = [n, "-" if count is None else str(count)]
         for i, v in enumerate(versions):
-            f = v["figures"].get(n)
-            cells.append(_cell(f, versions[0]["figures"].get(n) if i else None, (n, v["version"]) in moved))
+            ref = figures[0].get(n) if i else None
+            cells.append(_cell(figures[i].get(n), ref, tested.get((n, v["version"]))))
         rows.append(cells)
-    rows.append(["gate", *[v["gate"][:60] or "-" for v in versions]])
+    rows.append(["gate", "", *[v["gate"][:60] or "-" for v in versions]])
     for name in sorted({p for v in versions for p in v["presets"]}):
-        rows.append([f"preset {name}", *[_preset(v["presets"].get(name)) for v in versions]])
-    rows.append(["code preset tuned", *[v["tuned"].get("code.objective", "-") for v in versions]])
+        rows.append([f"preset {name}", "", *[_preset(v["presets"].get(name)) for v in versions]])
+    rows.append(["code preset tuned", "", *[v["tuned"].get("code.objective", "-") for v in versions]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    notes = ["* moved beyond the combined standard error (against the first version)", f"MLflow: {result['mlflow']}"]
+    notes = [
+        "(change from the first version [95% interval]); * moved: the interval excludes 0 after Holm's correction "
+        f"over the {len(tested)} figures tested (paired over the same items)",
+        *result.get("notes", []),
+        f"MLflow: {result['mlflow']}",
+    ]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], "", *notes])
 
 
-def _cell(f: dict | None, ref: dict | None, moved: bool) -> str:
+def _cell(f: dict | None, ref: dict | None, test: dict | None) -> str:
     if f is None:
         return "-"
     text = f"{f['value']:.4g}" + (f" ±{f['stderr']:.2g}" if f.get("stderr") else "")
-    if ref is not None and ref["value"] != f["value"]:
-        text += f" ({f['value'] - ref['value']:+.3g}{'*' if moved else ''})"
+    if test is not None:
+        star = "*" if test["moved"] else ""
+        text += f" ({test['delta']:+.3g}{star} [{test['low']:+.2g}, {test['high']:+.2g}])"
+    elif ref is not None and ref["value"] != f["value"]:
+        text += f" ({f['value'] - ref['value']:+.3g})"
     return text
 
 

@@ -28,8 +28,8 @@ import math
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +93,8 @@ def tokenization_mismatches(llm, tokenizer, texts: list[str]) -> list[str]:
 
 
 def _spread(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+    """The median, range and every repeat (what a paired comparison needs)."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "repeats": list(xs)}
 
 
 def next_token(llm) -> int:
@@ -162,6 +163,36 @@ def measure_speed(llm, prompt_ids: list[int], repeats: int = 3, requests: int = 
     }
 
 
+SPEED_TEXT = 'def mean(values):\n    """The arithmetic mean."""\n    return sum(values) / len(values)\n'
+
+
+def interleaved_speed(paths: dict[str, Path], repeats: int = 5, text: str = SPEED_TEXT) -> dict[str, dict]:
+    """pp and tg tokens/s of each GGUF in `paths`, measured in turns (A, B, A, B, ...) in this one
+    process, so that every repeat of one met the machine load the other's did beside it: the
+    differences pair up by repeat. One length for all (`speed_lengths` of the shortest context);
+    returns name -> {"pp": [tokens/s per repeat], "tg": [...], "pp_tokens", "tg_tokens"}."""
+    llms = {name: load(Path(p)) for name, p in paths.items()}
+    try:
+        n_pp, n_tg = speed_lengths(min(usable_context(llm) for llm in llms.values()))
+        ids = {}
+        for name, llm in llms.items():
+            own = llm.tokenize(text.encode(), add_bos=False, special=False)
+            ids[name] = (own * (n_pp // max(len(own), 1) + 1))[:n_pp]
+        out = {name: {"pp": [], "tg": [], "pp_tokens": n_pp, "tg_tokens": n_tg} for name in llms}
+        for _ in range(repeats):
+            for name, llm in llms.items():
+                llm.reset()
+                t = time.perf_counter()
+                llm.eval(ids[name])
+                out[name]["pp"].append(n_pp / (time.perf_counter() - t))
+                _, times = greedy_decode(llm, ids[name][:16], n_tg + 1)
+                out[name]["tg"].append(n_tg / (times[-1] - times[0]))
+        return out
+    finally:
+        for llm in llms.values():
+            llm.close()
+
+
 _MEMORY_PROBE = """
 import json, sys
 import llama_cpp
@@ -218,23 +249,72 @@ def last_level_cache_bytes() -> int | None:
     return sizes[max(sizes)] if sizes else None
 
 
+def copy_together(parts: list[tuple[np.ndarray, np.ndarray]], rounds: int) -> list[list[tuple[float, float]]]:
+    """Copy each (dst, src) part on a thread of its own, all released together by a barrier, for
+    `rounds` rounds; each round's (start, end) per part. A pool could run two parts one after the
+    other on one thread under load, and a "2-thread" figure would then be one thread's."""
+    n, errors = len(parts), []
+    start, done = threading.Barrier(n + 1), threading.Barrier(n + 1)
+    spans: list[list[tuple[float, float]]] = [[(0.0, 0.0)] * n for _ in range(rounds)]
+
+    def work(i: int) -> None:
+        try:
+            for r in range(rounds):
+                start.wait()
+                t0 = time.perf_counter()
+                np.copyto(*parts[i])
+                spans[r][i] = (t0, time.perf_counter())
+                done.wait()
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+            start.abort()
+            done.abort()
+
+    workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(n)]
+    for w in workers:
+        w.start()
+    try:
+        for _ in range(rounds):
+            start.wait()
+            done.wait()
+    except threading.BrokenBarrierError:
+        pass
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return spans
+
+
+def overlapped(spans: list[tuple[float, float]]) -> bool:
+    """Whether every part was copying at one same moment (the last to start began before the first ended)."""
+    return max(a for a, _ in spans) < min(b for _, b in spans)
+
+
 def memory_bandwidth(threads: int = THREADS, mb: int = 256, repeats: int = 3) -> float:
     """Bytes/s (read + write) this machine moves in a large copy split over `threads` threads, as
-    llama.cpp splits its work over THREADS: best of a few. numpy releases the GIL while it copies.
-    The buffer (at least 4x the last-level cache) keeps the copy out of the cache."""
+    llama.cpp splits its work over THREADS: best of `repeats` rounds in which all threads' copies
+    overlapped (a round where one thread finished before another began is not a `threads`-thread
+    figure; up to 4x `repeats` rounds are tried). numpy releases the GIL while it copies. The
+    buffer (at least 4x the last-level cache) keeps the copy out of the cache."""
     size = max(mb * 2**20, 4 * (last_level_cache_bytes() or 0)) // 8 * 8
     src = np.ones(size // 8)
     dst = np.empty_like(src)
     bounds = np.linspace(0, len(src), threads + 1).astype(int)
     parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    best = 0.0
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(lambda part: np.copyto(*part), parts))  # first touch of dst's pages, outside the timing
-        for _ in range(repeats):
-            t = time.perf_counter()
-            list(pool.map(lambda part: np.copyto(*part), parts))
-            best = max(best, 2 * src.nbytes / (time.perf_counter() - t))
-    return best
+    copy_together(parts, 1)  # first touch of dst's pages, outside the timing
+    best, counted, fallback = 0.0, 0, 0.0
+    for _ in range(4 * repeats):
+        (spans,) = copy_together(parts, 1)
+        rate = 2 * src.nbytes / (max(b for _, b in spans) - min(a for a, _ in spans))
+        fallback = max(fallback, rate)
+        if overlapped(spans):
+            best, counted = max(best, rate), counted + 1
+            if counted == repeats:
+                break
+    return best or fallback
 
 
 def bandwidth_bound_fraction(size_bytes: int, tokens_per_s: float, bandwidth: float, cache_bytes: int | None):

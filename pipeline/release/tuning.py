@@ -4,11 +4,20 @@ A trial is one set of llama.cpp sampler values (temperature, top_p, top_k, min_p
 repeat_penalty, max_tokens) used to complete every held-out item: the last `tune.problems`
 HumanEval problems, scored in the sandbox like eval_report's (`objective: humaneval`, pass@1),
 or lines of held-out code from the validation split, judged by exact match
-(`objective: kiln_next_line`). The study maximises the score with a TPE sampler and prunes
-trials that trail the median halfway through; tokens generated per second must stay above
-`tune.min_tokens_per_s` (a constraint that TPE learns from, and a trial that falls below it
-halfway through is pruned). The best feasible trial becomes the `code` preset, written with the
-hand-written `greedy` and `balanced` into the version's presets.json.
+(`objective: kiln_next_line`) or by the share of the line written right before the first wrong
+character (`kiln_next_line_prefix`, a graded score: on a model too small to pass a HumanEval
+problem every trial scores 0 on pass@1, and "best" would be the fastest trial plus noise). The
+study maximises the score with a TPE sampler and prunes trials that trail the median halfway
+through. Greedy decoding is measured first on the same items, in the same study: tokens
+generated per second must stay above `tune.min_speed_share` of greedy's (and above
+`tune.min_tokens_per_s`), a constraint that TPE learns from; a trial that falls below it halfway
+through is pruned.
+
+The best feasible trial is an in-sample maximum over the trials. So it is scored again, beside
+greedy, on a fresh slice of items no trial saw (`fresh_items`); unless it beats greedy there by
+more than the standard error of their paired difference, `greedy`'s values ship as `code` and the
+summary says why (`untuned`; the registered version is tagged `preset_untuned`). The presets are
+written with the hand-written `greedy` and `balanced` into the version's presets.json.
 
 The study lives in Optuna's RDB storage (sqlite beside the presets, or `tune.storage`), named
 after the GGUF's hash and the settings that change what a trial measures: running again on the
@@ -51,21 +60,24 @@ class Item:
 
     prompt: str
     stop: tuple[str, ...]
-    judge: Callable[[str], bool]
+    judge: Callable[[str], float]  # 1 (or True) right, 0 wrong; a graded objective in between
 
 
-def heldout_items(objective: str, n: int, validation: list[dict], timeout: float = 5.0, unsafe=False) -> list[Item]:
-    """The items a trial completes for `objective`."""
+def heldout_items(
+    objective: str, n: int, validation: list[dict], timeout: float = 5.0, unsafe=False, fresh: bool = False
+) -> list[Item]:
+    """The items a trial completes for `objective`; `fresh`: the next `n` after them, which no
+    trial sees (the chosen preset is checked on them against greedy)."""
     if objective == "humaneval":
-        return _humaneval_items(n, timeout, unsafe)
-    if objective == "kiln_next_line":
-        return _next_line_items(n, validation)
-    raise KilnError(f"tune.objective: unknown objective {objective!r} (known: humaneval, kiln_next_line)")
+        return _humaneval_items(n, timeout, unsafe, fresh)
+    if objective in ("kiln_next_line", "kiln_next_line_prefix"):
+        return _next_line_items(n, validation, graded=objective == "kiln_next_line_prefix", fresh=fresh)
+    raise KilnError(f"tune.objective: unknown objective {objective!r} (known: humaneval, kiln_next_line, ...)")
 
 
-def _humaneval_items(n: int, timeout: float, unsafe: bool) -> list[Item]:
-    """The last `n` problems: eval_report scores the first ones, so these stay out of its figures
-    unless the profile evaluates (nearly) all 164."""
+def _humaneval_items(n: int, timeout: float, unsafe: bool, fresh: bool = False) -> list[Item]:
+    """The last `n` problems (fresh: the `n` before them): eval_report scores the first ones, so
+    these stay out of its figures unless the profile evaluates (nearly) all 164."""
     from pipeline.eval.humaneval import STOP_SEQUENCES, problems, splice, truncate
     from pipeline.eval.sandbox import check_available, run_tests
 
@@ -80,20 +92,34 @@ def _humaneval_items(n: int, timeout: float, unsafe: bool) -> list[Item]:
 
         return judge
 
-    return [Item(table[t]["prompt"], tuple(STOP_SEQUENCES), judge_of(table[t])) for t in list(table)[-n:]]
+    ids = list(table)[-2 * n : -n] if fresh else list(table)[-n:]
+    return [Item(table[t]["prompt"], tuple(STOP_SEQUENCES), judge_of(table[t])) for t in ids]
 
 
-def _next_line_items(n: int, validation: list[dict]) -> list[Item]:
+def prefix_share(written: str, gold: str) -> float:
+    """The share of `gold` written before the first wrong character (1.0: the whole line)."""
+    n = 0
+    while n < min(len(written), len(gold)) and written[n] == gold[n]:
+        n += 1
+    return n / max(len(gold), 1)
+
+
+def _next_line_items(n: int, validation: list[dict], graded: bool = False, fresh: bool = False) -> list[Item]:
     """kiln_next_line's rows (lm_tasks): up to 12 lines of held-out code; right when the first
-    generated line is the file's next line."""
+    generated line is the file's next line (`graded`: the share of it written right)."""
     from pipeline.eval.lm_tasks import next_line_rows
 
-    rows = next_line_rows(validation, n)
+    rows = next_line_rows(validation, 2 * n)[n:] if fresh else next_line_rows(validation, n)
     if not rows:
         raise KilnError("tune.objective kiln_next_line: the validation split holds no lines of code to complete")
 
-    def judge_of(gold: str) -> Callable[[str], bool]:
-        return lambda text: (text.lstrip("\n").split("\n") or [""])[0].strip() == gold.strip()
+    def first_line(text: str) -> str:
+        return (text.lstrip("\n").split("\n") or [""])[0].strip()
+
+    def judge_of(gold: str) -> Callable[[str], float]:
+        if graded:
+            return lambda text: prefix_share(first_line(text), gold.strip())
+        return lambda text: first_line(text) == gold.strip()
 
     return [Item(r["query"], (), judge_of(r["choices"][r["gold"]])) for r in rows]
 
@@ -124,7 +150,7 @@ def complete_all(llm, items: list[Item], values: dict, seed: int, step: Callable
     from pipeline.eval.humaneval import fit_prompt, gguf_prompt_ids
     from pipeline.gguf import usable_context
 
-    right, tokens, seconds = 0, 0, 0.0
+    right, tokens, seconds, scores = 0.0, 0, 0.0, []
     for i, item in enumerate(items):
         # the prompt keeps its end so that it and the answer fit the trained context
         ids, _ = fit_prompt(gguf_prompt_ids(llm, item.prompt), max(usable_context(llm) - values["max_tokens"], 1))
@@ -138,10 +164,12 @@ def complete_all(llm, items: list[Item], values: dict, seed: int, step: Callable
         prompt_s = llama_cpp.llama_perf_context(llm.ctx).t_p_eval_ms / 1000
         seconds += max(time.perf_counter() - start - prompt_s, 1e-6)
         tokens += out["usage"]["completion_tokens"]
-        right += bool(item.judge(out["choices"][0]["text"]))
+        scores.append(float(item.judge(out["choices"][0]["text"])))
+        right += scores[-1]
         if step:
             step(i, right / (i + 1), tokens / seconds)
-    return {"objective": right / len(items), "tokens_per_s": tokens / seconds if seconds else 0.0, "tokens": tokens}
+    tps = tokens / seconds if seconds else 0.0
+    return {"objective": right / len(items), "tokens_per_s": tps, "tokens": tokens, "scores": scores}
 
 
 def study_name(gguf: Path, settings: TuneSettings) -> str:
@@ -234,10 +262,11 @@ def _exists(rdb, name: str) -> bool:
 
 def tune(
     gguf: Path, items: list[Item], settings: TuneSettings, storage: str, say: Say = print, heartbeat_s: int = 10,
-    progress: bool = True,
+    progress: bool = True, fresh: list[Item] | None = None,
 ) -> dict:  # fmt: skip
     """Run (or resume) the study until it holds `settings.trials` finished or pruned trials or
-    `settings.timeout` passes; return its summary (`summarize`)."""
+    `settings.timeout` passes; return its summary (`summarize`). With `fresh` items, the best
+    trial is checked against greedy on them (`check_on_fresh`)."""
     import optuna
     from tqdm import tqdm
 
@@ -250,29 +279,87 @@ def tune(
     study = open_study(storage, name, settings, heartbeat_s)
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     left = settings.trials - sum(t.state in done for t in study.trials)
-    if left > 0:
-        llm = load(Path(gguf), n_ctx=N_CTX, threads=settings.threads)
-        say(f"study {name}: {left} trial(s) to run on {len(items)} {settings.objective} items")
-        with tqdm(total=left, desc="tune", disable=not progress) as bar:
+    llm = load(Path(gguf), n_ctx=N_CTX, threads=settings.threads)
+    try:
+        reference = greedy_reference(study, llm, items, settings)
+        floor = speed_floor(reference, settings)
+        if left > 0:
+            greedy = f"greedy {reference['objective']:.3f} at {reference['tokens_per_s']:.0f} tokens/s"
+            say(f"study {name}: {left} trial(s) to run on {len(items)} {settings.objective} items; {greedy}, "
+                f"floor {floor:.0f}")  # fmt: skip
+            with tqdm(total=left, desc="tune", disable=not progress) as bar:
 
-            def after(study, trial) -> None:
-                bar.update(1)
-                say(_trial_line(trial))
+                def after(study, trial) -> None:
+                    bar.update(1)
+                    say(_trial_line(trial))
 
-            try:
                 study.optimize(
-                    _objective(llm, items, settings), timeout=settings.timeout,
+                    _objective(llm, items, settings, floor), timeout=settings.timeout,
                     callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=done), after],
                 )  # fmt: skip
-            finally:
-                llm.close()
-    return summarize(study, storage, settings, len(items))
+        summary = summarize(study, storage, settings, len(items))
+        if fresh:
+            check_on_fresh(summary, llm, fresh, settings)
+    finally:
+        llm.close()
+    return summary
 
 
-def _objective(llm, items: list[Item], settings: TuneSettings):
+def greedy_values(settings: TuneSettings) -> dict:
+    """The greedy preset's sampler values, at the shortest answer length the study searches."""
+    from pipeline.presets import load_presets
+
+    values = {k: load_presets()["greedy"].as_dict()[k] for k in PARAMS}
+    if settings.space.max_tokens:
+        values["max_tokens"] = int(settings.space.max_tokens[0])
+    return values
+
+
+def greedy_reference(study, llm, items: list[Item], settings: TuneSettings) -> dict:
+    """Greedy decoding's score and tokens/s on the study's items, measured once per study (kept
+    in it, so a resumed or second worker uses the same reference)."""
+    if "greedy" not in study.user_attrs:
+        r = complete_all(llm, items, greedy_values(settings), settings.seed)
+        study.set_user_attr("greedy", {"objective": r["objective"], "tokens_per_s": r["tokens_per_s"]})
+        return study.user_attrs.get("greedy") or {"objective": r["objective"], "tokens_per_s": r["tokens_per_s"]}
+    return study.user_attrs["greedy"]
+
+
+def speed_floor(reference: dict, settings: TuneSettings) -> float:
+    """The tokens/s a trial must reach: min_speed_share of greedy's, and min_tokens_per_s."""
+    return max(settings.min_tokens_per_s, settings.min_speed_share * reference["tokens_per_s"])
+
+
+def check_on_fresh(summary: dict, llm, fresh: list[Item], settings: TuneSettings) -> None:
+    """Score the best trial's values and greedy's on `fresh` items (none of which chose the
+    best); unless the best beats greedy by more than the standard error of their per-item
+    differences, ship greedy's values as `code` and say why in `untuned`."""
+    import statistics
+
+    best = complete_all(llm, fresh, summary["best"]["values"], settings.seed)
+    greedy = complete_all(llm, fresh, greedy_values(settings), settings.seed)
+    diffs = [b - g for b, g in zip(best["scores"], greedy["scores"], strict=True)]
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("inf")
+    summary["fresh"] = {
+        "items": len(fresh), "code": best["objective"], "greedy": greedy["objective"], "difference": mean,
+        "stderr": se, "code_tokens_per_s": best["tokens_per_s"], "greedy_tokens_per_s": greedy["tokens_per_s"],
+    }  # fmt: skip
+    if mean > se:
+        summary["untuned"] = None
+        return
+    summary["untuned"] = (
+        f"trial {summary['best']['number']} did not beat greedy beyond the standard error on {len(fresh)} fresh "
+        f"items ({settings.objective} {best['objective']:.3f} vs {greedy['objective']:.3f}, difference "
+        f"{mean:+.3f} ± {se:.3f}): code ships greedy's values"
+    )
+    summary["presets"][TUNED] = dict(summary["presets"]["greedy"])
+
+
+def _objective(llm, items: list[Item], settings: TuneSettings, floor: float):
     import optuna
 
-    floor, warmup = settings.min_tokens_per_s, max(1, len(items) // 2)
+    warmup = max(1, len(items) // 2)
 
     def objective(trial) -> float:
         trial.study.sampler = seeded_sampler(settings, trial.number)  # before the values are drawn
@@ -317,11 +404,16 @@ def summarize(study, storage: str, settings: TuneSettings, items: int) -> dict:
     if not complete:
         counts = ", ".join(f"{sum(t['state'] == s for t in trials)} {s.lower()}" for s in ("PRUNED", "FAIL", "RUNNING"))
         raise KilnError(f"{where}: no completed trial ({counts}); raise tune.timeout or tune.trials")
-    floor = settings.min_tokens_per_s
+    reference = study.user_attrs.get("greedy", {"objective": None, "tokens_per_s": 0.0})
+    floor = speed_floor(reference, settings)
     feasible = [t for t in complete if t["tokens_per_s"] >= floor]
     if not feasible:
         fastest = max(t["tokens_per_s"] for t in complete)
-        raise KilnError(f"{where}: no trial met tune.min_tokens_per_s {floor:g} (fastest {fastest:.1f} tokens/s)")
+        raise KilnError(
+            f"{where}: no trial met the floor of {floor:.1f} tokens/s (tune.min_tokens_per_s "
+            f"{settings.min_tokens_per_s:g}, tune.min_speed_share {settings.min_speed_share:g} of greedy's; "
+            f"fastest {fastest:.1f} tokens/s)"
+        )
     # ties (common on a small model whose scores are often 0) go to the faster, then the earlier trial
     best = max(feasible, key=lambda t: (t["value"], t["tokens_per_s"], -t["number"]))
     searched = list(settings.space.searched())
@@ -343,6 +435,7 @@ def summarize(study, storage: str, settings: TuneSettings, items: int) -> dict:
         "objective": settings.objective,
         "items": items,
         "min_tokens_per_s": floor,
+        "greedy": reference,
         "seed": settings.seed,
         "searched": searched,
         "trials": trials,
@@ -371,9 +464,11 @@ def build_sampling_preset(layout, profile, say: Say = print) -> dict:
     from pipeline.data.clean import read_split
 
     s = profile.tune
-    validation = list(read_split(layout.clean_splits, "validation")) if s.objective == "kiln_next_line" else []
-    items = heldout_items(s.objective, s.problems, validation, profile.eval.timeout, profile.eval.unsafe_sandbox)
-    summary = tune(layout.gguf(TUNED_QUANT), items, s, s.storage or layout.study_storage, say=say, progress=False)
+    validation = list(read_split(layout.clean_splits, "validation")) if s.objective.startswith("kiln_") else []
+    args = (s.objective, s.problems, validation, profile.eval.timeout, profile.eval.unsafe_sandbox)
+    items, fresh = heldout_items(*args), heldout_items(*args, fresh=True)
+    storage = s.storage or layout.study_storage
+    summary = tune(layout.gguf(TUNED_QUANT), items, s, storage, say=say, progress=False, fresh=fresh)
     write_outputs(summary, layout.presets_json, layout.study_json)
     return summary
 
@@ -412,6 +507,8 @@ def preset_tags(summary: dict) -> dict[str, str]:
         f"preset.{TUNED}.objective": f"{summary['objective']}={best['value']:.6g}",
         f"preset.{TUNED}.tokens_per_s": f"{best['tokens_per_s']:.6g}",
         f"preset.{TUNED}.study": summary["study"],
+        # the chosen trial did not beat greedy on fresh items: code is greedy's values
+        **({"preset_untuned": summary["untuned"][:250]} if summary.get("untuned") else {}),
     }
 
 

@@ -35,6 +35,7 @@ from pipeline.train.lora import (
     lora_config,
     merge_into,
     peak_memory_mb,
+    reset_peak_memory,
     score_completions_only,
     tokens_seen,
     trainable_parameters,
@@ -64,6 +65,12 @@ class DPOResult(TuneResult):
     after: Preference
     reward_margin: float | None
     reward_accuracy: float | None
+    # eval_loss_before is not measured: it is the theoretical DPO loss at the start, log 2 (the
+    # policy is its reference, every reward 0, -log sigmoid(0) = log 2), whatever the data.
+    eval_loss_before_measured: bool = False
+
+
+DPO_LOSS_AT_START = math.log(2)  # theoretical, not measured: see DPOResult.eval_loss_before_measured
 
 
 @torch.no_grad()
@@ -149,6 +156,7 @@ def make_dpo_trainer(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPO
 
 
 def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSettings) -> DPOResult:
+    reset_peak_memory()  # this stage's own peak, not that of a stage before it in this process
     trainer, tokenizer, held_rows, max_length, history = make_dpo_trainer(sft_checkpoint, data_dir, out_dir, s)
     trainable, total = trainable_parameters(trainer.model)
     t0 = time.perf_counter()
@@ -165,7 +173,7 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
     pairs = s.steps * s.batch * s.grad_accum
     return DPOResult(
         trainable=trainable, total=total, steps=out.global_step, train_loss=out.training_loss,
-        eval_loss_before=math.log(2), eval_loss_after=eval_loss,  # before: policy = reference, loss log 2
+        eval_loss_before=DPO_LOSS_AT_START, eval_loss_after=eval_loss,  # theoretical: policy = reference
         tokens_per_s=tokens_seen(history) / seconds, peak_memory_mb=peak_memory_mb(), seconds=seconds,
         train_rows=len(trainer.train_dataset), eval_rows=len(held_rows), history=history, pairs_per_s=pairs / seconds,
         before=before_pref, after=after_pref,

@@ -4,6 +4,7 @@ full weights, and the figures every tuning run reports."""
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 import types
@@ -49,9 +50,27 @@ def tuning_datasets(data_dir: Path, batch: int, what: str):
     return Dataset.from_list(train), Dataset.from_list(held), held
 
 
+def reset_peak_memory() -> None:
+    """Start a stage's own peak: CUDA's allocator peak, and on a CPU the process's resident
+    high-water mark (VmHWM, reset to the current RSS by writing 5 to /proc/self/clear_refs), so an
+    SFT run in the process that pretrained reports its own peak, not pretraining's."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb() -> float:
+    """The peak since `reset_peak_memory` (GPU memory allocated, or the process's resident
+    high-water mark on a CPU; ru_maxrss, the whole run's, where /proc is not there)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 

@@ -30,6 +30,7 @@ from pipeline.train.lora import (
     lora_config,
     merge_into,
     peak_memory_mb,
+    reset_peak_memory,
     score_completions_only,
     tokens_seen,
     trainable_parameters,
@@ -99,6 +100,7 @@ def make_sft_trainer(
 
 
 def train_sft(base_checkpoint: Path, data_dir: Path, out_dir: Path, s: SFTSettings) -> SFTResult:
+    reset_peak_memory()  # this stage's own peak, not that of a stage before it in this process
     history: list[dict] = []
     trainer, tokenizer, held_rows = make_sft_trainer(base_checkpoint, data_dir, out_dir, s, history)
     trainable, total = trainable_parameters(trainer.model)

@@ -195,3 +195,35 @@ def test_korean_prose_reaches_the_clean_corpus(tmp_path):
     assert "assembly.go.kr" not in text and "02-788-4649" not in text  # a bill's contact line
     assert "<EMAIL>" in text and "<PHONE>" in text
     assert "1987.10.29." in text and "제63조제2항제4호" in text  # dates and article numbers stay
+
+
+def test_a_docstring_document_and_vendored_copies_split_with_their_file(tmp_path):
+    """The docstrings of stdlib module X (`python_docstrings:X`) are text of `python_stdlib:X`, and
+    `pip/_vendor/requests/api.py` is `requests/api.py`: hashed apart, about half of such pairs
+    would put one in training and the other in validation."""
+    rows = []
+    for k in range(16):
+        rows.append({"id": f"python_stdlib:mod{k}.py", "text": _prose(3000 + k), "source": "s", "lang": "en"})
+        rows.append({"id": f"python_docstrings:mod{k}.py#1", "text": _prose(4000 + k), "source": "d", "lang": "en"})
+        rows.append({"id": f"site_packages:pkg{k}/api.py", "text": _prose(5000 + k), "source": "p", "lang": "en"})
+        vendored = f"site_packages:pip/_vendor/pkg{k}/api.py~ab12"
+        rows.append({"id": vendored, "text": _prose(6000 + k), "source": "p", "lang": "en"})
+    _write(tmp_path / "raw.jsonl", rows)
+    clean_corpus([tmp_path / "raw.jsonl"], tmp_path / "out", CleanSettings(validation_share=0.4), progress=False)
+    split_of = {
+        r["id"]: split for split in ("train", "validation") for r in read_split(tmp_path / "out" / "clean", split)
+    }
+    assert len(split_of) == len(rows)
+    for k in range(16):
+        assert split_of[f"python_stdlib:mod{k}.py"] == split_of[f"python_docstrings:mod{k}.py#1"], k
+        assert split_of[f"site_packages:pkg{k}/api.py"] == split_of[f"site_packages:pip/_vendor/pkg{k}/api.py~ab12"], k
+    assert set(split_of.values()) == {"train", "validation"}
+
+
+def test_origin_file_maps_derived_documents_to_their_file():
+    from pipeline.sources import origin_file
+
+    assert origin_file("python_docstrings:json/decoder.py#2") == "python_stdlib:json/decoder.py"
+    assert origin_file("site_packages:setuptools/_vendor/packaging/tags.py") == "site_packages:packaging/tags.py"
+    assert origin_file("notes.txt~0a1b2c3d") == "notes.txt"
+    assert origin_file("data/x.jsonl:17#1") == "data/x.jsonl:17"

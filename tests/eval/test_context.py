@@ -226,7 +226,7 @@ def test_lm_eval_documents_whose_answer_outgrows_the_context_are_left_out_and_co
     fits = _answer_fits(short, 24)
     written, _, left_out = write_kiln_tasks(records, tmp_path / "tasks", limit=None, answer_fits=fits)
     everything, _, none_out = write_kiln_tasks(records, tmp_path / "all", limit=None)
-    assert left_out["kiln_body_choice"] > 0 and none_out == {"kiln_body_choice": 0, "kiln_next_line": 0}
+    assert left_out["kiln_body_choice"] > 0 and set(none_out.values()) == {0}
     assert written.get("kiln_body_choice", 0) + left_out["kiln_body_choice"] == everything["kiln_body_choice"]
     tasks = list(written)
     scores = lm_eval_scores(short, task_manager(tmp_path / "tasks", []), tasks, 4, 4)  # no assertion inside lm-eval

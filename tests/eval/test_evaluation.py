@@ -94,9 +94,35 @@ def test_kiln_tasks_are_built_from_held_out_code(validation):
     assert body_choice_rows(validation[:4], limit=None) == []  # too few functions for four choices
 
 
+KOREAN = (
+    "제1조 대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. "
+    "제2조 대한민국의 국민이 되는 요건은 법률로 정한다. "
+    "국가는 법률이 정하는 바에 의하여 재외국민을 보호할 의무를 진다. "
+    "제3조 대한민국의 영토는 한반도와 그 부속도서로 한다. "
+    "제4조 대한민국은 통일을 지향하며, 평화적 통일 정책을 수립하고 이를 추진한다. "
+    "제5조 대한민국은 국제평화의 유지에 노력하고 침략적 전쟁을 부인한다. "
+    "국군은 국가의 안전보장과 국토방위의 신성한 의무를 수행함을 사명으로 하며, 그 정치적 중립성은 준수된다."
+)
+
+
+def test_the_korean_task_asks_for_the_next_sentence_of_held_out_korean_prose():
+    from pipeline.eval.lm_tasks import next_sentence_rows, sentences
+
+    english = {"lang": "en", "text": "Not Korean. At all here."}
+    rows = next_sentence_rows([{"lang": "ko", "text": KOREAN}, english], None)
+    found = sentences(KOREAN)
+    assert len(rows) == len(found) - 1  # every sentence after the first, once
+    for r in rows:
+        gold = r["choices"][r["gold"]].strip()
+        i = found.index(gold)
+        assert r["query"] == " ".join(found[max(0, i - 3) : i]) and len(set(r["choices"])) == 4
+        assert all(c.strip() in found for c in r["choices"])  # distractors: other sentences of the document
+
+
 def test_lm_eval_runs_kiln_tasks_and_agrees_with_a_direct_score(tiny_base, validation, tmp_path):
-    written, skipped, _ = write_kiln_tasks(validation, tmp_path / "tasks", limit=6)
-    assert written == {"kiln_body_choice": 6, "kiln_next_line": 6} and skipped == {}
+    korean = [{"id": "korean_prose:law", "lang": "ko", "text": KOREAN}]
+    written, skipped, _ = write_kiln_tasks(validation + korean, tmp_path / "tasks", limit=6)
+    assert written == {"kiln_body_choice": 6, "kiln_next_line": 6, "kiln_next_sentence_ko": 6} and skipped == {}
     tm = task_manager(tmp_path / "tasks", [])
     result = lm_eval_scores(tiny_base, tm, list(written), limit=None, batch_size=4)
     tok, model = _model(tiny_base)
@@ -108,6 +134,9 @@ def test_lm_eval_runs_kiln_tasks_and_agrees_with_a_direct_score(tiny_base, valid
             hits += max(range(len(scores)), key=scores.__getitem__) == r["gold"]
         assert result[task]["n"] == len(rows)
         assert result[task]["scores"]["acc"] == pytest.approx(hits / len(rows)), task
+        # each document's own result is kept (for paired comparisons), and they average to the score
+        assert result[task]["ids"] == [str(i) for i in range(len(rows))]
+        assert sum(result[task]["items"]["acc"]) == hits
         assert 0 <= result[task]["scores"]["acc_norm"] <= 1 and result[task]["higher_is_better"]["acc"] is True
 
 
@@ -172,6 +201,9 @@ def test_gate_rules():
     # the quantized GGUF may not lose what the HF model solves
     assert not gate(_report(2.0, 0.5, gguf_pass=0.3), "dpo", None, 0.05, 0.05, "dpo_Q4_K_M")[0]
     assert gate(_report(2.0, 0.5, gguf_pass=0.5), "dpo", None, 0.05, 0.05, "dpo_Q4_K_M")[0]
+    korean = _report(2.0, 0.5)
+    korean["models"]["dpo"]["bits_per_byte.ko"] = 9.0  # a part over a few documents: reported, not gated
+    assert gate(korean, "dpo", {**prod, "dpo.bits_per_byte.ko": 4.0}, 0.05, 0.05)[0]
     assert "bits_per_byte ↓" in markdown_table({**_report(2.0, 0.5), "settings": {
         "humaneval_samples": 1, "max_new_tokens": 8, "temperature": 0.8}})  # fmt: skip
 
@@ -190,3 +222,51 @@ def test_registry_gate_compares_with_the_production_version(tmp_path):
     passed, why = registry.quality_gate(uri, "test", True, _report(2.5, 0.5), settings)
     assert not passed and "bits_per_byte 2.5000 vs production 2.0000" in why
     assert registry.quality_gate(uri, "test", False, _report(2.0, 0.5), settings) == (False, "GGUF parity failed")
+
+
+def test_bits_per_byte_keeps_each_documents_bits_and_a_standard_error(tiny_base):
+    from pipeline.train.scoring import ratio_stderr
+
+    long = "x = [i * i for i in range(9)]\n" * 30
+    texts = ["def f(x):\n    return x + 1\n", "모델 은 다음 토큰 을 예측 합니다", long]
+    got = bits_per_byte(tiny_base, texts, batch_size=2, window=64)  # the long text spans several windows
+    docs = got["documents"]
+    assert [n for _, n in docs] == [len(t.encode("utf-8")) for t in texts]
+    total = sum(b for b, _ in docs) / sum(n for _, n in docs)
+    assert total == pytest.approx(got["bits_per_byte"], rel=1e-6)  # float32 sums
+    alone = bits_per_byte(tiny_base, texts[:1], batch_size=2, window=64)  # the first document's own context
+    assert docs[0][0] / docs[0][1] == pytest.approx(alone["bits_per_byte"], rel=1e-5)
+    se = ratio_stderr([b for b, _ in docs], [n for _, n in docs])
+    assert se is not None and se > 0 and ratio_stderr([1.0], [2.0]) is None
+
+
+def test_humaneval_scores_only_the_problems_whose_prompt_fits(tiny_base):
+    """A prompt cut to fit loses its `def` line first: a 0 on it says nothing about the model."""
+    from pipeline.eval.humaneval import _prompt_ids, fitting_task_ids, problems
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    table = problems()
+    room = 200
+    fits = fitting_task_ids(tok, None, room)
+    sizes = {t: len(_prompt_ids(tok, p["prompt"])) for t, p in table.items()}
+    assert fits == [t for t in table if sizes[t] <= room]  # in HumanEval's order, all that fit
+    assert 0 < len(fits) < 164
+    assert fitting_task_ids(tok, 3, room) == fits[:3]
+
+
+def test_figures_are_rounded_to_their_standard_error_with_n_beside_them():
+    from pipeline.eval.evaluation import figure_rows, format_figure, mean_stderr, rounded_metrics
+
+    assert format_figure(2.2601508879781123, 0.01234) == "2.260 ± 0.012"
+    assert format_figure(0.637, 0.0504) == "0.637 ± 0.050" and format_figure(0.5, None) == "0.5000"
+    assert mean_stderr([1.0, 0.0, 1.0, 0.0]) == pytest.approx(math.sqrt(1 / 3 / 4))
+    report = _report(2.2601508879781123, 0.3)
+    report["stderr"]["dpo"]["bits_per_byte"] = 0.01234
+    report["n"] = {"bits_per_byte": 120, "kiln_next_line.acc": 200}
+    columns, rows = figure_rows(report)
+    assert columns[:2] == ["metric", "n"]
+    bpb = next(r for r in rows if r[0].startswith("bits_per_byte"))
+    assert bpb[1] == 120 and "2.260 ± 0.012" in bpb
+    assert rounded_metrics(report, ["dpo"])["dpo.bits_per_byte"] == 2.26
+    table = markdown_table(report)
+    assert "| n |" in table and "2.260 ± 0.012" in table

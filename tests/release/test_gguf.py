@@ -14,6 +14,7 @@ from pipeline.release.gguf_bench import (
     THREADS,
     bandwidth_bound_fraction,
     benchmark_file,
+    copy_together,
     cost_per_million_tokens,
     gguf_perplexity,
     greedy_decode,
@@ -23,6 +24,7 @@ from pipeline.release.gguf_bench import (
     markdown_table,
     measure_speed,
     memory_bandwidth,
+    overlapped,
     tokenization_mismatches,
 )
 from pipeline.release.gguf_export import convert_to_gguf, rotary_permute
@@ -144,19 +146,31 @@ def test_bandwidth_fraction_only_for_a_file_beyond_the_cache():
 
 
 def test_bandwidth_is_measured_on_llama_cpp_threads(monkeypatch, ggufs):
+    """Each part is copied on a thread of its own, all started together: inside the copy the two
+    threads meet at a barrier, which only threads copying at the same time can pass (one thread
+    running both parts in turn would wait there alone and break it), so every round overlapped
+    whatever the scheduler did, and nothing here depends on which thread ran first."""
     llm = load(ggufs["Q4_K_M"])
     try:
         assert llm.context_params.n_threads == THREADS
     finally:
         llm.close()
-    seen, copy = [], np.copyto
-    monkeypatch.setattr(np, "copyto", lambda dst, src: (seen.append((threading.get_ident(), dst.size)), copy(dst, src)))
-    memory_bandwidth(threads=2, mb=8, repeats=1)
-    per_thread = {}
-    for ident, size in seen[2:]:  # the timed round (the first round touches the pages)
-        per_thread[ident] = per_thread.get(ident, 0) + size
-    assert len(seen) == 4 and sorted(per_thread.values()) == sorted(size for _, size in seen[:2])
-    assert len({ident for ident, _ in seen}) == 2  # the copy is split over two threads, each its own half
+    meet, seen, copy = threading.Barrier(2, timeout=120), [], np.copyto
+
+    def copy_meeting(dst, src):
+        seen.append((threading.get_ident(), dst.size))
+        meet.wait()  # both parts in flight at once, or BrokenBarrierError
+        copy(dst, src)
+
+    monkeypatch.setattr(np, "copyto", copy_meeting)
+    src = np.ones(1 << 16)
+    dst = np.empty_like(src)
+    parts = [(dst[: 1 << 15], src[: 1 << 15]), (dst[1 << 15 :], src[1 << 15 :])]
+    rounds = copy_together(parts, 3)
+    assert len(rounds) == 3 and all(overlapped(spans) for spans in rounds)
+    assert np.array_equal(dst, src) and sorted(size for _, size in seen) == [1 << 15] * 6
+    assert memory_bandwidth(threads=2, mb=8, repeats=2) > 0  # its rounds meet at the barrier too
+    assert not overlapped([(0.0, 1.0), (1.5, 2.0)]) and overlapped([(0.0, 1.0), (0.5, 2.0)])
 
 
 def test_cost_per_million_tokens_by_hand():

@@ -221,8 +221,11 @@ def test_release_commands(store, tmp_path, capsys, monkeypatch):
     profile.write_text("base: tiny\n")
     base = ["--profile", str(profile), "--tracking-uri", uri]
     assert main(["models", *base]) == 0
-    listing = capsys.readouterr().out
-    assert listing.splitlines()[0].startswith("version | created | aliases")
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:3] == ["version", "created", "aliases"] and set(listing[1]) == {"-", " "}
+    assert len(listing) == 4  # header, rule, two versions
+    assert main(["models", "--wide", *base]) == 0
+    assert "val_bpb" in capsys.readouterr().out.splitlines()[0]
     assert main(["promote", *base]) == 0
     assert "production -> version 2" in capsys.readouterr().out
     assert main(["promote", "1", *base]) == 0
@@ -237,3 +240,14 @@ def test_release_commands(store, tmp_path, capsys, monkeypatch):
     bad = ["--profile", str(profile), "--tracking-uri", "http://127.0.0.1:9"]  # nothing listens there
     assert main(["models", *bad]) == 2
     assert "http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_models_table_names_speed_tg128_whatever_the_length_measured():
+    from pipeline.cli.release import key_columns
+
+    row = {"version": "3", "created": "2026-12-07 07:00", "aliases": "production", "parameters": "11340032",
+           "base_val_bpb": "2.2601508879781123", "Q4_K_M_tg111_tokens_per_s": "1987.6", "F16_tg128_tokens_per_s": "900",
+           "kiln-tiny-Q4_K_M.gguf": str(9 * 2**20)}  # fmt: skip
+    cols = key_columns(row)
+    assert cols["Q4_K_M tg128 tok/s"] == "1,988 (111 tok)" and cols["F16 tg128 tok/s"] == "900"
+    assert cols["base bpb"] == "2.260" and cols["params"] == "11.3M" and cols["Q4_K_M MB"] == "9.0"

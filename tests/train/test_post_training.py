@@ -12,7 +12,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from pipeline.config import DPOSettings, ProfileError, SFTSettings
 from pipeline.data.clean import read_split
 from pipeline.data.negatives import corruptions
-from pipeline.data.post_data import build_post_data, dpo_records, encode_pair, mine_functions, pair_check
+from pipeline.data.post_data import (
+    build_post_data,
+    dpo_records,
+    encode_pair,
+    held_for_post_training,
+    mine_functions,
+    pair_check,
+)
 from pipeline.errors import KilnError
 from pipeline.io import read_json, read_jsonl
 from pipeline.train.dpo import answer_logps, held_out_preference, make_dpo_trainer, train_dpo
@@ -126,6 +133,29 @@ def test_validation_documents_never_feed_the_sets(small_corpus, tmp_path):
     val_answers = {f.answer for r in read_split(small_corpus, "validation") for f in mine_functions(r["text"])}
     rows = [json.loads(line) for f in ("train.jsonl", "eval.jsonl") for line in open(tmp_path / "sft" / f)]
     assert rows and not {r["completion"][0]["content"] for r in rows} & val_answers
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_held_out_rows_come_from_reserved_validation_files_unseen_in_pretraining(kind, tmp_path):
+    """Held-out rows mined from the train split were seen verbatim in pretraining. They come from
+    validation files that held_for_post_training reserves (the others feed kiln's lm-eval tasks),
+    less any function a train document holds too."""
+    train = [{"id": f"python_stdlib:t{i}.py", "text": MULTI.format(i=i), "lang": "python"} for i in range(30)]
+    validation = [
+        {"id": f"python_stdlib:v{i}.py", "text": MULTI.format(i=100 + i), "lang": "python"} for i in range(40)
+    ] + [{"id": "python_stdlib:copy.py", "text": MULTI.format(i=3), "lang": "python"}]  # also in train (t3)
+    reserved = [r for r in validation if held_for_post_training(r["id"])]
+    assert 0 < len(reserved) < len(validation)
+    stats = build_post_data(kind, train, [], tmp_path / kind, 40, 0.2, clean_validation=validation)
+    answer = "completion" if kind == "sft" else "chosen"
+    held = {r[answer][0]["content"] for r in read_jsonl(tmp_path / kind / "eval.jsonl")}
+    in_train = {f.answer for r in train for f in mine_functions(r["text"])}
+    in_reserved = {f.answer for r in reserved for f in mine_functions(r["text"])}
+    assert held and held <= in_reserved and not held & in_train
+    assert stats.eval == len(held) == 10  # eval_share 0.2 of all rows: 10 beside 40
+    assert stats.held_out_from.startswith("validation split")
+    trained = {r[answer][0]["content"] for r in read_jsonl(tmp_path / kind / "train.jsonl")}
+    assert trained <= in_train
 
 
 def test_bad_user_rows_are_rejected_with_file_and_line(tmp_path):
@@ -421,6 +451,7 @@ def test_dpo_raises_the_margin_on_its_own_pairs(tiny_base, small_corpus, tmp_pat
     # TRL's reward margin is beta x the change of the mean log-prob margin; its loss falls below log 2
     assert result.reward_margin == pytest.approx(0.1 * (result.after.margin - result.before.margin), rel=1e-6)
     assert result.eval_loss_after < result.eval_loss_before == pytest.approx(math.log(2))
+    assert not result.eval_loss_before_measured  # log 2 is the theoretical start, named as such
     tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "model")
     stops = GenerationConfig.from_pretrained(tmp_path / "out" / "model").eos_token_id
     assert set(stops) == {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")}  # ends a turn as SFT's does
@@ -480,3 +511,22 @@ def test_dpo_sft_weight_adds_the_chosen_answers_nll(tiny_base, small_corpus, tmp
     assert losses[2.0] == pytest.approx(losses[0.0] + 2.0 * nll, rel=1e-4)
     with pytest.raises(ProfileError, match="dpo.sft_weight must be 0 or more"):
         DPOSettings(sft_weight=-1)
+
+
+def test_peak_memory_is_the_stages_own_not_the_process_high_water_mark():
+    """SFT and DPO run in the process that pretrained: ru_maxrss would report pretraining's peak.
+    reset_peak_memory starts the stage's own, so a large buffer freed before it is not counted."""
+    import numpy as np
+
+    from pipeline.train.lora import peak_memory_mb, reset_peak_memory
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the peak is the CUDA allocator's, reset by torch itself")
+    big = np.ones(400 * 2**20 // 8)  # 400 MB, touched
+    with_big = peak_memory_mb()
+    del big  # numpy's large buffers are unmapped when freed
+    reset_peak_memory()
+    assert peak_memory_mb() < with_big - 300
+    again = np.ones(400 * 2**20 // 8)
+    assert peak_memory_mb() >= with_big - 50  # a stage's own large buffer is counted
+    del again
