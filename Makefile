@@ -19,7 +19,7 @@ export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install server server-required sandbox postgres services services-down services-status ui mlflow-ui bench \
+.PHONY: run test install server server-required sandbox postgres browser services services-down services-status ui mlflow-ui bench \
 	bench-serve serve clean-work
 
 install: sandbox $(STAMP) server
@@ -39,6 +39,13 @@ postgres:
 		{ apt-get install -y postgresql || { apt-get update && apt-get install -y postgresql; }; }; } \
 		|| { echo "postgresql is missing: sudo apt-get install postgresql (make services and its tests need it)"; exit 1; }
 
+# The playground page's test drives Debian's chromium through Playwright (its executable path, no
+# downloaded browser): installed when missing and this is root, as bubblewrap is; the test skips without it.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; }; } \
+		|| echo "chromium is missing: sudo apt-get install chromium (the playground test needs it)"
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
@@ -57,7 +64,7 @@ run: sandbox $(STAMP)
 	time $(BIN)/kiln run --profile $(PROFILE) $(if $(FORCE),--force)
 
 # KILN_REQUIRE_SERVICES: a test that finds llama-server or PostgreSQL missing fails instead of skipping
-test: sandbox postgres $(STAMP) server-required
+test: sandbox postgres browser $(STAMP) server-required
 	$(BIN)/ruff check .
 	KILN_REQUIRE_SERVICES=1 $(BIN)/python -m pytest
 

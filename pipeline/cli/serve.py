@@ -49,7 +49,7 @@ class Serve(Command):
         if args.gguf:
             if args.canary:
                 raise KilnError("--canary needs the registry; it cannot go with --gguf")
-            target, canary = file_target(Path(args.gguf)), None
+            target, canary = file_target(Path(args.gguf), args.tracking_uri or default_tracking_uri()), None
         else:
             uri, profile = args.tracking_uri or default_tracking_uri(), load_profile(args.profile).name
             which = args.version or args.alias or "production"

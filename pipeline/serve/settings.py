@@ -41,6 +41,8 @@ class ServeSettings(BaseSettings):
     kiln_warmup_requests: int = Field(3, ge=0)
     kiln_context_shift: bool = Field(False, description="keep generating past a full context by dropping old tokens")
     kiln_quant: str = "Q4_K_M"
+    kiln_trace_sample: float = Field(1.0, ge=0, le=1, description="share of requests recorded as MLflow traces")
+    kiln_trace_queue: int = Field(2000, ge=1, description="traces waiting to be written; past it: dropped, counted")
 
     @classmethod
     def settings_customise_sources(
