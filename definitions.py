@@ -15,7 +15,7 @@ from dagster import (
     load_assets_from_modules,
 )
 
-from assets import corpus, evaluation, post_training, release, training
+from assets import corpus, evaluation, feedback, post_training, release, training
 from assets.automation import new_data_sensor, new_feedback_sensor, retrain_schedule
 from pipeline.layout import work_dir_from_env
 from resources import KilnSettings, MLflowTracking
@@ -24,7 +24,7 @@ from resources.logs import kiln_console
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-STAGE_MODULES = [corpus, training, post_training, evaluation, release]
+STAGE_MODULES = [corpus, feedback, training, post_training, evaluation, release]
 
 
 def kiln_job(name: str, selection, description: str, compute: str):

@@ -13,16 +13,17 @@ import threading
 import time
 
 import httpx
-import pytest
+from needs import unavailable
 
 
 def llama_server_or_skip():
+    """The llama-server binary; a skip saying why without one (a failure under make test and CI)."""
     from pipeline.serve import engine
 
     try:
         return engine.locate()
     except engine.EngineUnavailable as exc:
-        pytest.skip(f"llama-server is not available: {exc}")
+        unavailable("llama-server", exc)
 
 
 class ServedGateway:

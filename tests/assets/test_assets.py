@@ -21,7 +21,7 @@ from dagster import (
     materialize,
 )
 
-from assets import corpus, evaluation, post_training, release, training
+from assets import corpus, evaluation, feedback, post_training, release, training
 from assets.corpus import clean_corpus, clean_corpus_not_empty, clean_corpus_pii_free, raw_corpus
 from pipeline.layout import QUANTS, Layout
 from pipeline.release import registry
@@ -31,7 +31,7 @@ from resources import KilnSettings, MLflowTracking
 pytestmark = pytest.mark.slow
 
 WORDS = "model token stage corpus river table window engine signal garden market letter".split()
-STAGE_MODULES = [corpus, training, post_training, evaluation, release]
+STAGE_MODULES = [corpus, feedback, training, post_training, evaluation, release]
 ASSETS = {
     "raw_corpus", "clean_corpus", "feedback_pairs", "tokenizer", "base_model", "sft_data", "dpo_data", "sft_model",
     "dpo_model", "gguf_model", "gguf_benchmark", "eval_report", "sampling_preset", "registered_model",

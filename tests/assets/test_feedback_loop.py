@@ -11,13 +11,12 @@ evaluation and version 2. Skipped, saying why, without a built llama-server.
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import pytest
 import yaml
 from dagster import DagsterInstance, Definitions, RunRequest, build_sensor_context, materialize
 from served import ServedGateway, llama_server_or_skip
+from test_assets import E2E_PROFILE, write_e2e_sources
 
 import definitions
 from pipeline.data.feedback import tracing_client
@@ -30,35 +29,10 @@ from resources import KilnSettings, MLflowTracking
 
 pytestmark = pytest.mark.slow
 
-WORDS = "model token stage corpus river table window engine signal garden market letter".split()
-PROFILE = {
-    "base": "tiny",
-    "clean": {"validation_share": 0.15, "short_doc_keep": 1.0},
-    "tokenizer": {"vocab_size": 400, "min_frequency": 1},
-    "model": {"hidden_size": 256, "intermediate_size": 256, "num_layers": 1},
-    "pretrain": {"seq_len": 128, "micro_batch": 4, "steps": 30, "warmup_steps": 2, "eval_every": 30},
-    "sft": {"steps": 2, "batch": 2, "lora_r": 4},
-    "dpo": {"steps": 2, "batch": 2, "lora_r": 4},
-    "gguf": {"eval_tokens": 512, "quick": True},
-    "eval": {
-        "bpb_max_bytes": 20_000, "lm_eval_limit": 8, "lm_eval_tasks": [], "batch_size": 4,
-        "humaneval_problems": 2, "max_new_tokens": 16,
-    },
-    "tune": {"problems": 2, "trials": 2, "min_tokens_per_s": 1, "space": {"max_tokens": [4, 8]}},
-    # a test-sized model moves its figures by chance from run to run: the gate is not what is tested
-    "registry": {"max_regression": 10.0, "max_score_drop": 1.0},
-}  # fmt: skip
+# test_assets' test-sized profile; a test-sized model moves its figures by chance from run to run, and
+# the gate is not what is tested here
+PROFILE = {**E2E_PROFILE, "registry": {"max_regression": 10.0, "max_score_drop": 1.0}}
 EMAIL, PHONE = "jane.roe@example.com", "010-1234-5678"
-
-
-def _sources(src: Path) -> None:
-    src.mkdir()
-    rng = random.Random(1)
-    for i in range(60):
-        lines = "\n".join(f"    v{j} = v{j - 1} * {rng.randrange(2, 9)} + {rng.randrange(99)}" for j in range(1, 6))
-        doc = " ".join(rng.choice(WORDS) for _ in range(8))
-        (src / f"m{i}.py").write_text(f'def f{i}(v0):\n    """{doc}."""\n{lines}\n    return v5\n')
-        (src / f"n{i}.txt").write_text(" ".join(rng.choice(WORDS) + str(rng.randrange(9)) for _ in range(90)) + ".")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +40,7 @@ def version_one(tmp_path_factory):
     """Every asset materialized once (version 1, then promoted) and the resources they used."""
     llama_server_or_skip()
     root = tmp_path_factory.mktemp("loop")
-    _sources(root / "src")
+    write_e2e_sources(root / "src")
     profile = root / "loop.yaml"
     profile.write_text(
         yaml.safe_dump({**PROFILE, "corpus": {"sources": [{"path": str(root / "src")}], "max_bytes": None}})

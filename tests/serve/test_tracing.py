@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from needs import unavailable
 from prometheus_client import CollectorRegistry
 from served import ServedGateway, llama_server_or_skip, sse_data
 
@@ -260,8 +261,11 @@ def test_sampling_zero_traces_nothing_and_a_store_down_fails_no_request(served_e
 def _chromium() -> str:
     path = shutil.which("chromium")
     if path is None:
-        pytest.skip("chromium is not installed (make browser installs Debian's)")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make install)")
+        unavailable("chromium", "not installed (make browser installs Debian's)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as exc:
+        unavailable("playwright", exc)
     return path
 
 
