@@ -9,8 +9,8 @@ write the store refuses is counted with `reason="store_error"`. KILN_TRACE_SAMPL
 is the share of requests traced; an untraced response carries no trace id.
 
 The trace id (`tr-` and 32 hex digits, MLflow's form) is chosen when the response starts, so every
-traced response carries it (`X-Kiln-Trace-Id`, and the `id` of an OpenAI JSON answer) before the
-trace is written. The trace goes to the experiment `<registered model>-serving` of the store the
+traced response carries it (`X-Kiln-Trace-Id`, and the `id` of an OpenAI answer or of each of its
+streamed chunks) before the trace is written. The trace goes to the experiment `<registered model>-serving` of the store the
 served model comes from, with one root span (the route): inputs the masked request, outputs
 `{"text": the masked answer}`, and as metadata the route, preset, sampler values, model, version,
 alias and role, token counts, queue/TTFT/total ms, finish reason, status and the API key's id.
@@ -22,6 +22,7 @@ import json
 import logging
 import queue
 import random
+import re
 import threading
 import time
 import uuid
@@ -38,6 +39,9 @@ STREAM_KEEP = 256 * 1024  # bytes of a streamed answer kept for its trace
 BATCH = 64  # records written per store call
 SAMPLER_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "n_predict", "max_tokens", "seed")
 PREVIEW_CHARS = 1000
+
+
+_CHUNK_ID = re.compile(rb'"id":"[^"]*"')  # llama-server writes its OpenAI chunks without spaces
 
 
 def new_trace_id() -> str:
@@ -358,9 +362,16 @@ class Tracing:
         return {TRACE_HEADER: trace_id}, self._keep(trace_id, call, chunks)
 
     async def _keep(self, trace_id: str, call, chunks):
-        kept = bytearray()
+        """The stream as relayed, an OpenAI chunk's `id` replaced by the trace id (one bytes.replace
+        per chunk: the events stay whole, and every chunk of one answer carries the same id)."""
+        kept, upstream_id, ours = bytearray(), None, f'"id":"{trace_id}"'.encode()
         try:
             async for chunk in chunks:
+                if upstream_id is None and call.route.startswith("/v1/"):
+                    found = _CHUNK_ID.search(chunk)
+                    upstream_id = found.group(0) if found else b""
+                if upstream_id:
+                    chunk = chunk.replace(upstream_id, ours)
                 if len(kept) < STREAM_KEEP:
                     kept += chunk
                 yield chunk

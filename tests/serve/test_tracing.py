@@ -159,7 +159,9 @@ def test_every_route_answers_with_its_trace_id_and_the_trace_holds_masked_text(t
         "POST", "/v1/completions", json={"prompt": "def f(", "max_tokens": 4, "stream": True, "ignore_eos": True}
     ) as c:
         completion_id = c.headers[TRACE_HEADER]
-        streamed = "".join(e["choices"][0]["text"] for e in sse_data(c) if e.get("choices"))
+        chunks = [e for e in sse_data(c) if e.get("choices")]
+        streamed = "".join(e["choices"][0]["text"] for e in chunks)
+    assert {e["id"] for e in chunks} == {completion_id}  # each streamed chunk's id is the trace id
     assert infer.status_code == 200 and any(e.startswith("event: done") for e in events)
     ids = [chat_id, infer.headers[TRACE_HEADER], stream_id, completion_id]
     assert len(set(ids)) == 4
