@@ -10,10 +10,11 @@ is the share of requests traced; an untraced response carries no trace id.
 
 The trace id (`tr-` and 32 hex digits, MLflow's form) is chosen when the response starts, so every
 traced response carries it (`X-Kiln-Trace-Id`, and the `id` of an OpenAI answer or of each of its
-streamed chunks) before the trace is written. The trace goes to the experiment `<registered model>-serving` of the store the
-served model comes from, with one root span (the route): inputs the masked request, outputs
-`{"text": the masked answer}`, and as metadata the route, preset, sampler values, model, version,
-alias and role, token counts, queue/TTFT/total ms, finish reason, status and the API key's id.
+streamed chunks) before the trace is written. The trace goes to the experiment
+`<registered model>-serving` of the store the served model comes from, with one root span (the
+route): inputs the masked request, outputs `{"text": the masked answer}`, and as metadata the
+route, preset, sampler values, model, version, alias and role, token counts, queue/TTFT/total ms,
+finish reason, status and the API key's id.
 """
 
 from __future__ import annotations

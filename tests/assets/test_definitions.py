@@ -100,7 +100,8 @@ def test_each_job_selects_its_group():
 def test_the_schedule_and_the_sensors_and_what_they_run():
     assert [(s.name, s.job_name) for s in defs.schedules] == [("weekly_retrain", "kiln_pipeline")]
     assert [(s.name, s.job_name) for s in defs.sensors] == [
-        ("new_raw_data", "kiln_pipeline"), ("new_feedback", "feedback_retrain")
+        ("new_raw_data", "kiln_pipeline"),
+        ("new_feedback", "feedback_retrain"),
     ]
 
 

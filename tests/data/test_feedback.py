@@ -41,9 +41,8 @@ def test_each_kind_of_judgement_gives_its_pair():
     ]
     pairs = {p["reason"]: p for p in candidate_pairs(judged)}
     assert set(pairs) == {"rated_same_prompt", "pairwise", "preferred_answer"}
-    assert (pairs["rated_same_prompt"]["chosen"][0]["content"], pairs["rated_same_prompt"]["rejected"][0]["content"]) == (
-        "good", "bad"
-    )  # fmt: skip
+    rated = pairs["rated_same_prompt"]
+    assert (rated["chosen"][0]["content"], rated["rejected"][0]["content"]) == ("good", "bad")
     assert pairs["pairwise"]["trace_ids"] == ["t4", "t5"] and pairs["pairwise"]["chosen"][0]["content"] == "left"
     assert pairs["preferred_answer"]["trace_ids"] == ["t6"]
     assert pairs["preferred_answer"]["chosen"][0]["content"] == "right"
@@ -68,7 +67,8 @@ def test_duplicates_same_answers_and_personal_data_are_dropped_and_counted():
 
 def _pairs(n: int) -> list[dict]:
     return [
-        {"prompt": [{"role": "user", "content": f"prompt {i}"}], "chosen": [{"role": "assistant", "content": f"yes {i}"}],
+        {"prompt": [{"role": "user", "content": f"prompt {i}"}],
+         "chosen": [{"role": "assistant", "content": f"yes {i}"}],
          "rejected": [{"role": "assistant", "content": f"no {i}"}], "trace_ids": [f"t{i}"], "reason": "pairwise"}
         for i in range(n)
     ]  # fmt: skip
