@@ -26,6 +26,7 @@ from pipeline.release import registry
 from pipeline.serve.tracing import TRACE_HEADER
 from pipeline.tracking import client
 from resources import KilnSettings, MLflowTracking
+from resources.logs import kiln_console
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,8 @@ def version_one(tmp_path_factory):
 def _chat(oai, prompt: str, max_tokens: int) -> tuple[str, str]:
     raw = oai.chat.completions.with_raw_response.create(
         model="kiln", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-        extra_body={"ignore_eos": True},  # every answer as long as asked: two lengths, two different answers
+        # greedy and every answer as long as asked: two lengths, two different answers, every run the same
+        extra_body={"ignore_eos": True, "preset": "greedy"},
     )  # fmt: skip
     return raw.headers[TRACE_HEADER], raw.parse().choices[0].message.content
 
@@ -80,7 +82,9 @@ def test_served_answers_and_feedback_become_a_new_candidate(version_one, monkeyp
         oai = openai.OpenAI(base_url=gw.url + "/v1", api_key="none")
         prompts = ["def add(a, b):", f"mail {EMAIL} about the table", "def mul(a, b):", f"call {PHONE} now"]
         answers = {p: [_chat(oai, p, 6), _chat(oai, p, 12)] for p in prompts}
-        infer = [gw.client.post("/infer", json={"query": "the river", "max_length": n}) for n in (4, 9)]
+        infer = [
+            gw.client.post("/infer", json={"query": "the river", "max_length": n, "preset": "greedy"}) for n in (4, 9)
+        ]
         infer_ids = [r.headers[TRACE_HEADER] for r in infer]
         (a1, _), (b1, _) = answers[prompts[0]]
         (a2, _), (b2, _) = answers[prompts[1]]
@@ -124,10 +128,14 @@ def test_served_answers_and_feedback_become_a_new_candidate(version_one, monkeyp
 
     # the sensor's job: feedback_pairs -> dpo_data -> DPO -> evaluation -> version 2
     defs = Definitions(assets=definitions.defs.assets, asset_checks=definitions.defs.asset_checks,
-                       jobs=[definitions.feedback_retrain_job], resources=resources)  # fmt: skip
+                       jobs=[definitions.feedback_retrain_job], resources=resources,
+                       loggers={"console": kiln_console})  # fmt: skip
     run = defs.get_job_def("feedback_retrain").execute_in_process(instance=instance, tags=request.tags)
     assert run.success
-    meta = {e.asset_key.path[-1]: e.materialization.metadata for e in run.get_asset_materialization_events()}
+    meta = {
+        e.asset_key.path[-1]: e.event_specific_data.materialization.metadata
+        for e in run.get_asset_materialization_events()
+    }
 
     layout = resources["kiln"].layout
     pairs = list(read_jsonl(layout.feedback_pairs / "pairs.jsonl"))

@@ -289,7 +289,7 @@ def test_the_playground_chats_streams_and_stores_ratings(traced):
             page.get_by_test_id("send").click()
             answer = page.locator("[data-testid=answer][data-done=true]")
             answer.wait_for(timeout=60_000)
-            text = answer.locator("pre").inner_text()
+            text = answer.locator("pre").text_content()
             trace_id = answer.get_attribute("data-trace-id")
             answer.get_by_test_id("rate-up").click()
             page.locator(".note[data-state=stored]").wait_for(timeout=60_000)
