@@ -25,7 +25,7 @@ from pipeline import logs
 from pipeline.data.feedback import TraceNotFound, log_judgement
 from pipeline.serve.gateway import Gateway
 
-log = logs.get("feedback")
+log = logs.get("api")
 router = APIRouter()
 TRACE_ID = r"^tr-[0-9a-f]{32}$"
 FEEDBACK_WAIT_S = 10.0

@@ -8,13 +8,11 @@ playground test drives Debian's chromium through Playwright (skipped without the
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from needs import unavailable
 from prometheus_client import CollectorRegistry
 from served import ServedGateway, llama_server_or_skip, sse_data
 
@@ -255,59 +253,3 @@ def test_sampling_zero_traces_nothing_and_a_store_down_fails_no_request(served_e
         assert answer.status_code == 200 and TRACE_HEADER not in answer.headers
     finally:
         off.close()
-
-
-# ---------------------------------------------------------------- the playground in a real browser
-
-
-def _chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        unavailable("chromium", "not installed (make browser installs Debian's)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError as exc:
-        unavailable("playwright", exc)
-    return path
-
-
-@pytest.mark.slow
-def test_the_playground_chats_streams_and_stores_ratings(traced):
-    from playwright.sync_api import sync_playwright
-
-    chromium = _chromium()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(traced.url + "/playground")
-            page.get_by_test_id("key").fill("k1")
-            page.get_by_test_id("key").dispatch_event("change")
-            page.wait_for_function("document.querySelectorAll('[data-testid=version] option').length > 0")
-            page.get_by_test_id("preset").select_option("greedy")
-            page.get_by_test_id("prompt").fill(f"def add(a, b): mail {EMAIL}")
-            page.get_by_test_id("send").click()
-            answer = page.locator("[data-testid=answer][data-done=true]")
-            answer.wait_for(timeout=60_000)
-            text = answer.locator("pre").text_content()
-            trace_id = answer.get_attribute("data-trace-id")
-            answer.get_by_test_id("rate-up").click()
-            page.locator(".note[data-state=stored]").wait_for(timeout=60_000)
-            # side by side: two answers to one prompt, the second picked
-            page.get_by_test_id("compare").check()
-            page.get_by_test_id("prompt").fill("def mul(a, b):")
-            page.get_by_test_id("send").click()
-            page.wait_for_function("document.querySelectorAll('[data-testid=answer][data-done=true]').length == 3")
-            pair = page.locator(".turn").nth(1).locator("[data-testid=answer]")
-            left, right = pair.nth(0).get_attribute("data-trace-id"), pair.nth(1).get_attribute("data-trace-id")
-            pair.nth(1).get_by_test_id("pick").click()
-            page.locator(".turn").nth(1).locator(".note[data-state=stored]").wait_for(timeout=60_000)
-        finally:
-            browser.close()
-    client = tracing_client(traced.uri)
-    rated = client.get_trace(trace_id)
-    assert rated.data.spans[0].outputs["text"] == text.rstrip("…")  # the page showed the traced answer
-    assert rated.data.spans[0].inputs["messages"][-1]["content"] == "def add(a, b): mail <EMAIL>"
-    assert [(a.name, a.value) for a in rated.info.assessments] == [("rating", "up")]
-    assert [(a.name, a.value) for a in client.get_trace_info(right).assessments] == [("pairwise", "chosen")]
-    assert [(a.name, a.value) for a in client.get_trace_info(left).assessments] == [("pairwise", "rejected")]
