@@ -22,7 +22,7 @@ export DAGSTER_HOME
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install lock pre-commit test-fast server server-required sandbox postgres prometheus services services-down services-status ui mlflow-ui bench \
+.PHONY: run test install lock pre-commit test-fast server server-required sandbox postgres prometheus browser services services-down services-status ui mlflow-ui bench \
 	bench-serve serve clean-work
 
 install: sandbox $(STAMP) server
@@ -49,6 +49,13 @@ prometheus:
 		{ apt-get install -y --no-install-recommends prometheus || \
 		{ apt-get update && apt-get install -y --no-install-recommends prometheus; }; }; } \
 		|| { echo "prometheus is missing: sudo apt-get install prometheus (make services and the alert-rule tests need it)"; exit 1; }
+
+# Debian's chromium, for screenshots of the UIs (docs/) and browser tests driven by its executable path:
+# installed when missing and this is root, as bubblewrap is (`make browser`; make test does not need it).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; }; } \
+		|| echo "chromium is missing: sudo apt-get install chromium"
 
 # Installs exactly requirements.lock (every package pinned, with its hashes), then kiln itself without
 # dependencies; `make lock` re-resolves pyproject.toml's ranges into it.

@@ -15,8 +15,8 @@ from dagster import (
     load_assets_from_modules,
 )
 
-from assets import corpus, evaluation, post_training, release, training
-from assets.automation import new_data_sensor, retrain_schedule
+from assets import corpus, evaluation, feedback, post_training, release, training
+from assets.automation import new_data_sensor, new_feedback_sensor, retrain_schedule
 from pipeline.layout import work_dir_from_env
 from resources import KilnSettings, MLflowTracking
 from resources.logs import kiln_console
@@ -24,7 +24,7 @@ from resources.logs import kiln_console
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-STAGE_MODULES = [corpus, training, post_training, evaluation, release]
+STAGE_MODULES = [corpus, feedback, training, post_training, evaluation, release]
 
 
 def kiln_job(name: str, selection, description: str, compute: str):
@@ -47,6 +47,12 @@ evaluation_job = kiln_job("evaluation", AssetSelection.groups("evaluation"), "ev
 release_job = kiln_job(
     "release", AssetSelection.groups("release"), "GGUF files, their benchmark, the registered version.", "accelerator"
 )
+feedback_retrain_job = kiln_job(
+    "feedback_retrain",
+    AssetSelection.assets("feedback_pairs") | AssetSelection.groups("post_training", "evaluation", "release"),
+    "Users' judgements as preference pairs, then DPO, evaluation and a new candidate version.",
+    "accelerator",
+)
 
 
 def resources_for(deployment: str) -> dict:
@@ -68,9 +74,9 @@ def resources_for(deployment: str) -> dict:
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),
     asset_checks=load_asset_checks_from_modules(STAGE_MODULES),
-    jobs=[kiln_pipeline, data_job, training_job, post_training_job, evaluation_job, release_job],
+    jobs=[kiln_pipeline, data_job, training_job, post_training_job, evaluation_job, release_job, feedback_retrain_job],
     schedules=[retrain_schedule(kiln_pipeline)],
-    sensors=[new_data_sensor(kiln_pipeline)],
+    sensors=[new_data_sensor(kiln_pipeline), new_feedback_sensor(feedback_retrain_job)],
     resources=resources_for(os.environ.get("KILN_DEPLOYMENT", "local")),
     loggers={"console": kiln_console},  # the jobs' run logs as kiln's structured lines (KILN_LOG_FORMAT)
 )

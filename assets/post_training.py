@@ -5,11 +5,13 @@ from pathlib import Path
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from assets.corpus import clean_corpus
+from assets.feedback import feedback_pairs
 from assets.metadata import log_to_mlflow, md_image, md_table
 from assets.stage import ACCELERATOR, CPU, Stage, StageConfig
 from assets.training import base_model
 from pipeline.charts import loss_curve
 from pipeline.data.clean import read_split
+from pipeline.data.feedback import PAIRS_FILE, read_pairs
 from pipeline.data.post_data import build_post_data, pair_check
 from pipeline.io import within_context
 from pipeline.train.dpo import train_dpo
@@ -26,7 +28,10 @@ def _data_asset(
     # DPO pairs are checked with the base checkpoint's tokenizer and trained context (what DPO
     # trains with): its config and tokenizer files are inputs, its weights are not.
     base_files = sorted(p for p in base.glob("*") if p.suffix in (".json", ".jinja")) if kind == "dpo" else []
-    stage = Stage.start(context, layout, config, s, inputs=[layout.clean_splits, *map(Path, s.files), *base_files])
+    pairs = layout.feedback_pairs / PAIRS_FILE
+    users = [pairs] if kind == "dpo" and pairs.is_file() else []  # users' judgements (feedback_pairs)
+    inputs = [layout.clean_splits, *map(Path, s.files), *base_files, *users]
+    stage = Stage.start(context, layout, config, s, inputs=inputs)
     if stage.reused:
         return stage.reuse()
     check, length = None, None
@@ -37,7 +42,11 @@ def _data_asset(
         check = pair_check(AutoTokenizer.from_pretrained(str(base)), length)
     # Training rows from the train split; held-out rows from validation files pretraining never saw.
     train_split, validation = (read_split(layout.clean_splits, k) for k in ("train", "validation"))
-    stats = build_post_data(kind, train_split, s.files, out, s.max_pairs, s.eval_share, s.seed, check, validation)
+    feedback = read_pairs(layout.feedback_pairs) if kind == "dpo" else []
+    share = s.feedback_share if kind == "dpo" else 0.0
+    stats = build_post_data(
+        kind, train_split, s.files, out, s.max_pairs, s.eval_share, s.seed, check, validation, feedback, share
+    )
     metadata = {
         "path": MetadataValue.path(str(out)),
         "train_rows": stats.train,
@@ -50,6 +59,7 @@ def _data_asset(
     if kind == "dpo":
         metadata["max_length"] = length
         metadata["corruption_kinds"] = md_table(stats.corruption_kinds, "rejected answer", "pairs")
+        metadata["feedback_pairs"] = stats.sources.get("feedback_pairs", 0)
     return stage.finish(metadata)
 
 
@@ -61,11 +71,14 @@ def sft_data(context: AssetExecutionContext, config: StageConfig, kiln: KilnSett
     return _data_asset("sft", context, config, kiln)
 
 
-@asset(group_name="post_training", code_version="3", deps=[clean_corpus, base_model], op_tags=ACCELERATOR)
+@asset(
+    group_name="post_training", code_version="4", deps=[clean_corpus, base_model, feedback_pairs], op_tags=ACCELERATOR
+)
 def dpo_data(context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings) -> MaterializeResult:
     """Preference pairs (prompt, chosen, rejected): the profile's files, or mined from code with the
     real function chosen and the same function with one fault put in rejected (held out: from
-    validation files, as sft_data). Pairs whose prompt fills dpo.max_length (null: the trained context), or whose two
+    validation files, as sft_data); and users' pairs from feedback_pairs, up to dpo.feedback_share of
+    them, held out by prompt. Pairs whose prompt fills dpo.max_length (null: the trained context), or whose two
     answers are the same tokens within it, are dropped and counted by reason (`rejected`)."""
     return _data_asset("dpo", context, config, kiln)
 
@@ -131,7 +144,18 @@ def sft_model(
     return stage.finish(metadata)
 
 
-@asset(group_name="post_training", code_version="5", deps=[sft_model, dpo_data], op_tags=ACCELERATOR)
+def _feedback_figures(result) -> dict:
+    """Preference accuracy on the held-out pairs from users' judgements alone (none: no such pairs)."""
+    if result.feedback_before is None:
+        return {"held_out_feedback_pairs": 0}
+    return {
+        "held_out_feedback_pairs": result.feedback_after.pairs,
+        "preference_accuracy_feedback_before": result.feedback_before.accuracy,
+        "preference_accuracy_feedback_after": result.feedback_after.accuracy,
+    }
+
+
+@asset(group_name="post_training", code_version="6", deps=[sft_model, dpo_data], op_tags=ACCELERATOR)
 def dpo_model(
     context: AssetExecutionContext, config: StageConfig, kiln: KilnSettings, mlflow: MLflowTracking
 ) -> MaterializeResult:
@@ -173,6 +197,7 @@ def dpo_model(
             "trl_reward_margin": result.reward_margin,
             "trl_reward_accuracy": result.reward_accuracy,
             "sft_task_eval_loss": sft_task,
+            **_feedback_figures(result),
             **_tune_metadata(result, curve),
         }
         _log_tune(log, result, metadata, settings, curve, layout.adapter_dir("dpo"))

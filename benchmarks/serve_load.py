@@ -363,6 +363,48 @@ async def prompt_cache(gguf: Path, rounds: int = 8) -> dict:
         p.stop()
 
 
+async def tracing(args, gguf: Path, ban: dict, tmp: Path) -> dict:
+    """`--tracing`: kiln with every answer traced (a fresh sqlite store) against kiln with tracing off
+    (KILN_TRACE_SAMPLE=0), both up at once and loaded in turn (off, on, off, on, ... `--rounds` times
+    each) so drift of the shared machine falls on both alike. Goal: on >= 0.95 x off tokens/s at 16
+    clients, no failed request; traces the writer had to drop are counted (kiln_traces_dropped_total)."""
+    uri = f"sqlite:///{tmp / 'traces.db'}"
+    on = kiln(gguf, 2, args.slots, {"KILN_TRACE_SAMPLE": "1"}, ["--tracking-uri", uri])
+    off = kiln(gguf, 2, args.slots, {"KILN_TRACE_SAMPLE": "0"}, ["--tracking-uri", uri])
+    report: dict = {}
+    try:
+        for p in (on, off):
+            await p.ready()
+            await load([p.url], 2, 2, ban)  # warm-up (and the serving experiment created)
+        for c in args.concurrency:
+            runs: dict[str, list[dict]] = {"off": [], "on": []}
+            for _ in range(args.rounds):
+                for name, p in (("off", off), ("on", on)):
+                    runs[name].append(await load([p.url], c, args.seconds, ban))
+            report[c] = {name: _combined(r) for name, r in runs.items()}
+            ratio = report[c]["on"]["tokens_per_s"] / max(report[c]["off"]["tokens_per_s"], 1e-9)
+            report[c]["on_over_off"] = round(ratio, 3)
+            print(f"tracing c={c:<3} {json.dumps(report[c])}", flush=True)
+        async with aiohttp.ClientSession() as s, s.get(on.url + "/metrics") as r:
+            text = await r.text()
+        report["trace_counters"] = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines() if line.startswith(("kiln_traces_written_total", "kiln_traces_dropped_total"))
+        }  # fmt: skip
+    finally:
+        on.stop()
+        off.stop()
+    return report
+
+
+def _combined(runs: list[dict]) -> dict:
+    """Rounds of one server as one figure: rates averaged, counts summed."""
+    out = {k: round(statistics.mean(r[k] for r in runs), 2) for k in ("requests_per_s", "tokens_per_s")}
+    out.update({k: sum(r[k] for r in runs) for k in ("ok", "429", "errors")})
+    out["p50_ms"] = round(statistics.median(r["p50_ms"] for r in runs if r["p50_ms"] is not None), 1)
+    return out
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, default=ROOT / "data/work/tiny/gguf_model/kiln-tiny-Q4_K_M.gguf")
@@ -371,6 +413,8 @@ async def main() -> None:
     parser.add_argument("--slots", type=int, default=8, help="parallel sequences per kiln replica")
     parser.add_argument("--skip-faults", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--tracing", action="store_true", help="only kiln with tracing on against off (see tracing)")
+    parser.add_argument("--rounds", type=int, default=3, help="--tracing: turns of load on each server")
     args = parser.parse_args()
     binary = engine.build()
     with tempfile.TemporaryDirectory() as tmp:
@@ -378,6 +422,11 @@ async def main() -> None:
         print(f"GGUF {gguf} ({gguf.stat().st_size / 2**20:.1f} MB); llama-server {binary}", flush=True)
         ban = {str(eos_id(gguf)): -100}
         report = {"gguf": str(gguf), "seconds": args.seconds, "max_tokens": MAX_TOKENS}
+        if args.tracing:  # tracing's cost alone
+            report["tracing"] = await tracing(args, gguf, ban, Path(tmp))
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=2))
+            return
         report["load"] = await throughput(args, binary, gguf, ban)
         if not args.skip_faults:
             report["overload"] = await overload(gguf, ban, args.seconds)

@@ -297,9 +297,15 @@ class DPOSettings(SFTSettings):
     max_length: int | None = None
     """Tokens per prompt plus answer; longer pairs are truncated. null: the trained context
     (pretrain.seq_len); a longer one is refused."""
+    feedback_share: float = 0.5
+    """Largest share of the pairs that users' judgements of served answers (the `feedback_pairs`
+    asset) may fill when any exist: up to feedback_share x max_pairs of them, the rest mined or
+    from `files`. Held out by prompt like the mined pairs by file; 0 leaves them out."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.feedback_share <= 1:
+            raise ProfileError(f"dpo.feedback_share must be between 0 and 1, not {self.feedback_share}")
         if self.beta <= 0:
             raise ProfileError(f"dpo.beta must be positive, not {self.beta}")
         if self.sft_weight < 0:

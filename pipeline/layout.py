@@ -213,6 +213,11 @@ class Layout:
         """sft_data or dpo_data."""
         return self.stage(f"{kind}_data")
 
+    @property
+    def feedback_pairs(self) -> Path:
+        """Preference pairs from users' judgements of served answers (pairs.jsonl, stats.json)."""
+        return self.stage("feedback_pairs")
+
     # release
     @property
     def gguf_dir(self) -> Path:

@@ -183,11 +183,22 @@ def git_commit() -> str:
 
 
 def experiment_id(c, profile: str, uri: str) -> str:
-    name = f"kiln-{profile}"
+    return named_experiment(c, f"kiln-{profile}", uri)
+
+
+def named_experiment(c, name: str, uri: str) -> str:
+    """The id of the experiment `name`, created (artifacts beside a local store) when it is new; two
+    processes creating it at once both end with the one that exists."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=artifact_root(uri) and f"{artifact_root(uri)}/{name}")
+    try:
+        return c.create_experiment(name, artifact_location=artifact_root(uri) and f"{artifact_root(uri)}/{name}")
+    except Exception:
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def pipeline_run(uri: str, profile: str, pipeline_run_id: str) -> str:

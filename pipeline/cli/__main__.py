@@ -4,4 +4,5 @@ import sys
 
 from pipeline.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned child process (kiln serve's trace writer) imports it
+    sys.exit(main())

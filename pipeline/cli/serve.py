@@ -57,7 +57,11 @@ class Serve(Command):
         if args.gguf:
             if args.canary:
                 raise KilnError("--canary needs the registry; it cannot go with --gguf")
-            target, canary, actions = file_target(Path(args.gguf)), None, None
+            target, canary, actions = (
+                file_target(Path(args.gguf), args.tracking_uri or default_tracking_uri()),
+                None,
+                None,
+            )
         else:
             uri, profile = args.tracking_uri or default_tracking_uri(), load_profile(args.profile).name
             which = args.version or args.alias or "production"

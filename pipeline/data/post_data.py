@@ -328,6 +328,29 @@ def split_by_source(rows: list[tuple[str, dict]], share: float) -> tuple[list[di
     return train, held, sorted(held_keys)
 
 
+FEEDBACK_EVAL = "eval_feedback.jsonl"  # dpo_data's held-out pairs from users' judgements (also in eval.jsonl)
+
+
+def _feedback_rows(
+    pairs: list[dict], share: float, max_pairs: int, check: PairCheck | None, rejected: list[dict]
+) -> list[tuple[str, dict]]:
+    """(prompt key, row) of the newest feedback pairs that pass `check`, at most share x max_pairs."""
+    from pipeline.data.feedback import prompt_source
+
+    cap = int(round(share * max_pairs))
+    out: list[tuple[str, dict]] = []
+    for pair in reversed(pairs):
+        if len(out) >= cap:
+            break
+        row = {k: pair[k] for k in ("prompt", "chosen", "rejected")}
+        problem = check(row) if check else None
+        if problem is None:
+            out.append((prompt_source(row), row))
+        else:
+            rejected.append({"where": f"feedback {','.join(pair.get('trace_ids', []))}", "reason": problem})
+    return out[::-1]
+
+
 def build_post_data(
     kind: str,
     clean_train: Iterable[dict],
@@ -338,15 +361,24 @@ def build_post_data(
     seed: int = 0,
     check: PairCheck | None = None,
     clean_validation: Iterable[dict] | None = None,
+    feedback: list[dict] | None = None,
+    feedback_share: float = 0.0,
 ) -> DataStats:
     """Write `out_dir/{train,eval}.jsonl` (and rejected.jsonl, stats.json, split.json) for kind
     'sft' or 'dpo'. `check` (DPO): pairs it finds a reason against are dropped and counted. With
     `clean_validation`, mined held-out rows come from its files that `held_for_post_training`
-    reserves, about eval_share of all rows."""
+    reserves, about eval_share of all rows. `feedback` (DPO): pairs from users' judgements
+    (pipeline/data/feedback.py), newest last; up to `feedback_share` x `max_pairs` of them take the
+    place of mined pairs, held out by prompt, the held-out ones also written to eval_feedback.jsonl
+    (their figures are reported apart)."""
     rows: list[tuple[str, dict]] = []  # (source: the document or the user file's line, row)
     rejected: list[dict] = []
     stats = DataStats()
     kinds: Counter = Counter()
+    users = _feedback_rows(feedback or [], feedback_share, max_pairs, check, rejected) if kind == "dpo" else []
+    if users:
+        stats.sources["feedback_pairs"] = len(users)
+        max_pairs -= len(users)
     for f in user_files:
         user = []
         for where, row in read_user_rows(Path(f), kind, rejected):
@@ -360,7 +392,7 @@ def build_post_data(
     held_mined: list[tuple[str, dict]] = []
     if not user_files:
         functions = mine_from_corpus(clean_train, None, seed)
-        mined = _mined_rows(kind, functions, max_pairs, seed, check, rejected, kinds)
+        mined = _mined_rows(kind, functions, max_pairs, seed, check, rejected, kinds) if max_pairs > 0 else []
         rows += mined
         stats.sources["mined from clean_corpus train split"] = len(mined)
         if clean_validation is not None:
@@ -369,7 +401,7 @@ def build_post_data(
             stats.sources["held out, mined from clean_corpus validation split"] = len(held_mined)
     stats.rejected = dict(Counter(r["reason"].split(" (")[0] for r in rejected))
     stats.corruption_kinds = dict(kinds)
-    if not rows:
+    if not rows and not users:
         raise KilnError(f"no usable {kind} rows (rejected: {stats.rejected or 'none'}; sources: {stats.sources})")
     if held_mined:
         train, held = [r for _, r in rows], [r for _, r in held_mined]
@@ -378,11 +410,16 @@ def build_post_data(
     else:  # a user file's rows: one source per line
         train, held, held_sources = split_by_source(rows, eval_share)
         stats.held_out_from = "files" if user_files else "train split, held out by file (no validation functions)"
+    user_train, user_held, user_held_sources = split_by_source(users, eval_share)  # apart: some are held out
+    train, held, held_sources = train + user_train, held + user_held, held_sources + user_held_sources
+    rows += users
     stats.train, stats.eval = len(train), len(held)
     with atomic_path(Path(out_dir)) as tmp:
         tmp.mkdir()
         for name, part in (("train", train), ("eval", held), ("rejected", rejected)):
             write_jsonl(tmp / f"{name}.jsonl", part)
+        if users:
+            write_jsonl(tmp / FEEDBACK_EVAL, user_held)
         write_json(tmp / "stats.json", stats.__dict__)
         train_sources = sorted({key for key, _ in rows} - set(held_sources))
         write_json(tmp / "split.json", {"train_sources": train_sources, "eval_sources": held_sources})

@@ -12,11 +12,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from pipeline.serve.canary_api import router as canary_router
+from pipeline.serve.feedback_api import router as feedback_router
 from pipeline.serve.gateway import Gateway
 from pipeline.serve.kiln_api import router as kiln_router
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.openai_api import router as openai_router
 from pipeline.serve.rollout import Deployment
+from pipeline.serve.tracing import TRACE_HEADER
 
 
 class RouteCounter:
@@ -59,6 +61,7 @@ def create_app(
         task.cancel()
         gw.canary.stop()
         await deployment.stop()
+        await asyncio.to_thread(gw.tracing.close)  # what is queued is written before the process ends
 
     app = FastAPI(title="kiln serve", lifespan=lifespan)
     app.state.kiln = gw
@@ -67,12 +70,13 @@ def create_app(
     app.include_router(kiln_router)
     app.include_router(openai_router)
     app.include_router(canary_router)
+    app.include_router(feedback_router)  # POST /v1/feedback, GET /playground
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
-            expose_headers=["X-Request-Id", "Retry-After"],
+            expose_headers=["X-Request-Id", "Retry-After", TRACE_HEADER],
         )  # fmt: skip
-    routers = (kiln_router, openai_router, canary_router)
+    routers = (kiln_router, openai_router, canary_router, feedback_router)
     routes = {r.path for router in routers for r in router.routes if hasattr(r, "path")}
     app.add_middleware(RouteCounter, metrics=metrics, routes=routes)
     return app

@@ -34,6 +34,7 @@ from pipeline.serve.guards import Admission, Auth, RateLimiter, Rejected, retry_
 from pipeline.serve.inference import Call, Inference, InferenceError, loop_deadline, prepare_text
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.rollout import Deployment
+from pipeline.serve.tracing import Tracing
 
 log = logging.getLogger("kiln.serve")
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -52,6 +53,7 @@ class Gateway:
         self.limiter = RateLimiter(settings.kiln_rate_limit_rpm, settings.kiln_rate_limit_burst)
         self.admission = Admission(settings.max_concurrent_inference, settings.kiln_max_queue)
         self.inference = Inference(deployment, metrics, settings.inference_timeout_sec)
+        self.tracing = Tracing(settings, deployment, metrics.registry)  # pipeline/serve/tracing.py
 
     async def guard(self, request: Request) -> str | None:
         """The route dependency: the caller's key (401 without one when keys are set), then its rate
@@ -92,9 +94,10 @@ class Gateway:
         call.error = detail
         call.finish(self.metrics, status)
         self.quality.outcome(call)
+        traced = self.tracing.failed(call)
         if status >= 500 and self.settings.llm_fallback_response is not None:
             return fallback(self.settings.llm_fallback_response)
-        return JSONResponse({"detail": detail}, status, headers={"X-Request-Id": call.request_id})
+        return JSONResponse({"detail": detail}, status, headers={"X-Request-Id": call.request_id, **traced})
 
     async def admit(self, call: Call) -> None:
         """A place in flight within the request's deadline; Rejected (429) or InferenceError (timeout)."""
@@ -134,7 +137,8 @@ class Gateway:
         texts = answer_texts(body) if isinstance(body, dict) else []
         for text in texts:
             self.quality.answer(call.version, text, call.completion_tokens // max(1, len(texts)))
-        return JSONResponse(body, headers={"X-Request-Id": call.request_id})
+        traced = self.tracing.answered(call, body)
+        return JSONResponse(body, headers={"X-Request-Id": call.request_id, **traced})
 
     async def run_stream(self, call: Call, path: str, body: dict, fallback, reframe=None, pool=None) -> Response:
         """Admit, start the upstream stream (retry and timeout before the first token), then relay it."""
@@ -150,10 +154,11 @@ class Gateway:
             log.exception("request %s failed", call.request_id)
             return self.fail(call, 500, "internal server error", fallback)
         stream = self.inference.relay(call, replica, resp, first, on_end=self.admission.release)
+        traced, stream = self.tracing.streamed(call, stream)
         if reframe is not None:
             stream = reframe(stream, call)
         stream = self._watched(stream, call)
-        headers = {**STREAM_HEADERS, "X-Request-Id": call.request_id}
+        headers = {**STREAM_HEADERS, "X-Request-Id": call.request_id, **traced}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
     async def _watched(self, stream, call: Call):

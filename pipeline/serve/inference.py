@@ -78,6 +78,8 @@ class Call:
     status: int = 200
     retried: bool = False
     error: str | None = None
+    preset: str | None = None  # the preset the route used, and the body it sent upstream: for the trace
+    sent: dict | None = None
     _done: bool = False
 
     def finish(self, metrics: Metrics, status: int | None = None) -> None:

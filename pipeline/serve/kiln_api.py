@@ -131,10 +131,10 @@ async def health(request: Request):
 async def infer(req: InferRequest, request: Request, key: str | None = Depends(_guard)):
     gw: Gateway = request.app.state.kiln
     deployment = gw.deployment
-    call = Call("/infer", key_id=key)
+    call = Call("/infer", key_id=key, preset=req.preset)
     preset = gw.preset(req.preset)
     prompt = call.query = gw.prepare(req.query)
-    body = native_body(prompt, preset, req.max_length, temperature=req.temperature, top_p=req.top_p)
+    body = call.sent = native_body(prompt, preset, req.max_length, temperature=req.temperature, top_p=req.top_p)
 
     async def work():
         answers = await asyncio.gather(
@@ -157,10 +157,10 @@ async def infer(req: InferRequest, request: Request, key: str | None = Depends(_
 
 
 async def stream_native(gw: Gateway, route: str, text: str, preset_name: str, key, max_length=None, **sampler):
-    call = Call(route, key_id=key)
+    call = Call(route, key_id=key, preset=preset_name)
     preset = gw.preset(preset_name)
     prompt = call.query = gw.prepare(text)
-    body = {**native_body(prompt, preset, max_length, **sampler), "stream": True}
+    body = call.sent = {**native_body(prompt, preset, max_length, **sampler), "stream": True}
     return await gw.run_stream(call, "/completion", body, _fallback_stream, reframe=reframe_tokens)
 
 

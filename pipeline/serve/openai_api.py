@@ -16,6 +16,7 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pipeline.presets import DEFAULT
 from pipeline.serve.gateway import STREAM_HEADERS, Gateway
 from pipeline.serve.inference import Call, sse_event
 
@@ -78,6 +79,7 @@ async def _proxy(request: Request, route: str, key: str | None, chat: bool):
             call.query = body["prompt"][0]
         else:
             return _error(422, "prompt: a non-empty string or list of strings is required")
+    call.preset, call.sent = body.get("preset") or DEFAULT, body
     try:
         preset = gw.preset(body.pop("preset", None))
     except Exception as exc:

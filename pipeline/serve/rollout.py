@@ -44,6 +44,7 @@ class Target:
     fetch: Callable[[str], ModelSource]  # alias or version -> pulled, verified source (blocking)
     resolve: Callable[[str], str] | None = None  # alias -> version number now; None: it never moves
     catalog: Callable[[], list[dict]] | None = None  # every registered version with its aliases
+    tracking_uri: str | None = None  # where served answers are traced (pipeline/serve/tracing.py); None: not traced
 
 
 def sticky_draw(user: str) -> float:

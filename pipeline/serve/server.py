@@ -26,6 +26,7 @@ def registry_target(uri: str, profile: str, which: str, quant: str):
         fetch=lambda w: source.pull(uri, profile, w, quant),
         resolve=None if which.isdigit() else (lambda w: source.resolve(uri, profile, w)),
         catalog=lambda: registry.list_versions(uri, profile),
+        tracking_uri=uri,
     )
 
 
@@ -40,11 +41,12 @@ def registry_canary_actions(uri: str, profile: str):
     )
 
 
-def file_target(path: Path):
+def file_target(path: Path, tracking_uri: str | None = None):
+    """A fixed GGUF file; its answers are traced into `tracking_uri` when one is given."""
     from pipeline.serve import source
     from pipeline.serve.rollout import Target
 
-    return Target("local", fetch=lambda _: source.from_file(path))
+    return Target("local", fetch=lambda _: source.from_file(path), tracking_uri=tracking_uri)
 
 
 def build(settings, target, canary=None, canary_share: float = 0.0, on_startup_failure=None, canary_actions=None):

@@ -46,6 +46,8 @@ class ServeSettings(BaseSettings):
     kiln_canary_interval_sec: float = Field(10.0, gt=0, description="how often --canary-auto looks")
     kiln_canary_alpha: float = Field(0.05, gt=0, lt=0.5, description="chance of aborting a canary like production")
     kiln_canary_beta: float = Field(0.10, gt=0, lt=0.5, description="chance of passing one worse by the margin")
+    kiln_trace_sample: float = Field(1.0, ge=0, le=1, description="share of requests recorded as MLflow traces")
+    kiln_trace_queue: int = Field(2000, ge=1, description="traces waiting to be written; past it: dropped, counted")
 
     @classmethod
     def settings_customise_sources(

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import DPOSettings
-from pipeline.data.post_data import encode_pair
-from pipeline.io import within_context
+from pipeline.data.post_data import FEEDBACK_EVAL, encode_pair
+from pipeline.io import read_jsonl, within_context
 from pipeline.train.lora import (
     TuneResult,
     history_callback,
@@ -65,6 +65,8 @@ class DPOResult(TuneResult):
     after: Preference
     reward_margin: float | None
     reward_accuracy: float | None
+    feedback_before: Preference | None = None  # the same on the held-out pairs from users' judgements alone
+    feedback_after: Preference | None = None
     # eval_loss_before is not measured: it is the theoretical DPO loss at the start, log 2 (the
     # policy is its reference, every reward 0, -log sigmoid(0) = log 2), whatever the data.
     eval_loss_before_measured: bool = False
@@ -164,9 +166,12 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
     seconds = time.perf_counter() - t0
     trainer.model.save_pretrained(out_dir / "adapter")
     full = _full_precision(sft_checkpoint)  # one copy: measured as the start, then merged into
+    users = list(read_jsonl(data_dir / FEEDBACK_EVAL)) if (data_dir / FEEDBACK_EVAL).is_file() else []
     before_pref = preference(full, tokenizer, held_rows, max_length)
+    users_before = preference(full, tokenizer, users, max_length) if users else None
     merged = merge_into(full, out_dir / "adapter", tokenizer, out_dir / "model")
     after_pref = preference(merged, tokenizer, held_rows, max_length)
+    users_after = preference(merged, tokenizer, users, max_length) if users else None
     # TRL's held-out figures from the two measurements above, instead of its evaluation pass: that
     # pass ran both models over the held-out pairs a second time.
     eval_loss, reward_margin, reward_accuracy = dpo_figures(before_pref, after_pref, s.beta)
@@ -178,4 +183,5 @@ def train_dpo(sft_checkpoint: Path, data_dir: Path, out_dir: Path, s: DPOSetting
         train_rows=len(trainer.train_dataset), eval_rows=len(held_rows), history=history, pairs_per_s=pairs / seconds,
         before=before_pref, after=after_pref,
         reward_margin=reward_margin, reward_accuracy=reward_accuracy,
+        feedback_before=users_before, feedback_after=users_after,
     )  # fmt: skip

@@ -21,7 +21,7 @@ from dagster import (
     materialize,
 )
 
-from assets import corpus, evaluation, post_training, release, training
+from assets import corpus, evaluation, feedback, post_training, release, training
 from assets.corpus import clean_corpus, clean_corpus_not_empty, clean_corpus_pii_free, raw_corpus
 from pipeline.layout import QUANTS, Layout
 from pipeline.release import registry
@@ -31,10 +31,10 @@ from resources import KilnSettings, MLflowTracking
 pytestmark = pytest.mark.slow
 
 WORDS = "model token stage corpus river table window engine signal garden market letter".split()
-STAGE_MODULES = [corpus, training, post_training, evaluation, release]
+STAGE_MODULES = [corpus, feedback, training, post_training, evaluation, release]
 ASSETS = {
-    "raw_corpus", "clean_corpus", "tokenizer", "base_model", "sft_data", "dpo_data", "sft_model", "dpo_model",
-    "gguf_model", "gguf_benchmark", "eval_report", "sampling_preset", "registered_model",
+    "raw_corpus", "clean_corpus", "feedback_pairs", "tokenizer", "base_model", "sft_data", "dpo_data", "sft_model",
+    "dpo_model", "gguf_model", "gguf_benchmark", "eval_report", "sampling_preset", "registered_model",
 }  # fmt: skip
 
 
@@ -251,7 +251,8 @@ def outcomes(result: ExecuteInProcessResult) -> dict[str, tuple[bool, str]]:
     return out
 
 
-REUSING = ASSETS - {"raw_corpus", "registered_model"}  # raw_corpus reads its sources; the registry decides
+# raw_corpus reads its sources and feedback_pairs the served traces every time; the registry decides
+REUSING = ASSETS - {"raw_corpus", "feedback_pairs", "registered_model"}
 
 
 def test_an_unchanged_rerun_reuses_every_stage_and_registers_nothing(e2e):

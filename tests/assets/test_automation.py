@@ -1,4 +1,4 @@
-"""The weekly schedule, the new-data sensor and the deployment's resources."""
+"""The weekly schedule, the new-data and new-feedback sensors and the deployment's resources."""
 
 import os
 
@@ -21,7 +21,7 @@ def test_sensor_requests_one_run_per_change(tmp_path, monkeypatch):
     profile = tmp_path / "p.yaml"
     profile.write_text(f"base: tiny\ncorpus:\n  sources:\n    - {{path: {data}}}\n")
     monkeypatch.setenv("KILN_PROFILE", str(profile))
-    (sensor,) = definitions.defs.sensors
+    sensor = next(s for s in definitions.defs.sensors if s.name == "new_raw_data")
 
     def key():
         result = sensor.evaluate_tick(build_sensor_context())

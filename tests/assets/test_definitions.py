@@ -9,6 +9,7 @@ import definitions
 GROUPS = {
     "raw_corpus": "data",
     "clean_corpus": "data",
+    "feedback_pairs": "data",
     "tokenizer": "training",
     "base_model": "training",
     "sft_data": "post_training",
@@ -29,7 +30,8 @@ UPSTREAM = {
     "tokenizer": {"clean_corpus"},
     "base_model": {"tokenizer"},
     "sft_data": {"clean_corpus"},
-    "dpo_data": {"clean_corpus", "base_model"},
+    "feedback_pairs": set(),
+    "dpo_data": {"clean_corpus", "base_model", "feedback_pairs"},
     "sft_model": {"base_model", "sft_data"},
     "dpo_model": {"sft_model", "dpo_data"},
     "gguf_model": {"dpo_model"},
@@ -55,12 +57,16 @@ CHECKS = {
 # job -> the assets it materializes
 JOBS = {
     "kiln_pipeline": set(GROUPS),
-    "data": {"raw_corpus", "clean_corpus"},
+    "data": {"raw_corpus", "clean_corpus", "feedback_pairs"},
     "training": {"tokenizer", "base_model"},
     "post_training": {"sft_data", "dpo_data", "sft_model", "dpo_model"},
     "evaluation": {"eval_report"},
     "release": {"gguf_model", "gguf_benchmark", "sampling_preset", "registered_model"},
-}
+    "feedback_retrain": {
+        "feedback_pairs", "sft_data", "dpo_data", "sft_model", "dpo_model", "eval_report",
+        "gguf_model", "gguf_benchmark", "sampling_preset", "registered_model",
+    },
+}  # fmt: skip
 
 defs = definitions.defs
 
@@ -91,9 +97,12 @@ def test_each_job_selects_its_group():
     assert selected == JOBS
 
 
-def test_the_schedule_and_the_sensor_run_the_whole_pipeline():
+def test_the_schedule_and_the_sensors_and_what_they_run():
     assert [(s.name, s.job_name) for s in defs.schedules] == [("weekly_retrain", "kiln_pipeline")]
-    assert [(s.name, s.job_name) for s in defs.sensors] == [("new_raw_data", "kiln_pipeline")]
+    assert [(s.name, s.job_name) for s in defs.sensors] == [
+        ("new_raw_data", "kiln_pipeline"),
+        ("new_feedback", "feedback_retrain"),
+    ]
 
 
 def test_the_code_location_loads():
