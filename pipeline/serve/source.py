@@ -16,8 +16,8 @@ from pathlib import Path
 from pipeline.errors import KilnError
 from pipeline.io import atomic_path
 from pipeline.layout import cache_dir
-from pipeline.release import registry
 from pipeline.presets import Preset, load_presets
+from pipeline.release import registry
 
 
 @dataclass(frozen=True)
