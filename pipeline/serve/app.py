@@ -9,6 +9,7 @@ import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -64,7 +65,7 @@ def add_error_handlers(app: FastAPI) -> None:
         message, field = _validation_message(exc)
         body = error_body(request.url.path, 422, message, param=field)
         if "detail" in body and not request.url.path.startswith("/v1/"):
-            body["detail"] = exc.errors()  # kiln's routes keep FastAPI's list, as before
+            body["detail"] = jsonable_encoder(exc.errors())  # kiln's routes keep FastAPI's list, as before
         return JSONResponse(body, 422)
 
 

@@ -35,7 +35,9 @@ class Auth:
     def __init__(self, keys: set[str], admin_keys: set[str], key_hashes: set[str] = frozenset()) -> None:
         self.keys, self.admin_keys = keys, admin_keys
         digests = {_digest(k) for k in keys | admin_keys} | {h.lower() for h in key_hashes}
-        self._digests, self._admin_digests = sorted(digests), sorted(_digest(k) for k in admin_keys)
+        # admin keys open the inference routes too, but only where keys are required at all
+        self._digests = sorted(digests) if keys or key_hashes else []
+        self._admin_digests = sorted(_digest(k) for k in admin_keys)
 
     @property
     def required(self) -> bool:

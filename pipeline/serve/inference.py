@@ -361,6 +361,9 @@ def assemble(path: str, events: list[dict]) -> dict:
     if usage is None and top.get("timings"):
         prompt, completion = top["timings"].get("prompt_n", 0), top["timings"].get("predicted_n", 0)
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if usage is not None and "prompt_tokens_details" not in usage and "cache_n" in (top.get("timings") or {}):
+        # llama-server's non-streamed usage says how much of the prompt came from its cache; its stream's does not
+        usage = {**usage, "prompt_tokens_details": {"cached_tokens": top["timings"]["cache_n"]}}
     return {**top, "object": "chat.completion" if chat else "text_completion", "choices": out, "usage": usage}
 
 

@@ -66,6 +66,7 @@ class Deployment:
         self.failed_version: tuple[str, str, float] | None = None  # (version, why, retry at) of a failed swap
         self.started = time.time()
         self.session: aiohttp.ClientSession | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
         self._draining: set[Pool] = set()
         self._poller: asyncio.Task | None = None
@@ -90,6 +91,7 @@ class Deployment:
         """Pull, start and warm the production (and canary) replicas, then watch the registry."""
         # a fresh loopback connection per request (~0.1 ms): llama-server closes idle keep-alive
         # connections on its own schedule, and a request written to one of those fails before it starts
+        self.loop = asyncio.get_running_loop()  # the gateway's event loop (other threads submit to it)
         connector = aiohttp.TCPConnector(limit=0, force_close=True)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         try:

@@ -87,7 +87,7 @@ def test_a_client_leaving_at_any_moment_gives_back_its_place_and_stops_its_gener
 
     _all_admitted_at_once(gw, n)
     metrics = gw.client.get("/metrics").text
-    assert 'kiln_request_outcomes_total{route="/v1/completions",outcome="client_disconnected",status="499"}' in metrics
+    assert 'kiln_request_outcomes_total{outcome="client_disconnected",route="/v1/completions",status="499"}' in metrics
 
 
 @pytest.mark.slow
@@ -156,7 +156,7 @@ def test_a_replica_that_crashes_on_start_backs_off_and_comes_back(env, ggufs, ll
         assert trouble["state"] == "failed" and "exited at start" in trouble["error"]
         assert gw.client.post("/infer", json={"query": "x", "max_length": 2}).status_code == 200  # one serves on
         metrics = gw.client.get("/metrics").text
-        assert f'kiln_replica_state{{replica="{victim.name}",version="local",state="failed"}} 1.0' in metrics
+        assert f'kiln_replica_state{{replica="{victim.name}",state="failed",version="local"}} 1.0' in metrics
         assert f'kiln_replica_restart_backoff_seconds{{replica="{victim.name}"}} 4.0' in metrics
         flag.unlink()
         wait_for(lambda: victim.state == "ready", "the replica starts once it can", timeout=120)
@@ -232,7 +232,8 @@ def test_a_failed_hot_swap_leaves_the_old_version_serving(env, store, restore_pr
         assert 'kiln_version_swap_failures_total{version="3"} 1.0' in gw.client.get("/metrics").text
         info = gw.client.get("/").json()
         assert info["version"] == serving and "version 3 could not be served" in info["error"]
-        assert gw.client.post("/infer", json={"query": "x", "max_length": 2}).json()["version"] == serving
+        served = gw.client.post("/infer", json={"query": "x", "max_length": 2})
+        assert served.status_code == 200 and served.json()["version"] == serving, served.text
         reload = gw.client.post("/admin/reload", headers={"X-API-Key": "adm"})
         assert reload.status_code == 503 and "version 3 could not be served" in reload.json()["detail"]
         assert "exited at start" in reload.json()["detail"]
@@ -257,7 +258,11 @@ def test_a_stream_spanning_a_swap_ends_on_its_version_and_a_drain_that_runs_out_
     second = "2" if first == "1" else "1"
     monkeypatch.setattr(replicas, "STOP_GRACE_S", 30.0)  # a stopped replica ignores SIGTERM this long
     gw = Gateway(
-        registry_target(uri, "test", "production", "Q4_K_M"), kiln_replicas=1, kiln_drain_sec=60, kiln_admin_keys="adm"
+        registry_target(uri, "test", "production", "Q4_K_M"),
+        kiln_replicas=1,
+        kiln_drain_sec=60,
+        kiln_context_shift=True,
+        kiln_admin_keys="adm",
     )
     admin = {"X-API-Key": "adm"}
     try:
@@ -265,6 +270,7 @@ def test_a_stream_spanning_a_swap_ends_on_its_version_and_a_drain_that_runs_out_
         old = gw.replica()
         body = {"prompt": "x", "max_tokens": 40, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=120) as s:
+            assert s.status_code == 200, s.read()
             lines = s.iter_lines()
             assert next(line for line in lines if line.startswith("data: {"))
             os.kill(old.pid, signal.SIGSTOP)  # frozen mid-stream: it cannot finish before the swap
@@ -283,7 +289,8 @@ def test_a_stream_spanning_a_swap_ends_on_its_version_and_a_drain_that_runs_out_
         # the drain time runs out: the stream ends with an error event, the event loop keeps serving
         gw.deployment.settings.kiln_drain_sec = 1.0
         old = gw.replica()
-        with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=120) as s:
+        endless = {**body, "max_tokens": 100000}  # with context shift: it cannot end before its version does
+        with httpx.stream("POST", f"{gw.url}/v1/completions", json=endless, timeout=120) as s:
             lines = s.iter_lines()
             assert next(line for line in lines if line.startswith("data: {"))
             os.kill(old.pid, signal.SIGSTOP)  # never finishes; ignores SIGTERM until SIGKILL
@@ -298,3 +305,36 @@ def test_a_stream_spanning_a_swap_ends_on_its_version_and_a_drain_that_runs_out_
         wait_for(lambda: not gw.deployment._draining, "the old version is gone")
     finally:
         gw.close()
+
+
+@pytest.mark.slow
+def test_a_client_that_does_not_read_cannot_hold_its_place_past_the_timeout(gateway):
+    # the relay as the HTTP layer drives it, with a consumer that takes the first events and then
+    # stops reading (as a send blocked on a full socket does): at the deadline the place is given back
+    import asyncio
+
+    from pipeline.serve.inference import Call
+
+    gw = gateway(kiln_replicas=1, kiln_context_shift=True, inference_timeout_sec=2.0)
+    inference, admission = gw.gw.inference, gw.gw.admission
+    ended = []
+
+    async def scenario():
+        call = Call("/v1/completions")
+        await admission.acquire()
+        replica, resp, first = await inference.open_stream(call, "/v1/completions", {**ENDLESS, "stream": True})
+
+        async def consumer():
+            stream = inference.relay(call, replica, resp, first, on_end=lambda: ended.append(admission.release()))
+            await stream.__anext__()
+            await asyncio.Event().wait()  # never reads again: the relay sits in its yield
+
+        task = asyncio.create_task(consumer())
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=60)
+        return call
+
+    call = asyncio.run_coroutine_threadsafe(scenario(), gw.deployment.loop).result(timeout=120)
+    assert ended and admission.in_flight == 0
+    assert call.status == 503 and "did not read" in call.error
+    wait_for(lambda: slots_busy(gw.replica()) == 0, "the generation stopped")
