@@ -33,6 +33,7 @@ OPENAI_CODES = {
     429: "rate_limit_exceeded", 499: "client_closed_request", 500: "internal_error", 503: "service_unavailable",
 }  # fmt: skip
 
+PROBES = {"/health", "/metrics"}
 # the request's record: {"route", "logged", "status", "client", "key_id"}; routes mark what they logged
 request_record: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kiln_request_record", default=None)
 
@@ -112,7 +113,8 @@ class ClientWatch:
             await self._run(scope, receive, send, record)
         finally:
             request_record.reset(token)
-            if not record["logged"] and record["status"] is not None and record["status"] >= 400:
+            probe = scope["path"] in PROBES  # a load balancer's 503 every second while loading is not news
+            if not record["logged"] and not probe and record["status"] is not None and record["status"] >= 400:
                 line = {"route": scope["path"], "status": record["status"], "client": client,
                         "key_id": record["key_id"], "error": record.get("error")}  # fmt: skip
                 access_log.info(json.dumps(line, ensure_ascii=False))
