@@ -234,7 +234,7 @@ def test_every_endpoint(gateway):
 
 @pytest.mark.slow
 def test_validation_auth_and_rate_limit(gateway, caplog):
-    gw = gateway(kiln_api_keys="secret-key-1", kiln_rate_limit_rpm=60, kiln_rate_limit_burst=6, kiln_replicas=1)
+    gw = gateway(kiln_api_keys="secret-key-1", kiln_rate_limit_rpm=1, kiln_rate_limit_burst=6, kiln_replicas=1)
     key = {"Authorization": "Bearer secret-key-1"}
     assert gw.client.post("/infer", json={"query": "hi"}).status_code == 401
     assert gw.client.post("/infer", json={"query": "hi"}, headers={"X-API-Key": "wrong"}).status_code == 401
