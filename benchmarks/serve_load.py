@@ -1,6 +1,7 @@
 """Serving under load: kiln serve against llama-server alone and llama-cpp-python's server, and faults.
 
     python benchmarks/serve_load.py [--gguf FILE] [--seconds 15] [--concurrency 1 4 16 64] [--json out.json]
+                                    [--servers kiln pool-direct] [--skip-faults]
 
 All in one run, on one GGUF (the tiny profile's Q4_K_M after `make run`, else a stand-in of the
 tiny profile's shape with random weights: speed, not sense), every server on loopback:
@@ -16,8 +17,12 @@ tokens, EOS banned so every answer has the same length) back to back for a fixed
 requests/s, generated tokens/s, P50/P95/P99 latency and time to first token, 429s and other
 errors. Then the faults, against kiln: overload (only 429s, no 5xx), a hot swap after a
 promotion under load (no failed request), a replica killed with SIGKILL under load (only its
-in-flight requests may fail; the time until the pool is whole again), and the prompt cache
-(TTFT of a prompt sharing a long prefix with the previous one against one that does not).
+in-flight requests may fail; the time until the pool is whole again), the fault table of
+benchmarks/serve_faults.py (clients leaving at three moments, a SIGSTOPped replica, a replica
+crash-looping on start, a canary that cannot start), and the prompt cache (TTFT of a prompt
+sharing a prefix of half the model's context with the previous one against one that does not).
+Where kiln's time to first token goes: its own /metrics split it into the admission wait and the
+upstream's first token; the rest (client-measured minus gateway-measured) is HTTP and event loop.
 Goals: kiln >= 0.95 x pool-direct tokens/s at 16 clients; kiln >= 3 x llama-cpp-py at 16.
 """
 
@@ -40,6 +45,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import serve_faults  # noqa: E402  (benchmarks/serve_faults.py)
 
 from pipeline.serve import engine  # noqa: E402
 from pipeline.serve.replicas import free_port  # noqa: E402
@@ -231,6 +238,7 @@ async def throughput(args, binary: Path, gguf: Path, ban: dict) -> dict:
         "llama-server": lambda: [llama_server(binary, gguf, 2 * args.slots, max(1, threads // 2))],
         "llama-cpp-py": lambda: [llama_cpp_python(gguf, threads)],
     }
+    setups = {name: make for name, make in setups.items() if name in args.servers}
     for name, make in setups.items():
         procs = make()
         try:
@@ -246,6 +254,7 @@ async def throughput(args, binary: Path, gguf: Path, ban: dict) -> dict:
                     tokens = results[name][c]["tokens_per_s"] * args.seconds
                     used = _cpu_seconds(procs[0].proc.pid) - gateway
                     results[name][c]["gateway_cpu_ms_per_1k_tokens"] = round(1e6 * used / max(tokens, 1), 1)
+                    results[name][c]["ttft_split_ms"] = await ttft_split(procs[0].url, results[name][c])
                 print(f"{name:>13} c={c:<3} {json.dumps(results[name][c])}", flush=True)
         finally:
             for p in procs:
@@ -260,6 +269,31 @@ async def overload(gguf: Path, ban: dict, seconds: float) -> dict:
         return await load([p.url], 64, seconds, ban)
     finally:
         p.stop()
+
+
+def _histogram_means(text: str, name: str, route: str) -> float | None:
+    """The mean of a Prometheus histogram's series for `route`, summed over its other labels."""
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"{name}_sum{{") and f'route="{route}"' in line:
+            total += float(line.split()[-1])
+        elif line.startswith(f"{name}_count{{") and f'route="{route}"' in line:
+            count += float(line.split()[-1])
+    return total / count if count else None
+
+
+async def ttft_split(url: str, result: dict) -> dict:
+    """Mean time to first token as kiln's /metrics splits it (over the whole run, warm-up included):
+    admission wait, upstream (gateway-measured TTFT minus the wait), and what is left of the client's
+    median for HTTP parsing, the event loop and relaying."""
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        text = await r.text()
+    queue = _histogram_means(text, "kiln_queue_wait_seconds", "/v1/completions") or 0.0
+    gateway = _histogram_means(text, "kiln_time_to_first_token_seconds", "/v1/completions") or 0.0
+    return {
+        "admission_mean_ms": round(1000 * queue, 1), "upstream_first_token_mean_ms": round(1000 * (gateway - queue), 1),
+        "gateway_ttft_mean_ms": round(1000 * gateway, 1), "client_ttft_p50_ms": result["ttft_p50_ms"],
+    }  # fmt: skip
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -333,12 +367,22 @@ async def hot_swap(gguf: Path, ban: dict, seconds: float, tmp: Path) -> dict:
         p.stop()
 
 
+def prefix_words(context: int) -> int:
+    """How many of WORDS make a shared prefix of about half the model's context (a word is one to two
+    tokens of kiln's BPE): the prefix, the question and the answer then fit in one slot."""
+    return max(8, context // 4)
+
+
 async def prompt_cache(gguf: Path, rounds: int = 8) -> dict:
+    from pipeline.gguf import declared_context
+
+    context = min(2048, declared_context(gguf))  # a slot's context: kiln caps the presets' at the GGUF's
+    words = prefix_words(context)
     p = kiln(gguf, 1, 1)
-    shared = " ".join(random.Random(1).choice(WORDS) for _ in range(300))
+    shared = " ".join(random.Random(1).choice(WORDS) for _ in range(words))
     try:
         await p.ready()
-        same, other = [], []
+        same, other, prompt_tokens = [], [], []
         async with aiohttp.ClientSession() as s:
 
             async def ttft(prompt: str) -> float:
@@ -347,18 +391,23 @@ async def prompt_cache(gguf: Path, rounds: int = 8) -> dict:
                 async with s.post(p.url + "/v1/completions", json=body) as r:
                     async for line in r.content:
                         if line.startswith(b"data: {"):
+                            if b'"error"' in line:
+                                raise RuntimeError(f"prompt of {words} words in a {context}-token context: {line!r}")
                             return time.monotonic() - start
-                raise RuntimeError("no token")
+                raise RuntimeError(f"no token (HTTP {r.status}) for a prompt of {words} words")
 
+            async with s.post(p.url + "/v1/completions", json={"prompt": shared, "max_tokens": 1}) as r:
+                prompt_tokens.append((await r.json())["usage"]["prompt_tokens"])
             for i in range(rounds):
                 await ttft(shared + f" question {i}")
                 same.append(await ttft(shared + f" another question {i}"))  # shares the long prefix
-                fresh = " ".join(random.Random(100 + i).choice(WORDS) for _ in range(300))
+                fresh = " ".join(random.Random(100 + i).choice(WORDS) for _ in range(words))
                 other.append(await ttft(fresh + f" question {i}"))  # same length, nothing cached
         return {
+            "context": context, "prefix_tokens": prompt_tokens[0],
             "shared_prefix_ttft_ms": round(1000 * statistics.median(same), 1),
             "fresh_prompt_ttft_ms": round(1000 * statistics.median(other), 1),
-        }
+        }  # fmt: skip
     finally:
         p.stop()
 
@@ -412,6 +461,8 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--slots", type=int, default=8, help="parallel sequences per kiln replica")
     parser.add_argument("--skip-faults", action="store_true")
+    parser.add_argument("--servers", nargs="+", default=["kiln", "pool-direct", "llama-server", "llama-cpp-py"],
+                        choices=["kiln", "pool-direct", "llama-server", "llama-cpp-py"])  # fmt: skip
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tracing", action="store_true", help="only kiln with tracing on against off (see tracing)")
     parser.add_argument("--rounds", type=int, default=3, help="--tracing: turns of load on each server")
@@ -437,14 +488,21 @@ async def main() -> None:
             print("replica killed", json.dumps(report["replica_killed"]), flush=True)
             report["prompt_cache"] = await prompt_cache(gguf)
             print("prompt cache", json.dumps(report["prompt_cache"]), flush=True)
+            report["faults"] = await serve_faults.run_all(gguf, ban, kiln)
+            print(serve_faults.table(report["faults"]), flush=True)
     print()
     print(table(report["load"]))
     load_ = report["load"]
-    if 16 in args.concurrency:
-        k, d = load_["kiln"][16]["tokens_per_s"], load_["pool-direct"][16]["tokens_per_s"]
-        one, naive = load_["llama-server"][16]["tokens_per_s"], load_["llama-cpp-py"][16]["tokens_per_s"]
-        print(f"\nat 16 clients: kiln / pool-direct {k / d:.3f} (goal >= 0.95); kiln / llama-server {k / one:.2f}; "
-              f"kiln / llama-cpp-py {k / max(naive, 1e-9):.1f} (goal >= 3)")  # fmt: skip
+    if 16 in args.concurrency and {"kiln", "pool-direct"} <= set(load_):
+        k, d = load_["kiln"][16], load_["pool-direct"][16]
+        print(
+            f"\nat 16 clients: kiln / pool-direct {k['tokens_per_s'] / d['tokens_per_s']:.3f} (goal >= 0.95); "
+            f"TTFT P50 {k['ttft_p50_ms']} vs {d['ttft_p50_ms']} ms ({k['ttft_p50_ms'] / d['ttft_p50_ms']:.2f}x, "
+            f"goal <= 1.5x), P95 {k['ttft_p95_ms']} vs {d['ttft_p95_ms']} ms; kiln's split: {k['ttft_split_ms']}"
+        )
+        for other in ("llama-server", "llama-cpp-py"):
+            if other in load_:
+                print(f"kiln / {other} {k['tokens_per_s'] / max(load_[other][16]['tokens_per_s'], 1e-9):.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -8,10 +8,15 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from pipeline.serve.canary_api import router as canary_router
+from pipeline.serve.edge import ClientWatch, TrustedProxies, error_body
 from pipeline.serve.feedback_api import router as feedback_router
 from pipeline.serve.gateway import Gateway
 from pipeline.serve.kiln_api import router as kiln_router
@@ -38,6 +43,33 @@ class RouteCounter:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first validation error as one line naming the field: ("query: String should have ...", "query")."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    loc = [str(p) for p in errors[0].get("loc", ()) if p != "body"]
+    field = ".".join(loc) or None
+    return (f"{field}: {errors[0].get('msg')}" if field else str(errors[0].get("msg"))), field
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every refusal in the route's own error shape (OpenAI's on /v1, kiln's elsewhere)."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        body = error_body(request.url.path, exc.status_code, str(exc.detail))
+        return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        message, field = _validation_message(exc)
+        body = error_body(request.url.path, 422, message, param=field)
+        if "detail" in body and not request.url.path.startswith("/v1/"):
+            body["detail"] = jsonable_encoder(exc.errors())  # kiln's routes keep FastAPI's list, as before
+        return JSONResponse(body, 422)
 
 
 def create_app(
@@ -71,11 +103,15 @@ def create_app(
     app.include_router(openai_router)
     app.include_router(canary_router)
     app.include_router(feedback_router)  # POST /v1/feedback, GET /playground
+    add_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
             expose_headers=["X-Request-Id", "Retry-After", TRACE_HEADER],
         )  # fmt: skip
+    app.add_middleware(
+        ClientWatch, max_body=settings.kiln_max_body_bytes, proxies=TrustedProxies(settings.kiln_trusted_proxies)
+    )
     routers = (kiln_router, openai_router, canary_router, feedback_router)
     routes = {r.path for router in routers for r in router.routes if hasattr(r, "path")}
     app.add_middleware(RouteCounter, metrics=metrics, routes=routes)

@@ -30,13 +30,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pipeline.presets import DEFAULT, Preset
 from pipeline.serve.canary import CanaryActions, CanaryWatch, Quality, answer_texts, stream_text
-from pipeline.serve.guards import Admission, Auth, RateLimiter, Rejected, retry_after_header
+from pipeline.serve.edge import error_body, request_record
+from pipeline.serve.guards import Admission, Auth, RateLimiter, Rejected, retry_after_header, route_limits
 from pipeline.serve.inference import Call, Inference, InferenceError, loop_deadline, prepare_text
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.rollout import Deployment
 from pipeline.serve.tracing import Tracing
 
 log = logging.getLogger("kiln.serve")
+
+
+def client_address(request: Request) -> str:
+    """The client as the edge resolved it (X-Forwarded-For only from a trusted proxy), else the peer."""
+    resolved = request.scope.get("state", {}).get("client_address")
+    return resolved or (request.client.host if request.client else "unknown")
+
+
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -49,21 +58,44 @@ class Gateway:
         self.settings, self.deployment, self.metrics = settings, deployment, metrics
         self.quality = Quality(metrics.registry, settings)
         self.canary = CanaryWatch(settings, deployment, self.quality, canary_actions)
-        self.auth = Auth(settings.api_keys, settings.admin_keys)
+        self.auth = Auth(settings.api_keys, settings.admin_keys, settings.api_key_hashes)
         self.limiter = RateLimiter(settings.kiln_rate_limit_rpm, settings.kiln_rate_limit_burst)
+        self.route_limiters = {
+            route: RateLimiter(rpm, settings.kiln_rate_limit_burst)
+            for route, rpm in route_limits(settings.kiln_route_rate_limits).items()
+        }
+        # failed authentication per client address: a key cannot be guessed at line speed
+        self.auth_failures = RateLimiter(settings.kiln_auth_failures_per_min, settings.kiln_auth_failures_per_min)
         self.admission = Admission(settings.max_concurrent_inference, settings.kiln_max_queue)
-        self.inference = Inference(deployment, metrics, settings.inference_timeout_sec)
+        self.inference = Inference(
+            deployment, metrics, settings.inference_timeout_sec, settings.kiln_first_token_timeout_sec
+        )
         self.tracing = Tracing(settings, deployment, metrics.registry)  # pipeline/serve/tracing.py
 
     async def guard(self, request: Request) -> str | None:
         """The route dependency: the caller's key (401 without one when keys are set), then its rate
-        limit (429); answers the key id routes log."""
+        limit (429), the route's own limit where one is set; answers the key id routes log."""
+        client = client_address(request)
+        record = request_record.get()
         try:
-            key = self.auth.check(request.headers)
-            self.limiter.check(key or (request.client.host if request.client else "unknown"))
+            self.auth_failures.check_not_empty(client, "too many failed authentications from this address")
+            try:
+                key = self.auth.check(request.headers)
+            except Rejected as exc:
+                if exc.status == 401:
+                    self.auth_failures.take(client)
+                raise
+            if record is not None:
+                record["key_id"] = key
+            self.limiter.check(key or client)
+            route_limiter = self.route_limiters.get(request.url.path)
+            if route_limiter is not None:
+                route_limiter.check(key or client)
         except Rejected as exc:
             if exc.status == 429:
                 self.metrics.rejected.labels(exc.reason).inc()
+            if record is not None:
+                record["error"] = exc.detail  # the edge logs the line; never the key itself
             headers = retry_after_header(exc.retry_after)
             if exc.status == 401:
                 headers["WWW-Authenticate"] = "Bearer"
@@ -86,8 +118,10 @@ class Gateway:
     def reject(self, call: Call, exc: Rejected) -> JSONResponse:
         if exc.status == 429:
             self.metrics.rejected.labels(exc.reason).inc()
+        call.error = exc.detail
         call.finish(self.metrics, exc.status)
-        return JSONResponse({"detail": exc.detail}, exc.status, headers=retry_after_header(exc.retry_after))
+        body = error_body(call.route, exc.status, exc.detail)
+        return JSONResponse(body, exc.status, headers=retry_after_header(exc.retry_after))
 
     def fail(self, call: Call, status: int, detail: str, fallback) -> Response:
         """A request that ran and failed: its status and detail, or the fallback answer for a 5xx."""
@@ -97,41 +131,65 @@ class Gateway:
         traced = self.tracing.failed(call)
         if status >= 500 and self.settings.llm_fallback_response is not None:
             return fallback(self.settings.llm_fallback_response)
-        return JSONResponse({"detail": detail}, status, headers={"X-Request-Id": call.request_id, **traced})
+        body = error_body(call.route, status, detail)
+        return JSONResponse(body, status, headers={"X-Request-Id": call.request_id, **traced})
 
-    async def admit(self, call: Call) -> None:
-        """A place in flight within the request's deadline; Rejected (429) or InferenceError (timeout)."""
+    def gone(self, call: Call) -> None:
+        """The client went away (the edge cancelled the request): account it as 499."""
+        call.error = call.error or "client disconnected"
+        call.finish(self.metrics, 499)
+
+    async def admit(self, call: Call, places: int = 1) -> None:
+        """`places` in flight (n answers are n admissions) within the request's deadline; Rejected (429)
+        or InferenceError (timeout). All or none: a refusal gives back what was taken."""
+        if places > self.admission.max_in_flight:  # could never all be held at once: refuse, do not wait
+            limit = self.admission.max_in_flight
+            raise Rejected(422, f"{places} answers need {places} places at once; MAX_CONCURRENT_INFERENCE is {limit}")
+        held = 0
         try:
             async with asyncio.timeout_at(loop_deadline(self.inference.deadline(call))):
-                call.queue_s = await self.admission.acquire()
-        except TimeoutError:
-            raise self.inference.timeout_error() from None
+                for _ in range(places):
+                    call.queue_s += await self.admission.acquire()
+                    held += 1
+        except BaseException as exc:
+            for _ in range(held):
+                self.admission.release()
+            if isinstance(exc, TimeoutError):
+                raise self.inference.timeout_error() from None
+            raise
         self.metrics.queue_wait.labels(call.route).observe(call.queue_s)
 
-    async def admitted(self, call: Call, fallback) -> Response | None:
-        """None once `call` holds a place in flight; else the answer that refuses it (429, or the timeout)."""
+    async def admitted(self, call: Call, fallback, places: int = 1) -> Response | None:
+        """None once `call` holds its places in flight; else the answer that refuses it (429, or the timeout)."""
         try:
-            await self.admit(call)
+            await self.admit(call, places)
         except Rejected as exc:
             return self.reject(call, exc)
         except InferenceError as exc:
             return self.fail(call, exc.status, exc.detail, fallback)
+        except asyncio.CancelledError:  # left while queued: the queue already forgot it
+            self.gone(call)
+            raise
         return None
 
-    async def run_json(self, call: Call, work, fallback) -> Response:
+    async def run_json(self, call: Call, work, fallback, places: int = 1) -> Response:
         """Admit, run `work()` (a coroutine returning the body), answer JSON; every failure mapped."""
-        refused = await self.admitted(call, fallback)
+        refused = await self.admitted(call, fallback, places)
         if refused is not None:
             return refused
         try:
             body = await work()
         except InferenceError as exc:
             return self.fail(call, exc.status, exc.detail, fallback)
+        except asyncio.CancelledError:  # the upstream answer was closed on the way out, which stops it
+            self.gone(call)
+            raise
         except Exception:
             log.exception("request %s failed", call.request_id)
             return self.fail(call, 500, "internal server error", fallback)
         finally:
-            self.admission.release()
+            for _ in range(places):
+                self.admission.release()
         call.finish(self.metrics, 200)
         self.quality.outcome(call)
         texts = answer_texts(body) if isinstance(body, dict) else []
@@ -147,10 +205,15 @@ class Gateway:
             return refused
         try:
             replica, resp, first = await self.inference.open_stream(call, path, body, pool)
-        except Exception as exc:
+        except BaseException as exc:  # a client gone before the first token must give its place back too
             self.admission.release()
             if isinstance(exc, InferenceError):
                 return self.fail(call, exc.status, exc.detail, fallback)
+            if isinstance(exc, asyncio.CancelledError):
+                self.gone(call)
+                raise
+            if not isinstance(exc, Exception):
+                raise
             log.exception("request %s failed", call.request_id)
             return self.fail(call, 500, "internal server error", fallback)
         stream = self.inference.relay(call, replica, resp, first, on_end=self.admission.release)

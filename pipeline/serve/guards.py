@@ -1,7 +1,8 @@
 """What a request passes before it reaches a replica: the API key, the per-key rate limit, admission.
 
-- `Auth`: when keys are configured, `Authorization: Bearer KEY` or `X-API-Key: KEY` must carry one;
-  only a short hash of a key (`key_id`) is ever logged or used as a label.
+- `Auth`: when keys are configured (plain, or as sha256 hex digests), `Authorization: Bearer KEY` or
+  `X-API-Key: KEY` must carry one; the presented key's digest is compared with every configured digest
+  in constant time; only a short hash of a key (`key_id`) is ever logged or used as a label.
 - `RateLimiter`: a token bucket per key (or per client address without keys): `rpm` tokens a
   minute, `burst` at most; an empty bucket is a 429 with the seconds until the next token.
 - `Admission`: at most `max_in_flight` requests inside, at most `max_queue` waiting; past that
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import math
 import time
 from collections import deque
@@ -30,8 +32,18 @@ def key_id(key: str) -> str:
 
 
 class Auth:
-    def __init__(self, keys: set[str], admin_keys: set[str]) -> None:
+    def __init__(
+        self, keys: set[str], admin_keys: set[str], key_hashes: frozenset[str] | set[str] = frozenset()
+    ) -> None:
         self.keys, self.admin_keys = keys, admin_keys
+        digests = {_digest(k) for k in keys | admin_keys} | {h.lower() for h in key_hashes}
+        # admin keys open the inference routes too, but only where keys are required at all
+        self._digests = sorted(digests) if keys or key_hashes else []
+        self._admin_digests = sorted(_digest(k) for k in admin_keys)
+
+    @property
+    def required(self) -> bool:
+        return bool(self._digests)
 
     @staticmethod
     def presented(headers) -> str | None:
@@ -42,22 +54,49 @@ class Auth:
 
     def check(self, headers) -> str | None:
         """The caller's key_id (None when no keys are configured); 401 when a key is needed and wrong."""
-        if not self.keys:
+        if not self.required:
             return None
         key = self.presented(headers)
         if key is None:
             raise Rejected(401, "missing API key (Authorization: Bearer KEY or X-API-Key: KEY)")
-        if key not in self.keys and key not in self.admin_keys:
+        digest = _digest(key)
+        if not _matches(digest, self._digests):
             raise Rejected(401, "invalid API key")
-        return key_id(key)
+        return digest[:8]
 
     def check_admin(self, headers) -> str:
         key = self.presented(headers)
         if not self.admin_keys:
             raise Rejected(403, "no admin keys configured (KILN_ADMIN_KEYS)")
-        if key is None or key not in self.admin_keys:
+        if key is None or not _matches(_digest(key), self._admin_digests):
             raise Rejected(401, "an admin key is required")
         return key_id(key)
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _matches(digest: str, digests: list[str]) -> bool:
+    """Whether `digest` is one of `digests`, comparing with every one in constant time (no early exit)."""
+    found = False
+    for candidate in digests:
+        found |= hmac.compare_digest(digest, candidate)
+    return found
+
+
+def route_limits(spec: str) -> dict[str, float]:
+    """`/v1/chat/completions=30,/infer=60` -> {route: requests per minute}."""
+    limits = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        route, sep, rpm = part.partition("=")
+        try:
+            limits[route.strip()] = float(rpm)
+        except ValueError:
+            sep = ""
+        if not sep or not route.strip().startswith("/") or limits.get(route.strip(), 0) <= 0:
+            raise ValueError(f"{part!r}: expected ROUTE=REQUESTS_PER_MINUTE, e.g. /v1/chat/completions=30")
+    return limits
 
 
 class RateLimiter:
@@ -77,6 +116,31 @@ class RateLimiter:
             wait = (1 - tokens) / self.rate
             raise Rejected(429, f"rate limit exceeded; retry in {wait:.1f} s", retry_after=wait, reason="rate_limit")
         self.buckets[who] = (tokens - 1, now)
+        self._trim()
+
+    def _refilled(self, who: str) -> tuple[float, float]:
+        now = time.monotonic()
+        tokens, last = self.buckets.get(who, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - last) * self.rate), now
+
+    def check_not_empty(self, who: str, detail: str) -> None:
+        """429 when `who`'s bucket is empty, without taking a token (a bucket of failures, say)."""
+        if self.rate <= 0:
+            return
+        tokens, _ = self._refilled(who)
+        if tokens < 1:
+            wait = (1 - tokens) / self.rate
+            raise Rejected(429, f"{detail}; retry in {wait:.1f} s", retry_after=wait, reason="auth_failures")
+
+    def take(self, who: str) -> None:
+        """Take one token from `who`'s bucket (down to empty, never below)."""
+        if self.rate <= 0:
+            return
+        tokens, now = self._refilled(who)
+        self.buckets[who] = (max(0.0, tokens - 1), now)
+        self._trim()
+
+    def _trim(self) -> None:
         if len(self.buckets) > 100_000:  # forget the oldest callers rather than grow without bound
             for stale in sorted(self.buckets, key=lambda k: self.buckets[k][1])[:50_000]:
                 del self.buckets[stale]

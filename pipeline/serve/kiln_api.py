@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from pipeline import logs
 from pipeline.presets import DEFAULT, Preset
+from pipeline.serve.edge import request_record
 from pipeline.serve.gateway import STREAM_HEADERS, Gateway
 from pipeline.serve.guards import Rejected
 from pipeline.serve.inference import Call, sse_event
@@ -102,18 +103,24 @@ async def info(request: Request):
     gw: Gateway = request.app.state.kiln
     deployment = gw.deployment
     pool = deployment.active
-    canary = deployment.canary
     return {
         "model": pool.source.name if pool else None,
         "version": pool.version if pool else None,
         "alias": pool.source.alias if pool else deployment.target.which,
         "replicas": {"ready": len(pool.ready()) if pool else 0, "total": len(pool.replicas) if pool else 0},
-        "canary": None if canary is None else {
-            "version": canary.version, "share": deployment.canary_share, "ready": len(canary.ready()),
-        },
+        "canary": _canary_info(deployment),
         "uptime_s": round(time.time() - deployment.started, 1),
         "error": deployment.error,
     }  # fmt: skip
+
+
+def _canary_info(deployment) -> dict | None:
+    canary = deployment.canary
+    if canary is not None:
+        return {"version": canary.version, "share": deployment.canary_share, "ready": len(canary.ready())}
+    if deployment.canary_error:
+        return {"version": None, "share": deployment.canary_share, "ready": 0, "error": deployment.canary_error}
+    return None
 
 
 @router.get("/health")
@@ -122,7 +129,11 @@ async def health(request: Request):
     deployment = gw.deployment
     pool = deployment.active
     if pool is not None and pool.ready():
-        return {"status": "ok", "version": pool.version, "replicas_ready": len(pool.ready())}
+        answer = {"status": "ok", "version": pool.version, "replicas_ready": len(pool.ready())}
+        troubled = pool.troubled()
+        if troubled:  # still serving, with fewer replicas: say which and why
+            answer.update(status="degraded", replicas=troubled)
+        return answer
     status = "failed" if deployment.error else "loading"
     return JSONResponse({"status": status, "detail": deployment.error}, 503)
 
@@ -131,7 +142,7 @@ async def health(request: Request):
 async def infer(req: InferRequest, request: Request, key: str | None = Depends(_guard)):
     gw: Gateway = request.app.state.kiln
     deployment = gw.deployment
-    call = Call("/infer", key_id=key, preset=req.preset)
+    call = Call("/infer", key_id=key, sticky=key, preset=req.preset)
     preset = gw.preset(req.preset)
     prompt = call.query = gw.prepare(req.query)
     body = call.sent = native_body(prompt, preset, req.max_length, temperature=req.temperature, top_p=req.top_p)
@@ -153,11 +164,11 @@ async def infer(req: InferRequest, request: Request, key: str | None = Depends(_
     def fallback(text: str):
         return JSONResponse({"generated_text": text, "fallback": True, "usage": _usage(0, 0)})
 
-    return await gw.run_json(call, work, fallback)
+    return await gw.run_json(call, work, fallback, places=req.num_return_sequences)
 
 
 async def stream_native(gw: Gateway, route: str, text: str, preset_name: str, key, max_length=None, **sampler):
-    call = Call(route, key_id=key, preset=preset_name)
+    call = Call(route, key_id=key, sticky=key, preset=preset_name)
     preset = gw.preset(preset_name)
     prompt = call.query = gw.prepare(text)
     body = call.sent = {**native_body(prompt, preset, max_length, **sampler), "stream": True}
@@ -202,6 +213,7 @@ async def prometheus(request: Request):
     metrics = gw.metrics
     metrics.in_flight.set(gw.admission.in_flight)
     metrics.queued.set(gw.admission.queued)
+    await gw.deployment.export_replica_metrics()
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -212,9 +224,12 @@ async def reload(request: Request):
     try:
         who = gw.auth.check_admin(request.headers)
     except Rejected as exc:
+        record = request_record.get()
+        if record is not None:
+            record["error"] = exc.detail
         return JSONResponse({"detail": exc.detail}, exc.status)
     try:
-        result = await deployment.reload()
+        result = await deployment.reload(forced=True)
     except Exception as exc:
         log.warning("reload", route="/admin/reload", status=503, key_id=who, error=str(exc))
         return JSONResponse({"detail": f"reload failed: {exc}"}, 503)

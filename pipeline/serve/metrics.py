@@ -42,6 +42,33 @@ class Metrics:
         self.replica_restarts = Counter("kiln_replica_restarts", "replicas restarted", ["replica"], registry=r)
         self.served = Gauge("kiln_served_version", "1 for each version taking traffic", ["version", "role"], registry=r)
         self.swaps = Counter("kiln_version_swaps", "hot swaps completed", registry=r)
+        self.add_production_metrics()
+
+    def add_production_metrics(self) -> None:
+        """How requests ended and what each replica is doing (issue: the gateway under production traffic)."""
+        r = self.registry
+        self.outcomes = Counter(
+            "kiln_request_outcomes", "requests by how they ended: completed, failed (mid-stream included), "
+            "client_disconnected (499), rejected", ["route", "outcome", "status"], registry=r,
+        )  # fmt: skip
+        self.inter_token = Histogram(
+            "kiln_inter_token_seconds", "gap between a stream's successive upstream chunks", ["version"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+        )  # fmt: skip
+        self.replica_state = Gauge(
+            "kiln_replica_state", "1 for the replica's current state (ready, starting, failed, unresponsive, ...)",
+            ["replica", "version", "state"], registry=r,
+        )  # fmt: skip
+        self.replica_backoff = Gauge(
+            "kiln_replica_restart_backoff_seconds", "wait before a failed replica's next start", ["replica"], registry=r
+        )
+        self.replica_slots = Gauge(
+            "kiln_replica_requests", "llama-server's own slot metrics, per replica: processing, deferred",
+            ["replica", "version", "kind"], registry=r,
+        )  # fmt: skip
+        self.hung = Counter("kiln_replica_hung", "attempts that got no first token in time", ["replica"], registry=r)
+        self.canary_failed = Gauge("kiln_canary_start_failed", "1 when the canary could not start", registry=r)
+        self.swap_failures = Counter("kiln_version_swap_failures", "hot swaps that failed", ["version"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

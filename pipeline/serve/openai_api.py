@@ -2,14 +2,17 @@
 
 The request goes to llama-server's own implementation of the same route, so every field it
 understands works; the gateway fills what the client left out from the preset (`"preset"` in
-the body picks one, default `default`), masks the text the model will read, and chooses the pool:
-a `model` naming the canary's version or alias goes to the canary, anything else is routed as
-usual (the canary's share, sticky per `user`, else per API key). Streams are relayed byte for
-byte: no per-token re-encoding on the hot path.
+the body picks one, default `default`), masks every text the model will read (each message, each
+text part, tool call names and arguments), and chooses the pool: a `model` naming the canary's
+version or alias goes to the canary, anything else is routed as usual (sticky per `user`, else per
+API key). Streams are relayed byte for byte: no per-token re-encoding on the hot path. OpenAI
+fields kiln cannot honour are refused with a 422 naming the field; `n` answers are `n` admissions.
+Every error has OpenAI's body, so the `openai` client raises its typed exceptions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -17,11 +20,24 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pipeline.presets import DEFAULT
+from pipeline.serve.edge import error_body
 from pipeline.serve.gateway import STREAM_HEADERS, Gateway
-from pipeline.serve.inference import Call, sse_event
+from pipeline.serve.inference import Call, merge_answers, sse_event
 
 router = APIRouter()
 SAMPLER_KEYS = ("temperature", "top_k", "top_p", "repeat_penalty")
+# OpenAI fields llama-server (so kiln) cannot honour: refused by name rather than silently ignored
+UNSUPPORTED = ("best_of", "echo", "suffix", "audio", "modalities", "prediction", "web_search_options",
+               "functions", "function_call", "store", "metadata", "service_tier")  # fmt: skip
+MAX_N = 8
+# below this many characters the text is masked on the event loop (a thread hop would cost more)
+THREAD_MASK_CHARS = 4096
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
 
 
 async def _guard(request: Request) -> str | None:
@@ -41,16 +57,113 @@ async def models(request: Request, key: str | None = Depends(_guard)):
     return {"object": "list", "data": _model_list(request.app.state.kiln)}
 
 
-def _mask_content(gw: Gateway, content):
+def _texts_of_message(message: dict, i: int) -> list[tuple[tuple, str]]:
+    """Every text a client sends in `message` as (its path in the message, text), refusing shapes that
+    are not OpenAI's (a content list holding a plain string, say) with a 422 naming where."""
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise BadRequest(f"{where}: an object {{role, content}} is required", where)
+    found: list[tuple[tuple, str]] = []
+    content = message.get("content")
     if isinstance(content, str):
-        return gw.prepare(content)
-    if isinstance(content, list):  # content parts: mask the text ones
-        return [{**part, "text": gw.prepare(part["text"])} if part.get("type") == "text" else part for part in content]
-    return content
+        found.append((("content",), content))
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise BadRequest(f"{where}.content[{j}]: a content part object is required, not {type(part).__name__}",
+                                 f"{where}.content")  # fmt: skip
+            if part.get("type") == "text":
+                if not isinstance(part.get("text"), str):
+                    raise BadRequest(f"{where}.content[{j}].text: a string is required", f"{where}.content")
+                found.append((("content", j, "text"), part["text"]))
+    elif content is not None:
+        raise BadRequest(f"{where}.content: a string or a list of content parts is required", f"{where}.content")
+    if isinstance(message.get("name"), str):
+        found.append((("name",), message["name"]))
+    for j, call in enumerate(message.get("tool_calls") or []):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise BadRequest(f"{where}.tool_calls[{j}].function: an object is required", f"{where}.tool_calls")
+        for key in ("name", "arguments"):
+            if isinstance(function.get(key), str):
+                found.append((("tool_calls", j, "function", key), function[key]))
+    return found
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message, "error": {"message": message, "type": "invalid_request_error"}}, status)
+def _put(node, path: tuple, text: str) -> None:
+    """Write a prepared text back at `path` (one _texts_of_message produced)."""
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = text
+
+
+def _copy_message(message: dict) -> dict:
+    copied = {**message}
+    if isinstance(message.get("content"), list):
+        copied["content"] = [{**part} for part in message["content"]]
+    if message.get("tool_calls"):
+        copied["tool_calls"] = [{**c, "function": {**c["function"]}} for c in message["tool_calls"]]
+    return copied
+
+
+async def prepare_messages(gw: Gateway, messages) -> list[dict]:
+    """The messages as the model will read them: every text prepared (normalised, cut, PII masked)."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: a non-empty list of {role, content} is required", "messages")
+    limit = gw.settings.kiln_max_messages
+    if len(messages) > limit:
+        raise BadRequest(f"messages: {len(messages)} messages, over the limit of {limit} (KILN_MAX_MESSAGES)",
+                         "messages")  # fmt: skip
+    texts = [((i, *path), text) for i, m in enumerate(messages) for path, text in _texts_of_message(m, i)]
+    copied = [_copy_message(m) for m in messages]
+    prepared = await prepare_all(gw, [text for _, text in texts])
+    for (path, _), text in zip(texts, prepared, strict=True):
+        _put(copied, path, text)
+    return copied
+
+
+async def prepare_all(gw: Gateway, texts: list[str]) -> list[str]:
+    """Each text prepared; on a worker thread when there is enough of it to hold up the event loop."""
+    if sum(len(t) for t in texts) < THREAD_MASK_CHARS:
+        return [gw.prepare(t) for t in texts]
+    return await asyncio.to_thread(lambda: [gw.prepare(t) for t in texts])
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body("/v1/", status, message, param=param), status)
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name in UNSUPPORTED:
+        if body.get(name) not in (None, False, [], {}):
+            raise BadRequest(f"{name}: not supported by kiln (llama-server cannot honour it)", name)
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise BadRequest(f"n: an integer from 1 to {MAX_N} is required", "n")
+    if n > 1 and body.get("stream"):
+        raise BadRequest("n: more than one choice cannot be streamed; ask without stream", "n")
+
+
+async def _prepare_body(gw: Gateway, body, call: Call, chat: bool) -> dict:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    _refuse_unsupported(body)
+    if chat:
+        body["messages"] = await prepare_messages(gw, body.get("messages"))
+        last = body["messages"][-1].get("content")
+        call.query = last if isinstance(last, str) else ""
+        return body
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) and prompt.strip():
+        body["prompt"] = call.query = (await prepare_all(gw, [prompt]))[0]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        body["prompt"] = await prepare_all(gw, prompt)
+        call.query = body["prompt"][0]
+    else:
+        raise BadRequest("prompt: a non-empty string or list of strings is required", "prompt")
+    return body
 
 
 async def _proxy(request: Request, route: str, key: str | None, chat: bool):
@@ -59,52 +172,41 @@ async def _proxy(request: Request, route: str, key: str | None, chat: bool):
         body = await request.json()
     except ValueError:
         return _error(422, "the request body is not valid JSON")
-    if not isinstance(body, dict):
-        return _error(422, "the request body must be a JSON object")
     call = Call(route, key_id=key)
-    call.user = body["user"] if isinstance(body.get("user"), str) and body["user"] else None
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            return _error(422, "messages: a non-empty list of {role, content} is required")
-        body["messages"] = [{**m, "content": _mask_content(gw, m.get("content"))} for m in messages]
-        last = body["messages"][-1].get("content")
-        call.query = last if isinstance(last, str) else ""
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str) and prompt.strip():
-            body["prompt"] = call.query = gw.prepare(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            body["prompt"] = [gw.prepare(p) for p in prompt]
-            call.query = body["prompt"][0]
-        else:
-            return _error(422, "prompt: a non-empty string or list of strings is required")
+    try:
+        body = await _prepare_body(gw, body, call, chat)
+    except BadRequest as exc:
+        return _error(422, exc.message, exc.param)
     call.preset, call.sent = body.get("preset") or DEFAULT, body
     try:
         preset = gw.preset(body.pop("preset", None))
     except Exception as exc:
-        return _error(422, getattr(exc, "detail", str(exc)))
+        return _error(422, getattr(exc, "detail", str(exc)), "preset")
     for k, v in preset.sampler().items():
         body.setdefault(k, v)
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = preset.max_tokens
-    pool = _pool_for(gw, body.get("model"), call.user or key)
+    user = body.get("user") if isinstance(body.get("user"), str) else None
+    call.sticky = user or key
+    pool = _pool_for(gw, body.get("model"), call.sticky)
     served = pool or gw.deployment.active
     model_id = served.source.label if served else "kiln"
     path = "/v1/chat/completions" if chat else "/v1/completions"
 
     if body.get("stream"):
         return await gw.run_stream(call, path, body, lambda text: _fallback_stream(text, model_id, chat), pool=pool)
+    n = body.pop("n", 1) or 1
 
     async def work():
-        answer = await gw.inference.complete(call, path, body, pool)
+        answers = await asyncio.gather(*(gw.inference.complete(call, path, body, pool) for _ in range(n)))
+        answer = merge_answers(answers)
         usage = answer.get("usage") or {}
         call.prompt_tokens = usage.get("prompt_tokens", 0)
         call.completion_tokens = usage.get("completion_tokens", 0)
-        answer["model"] = model_id
+        answer["model"] = answer.get("model") or model_id  # llama-server names the version that answered
         return answer
 
-    return await gw.run_json(call, work, lambda text: JSONResponse(_fallback_answer(text, model_id, chat)))
+    return await gw.run_json(call, work, lambda text: JSONResponse(_fallback_answer(text, model_id, chat)), places=n)
 
 
 def _pool_for(gw: Gateway, model, user: str | None = None):
@@ -143,3 +245,12 @@ async def chat_completions(request: Request, key: str | None = Depends(_guard)):
 @router.post("/v1/completions")
 async def completions(request: Request, key: str | None = Depends(_guard)):
     return await _proxy(request, "/v1/completions", key, chat=False)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request, key: str | None = Depends(_guard)):
+    message = (
+        "embeddings are not served: kiln serves generative models, and its llama-server replicas run "
+        "without --embeddings (a causal language model's hidden states are not trained as embeddings)"
+    )
+    return _error(404, message, "model")

@@ -4,10 +4,17 @@ A `Replica` is one llama-server process on a loopback port with `slots` parallel
 (continuous batching) and the prompt cache on. It is `ready` only after its `/health` answers
 200 and a few warm-up completions have run, so no client request ever pays for loading.
 
+Each replica listens on loopback with a random `--api-key` made for this start, which only the
+gateway holds: another local process cannot reach the model around auth, limits and masking.
+
 A `Pool` routes each request to its least-busy ready replica (fewest requests in flight). A
 monitor checks every replica each second (process alive, `/health` answers); a request that
 cannot reach its replica triggers the same check at once. A failed replica is taken out of
-routing, started again on the same port, warmed and put back.
+routing, started again on the same port, warmed and put back; a replica that keeps failing to
+start waits 1, 2, 4, ... s (at most KILN_RESTART_BACKOFF_MAX_SEC) between tries, so it never spins.
+A hung replica (no first token within KILN_FIRST_TOKEN_TIMEOUT_SEC) is `unresponsive`: out of
+routing until its `/health` answers again, restarted if its process died or it stays silent for
+LOAD_TIMEOUT_S. Stopping a replica never blocks the event loop (`Replica.terminate`).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
+import secrets
 import signal
 import subprocess
 import time
@@ -32,7 +41,10 @@ from pipeline.serve.source import ModelSource
 log = logging.getLogger("kiln.serve")
 
 STARTING, READY, FAILED, STOPPED = "starting", "ready", "failed", "stopped"
+UNRESPONSIVE = "unresponsive"  # sent no first token in time: out of routing until /health answers again
+STATES = (STARTING, READY, FAILED, STOPPED, UNRESPONSIVE)
 LOAD_TIMEOUT_S = 120.0
+STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 # llama-server's HTTP worker threads: each connection the gateway keeps open (streams, idle pooled
 # connections, health checks) holds one, and a request beyond them waits; keep plenty (they sleep).
 HTTP_THREADS_PER_SLOT = 4
@@ -57,6 +69,15 @@ class Replica:
         self.in_flight = 0
         self.process: subprocess.Popen | None = None
         self.log_path = cache_dir() / "serve" / "logs" / f"llama-server-{self.port}.log"
+        self.api_key = secrets.token_urlsafe(24)  # a new one per start; only the gateway knows it
+        self.failures = 0  # starts failed in a row
+        self.backoffs: list[float] = []  # the waits between those starts
+        self.error: str | None = None  # why it is out of the pool
+        self.unresponsive_since: float | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     @property
     def pid(self) -> int | None:
@@ -67,7 +88,7 @@ class Replica:
             str(self.binary), "-m", str(self.source.gguf), "--host", "127.0.0.1", "--port", str(self.port),
             "--parallel", str(self.slots), "--ctx-size", str(self.context_size * self.slots),
             "--threads", str(self.threads), "--threads-http", str(HTTP_THREADS_PER_SLOT * self.slots + 4),
-            "--metrics", "--no-webui", "--alias", self.source.label,
+            "--metrics", "--no-webui", "--alias", self.source.label, "--api-key", self.api_key,
             "--context-shift" if self.context_shift else "--no-context-shift",
         ]  # fmt: skip
 
@@ -77,6 +98,7 @@ class Replica:
     async def start(self, session: aiohttp.ClientSession) -> None:
         """Start the process, wait for /health, warm it; `ready` only when all of that worked."""
         self.state = STARTING
+        self.api_key = secrets.token_urlsafe(24)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             # a session of its own: Ctrl-C in the gateway's terminal reaches the gateway, which stops it
@@ -91,13 +113,13 @@ class Replica:
             if await self.healthy(session):
                 break
             if time.monotonic() > deadline:
-                self.stop()
+                await self.terminate()
                 self.state = FAILED
                 raise ReplicaStartError(f"llama-server {self.name} not healthy after {LOAD_TIMEOUT_S:.0f} s")
             await asyncio.sleep(0.1)
         for i in range(self.warmup):  # fills the prompt cache and pages the weights in
             body = {"prompt": WARMUP_PROMPT, "n_predict": 4, "temperature": 0, "cache_prompt": i > 0}
-            async with session.post(f"{self.url}/completion", json=body) as resp:
+            async with session.post(f"{self.url}/completion", json=body, headers=self.headers) as resp:
                 if resp.status != 200:
                     self.state = FAILED
                     raise ReplicaStartError(f"llama-server {self.name} warm-up answered {resp.status}")
@@ -106,7 +128,8 @@ class Replica:
 
     async def healthy(self, session: aiohttp.ClientSession) -> bool:
         try:
-            async with session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            timeout = aiohttp.ClientTimeout(total=2)
+            async with session.get(f"{self.url}/health", timeout=timeout, headers=self.headers) as resp:
                 await resp.read()
                 return resp.status == 200
         except (TimeoutError, aiohttp.ClientError):
@@ -120,7 +143,8 @@ class Replica:
         return " | ".join(lines[-n:]) or "no output"
 
     def stop(self) -> None:
-        """Stop the process by its PID: SIGTERM, then SIGKILL after 5 s."""
+        """Stop the process by its PID: SIGTERM, then SIGKILL after STOP_GRACE_S (blocking: for shutdown
+        outside an event loop; inside one, `await terminate()`)."""
         self.state = STOPPED
         proc = self.process
         if proc is None or proc.poll() is not None:
@@ -128,11 +152,28 @@ class Replica:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait(timeout=5)
+
+    async def terminate(self) -> None:
+        """`stop` without blocking the event loop: SIGTERM, poll for the exit, SIGKILL after STOP_GRACE_S."""
+        self.state = STOPPED
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            while proc.poll() is None:
+                await asyncio.sleep(0.01)
 
 
 class Pool:
@@ -152,6 +193,7 @@ class Pool:
         self._monitor: asyncio.Task | None = None
         self.session: aiohttp.ClientSession | None = None
         self.restarts = 0
+        self.backoff_max = settings.kiln_restart_backoff_max_sec
 
     @property
     def version(self) -> str:
@@ -166,6 +208,16 @@ class Pool:
 
     def _gauge(self, replica: Replica) -> None:
         self.metrics.replica_up.labels(replica.name, self.version).set(1 if replica.state == READY else 0)
+        for state in STATES:
+            self.metrics.replica_state.labels(replica.name, self.version, state).set(int(replica.state == state))
+
+    def troubled(self) -> dict[str, dict]:
+        """The replicas out of routing: state, why, failed starts in a row and the wait before the next."""
+        return {
+            r.name: {"state": r.state, "error": r.error, "failed_starts": r.failures,
+                     "next_start_in_s": r.backoffs[-1] if r.backoffs and r.state == FAILED else None}
+            for r in self.replicas if r.state not in (READY, STOPPED)
+        }  # fmt: skip
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         """Start every replica at once; succeed when at least one is warm (the rest keep retrying)."""
@@ -177,7 +229,7 @@ class Pool:
                 log.warning("replica %s failed to start: %s", replica.name, result)
                 self._spawn(self._restart(replica))
         if not self.ready():
-            self.stop()
+            await self.close()
             raise ReplicaStartError(f"no replica of {self.source.label} started: {results[0]}")
         self._monitor = asyncio.create_task(self._watch())
 
@@ -191,9 +243,18 @@ class Pool:
         if replica.state == READY and not replica.alive():
             self._fail(replica, "process exited")
 
+    def report_hung(self, replica: Replica) -> None:
+        """No first token in time: out of routing until /health answers (the monitor puts it back)."""
+        if replica.state != READY:
+            return
+        log.warning("replica %s sent no first token in time; out of the pool until it answers /health", replica.name)
+        replica.state, replica.error = UNRESPONSIVE, "no first token in time"
+        replica.unresponsive_since = time.monotonic()
+        self._gauge(replica)
+
     def _fail(self, replica: Replica, why: str) -> None:
         log.warning("replica %s out of the pool (%s); restarting", replica.name, why)
-        replica.state = FAILED
+        replica.state, replica.error = FAILED, why
         self._gauge(replica)
         self._spawn(self._restart(replica))
 
@@ -202,25 +263,39 @@ class Pool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def backoff(self, failures: int) -> float:
+        """The wait after `failures` failed starts in a row: 1, 2, 4, ... s, at most KILN_RESTART_BACKOFF_MAX_SEC."""
+        return min(self.backoff_max, 2.0 ** (failures - 1))
+
     async def _restart(self, replica: Replica) -> None:
         while replica.state == FAILED:
-            replica.stop()
+            await replica.terminate()
             replica.state = FAILED
             self.restarts += 1
             self.metrics.replica_restarts.labels(replica.name).inc()
             try:
                 await replica.start(self.session)
+                replica.failures, replica.backoffs, replica.error = 0, [], None
+                self.metrics.replica_backoff.labels(replica.name).set(0)
                 log.info("replica %s back in the pool", replica.name)
-            except Exception as exc:  # keep trying: the pool heals itself or stays degraded, never stuck
-                log.warning("replica %s restart failed: %s", replica.name, exc)
-                replica.state = FAILED
-                await asyncio.sleep(2)
+            except Exception as exc:  # keep trying, ever more slowly: the pool heals or stays degraded, never spins
+                replica.state, replica.error = FAILED, str(exc)
+                replica.failures += 1
+                wait = self.backoff(replica.failures)
+                replica.backoffs.append(wait)
+                self.metrics.replica_backoff.labels(replica.name).set(wait)
+                log.warning("replica %s restart failed (%d in a row; next in %g s): %s",
+                            replica.name, replica.failures, wait, exc)  # fmt: skip
+                self._gauge(replica)
+                await asyncio.sleep(wait)
             self._gauge(replica)
 
     async def _watch(self) -> None:
         misses: dict[str, int] = {}
         while True:
             await asyncio.sleep(1.0)
+            for replica in [r for r in self.replicas if r.state == UNRESPONSIVE]:
+                await self._check_unresponsive(replica)
             for replica in self.ready():
                 if not replica.alive():
                     self._fail(replica, "process exited")
@@ -230,6 +305,16 @@ class Pool:
                     misses[replica.name] = misses.get(replica.name, 0) + 1
                     if misses[replica.name] >= 3 and replica.in_flight == 0:  # busy slots may delay /health
                         self._fail(replica, "/health failed 3 times")
+
+    async def _check_unresponsive(self, replica: Replica) -> None:
+        if not replica.alive():
+            self._fail(replica, "process exited")
+        elif await replica.healthy(self.session):
+            log.info("replica %s answers /health again; back in the pool", replica.name)
+            replica.state, replica.error, replica.unresponsive_since = READY, None, None
+            self._gauge(replica)
+        elif time.monotonic() - (replica.unresponsive_since or 0) > LOAD_TIMEOUT_S:
+            self._fail(replica, f"unresponsive for {LOAD_TIMEOUT_S:.0f} s")
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no request is in flight here (True) or `timeout` passes (False)."""
@@ -246,3 +331,31 @@ class Pool:
         for replica in self.replicas:
             replica.stop()
             self._gauge(replica)
+
+    async def close(self) -> None:
+        """`stop` without blocking the event loop: every replica terminated at once."""
+        if self._monitor:
+            self._monitor.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*(r.terminate() for r in self.replicas))
+        for replica in self.replicas:
+            self._gauge(replica)
+
+    async def slot_metrics(self) -> dict[str, dict[str, float]]:
+        """llama-server's own `requests_processing` and `requests_deferred` per ready replica."""
+        found = {}
+        for replica in self.replicas:
+            if replica.state != READY:  # a hung one would only delay the scrape
+                continue
+            try:
+                timeout = aiohttp.ClientTimeout(total=1)
+                async with self.session.get(f"{replica.url}/metrics", headers=replica.headers, timeout=timeout) as r:
+                    text = await r.text() if r.status == 200 else ""
+            except (TimeoutError, aiohttp.ClientError):
+                continue
+            found[replica.name] = {m[1]: float(m[2]) for m in _SLOT_METRIC.finditer(text)}
+        return found
+
+
+_SLOT_METRIC = re.compile(r"^llamacpp:requests_(processing|deferred)\s+([0-9.eE+-]+)$", re.M)

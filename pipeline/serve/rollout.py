@@ -4,13 +4,19 @@
 (`kiln promote`, `kiln rollback`) it pulls and verifies the new version, starts and warms its
 replicas while the old ones keep serving, switches traffic in one assignment, then lets the old
 pool finish what it has in flight (up to KILN_DRAIN_SEC) before stopping it. A request holds its
-replica from start to end, so it finishes on the version it started on. The registry is polled
-every KILN_POLL_SEC; `POST /admin/reload` triggers the same step at once.
+replica from start to end, so it finishes on the version it started on; one still running when
+the drain time is up ends with an error event. The registry is polled every KILN_POLL_SEC;
+`POST /admin/reload` triggers the same step at once.
 
-With a canary (`--canary candidate --canary-share 0.1`) that share of requests goes to the
-canary's pool; its version is on every metric and log line, so the two compare. The draw is sticky:
-a request naming a user (OpenAI's `user` field, else the API key) hashes to a fixed point in [0, 1),
-so one user sees one version throughout the canary; anonymous requests draw at random.
+A swap that fails (the version cannot be pulled, verified or started) leaves the old version
+serving; the reason is in `GET /`, the log and `/admin/reload`'s 503. The poll does not try that
+version again for FAILED_RETRY_S (no new llama-servers every poll), unless the alias names
+another one or an admin asks with `/admin/reload`.
+
+With a canary (`--canary candidate --canary-share 0.1`) that share of users goes to the canary's
+pool (sticky: a user's requests stay on one version); its version is on every metric and log
+line, so the two compare. A canary that cannot start is logged and shown in `/` and `/metrics`;
+production serves on.
 `adopt_canary` (a promotion) makes the canary's warm pool production in place; `drop_canary` (an
 abort) stops routing to it and retires it once its requests in flight have finished.
 """
@@ -34,6 +40,7 @@ from pipeline.serve.replicas import Pool
 from pipeline.serve.source import ModelSource
 
 log = logging.getLogger("kiln.serve")
+FAILED_RETRY_S = 300.0  # the poll tries a version that failed to swap in again after this long, not before
 
 
 @dataclass
@@ -47,11 +54,6 @@ class Target:
     tracking_uri: str | None = None  # where served answers are traced (pipeline/serve/tracing.py); None: not traced
 
 
-def sticky_draw(user: str) -> float:
-    """A user's fixed point in [0, 1): the same user always falls on the same side of the share."""
-    return int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") / 2**64
-
-
 class Deployment:
     def __init__(
         self, binary: Path, settings, metrics: Metrics, target: Target,
@@ -63,20 +65,23 @@ class Deployment:
         self.active: Pool | None = None
         self.canary: Pool | None = None
         self.error: str | None = None  # why the last start or reload failed
+        self.canary_error: str | None = None  # why the canary could not start
+        self.failed_version: tuple[str, str, float] | None = None  # (version, why, retry at) of a failed swap
         self.started = time.time()
         self.session: aiohttp.ClientSession | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
         self._draining: set[Pool] = set()
         self._poller: asyncio.Task | None = None
+        self.polls = 0  # registry polls done
 
     def pools(self) -> list[Pool]:
         return [p for p in (self.active, self.canary) if p is not None]
 
-    def route(self, user: str | None = None) -> Pool | None:
-        """The canary's pool for its share of requests (sticky per `user`), else production's."""
-        if self.canary is not None and self.canary.ready() and self.canary_share > 0:
-            if (sticky_draw(user) if user else random.random()) < self.canary_share:
-                return self.canary
+    def route(self, sticky: str | None = None) -> Pool | None:
+        """The canary for its share of users (the same user always lands on the same side), else production."""
+        if self.canary is not None and self.canary.ready() and share_of(sticky) < self.canary_share:
+            return self.canary
         return self.active
 
     async def adopt_canary(self) -> None:
@@ -119,46 +124,80 @@ class Deployment:
         """Pull, start and warm the production (and canary) replicas, then watch the registry."""
         # a fresh loopback connection per request (~0.1 ms): llama-server closes idle keep-alive
         # connections on its own schedule, and a request written to one of those fails before it starts
+        self.loop = asyncio.get_running_loop()  # the gateway's event loop (other threads submit to it)
         connector = aiohttp.TCPConnector(limit=0, force_close=True)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         try:
             source = self.initial or await asyncio.to_thread(self.target.fetch, self.target.which)
             self.active = await self._start_pool(source, "production")
-            if self.canary_target is not None:
-                canary = await asyncio.to_thread(self.canary_target.fetch, self.canary_target.which)
-                self.canary = await self._start_pool(canary, "canary")
         except Exception as exc:
             self.error = str(exc)
             log.error("startup failed: %s", exc)
             raise
         log.info("serving %s on %d replicas", source.label, len(self.active.ready()))
+        if self.canary_target is not None:
+            await self._start_canary()
         if self.target.resolve is not None and self.settings.kiln_poll_sec > 0:
             self._poller = asyncio.create_task(self._poll())
+
+    async def _start_canary(self) -> None:
+        """The canary's pool; one that cannot start is logged and shown, and production serves on."""
+        try:
+            canary = await asyncio.to_thread(self.canary_target.fetch, self.canary_target.which)
+            self.canary = await self._start_pool(canary, "canary")
+        except Exception as exc:
+            self.canary_error = str(exc)
+            self.metrics.canary_failed.set(1)
+            log.error("canary %s could not start; production serves on: %s", self.canary_target.which, exc)
+
+    async def export_replica_metrics(self) -> None:
+        """llama-server's own slot metrics into kiln's, per replica and version (at each scrape)."""
+        for pool in [*self.pools(), *self._draining]:
+            for replica, values in (await pool.slot_metrics()).items():
+                for kind, value in values.items():
+                    self.metrics.replica_slots.labels(replica, pool.version, kind).set(value)
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.settings.kiln_poll_sec)
             try:
                 await self.reload()
+            except SwapFailed:
+                pass  # said why (log, `/`, metrics); the poll does not try that version again
             except Exception as exc:  # a registry hiccup must not stop serving; the next poll tries again
                 self.error = str(exc)
                 log.warning("registry poll failed: %s", exc)
+            self.polls += 1
 
-    async def reload(self) -> dict:
-        """Swap to the version the alias names now, if it moved. Returns what happened."""
+    async def reload(self, forced: bool = False) -> dict:
+        """Swap to the version the alias names now, if it moved. Returns what happened; raises with the
+        reason when the new version cannot be pulled, verified or started (the old one serves on).
+        A version that failed is not tried again by the poll, only when `forced` (an admin's reload)."""
         async with self._lock:
             old = self.active
             if self.target.resolve is None:
                 return {"changed": False, "version": old.version if old else None, "reason": "serving a fixed file"}
             version = await asyncio.to_thread(self.target.resolve, self.target.which)
             if old is not None and version == old.version:
+                if self.failed_version is not None:  # the alias went back: nothing is failing any more
+                    self.failed_version, self.error = None, None
                 return {"changed": False, "version": version}
-            source = await asyncio.to_thread(self.target.fetch, version)
-            source = dataclasses.replace(source, alias=self.target.which)
+            failed = self.failed_version
+            if failed is not None and failed[0] == version and not forced and time.monotonic() < failed[2]:
+                return {"changed": False, "version": old.version if old else None, "failed": failed[1]}
             started = time.monotonic()
-            new = await self._start_pool(source, "production")
+            try:
+                source = await asyncio.to_thread(self.target.fetch, version)
+                source = dataclasses.replace(source, alias=self.target.which)
+                new = await self._start_pool(source, "production")
+            except Exception as exc:
+                why = f"version {version} could not be served: {exc}"
+                self.failed_version, self.error = (version, why, time.monotonic() + FAILED_RETRY_S), why
+                self.metrics.swap_failures.labels(version).inc()
+                log.error("hot swap failed; %s serves on: %s", old.source.label if old else None, why)
+                raise SwapFailed(why) from exc
             self.active = new  # from here every new request goes to the new version
-            self.error = None
+            self.error, self.failed_version = None, None
             self.metrics.swaps.inc()
             log.info("hot swap: %s -> %s", old.source.label if old else None, source.label)
             if old is not None:
@@ -174,13 +213,24 @@ class Deployment:
         drained = await pool.drain(self.settings.kiln_drain_sec)
         if not drained:
             log.warning("version %s still had %d requests after the drain time", pool.version, pool.in_flight)
-        pool.stop()
+        await pool.close()  # the event loop serves on while the old processes exit
         self._draining.discard(pool)
 
     async def stop(self) -> None:
         if self._poller:
             self._poller.cancel()
-        for pool in [*self.pools(), *self._draining]:
-            pool.stop()
+        await asyncio.gather(*(pool.close() for pool in [*self.pools(), *self._draining]))
         if self.session:
             await self.session.close()
+
+
+class SwapFailed(RuntimeError):
+    """A hot swap that could not happen; the message says which version and why."""
+
+
+def share_of(sticky: str | None) -> float:
+    """Where `sticky` (a user or key) falls in [0, 1): the same one always falls in the same place;
+    without one, a fresh draw per request."""
+    if not sticky:
+        return random.random()
+    return int.from_bytes(hashlib.sha256(sticky.encode()).digest()[:8], "big") / 2.0**64

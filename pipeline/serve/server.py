@@ -67,6 +67,19 @@ def build(settings, target, canary=None, canary_share: float = 0.0, on_startup_f
     return create_app(settings, deployment, metrics, on_startup_failure, canary_actions), deployment
 
 
+def uvicorn_config(app, settings, **overrides):
+    """uvicorn's settings for the gateway. uvicorn's own proxy-header handling is off: it would trust
+    X-Forwarded-For from loopback; the gateway's edge trusts only KILN_TRUSTED_PROXIES."""
+    import uvicorn
+
+    options = {
+        "host": settings.host, "port": settings.port, "loop": "uvloop", "http": "httptools", "access_log": False,
+        "log_level": "warning", "log_config": None, "proxy_headers": False,
+        "timeout_graceful_shutdown": int(settings.kiln_drain_sec) or None, **overrides,
+    }  # fmt: skip
+    return uvicorn.Config(app, **options)
+
+
 def run_server(settings, target, canary=None, canary_share: float = 0.0, canary_actions=None) -> None:
     """Serve until Ctrl-C (uvicorn on uvloop and httptools, no access log: the gateway writes its own;
     uvicorn's own lines go through kiln's logging set-up, pipeline/logs.py)."""
@@ -79,12 +92,7 @@ def run_server(settings, target, canary=None, canary_share: float = 0.0, canary_
             server.should_exit = True
 
     app, deployment = build(settings, target, canary, canary_share, stop, canary_actions)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-        access_log=False, log_level="warning", log_config=None,
-        timeout_graceful_shutdown=int(settings.kiln_drain_sec) or None,
-    )  # fmt: skip
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings))
     print(f"kiln serve: {deployment.initial.label} on http://{settings.host}:{settings.port}", flush=True)
     with announced(settings):
         server.run()

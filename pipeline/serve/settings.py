@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from pipeline.errors import KilnError
+from pipeline.serve.edge import TrustedProxies
+from pipeline.serve.guards import route_limits
 
 CONFIG_ENV = "KILN_SERVE_CONFIG"  # a YAML file of the same settings, lowercase keys
 
@@ -48,6 +50,15 @@ class ServeSettings(BaseSettings):
     kiln_canary_beta: float = Field(0.10, gt=0, lt=0.5, description="chance of passing one worse by the margin")
     kiln_trace_sample: float = Field(1.0, ge=0, le=1, description="share of requests recorded as MLflow traces")
     kiln_trace_queue: int = Field(2000, ge=1, description="traces waiting to be written; past it: dropped, counted")
+    # production traffic: body size, message count, trust, per-route limits, hung and crashing replicas
+    kiln_max_body_bytes: int = Field(1 << 20, ge=1024, description="request body limit; past it: 413 unparsed")
+    kiln_max_messages: int = Field(256, ge=1, description="chat messages per request; past it: 422")
+    kiln_trusted_proxies: str = Field("", description="comma-separated addresses/CIDRs whose X-Forwarded-For counts")
+    kiln_api_key_hashes: str = Field("", description="comma-separated sha256 hex digests of accepted API keys")
+    kiln_route_rate_limits: str = Field("", description="ROUTE=RPM,... a route's own per-client limit")
+    kiln_auth_failures_per_min: float = Field(10, ge=0, description="failed authentications per address; 0: off")
+    kiln_first_token_timeout_sec: float = Field(30.0, gt=0, description="per attempt; then the replica is hung")
+    kiln_restart_backoff_max_sec: float = Field(60.0, gt=0, description="cap of a crashing replica's backoff")
 
     @classmethod
     def settings_customise_sources(
@@ -70,6 +81,30 @@ class ServeSettings(BaseSettings):
     @property
     def admin_keys(self) -> set[str]:
         return set(self._split(self.kiln_admin_keys))
+
+    @property
+    def api_key_hashes(self) -> set[str]:
+        return set(self._split(self.kiln_api_key_hashes))
+
+    @field_validator("kiln_api_key_hashes")
+    @classmethod
+    def _hex_digests(cls, value: str) -> str:
+        for digest in cls._split(value):
+            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                raise ValueError(f"{digest[:12]}...: not a sha256 hex digest (64 hex digits)")
+        return value
+
+    @field_validator("kiln_route_rate_limits")
+    @classmethod
+    def _route_limits(cls, value: str) -> str:
+        route_limits(value)  # raises ValueError naming the bad part
+        return value
+
+    @field_validator("kiln_trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        TrustedProxies(value)  # raises ValueError naming the bad address
+        return value
 
     @property
     def cors_origins(self) -> list[str]:

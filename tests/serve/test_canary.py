@@ -34,7 +34,7 @@ from pipeline.release.canary import (
 )
 from pipeline.serve import engine
 from pipeline.serve.canary import answer_texts, outcome_of, repetitive, stream_text
-from pipeline.serve.rollout import sticky_draw
+from pipeline.serve.rollout import share_of
 
 # ---------------------------------------------------------------- the statistics
 
@@ -138,8 +138,8 @@ def test_answer_signals():
 
 
 def test_the_canary_draw_sticks_to_the_user():
-    draws = [sticky_draw(f"user-{i}") for i in range(2000)]
-    assert draws[:50] == [sticky_draw(f"user-{i}") for i in range(50)]  # the same user, the same point
+    draws = [share_of(f"user-{i}") for i in range(2000)]
+    assert draws[:50] == [share_of(f"user-{i}") for i in range(50)]  # the same user, the same point
     assert 0.07 < sum(d < 0.1 for d in draws) / len(draws) < 0.13  # a 10% share takes about 10% of users
 
 
