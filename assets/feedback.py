@@ -10,7 +10,7 @@ from pipeline.reuse import content_hash
 from resources import KilnSettings, MLflowTracking
 
 
-@asset(group_name="data", code_version="1")
+@asset(group_name="data", code_version="2")
 def feedback_pairs(context: AssetExecutionContext, kiln: KilnSettings, mlflow: MLflowTracking) -> MaterializeResult:
     """Preference pairs from the judgements users gave served answers (the MLflow traces of
     `kiln-<profile>-serving`): a side-by-side pick gives (chosen, rejected); a down-rated answer
@@ -22,20 +22,21 @@ def feedback_pairs(context: AssetExecutionContext, kiln: KilnSettings, mlflow: M
     profile, layout = kiln.load_with_layout()
     stage = Stage.start(context, layout, None, {"experiment": serving_experiment(model_name(profile.name))}, [])
     folder = layout.feedback_pairs
-    stats = update_pairs(mlflow.tracking_uri, model_name(profile.name), folder)
-    context.log.info(
-        f"feedback_pairs: {stats['new_pairs']} new pairs ({stats['new_by_reason'] or 'none'}) from "
-        f"{stats['traces_with_feedback']} judged traces; {stats['pairs']} in all"
-    )
-    metadata = {
-        "path": MetadataValue.path(str(folder / PAIRS_FILE)),
-        "pairs": stats["pairs"],
-        "new_pairs": stats["new_pairs"],
-        "traces_with_feedback": stats["traces_with_feedback"],
-        "new_by_reason": md_table(stats["new_by_reason"], "reason", "pairs"),
-        "dropped": md_table(stats["dropped"], "reason", "pairs"),
-        "dropped_pairs": sum(stats["dropped"].values()),
-    }
+    # read inside the stage's MLflow context: a tracking server out of reach is retried, not a failure
     with mlflow.stage(context.run.run_id, profile.name, "feedback_pairs") as log:
+        stats = update_pairs(mlflow.tracking_uri, model_name(profile.name), folder)
+        context.log.info(
+            f"feedback_pairs: {stats['new_pairs']} new pairs ({stats['new_by_reason'] or 'none'}) from "
+            f"{stats['traces_with_feedback']} judged traces; {stats['pairs']} in all"
+        )
+        metadata = {
+            "path": MetadataValue.path(str(folder / PAIRS_FILE)),
+            "pairs": stats["pairs"],
+            "new_pairs": stats["new_pairs"],
+            "traces_with_feedback": stats["traces_with_feedback"],
+            "new_by_reason": md_table(stats["new_by_reason"], "reason", "pairs"),
+            "dropped": md_table(stats["dropped"], "reason", "pairs"),
+            "dropped_pairs": sum(stats["dropped"].values()),
+        }
         log_to_mlflow(log, metadata)
     return stage.finish(metadata, data_version=content_hash(layout.hash_cache, folder / PAIRS_FILE))

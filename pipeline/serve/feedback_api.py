@@ -73,7 +73,10 @@ async def feedback(request: Request, key: str | None = Depends(_guard)):
     if gw.tracing.uri is None:
         return JSONResponse({"detail": "answers are not traced here (no tracking store): nothing to rate"}, 503)
     for trace_id in filter(None, (req.trace_id, req.better_than)):
-        await asyncio.to_thread(gw.tracing.wait_written, trace_id, FEEDBACK_WAIT_S)
+        if not await asyncio.to_thread(gw.tracing.wait_written, trace_id, FEEDBACK_WAIT_S):
+            # served here and still queued (a slow store): not unknown, so not a 404; ask again later
+            detail = f"trace {trace_id} is still being written; retry"
+            return JSONResponse({"detail": detail}, 503, headers={"Retry-After": "5"})
     try:
         ids = await asyncio.to_thread(
             log_judgement, gw.tracing.uri, req.trace_id, key or "anonymous", req.rating, req.comment,

@@ -124,12 +124,14 @@ class TraceWriter:
             self.dropped.labels("queue_full").inc()
             self._settle([record.trace_id])
 
-    def wait_written(self, trace_id: str, timeout: float) -> None:
-        """Block until `trace_id` is no longer waiting to be written (written or dropped), or `timeout`."""
+    def wait_written(self, trace_id: str, timeout: float) -> bool:
+        """Block until `trace_id` is no longer waiting to be written (written or dropped), or `timeout`;
+        False when it is still waiting."""
         deadline = time.monotonic() + timeout
         with self._done:
             while trace_id in self._pending and time.monotonic() < deadline:
                 self._done.wait(deadline - time.monotonic())
+            return trace_id not in self._pending
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (up to `timeout`), then stop the process."""
@@ -446,9 +448,9 @@ class Tracing:
             model=model, version=call.version, alias=alias, role=role, error=call.error, answer=answer, stream=stream,
         )  # fmt: skip
 
-    def wait_written(self, trace_id: str, timeout: float = 10.0) -> None:
-        if self.writer is not None:
-            self.writer.wait_written(trace_id, timeout)
+    def wait_written(self, trace_id: str, timeout: float = 10.0) -> bool:
+        """False while `trace_id` is still queued to be written after `timeout`."""
+        return self.writer is None or self.writer.wait_written(trace_id, timeout)
 
     def close(self) -> None:
         if self.writer is not None:

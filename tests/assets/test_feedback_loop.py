@@ -11,6 +11,7 @@ evaluation and version 2. Skipped, saying why, without a built llama-server.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import yaml
@@ -86,6 +87,11 @@ def test_served_answers_and_feedback_become_a_new_candidate(version_one, monkeyp
             gw.client.post("/infer", json={"query": "the river", "max_length": n, "preset": "greedy"}) for n in (4, 9)
         ]
         infer_ids = [r.headers[TRACE_HEADER] for r in infer]
+        # the writer runs at the lowest CPU priority: judge the answers once their traces are stored
+        deadline = time.monotonic() + 600
+        while gw.metric("kiln_traces_written_total") + gw.metric("kiln_traces_dropped_total") < 10:
+            assert time.monotonic() < deadline, "the 10 traces were not written within 10 minutes"
+            time.sleep(0.2)
         (a1, _), (b1, _) = answers[prompts[0]]
         (a2, _), (b2, _) = answers[prompts[1]]
         (a3, _), _ = answers[prompts[2]]

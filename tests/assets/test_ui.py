@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = {
-    "raw_corpus": "data", "clean_corpus": "data", "tokenizer": "training", "base_model": "training",
+    "raw_corpus": "data", "clean_corpus": "data", "feedback_pairs": "data", "tokenizer": "training",
+    "base_model": "training",
     "sft_data": "post_training", "dpo_data": "post_training", "sft_model": "post_training",
     "dpo_model": "post_training", "gguf_model": "release", "gguf_benchmark": "release", "sampling_preset": "release",
     "registered_model": "release",
@@ -92,9 +93,9 @@ def test_code_location_has_every_asset_check_job_schedule_and_sensor(webserver):
     assert checks == CHECKS
     repo = data["repositoriesOrError"]["nodes"][0]
     jobs = {j["name"] for j in repo["jobs"]}
-    assert {"kiln_pipeline", "data", "training", "post_training", "evaluation", "release"} <= jobs
+    assert {"kiln_pipeline", "data", "training", "post_training", "evaluation", "release", "feedback_retrain"} <= jobs
     assert [s["name"] for s in repo["schedules"]] == ["weekly_retrain"]
-    assert [s["name"] for s in repo["sensors"]] == ["new_raw_data"]
+    assert sorted(s["name"] for s in repo["sensors"]) == ["new_feedback", "new_raw_data"]
 
 
 def _chromium() -> str:
