@@ -110,10 +110,14 @@ def two_nodes(work, tmp_path_factory) -> tuple[BaseModelFiles, BaseModelFiles, s
 def test_two_nodes_match_one_process_accumulating_their_batches(work, two_nodes, tmp_path):
     node0, node1, before = two_nodes
     summary = read_json(node0.summary)
-    assert summary["devices"] == 2 and summary["steps"] == STEPS and summary["resumed_from"] == 0
+    assert summary["devices"] == 2
+    assert summary["steps"] == STEPS
+    assert summary["resumed_from"] == 0
     # rank 0 alone writes: node 1's folder holds only what was copied into it
     assert {p.relative_to(node1.folder) for p in node1.folder.rglob("*")} == before
-    assert not node1.model.exists() and not node1.summary.exists() and not node1.checkpoint.exists()
+    assert not node1.model.exists()
+    assert not node1.summary.exists()
+    assert not node1.checkpoint.exists()
 
     profile = load_profile(work / "two.yaml")
     tok = load_tokenizer(work / "tokenizer" / "tokenizer")
@@ -149,19 +153,22 @@ def test_a_killed_node_restarts_and_resumes_to_the_same_weights(work, two_nodes,
     try:
         deadline = time.monotonic() + 180
         while not run.checkpoint.exists():  # the first checkpoint (step 2) is written
-            assert time.monotonic() < deadline and node0.poll() is None, "no checkpoint was written"
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            assert node0.poll() is None, "no checkpoint was written"
             time.sleep(0.01)
         worker = _worker(node1, deadline)
         worker.send_signal(signal.SIGSTOP)  # node 0 now waits for it at the next step's all-reduce
         stopped_at = torch.load(run.checkpoint, weights_only=False)["step"]
-        assert 2 <= stopped_at < STEPS and not run.model.exists()
+        assert 2 <= stopped_at < STEPS
+        assert not run.model.exists()
         worker.kill()
         _finish(node0, node1)
     finally:
         for node in (node0, node1):
             _stop(node)
     summary = read_json(run.summary)
-    assert stopped_at <= summary["resumed_from"] < STEPS and summary["steps"] == STEPS
+    assert stopped_at <= summary["resumed_from"] < STEPS
+    assert summary["steps"] == STEPS
     resumed, uninterrupted = _weights(run), _weights(two_nodes[0])
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), name
