@@ -54,7 +54,23 @@ from pipeline.serve.replicas import free_port  # noqa: E402
 MAX_TOKENS = 64
 # every sampler value spelled out, so no server (nor kiln's default preset) samples differently
 SAMPLER = {"temperature": 0.0, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.0}
-WORDS = "the model reads tokens and predicts the next one while data flows through the pipeline".split()
+WORDS = [
+    "the",
+    "model",
+    "reads",
+    "tokens",
+    "and",
+    "predicts",
+    "the",
+    "next",
+    "one",
+    "while",
+    "data",
+    "flows",
+    "through",
+    "the",
+    "pipeline",
+]
 
 
 def stand_in_gguf(tmp: Path) -> Path:
@@ -91,7 +107,7 @@ class Proc:
 
     def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None, health: str = "/health"):
         self.name, self.port, self.url, self.health = name, port, f"http://127.0.0.1:{port}", health
-        self.log = open(Path(tempfile.gettempdir()) / f"kiln-bench-{name}-{port}.log", "wb")
+        self.log = open(Path(tempfile.gettempdir()) / f"kiln-bench-{name}-{port}.log", "wb")  # noqa: SIM115 (lives as long as the child it serves)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     async def ready(self, timeout: float = 180) -> None:

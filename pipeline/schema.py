@@ -111,9 +111,13 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         return _build(hint, value, where)
     elif hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif hint in (str, bool) and isinstance(value, hint):
+    elif (
+        hint is int
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+        or hint in (str, bool)
+        and isinstance(value, hint)
+    ):
         return value
     raise ProfileError(f"{where}: expected {_described(hint)}, got {_shown(value)}")
 

@@ -8,11 +8,56 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-_WORDS = (
-    "the model reads tokens and predicts the next one while the optimizer lowers the loss step by step "
-    "data flows from raw files through cleaning into a tokenizer and then into training and evaluation "
-    "데이터 는 정제 되어 토크나이저 로 들어가고 모델 은 다음 토큰 을 예측 합니다"
-).split()
+_WORDS = [
+    "the",
+    "model",
+    "reads",
+    "tokens",
+    "and",
+    "predicts",
+    "the",
+    "next",
+    "one",
+    "while",
+    "the",
+    "optimizer",
+    "lowers",
+    "the",
+    "loss",
+    "step",
+    "by",
+    "step",
+    "data",
+    "flows",
+    "from",
+    "raw",
+    "files",
+    "through",
+    "cleaning",
+    "into",
+    "a",
+    "tokenizer",
+    "and",
+    "then",
+    "into",
+    "training",
+    "and",
+    "evaluation",
+    "데이터",
+    "는",
+    "정제",
+    "되어",
+    "토크나이저",
+    "로",
+    "들어가고",
+    "모델",
+    "은",
+    "다음",
+    "토큰",
+    "을",
+    "예측",
+    "합니다",
+]
 
 
 def _code(rng: random.Random, i: int) -> str:

@@ -14,10 +14,42 @@ from pathlib import Path
 
 import torch
 
-WORDS = (
-    "the model reads tokens and predicts the next one while the optimizer lowers the loss step by step "
-    "data flows from raw files through cleaning into a tokenizer and then into training and evaluation"
-).split()
+WORDS = [
+    "the",
+    "model",
+    "reads",
+    "tokens",
+    "and",
+    "predicts",
+    "the",
+    "next",
+    "one",
+    "while",
+    "the",
+    "optimizer",
+    "lowers",
+    "the",
+    "loss",
+    "step",
+    "by",
+    "step",
+    "data",
+    "flows",
+    "from",
+    "raw",
+    "files",
+    "through",
+    "cleaning",
+    "into",
+    "a",
+    "tokenizer",
+    "and",
+    "then",
+    "into",
+    "training",
+    "and",
+    "evaluation",
+]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # a snapshot's commit hash (40 hex digits)
 LICENSE_CARD = "---\nlicense: apache-2.0\nlanguage: [en]\n---\n# a test model\n"
 

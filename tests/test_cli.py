@@ -92,7 +92,8 @@ def test_tokenizer_then_pretrain_alone(small_corpus, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["val_bpb"] > 0 and (tmp_path / "m" / "model" / "model.safetensors").exists()
+    assert summary["val_bpb"] > 0
+    assert (tmp_path / "m" / "model" / "model.safetensors").exists()
 
 
 def test_profiles_lists_parameter_counts():
@@ -117,7 +118,7 @@ TAKES_PROFILE = {
 EVERY_COMMAND = list(_every_command())
 
 
-@pytest.mark.parametrize("argv,command", EVERY_COMMAND, ids=[" ".join(argv) for argv, _ in EVERY_COMMAND])
+@pytest.mark.parametrize(("argv", "command"), EVERY_COMMAND, ids=[" ".join(argv) for argv, _ in EVERY_COMMAND])
 def test_every_command_explains_itself(argv, command, capsys):
     def help_of(argv):
         with pytest.raises(SystemExit) as exit_:
@@ -153,7 +154,9 @@ def test_unknown_profile_is_one_line_and_exit_2(argv, small_corpus, tmp_path, ca
     argv = [str(paths.get(a, a)) for a in argv]
     assert main([*argv, "--profile", "nope"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kiln: error: ") and "'nope'" in err and err.count("\n") == 1
+    assert err.startswith("kiln: error: ")
+    assert "'nope'" in err
+    assert err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
@@ -163,7 +166,8 @@ def test_run_names_the_artifacts_under_kiln_work_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_WORK_DIR", str(tmp_path / "work"))
     message = done_message("my.yaml", "mine", "/somewhere/.dagster_home")
     assert f"artifacts:     {tmp_path / 'work' / 'mine'}\n" in message
-    assert "experiment kiln-mine)" in message and "kiln models --profile my.yaml\n" in message
+    assert "experiment kiln-mine)" in message
+    assert "kiln models --profile my.yaml\n" in message
 
 
 def test_run_tags_a_forced_run():
@@ -173,5 +177,6 @@ def test_run_tags_a_forced_run():
     from pipeline.reuse import FORCE_TAG
 
     plain, forced = dagster_command("kiln_pipeline", "c.yaml", False), dagster_command("data", "c.yaml", True)
-    assert "--tags" not in plain and plain[plain.index("-j") + 1] == "kiln_pipeline"
+    assert "--tags" not in plain
+    assert plain[plain.index("-j") + 1] == "kiln_pipeline"
     assert json.loads(forced[forced.index("--tags") + 1]) == {FORCE_TAG: "true"}

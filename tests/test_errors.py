@@ -16,7 +16,8 @@ def _kiln(argv, capsys) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # progress bars aside
-    assert len(lines) == 1 and lines[0].startswith("kiln: error: "), err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kiln: error: "), err
     assert "Traceback" not in err
     return lines[0]
 
@@ -32,7 +33,8 @@ def folder(tmp_path):
 def test_dangling_symlink_in_an_input_folder(folder, tmp_path, capsys):
     (folder / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     line = _kiln(["clean", str(folder), "-o", str(tmp_path / "out"), "-q"], capsys)
-    assert str(folder / "gone.txt") in line and "dangling or looping" in line
+    assert str(folder / "gone.txt") in line
+    assert "dangling or looping" in line
 
 
 def test_looping_symlink_in_an_input_folder(folder, tmp_path, capsys):
@@ -51,7 +53,8 @@ def test_parquet_with_a_corrupt_data_page(tmp_path, capsys):
     data[8:40] = b"\xff" * 32  # the first page header; the footer stays readable
     bad.write_bytes(bytes(data))
     line = _kiln(["clean", str(bad), "-o", str(tmp_path / "out"), "-q"], capsys)
-    assert str(bad) in line and "damaged Parquet data page" in line
+    assert str(bad) in line
+    assert "damaged Parquet data page" in line
 
 
 def test_output_path_that_is_a_file(folder, tmp_path, capsys):
@@ -75,7 +78,8 @@ def test_pull_into_an_existing_file(tmp_path, capsys):
     target.write_bytes(b"keep")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     line = _kiln(["pull", "production", "-o", str(target), "--tracking-uri", uri, "--profile", "tiny"], capsys)
-    assert f"{target}: exists and is not a folder" in line and target.read_bytes() == b"keep"
+    assert f"{target}: exists and is not a folder" in line
+    assert target.read_bytes() == b"keep"
 
 
 def test_an_unreachable_tracking_server_says_so_quickly(tmp_path, capsys):

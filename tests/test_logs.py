@@ -32,10 +32,16 @@ def test_every_line_has_a_type_a_time_a_run_and_a_stage(json_lines):
     logs.get("system").info("started", files=3)
     logging.getLogger("some.library").warning("disk %s is slow", "/data")
     first, second = json_lines()
-    assert first["type"] == "system" and first["event"] == "started" and first["files"] == 3
-    assert first["run_id"] == "run-1" and first["stage"] == "clean_corpus" and first["level"] == "info"
+    assert first["type"] == "system"
+    assert first["event"] == "started"
+    assert first["files"] == 3
+    assert first["run_id"] == "run-1"
+    assert first["stage"] == "clean_corpus"
+    assert first["level"] == "info"
     assert first["timestamp"].endswith("Z")
-    assert second["event"] == "disk /data is slow" and second["type"] == "system" and second["level"] == "warning"
+    assert second["event"] == "disk /data is slow"
+    assert second["type"] == "system"
+    assert second["level"] == "warning"
     assert second["run_id"] == "run-1"  # plain logging records carry the run too
 
 
@@ -45,9 +51,11 @@ def test_a_served_request_is_one_inference_line(json_lines):
     call.started -= 2.5  # as if it had started 2.5 s ago: total_ms counts from there
     call.finish(Metrics())
     [line] = [x for x in json_lines() if x["type"] == "inference"]
-    assert line["event"] == "request" and line["request_id"] == call.request_id
+    assert line["event"] == "request"
+    assert line["request_id"] == call.request_id
     assert (line["route"], line["status"], line["prompt_tokens"], line["completion_tokens"]) == ("/infer", 200, 5, 12)
-    assert 2500 <= line["total_ms"] < 2500 + 60_000 and line["version"] == "3"
+    assert 2500 <= line["total_ms"] < 2500 + 60_000
+    assert line["version"] == "3"
 
 
 def test_the_dagster_stage_stamps_its_run_and_stage(json_lines, tmp_path):
@@ -92,8 +100,12 @@ def test_kiln_pretrain_logs_every_step_as_json(small_corpus, tiny_base, tmp_path
     steps = [x for x in lines if x["type"] == "training" and x["event"] == "step"]
     assert [x["step"] for x in steps] == [1, 2, 3, 4]
     for x in steps:
-        assert x["stage"] == "pretrain" and x["run_id"] and x["timestamp"]
-        assert x["loss"] > 0 and x["lr"] >= 0 and x["tokens_per_s"] > 0
+        assert x["stage"] == "pretrain"
+        assert x["run_id"]
+        assert x["timestamp"]
+        assert x["loss"] > 0
+        assert x["lr"] >= 0
+        assert x["tokens_per_s"] > 0
     assert len({x["run_id"] for x in lines}) == 1
     assert [x["step"] for x in lines if x["event"] == "evaluation"] == [2, 4]
 

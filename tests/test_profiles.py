@@ -33,11 +33,17 @@ def test_shipped_profile_loads_and_its_header_states_its_size_and_command(name):
 
 def test_shipped_profiles_hold_what_they_promise():
     tiny, small, big = load_profile("tiny"), load_profile("small"), load_profile("300m")
-    assert tiny.tokenizer.min_frequency == 1 and tiny.eval.lm_eval_tasks == ["arc_easy"]
-    assert small.corpus.sources[1] == Source(builtin="site_packages") and small.pretrain.lr == 1.5e-3
-    assert small.eval.humaneval_problems is None and small.clean.tasks == 2
-    assert big.model.rope_theta == 500_000.0 and isinstance(big.model.rope_theta, float)
-    assert big.pretrain.lr == 6e-4 and big.eval.pass_k == [1, 10] and big.corpus.max_bytes is None
+    assert tiny.tokenizer.min_frequency == 1
+    assert tiny.eval.lm_eval_tasks == ["arc_easy"]
+    assert small.corpus.sources[1] == Source(builtin="site_packages")
+    assert small.pretrain.lr == 1.5e-3
+    assert small.eval.humaneval_problems is None
+    assert small.clean.tasks == 2
+    assert big.model.rope_theta == 500_000.0
+    assert isinstance(big.model.rope_theta, float)
+    assert big.pretrain.lr == 6e-4
+    assert big.eval.pass_k == [1, 10]
+    assert big.corpus.max_bytes is None
     assert big.clean.tasks == (os.cpu_count() or 1)  # `tasks: null`: one per core
 
 
@@ -59,7 +65,8 @@ def test_base_and_overrides(tmp_path):
     assert profile.name == "mine"
     assert (profile.pretrain.steps, profile.pretrain.warmup_steps) == (10, 2)
     assert profile.pretrain.seq_len == small.pretrain.seq_len == 256  # the rest of the section is the base's
-    assert profile.model == small.model and profile.corpus == small.corpus
+    assert profile.model == small.model
+    assert profile.corpus == small.corpus
 
 
 def test_without_base_the_dataclass_defaults(tmp_path):
@@ -90,7 +97,7 @@ def test_a_cycle_of_bases_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text,message",
+    ("text", "message"),
     [
         ("pretrain:\n  lr: fast\n", "pretrain.lr: expected a number, got 'fast'"),
         ("pretrain: {steps: 1.5}\n", "pretrain.steps: expected an integer, got 1.5"),
@@ -119,7 +126,8 @@ def test_a_bad_value_is_one_line_naming_file_and_key(tmp_path, text, message):
     with pytest.raises(ProfileError) as error:
         load_profile(bad)
     line = str(error.value)
-    assert line.startswith(f"{bad}: ") and "\n" not in line
+    assert line.startswith(f"{bad}: ")
+    assert "\n" not in line
     assert re.search(message if "\\" in message else re.escape(message), line)
 
 

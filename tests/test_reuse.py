@@ -82,7 +82,9 @@ def test_a_record_vouches_only_for_its_own_key_and_untouched_outputs(tmp_path):
     assert reuse.finished(stage, "k1", hashes) is None
     reuse.remember(stage, "k1", "run-1", 12.5, '{"steps": 30}', hashes)
     record = reuse.finished(stage, "k1", hashes)
-    assert record["run_id"] == "run-1" and record["metadata"] == '{"steps": 30}' and record["seconds"] == 12.5
+    assert record["run_id"] == "run-1"
+    assert record["metadata"] == '{"steps": 30}'
+    assert record["seconds"] == 12.5
     assert reuse.finished(stage, "k2", hashes) is None
     (stage / "model" / "weights.bin").unlink()  # an output deleted by hand: the record no longer holds
     assert reuse.finished(stage, "k1", hashes) is None
@@ -104,5 +106,9 @@ def test_the_time_table_lists_the_stages_of_this_run_only(tmp_path):
     rows = reuse.timings_since(log, since)
     assert [(r["stage"], r["reused"]) for r in rows] == [("base_model", True), ("eval_report", False)]
     table = reuse.time_table(rows, 40.0)
-    assert "base_model" in table and "reused" in table and "31.2" in table and "58.5" in table and "40.0" in table
+    assert "base_model" in table
+    assert "reused" in table
+    assert "31.2" in table
+    assert "58.5" in table
+    assert "40.0" in table
     assert "120.0" not in table

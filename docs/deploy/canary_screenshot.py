@@ -89,7 +89,7 @@ def main() -> int:
         serve = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "serve", "--profile", str(profile), "--tracking-uri", uri,
              "--canary", "2", "--canary-share", "0.3", "--canary-auto", "--port", str(port)],
-            cwd=ROOT, env=env, stderr=open(tmp / "serve.log", "w"),
+            cwd=ROOT, env=env, stderr=open(tmp / "serve.log", "w"),  # noqa: SIM115 (lives as long as the child it serves)
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180

@@ -336,21 +336,21 @@ def _shard_inputs(raw_files: list[Path], raw_dir: Path, rejected: Path, shards: 
     """
     raw_dir.mkdir(parents=True)
     rejected.mkdir(parents=True)
-    outs = [open(raw_dir / f"{i:05d}.jsonl", "w", encoding="utf-8") for i in range(shards)]
     n = 0
-    with open(rejected / "empty-00000.jsonl", "w", encoding="utf-8") as empty:
+    with contextlib.ExitStack() as files:
+        outs = [files.enter_context(open(raw_dir / f"{i:05d}.jsonl", "w", encoding="utf-8")) for i in range(shards)]
+        empty = files.enter_context(open(rejected / "empty-00000.jsonl", "w", encoding="utf-8"))
         for f in raw_files:
-            for line in open(f, encoding="utf-8", newline="\n"):
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                if rec.get("text"):
-                    outs[n % shards].write(line if line.endswith("\n") else line + "\n")
-                else:
-                    empty.write(json.dumps({**rec, "reason": "empty"}, ensure_ascii=False) + "\n")
-                n += 1
-    for fh in outs:
-        fh.close()
+            with open(f, encoding="utf-8", newline="\n") as lines:
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    rec = json.loads(line)
+                    if rec.get("text"):
+                        outs[n % shards].write(line if line.endswith("\n") else line + "\n")
+                    else:
+                        empty.write(json.dumps({**rec, "reason": "empty"}, ensure_ascii=False) + "\n")
+                    n += 1
     return n
 
 

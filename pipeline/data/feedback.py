@@ -173,10 +173,10 @@ def count_new_judgements(uri: str, model_name: str, since_ms: int) -> tuple[int,
     n, newest = 0, since_ms
     for judged in judged_traces(uri, model_name):
         for a in judged.judgements:
-            if a.name in (RATING, PREFERRED) or (a.name == PAIRWISE and _value(a) == CHOSEN):  # a pick counts once
-                if a.create_time_ms > since_ms:
-                    n += 1
-                    newest = max(newest, a.create_time_ms)
+            counted = a.name in (RATING, PREFERRED) or (a.name == PAIRWISE and _value(a) == CHOSEN)  # a pick once
+            if counted and a.create_time_ms > since_ms:
+                n += 1
+                newest = max(newest, a.create_time_ms)
     return n, newest
 
 

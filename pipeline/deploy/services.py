@@ -28,6 +28,7 @@ Ports are free loopback ports chosen on the first `up` and kept while they stay 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -288,10 +289,8 @@ def _stop(pid: int | None, timeout: float = 20) -> None:
 
 
 def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # ours when this process started it; else not our child: nothing to do
-    except ChildProcessError:
-        pass
+    with contextlib.suppress(ChildProcessError):  # ours when this process started it; else nothing to do
+        os.waitpid(pid, os.WNOHANG)
 
 
 def _wait_http(url: str, pid: int, log: Path, what: str) -> None:

@@ -25,6 +25,7 @@ Where bubblewrap is missing or cannot create namespaces, scoring refuses (`Sandb
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -216,7 +217,7 @@ class _Box:
 
     def __init__(self, timeout: float, limits: Limits, unsafe: bool):
         self.deadline = time.monotonic() + timeout
-        self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: nothing left running can hold the scorer
+        self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: nothing left running can hold the scorer  # noqa: SIM115 (lives as long as the child it serves)
         runner = Path(plain_values.__file__).read_text() + _RUNNER
         command = [_python(), "-I", "-S", "-c", runner]
         self.scratch = None
@@ -287,19 +288,13 @@ class _Box:
 
     def close(self) -> None:
         """Kill the runner and everything it started; never wait on its pipes."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         for pipe in (self.proc.stdin, self.proc.stdout):
-            try:
+            with contextlib.suppress(OSError):
                 pipe.close()
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
         self.stderr.close()
         if self.scratch is not None:
             self.scratch.cleanup()

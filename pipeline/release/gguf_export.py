@@ -65,9 +65,9 @@ def byte_level_pre(spec: dict, where: Path) -> str:
         return "gpt-2"
     if len(parts) == 1 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits") and regex:
         return "smollm"
-    if len(parts) == 1 and parts[0].get("type") == "Split" and not regex:
-        if parts[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT:
-            return "llama-bpe"
+    split = len(parts) == 1 and parts[0].get("type") == "Split" and not regex
+    if split and parts[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT:
+        return "llama-bpe"
     shown = "+".join(p.get("type", "?") for p in tokenizer_parts(spec.get("pre_tokenizer")))
     raise KilnError(f"{where}: unsupported byte-level pre-tokenizer {shown} (gpt-2, SmolLM's and Llama 3's convert)")
 

@@ -22,6 +22,7 @@ reached a version, with its answer's text, in the per-version quality counters (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -234,10 +235,8 @@ class Gateway:
                 for raw in events:
                     line = raw.rsplit(b"\n", 1)[-1]
                     if line.startswith(b"data: {"):
-                        try:
+                        with contextlib.suppress(ValueError, AttributeError):  # not an event this gateway wrote
                             pieces.append(stream_text(json.loads(line[6:])))
-                        except (ValueError, AttributeError):
-                            pass  # not an event this gateway wrote: nothing to count
                 yield chunk
         finally:
             self.quality.outcome(call)

@@ -20,6 +20,7 @@ finish reason, status and the API key's id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -137,10 +138,8 @@ class TraceWriter:
         """Write what is queued (up to `timeout`), then stop the process."""
         if not self._process.is_alive():
             return
-        try:
+        with contextlib.suppress(queue.Full):
             self.queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.kill()

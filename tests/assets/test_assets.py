@@ -30,7 +30,20 @@ from resources import KilnSettings, MLflowTracking
 
 pytestmark = pytest.mark.slow
 
-WORDS = "model token stage corpus river table window engine signal garden market letter".split()
+WORDS = [
+    "model",
+    "token",
+    "stage",
+    "corpus",
+    "river",
+    "table",
+    "window",
+    "engine",
+    "signal",
+    "garden",
+    "market",
+    "letter",
+]
 STAGE_MODULES = [corpus, feedback, training, post_training, evaluation, release]
 ASSETS = {
     "raw_corpus", "clean_corpus", "feedback_pairs", "tokenizer", "base_model", "sft_data", "dpo_data", "sft_model",
@@ -160,7 +173,8 @@ def test_every_asset_materializes(e2e):
 
 def test_every_check_passes(e2e):
     checks_passed = {e.check_name: e.passed for e in e2e.result.get_asset_check_evaluations()}
-    assert all(checks_passed.values()) and len(checks_passed) == 7
+    assert all(checks_passed.values())
+    assert len(checks_passed) == 7
 
 
 def test_the_artifacts_are_where_the_layout_names_them(e2e):
@@ -206,7 +220,9 @@ def test_the_eval_report_scores_every_model_on_every_task(e2e):
     assert set(report["models"]) == {"base", "sft", "dpo", "dpo_Q4_K_M"}
     task_dir = e2e.work_dir / "e2e" / "eval_report" / "lm_eval_tasks"
     rows = {t: len((task_dir / f"{t}.jsonl").read_text().splitlines()) for t in report["tasks"]}
-    assert report["tasks"] == rows and rows["kiln_next_line"] == 8 and 4 <= rows["kiln_body_choice"] <= 8
+    assert report["tasks"] == rows
+    assert rows["kiln_next_line"] == 8
+    assert 4 <= rows["kiln_body_choice"] <= 8
     assert report["chance"]["kiln_next_line.acc"] == 0.25
     for model in ("base", "sft", "dpo"):
         assert 0 < report["models"][model]["bits_per_byte"] < 8
@@ -219,7 +235,8 @@ def test_the_version_is_registered_as_the_candidate(e2e):
     tags = client(uri).get_model_version("kiln-e2e", "1").tags
     presets = json.loads((e2e.layout.bundle_dir / "presets.json").read_text())
     assert tags["sha256.presets.json"] == registry.sha256(e2e.layout.bundle_dir / "presets.json")
-    assert json.loads(tags["preset.code"]) == presets["code"] and tags["presets"] == "balanced,code,greedy"
+    assert json.loads(tags["preset.code"]) == presets["code"]
+    assert tags["presets"] == "balanced,code,greedy"
     report = json.loads(e2e.layout.eval_report.read_text())
     assert float(tags["eval.dpo.bits_per_byte"]) == pytest.approx(report["models"]["dpo"]["bits_per_byte"], rel=1e-5)
 
@@ -262,7 +279,8 @@ def test_an_unchanged_rerun_reuses_every_stage_and_registers_nothing(e2e):
     assert second == {a: (a in REUSING, version) for a, (_, version) in first.items()}  # same data versions
     assert stale_assets(e2e.instance, e2e.assets, e2e.resources) == set()
     registered = again.asset_materializations_for_node("registered_model")[0].metadata
-    assert registered["registered"].value is False and registered["version"].value == 1
+    assert registered["registered"].value is False
+    assert registered["version"].value == 1
     assert [v["version"] for v in registry.list_versions(e2e.tracking_uri, "e2e")] == ["1"]
     reused_sft = again.asset_materializations_for_node("sft_model")[0].metadata
     computed_sft = e2e.result.asset_materializations_for_node("sft_model")[0].metadata
@@ -315,9 +333,11 @@ def test_a_changed_setting_or_upstream_file_computes_the_stage_again(e2e, tmp_pa
     profile = write_profile(tmp_path / "variant.yaml", {**variant, "name": "e2e"})
     changed = {**e2e.resources, "kiln": KilnSettings(profile=str(profile), work_dir=str(e2e.work_dir))}
     reused, version = tokenizer_run(changed)
-    assert reused is False and json.loads(e2e.layout.tokenizer_stats.read_text())["vocab_size"] == 420
+    assert reused is False
+    assert json.loads(e2e.layout.tokenizer_stats.read_text())["vocab_size"] == 420
     assert tokenizer_run(changed) == (True, version)  # the new result is the stored one now
     train = next(e2e.layout.clean_splits.glob("train-*.jsonl"))
     train.write_text(train.read_text() + json.dumps({"id": "new", "text": "def added():\n    return 1\n"}) + "\n")
     reused, newer = tokenizer_run(changed)
-    assert reused is False and newer != version
+    assert reused is False
+    assert newer != version

@@ -25,7 +25,8 @@ def test_sensor_requests_one_run_per_change(tmp_path, monkeypatch):
 
     def key():
         result = sensor.evaluate_tick(build_sensor_context())
-        assert len(result.run_requests) == 1 and isinstance(result.run_requests[0], RunRequest)
+        assert len(result.run_requests) == 1
+        assert isinstance(result.run_requests[0], RunRequest)
         return result.run_requests[0].run_key
 
     first = key()
@@ -38,7 +39,8 @@ def test_sensor_requests_one_run_per_change(tmp_path, monkeypatch):
 
     profile.write_text("base: tiny\n")  # builtin sources only: nothing to watch
     result = sensor.evaluate_tick(build_sensor_context())
-    assert not result.run_requests and result.skip_message
+    assert not result.run_requests
+    assert result.skip_message
 
 
 def test_production_deployment_needs_its_locations(monkeypatch):

@@ -130,7 +130,8 @@ def test_max_concurrent_runs_steps_in_processes_and_accelerator_steps_one_at_a_t
     from pipeline.config import RunSettings
     from pipeline.errors import KilnError
 
-    assert execution_config(1) == IN_PROCESS and RunSettings().max_concurrent == 1
+    assert execution_config(1) == IN_PROCESS
+    assert RunSettings().max_concurrent == 1
     job = defs.resolve_job_def("kiln_pipeline")
     config = validate_run_config(job, execution_config(3))
     multiprocess = config["execution"]["multi_or_in_process_executor"]["multiprocess"]
@@ -140,6 +141,7 @@ def test_max_concurrent_runs_steps_in_processes_and_accelerator_steps_one_at_a_t
     heavy = {"base_model", "sft_model", "dpo_data", "dpo_model", "gguf_model", "gguf_benchmark", "sampling_preset"}
     assert {name for name, tag in compute.items() if tag == "accelerator"} == heavy
     # what may overlap: sft_data (light) beside the tokenizer and pretraining, which it does not wait for
-    assert compute["sft_data"] == compute["tokenizer"] == "cpu" and "base_model" not in UPSTREAM["sft_data"]
+    assert compute["sft_data"] == compute["tokenizer"] == "cpu"
+    assert "base_model" not in UPSTREAM["sft_data"]
     with pytest.raises(KilnError, match="run.max_concurrent must be at least 1"):
         RunSettings(max_concurrent=0)

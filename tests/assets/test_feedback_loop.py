@@ -114,7 +114,8 @@ def test_served_answers_and_feedback_become_a_new_candidate(version_one, monkeyp
     tc = tracing_client(uri)
     chat = tc.get_trace(a2)
     assert chat.data.spans[0].inputs["messages"][0]["content"] == "mail <EMAIL> about the table"
-    assert chat.info.trace_metadata["kiln.version"] == "1" and chat.info.trace_metadata["kiln.alias"] == "production"
+    assert chat.info.trace_metadata["kiln.version"] == "1"
+    assert chat.info.trace_metadata["kiln.alias"] == "production"
     assert [(a.name, a.value) for a in chat.info.assessments] == [("pairwise", "rejected")] * 2
     assert tc.get_trace(infer_ids[0]).data.spans[0].inputs == {"prompt": "the river"}
 
@@ -123,12 +124,14 @@ def test_served_answers_and_feedback_become_a_new_candidate(version_one, monkeyp
     monkeypatch.setenv("KILN_FEEDBACK_MIN", "10")
     with build_sensor_context(resources=resources, instance=instance) as ctx:
         ticked = sensor.evaluate_tick(ctx)
-    assert not ticked.run_requests and "9 new judgements" in ticked.skip_message
+    assert not ticked.run_requests
+    assert "9 new judgements" in ticked.skip_message
     monkeypatch.setenv("KILN_FEEDBACK_MIN", "9")
     with build_sensor_context(resources=resources, instance=instance) as ctx:
         ticked = sensor.evaluate_tick(ctx)
         (request,) = ticked.run_requests
-        assert isinstance(request, RunRequest) and ticked.cursor
+        assert isinstance(request, RunRequest)
+        assert ticked.cursor
     with build_sensor_context(resources=resources, instance=instance, cursor=ticked.cursor) as ctx:
         assert isinstance(sensor.evaluate_tick(ctx).skip_message, str)  # nothing new since that run
 
@@ -147,7 +150,8 @@ def test_served_answers_and_feedback_become_a_new_candidate(version_one, monkeyp
     pairs = list(read_jsonl(layout.feedback_pairs / "pairs.jsonl"))
     reasons = sorted(p["reason"] for p in pairs)
     assert reasons == ["pairwise", "pairwise", "preferred_answer", "rated_same_prompt", "rated_same_prompt"]
-    assert meta["feedback_pairs"]["new_pairs"].value == 5 and meta["feedback_pairs"]["dropped_pairs"].value == 1
+    assert meta["feedback_pairs"]["new_pairs"].value == 5
+    assert meta["feedback_pairs"]["dropped_pairs"].value == 1
     by_reason = {p["reason"]: p for p in pairs}
     assert by_reason["preferred_answer"]["trace_ids"] == [a3]
     assert by_reason["preferred_answer"]["chosen"][0]["content"].endswith("# <EMAIL>")
@@ -160,7 +164,8 @@ def test_served_answers_and_feedback_become_a_new_candidate(version_one, monkeyp
     for p in pairs:
         assert {k: p[k] for k in ("prompt", "chosen", "rejected")} in rows
     held = list(read_jsonl(dpo / "eval_feedback.jsonl"))
-    assert held and meta["dpo_data"]["feedback_pairs"].value == 5
+    assert held
+    assert meta["dpo_data"]["feedback_pairs"].value == 5
     assert meta["dpo_model"]["held_out_feedback_pairs"].value == len(held)
     for key in ("preference_accuracy_feedback_before", "preference_accuracy_feedback_after"):
         assert 0 <= meta["dpo_model"][key].value <= 1

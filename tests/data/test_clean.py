@@ -68,8 +68,12 @@ def test_clean_removes_duplicates_masks_pii_and_counts_everything(tmp_path, corp
     assert stats.pii == {"email": 1, "phone": 1}
 
     kept = {r["id"]: r for f in (out / "clean").glob("*.jsonl") for r in read_jsonl(f)}
-    assert "orig" in kept and "exact" not in kept and "near" not in kept and "code" in kept
-    assert "<EMAIL>" in kept["pii"]["text"] and "naver.com" not in kept["pii"]["text"]
+    assert "orig" in kept
+    assert "exact" not in kept
+    assert "near" not in kept
+    assert "code" in kept
+    assert "<EMAIL>" in kept["pii"]["text"]
+    assert "naver.com" not in kept["pii"]["text"]
     rejected = [r for f in (out / "rejected").glob("*.jsonl") for r in read_jsonl(f)]
     assert {r["id"]: r["reason"] for r in rejected}["near"] == "near_duplicate"
     assert all(r["reason"] for r in rejected)
@@ -86,7 +90,9 @@ def test_split_is_deterministic_and_disjoint(tmp_path, corpus):
         clean_corpus([raw], tmp_path / run, settings, progress=False)
         train = {r["id"] for r in read_split(tmp_path / run / "clean", "train")}
         val = {r["id"] for r in read_split(tmp_path / run / "clean", "validation")}
-        assert train and val and not train & val
+        assert train
+        assert val
+        assert not train & val
         ids.append((train, val))
     assert ids[0] == ids[1]
 
@@ -122,7 +128,8 @@ def test_dissimilar_documents_are_kept(tmp_path):
 def test_minhash_bands_follow_the_threshold():
     b8, r8 = minhash_bands(0.8, 112)
     b5, r5 = minhash_bands(0.5, 112)
-    assert b8 * r8 <= 112 and b5 * r5 <= 112
+    assert b8 * r8 <= 112
+    assert b5 * r5 <= 112
     # The S-curve's midpoint (1/b)^(1/r) sits near the asked threshold.
     assert abs((1 / b8) ** (1 / r8) - 0.8) < 0.08
     assert abs((1 / b5) ** (1 / r5) - 0.5) < 0.08
@@ -148,7 +155,8 @@ def test_clean_where_nothing_survives_gives_empty_outputs(tmp_path, content, cap
     out = tmp_path / "out"
     assert main(["clean", str(src), "-o", str(out), "-q", "--profile", "tiny"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["kept_documents"] == 0 and list((out / "clean").iterdir()) == []
+    assert summary["kept_documents"] == 0
+    assert list((out / "clean").iterdir()) == []
     rejected = [r for f in sorted((out / "rejected").glob("*.jsonl")) for r in read_jsonl(f)]
     assert summary["input_documents"] == sum(summary["dropped"].values()) == len(rejected)
     assert all(r["reason"] for r in rejected)
@@ -160,7 +168,8 @@ def test_rejected_documents_are_masked_too(tmp_path):
     _write(raw, [{"id": "s", "text": "call 010-2345-6789로 or kim@naver.com", "source": "t", "lang": "en"}])
     clean_corpus([raw], tmp_path / "out", CleanSettings(short_doc_keep=0.0), progress=False)
     (rejected,) = [r for f in (tmp_path / "out" / "rejected").glob("*.jsonl") for r in read_jsonl(f)]
-    assert rejected["text"] == "call <PHONE>로 or <EMAIL>" and rejected["reason"]
+    assert rejected["text"] == "call <PHONE>로 or <EMAIL>"
+    assert rejected["reason"]
 
 
 def test_korean_prose_reaches_the_clean_corpus(tmp_path):
@@ -192,9 +201,12 @@ def test_korean_prose_reaches_the_clean_corpus(tmp_path):
         "validation_documents": sum(r["split"] == "validation" for r in korean),
     }
     text = "\n".join(r["text"] for r in korean + korean_rejected)
-    assert "assembly.go.kr" not in text and "02-788-4649" not in text  # a bill's contact line
-    assert "<EMAIL>" in text and "<PHONE>" in text
-    assert "1987.10.29." in text and "제63조제2항제4호" in text  # dates and article numbers stay
+    assert "assembly.go.kr" not in text
+    assert "02-788-4649" not in text
+    assert "<EMAIL>" in text
+    assert "<PHONE>" in text
+    assert "1987.10.29." in text
+    assert "제63조제2항제4호" in text
 
 
 def test_a_docstring_document_and_vendored_copies_split_with_their_file(tmp_path):

@@ -47,7 +47,9 @@ def test_a_ray_cluster_cleans_to_the_same_files_as_the_local_executor(tmp_path):
         assert sorted(p.name for p in (tmp_path / "ray" / "logs" / "final" / "logs").glob("task_*.log")) == [
             "task_00000.log", "task_00001.log"
         ]  # fmt: skip
-    assert on_ray == local and local.input_documents == n and local.kept_documents > 0
+    assert on_ray == local
+    assert local.input_documents == n
+    assert local.kept_documents > 0
     assert set(local.dropped) >= {"exact_duplicate", "near_duplicate", "empty"}
     assert _hashes(tmp_path / "ray") == _hashes(tmp_path / "local")
     assert len(_hashes(tmp_path / "local")) >= 5  # stats.json, two clean shards, rejected files

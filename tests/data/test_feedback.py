@@ -43,7 +43,8 @@ def test_each_kind_of_judgement_gives_its_pair():
     assert set(pairs) == {"rated_same_prompt", "pairwise", "preferred_answer"}
     rated = pairs["rated_same_prompt"]
     assert (rated["chosen"][0]["content"], rated["rejected"][0]["content"]) == ("good", "bad")
-    assert pairs["pairwise"]["trace_ids"] == ["t4", "t5"] and pairs["pairwise"]["chosen"][0]["content"] == "left"
+    assert pairs["pairwise"]["trace_ids"] == ["t4", "t5"]
+    assert pairs["pairwise"]["chosen"][0]["content"] == "left"
     assert pairs["preferred_answer"]["trace_ids"] == ["t6"]
     assert pairs["preferred_answer"]["chosen"][0]["content"] == "right"
     assert pairs["preferred_answer"]["prompt"] == [{"role": "user", "content": "p3"}]
@@ -59,10 +60,12 @@ def test_duplicates_same_answers_and_personal_data_are_dropped_and_counted():
         _judged("f", "r", "no", _pick("rejected", "e")),
     ]
     out = feedback_pairs(judged, known=set())
-    assert len(out.rows) == 1 and out.counts == {"pairwise": 1}
+    assert len(out.rows) == 1
+    assert out.counts == {"pairwise": 1}
     assert out.dropped == {"duplicate": 1, "same_answer": 1, "pii_left": 1}
     again = feedback_pairs(judged, known={row_key(out.rows[0])})  # an earlier run kept it
-    assert again.rows == [] and again.known == 2
+    assert again.rows == []
+    assert again.known == 2
 
 
 def _pairs(n: int) -> list[dict]:
@@ -87,8 +90,10 @@ def test_dpo_data_mixes_feedback_pairs_in_and_holds_some_out_by_prompt(tmp_path)
     assert sorted(r["prompt"][0]["content"] for r in users) == [f"prompt {i}" for i in range(3, 8)]
     assert all(set(r) == {"prompt", "chosen", "rejected"} for r in users)  # no trace ids in the training rows
     held = list(read_jsonl(out / FEEDBACK_EVAL))
-    assert held and all(r in list(read_jsonl(out / "eval.jsonl")) for r in held)
+    assert held
+    assert all(r in list(read_jsonl(out / "eval.jsonl")) for r in held)
     train_prompts = {r["prompt"][0]["content"] for r in read_jsonl(out / "train.jsonl")}
     assert not train_prompts & {r["prompt"][0]["content"] for r in held}  # held out by prompt
     none = build_post_data("dpo", [], [str(user)], tmp_path / "none", 10, 0.1, feedback=_pairs(8), feedback_share=0)
-    assert "feedback_pairs" not in none.sources and not (tmp_path / "none" / FEEDBACK_EVAL).exists()
+    assert "feedback_pairs" not in none.sources
+    assert not (tmp_path / "none" / FEEDBACK_EVAL).exists()

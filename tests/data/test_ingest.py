@@ -47,8 +47,10 @@ def test_reads_text_jsonl_parquet_and_folders(tmp_path):
 def test_builtin_sources_are_real_python_text():
     code = next(read_source(Source(builtin="python_stdlib")))
     docs = next(read_source(Source(builtin="python_docs")))
-    assert code["lang"] == "python" and code["id"].startswith("python_stdlib:")
-    assert docs["lang"] == "en" and len(docs["text"]) > 100
+    assert code["lang"] == "python"
+    assert code["id"].startswith("python_stdlib:")
+    assert docs["lang"] == "en"
+    assert len(docs["text"]) > 100
 
 
 def test_hf_dataset_from_a_local_folder(tmp_path):
@@ -99,7 +101,8 @@ def test_bad_rows_are_carried_with_their_problem(tmp_path):
     recs = list(read_source(Source(path=str(bad)))) + list(read_source(Source(path=str(latin1))))
     errors = [r.get("error", "").split(" ")[0] for r in recs]
     assert errors == ["", "malformed_json", "missing_text_field", "not_utf8", "not_utf8"]
-    assert recs[1]["id"] == "bad.jsonl:2" and recs[1]["source"] == str(bad)  # names the file and line
+    assert recs[1]["id"] == "bad.jsonl:2"
+    assert recs[1]["source"] == str(bad)
 
 
 def test_ids_do_not_depend_on_where_the_sources_lie(tmp_path):
@@ -147,7 +150,8 @@ def test_korean_prose_builtin_is_real_korean():
     recs = list(read_source(Source(builtin="korean_prose")))
     ids = [r["id"] for r in recs]
     assert len(ids) == len(set(ids)) >= 15
-    assert {r["lang"] for r in recs} == {"ko"} and {r["source"] for r in recs} == {"korean_prose"}
+    assert {r["lang"] for r in recs} == {"ko"}
+    assert {r["source"] for r in recs} == {"korean_prose"}
     assert all(_hangul_share(r["text"]) > 0.9 for r in recs)
     assert recs[0]["text"].startswith("대한민국헌법")  # the Constitution's title, then its preamble
     assert sum(r["id"].startswith("korean_prose:kobill/") for r in recs) == 10
@@ -222,4 +226,5 @@ async def top():
     tree = ast.parse(source)
     kinds = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     expected = [tree] + [n for n in ast.walk(tree) if isinstance(n, kinds)]
-    assert definitions_in(tree) == expected and len(expected) == 18
+    assert definitions_in(tree) == expected
+    assert len(expected) == 18

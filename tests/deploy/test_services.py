@@ -46,7 +46,7 @@ def deployment():
 def kiln(*args: str, env: dict) -> subprocess.Popen:
     """The command in a child process whose output goes to files, not pipes: a pipe nobody reads until the
     end blocks a chatty child once its buffer fills. `proc.stderr.read()` reads what it wrote so far."""
-    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 (the child's, read later)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args], cwd=REPO_ROOT, env={**os.environ, **env}, stdout=out, stderr=err,
     )  # fmt: skip
@@ -68,7 +68,8 @@ class _Rewound:
 def test_services_report_their_state(deployment):
     root, env = deployment
     rows = {name: running for name, running, _ in services.status(root)}
-    assert rows["postgresql"] and rows["mlflow"]
+    assert rows["postgresql"]
+    assert rows["mlflow"]
     assert not rows["dagster-webserver"]  # started without the UI
     assert env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
     assert (root / "state.json").stat().st_mode & 0o077 == 0  # the password is the owner's only
@@ -128,14 +129,15 @@ def test_releases_on_a_server_need_the_lock_database(deployment, monkeypatch, ca
     monkeypatch.delenv(LOCK_DATABASE_ENV, raising=False)
     assert main(["rollback", "--profile", "tiny", "--tracking-uri", env["MLFLOW_TRACKING_URI"]]) == 2
     err = capsys.readouterr().err.strip()
-    assert LOCK_DATABASE_ENV in err and "\n" not in err
+    assert LOCK_DATABASE_ENV in err
+    assert "\n" not in err
 
 
 def write_data_profile(tmp_path: Path) -> Path:
     src = tmp_path / "src"
     src.mkdir()
     rng = random.Random(3)
-    words = "river table window engine signal garden market letter model token".split()
+    words = ["river", "table", "window", "engine", "signal", "garden", "market", "letter", "model", "token"]
     for i in range(20):
         (src / f"n{i}.txt").write_text(" ".join(rng.choice(words) + str(rng.randrange(99)) for _ in range(80)) + ".")
     profile = {"base": "tiny", "name": "svc", "corpus": {"sources": [{"path": str(src)}], "max_bytes": None,
@@ -237,13 +239,12 @@ def test_only_a_lost_tracking_server_retries_a_stage(deployment, tmp_path):
 
     _, env = deployment
     live = MLflowTracking(tracking_uri=env["MLFLOW_TRACKING_URI"], system_metrics=False)
-    with pytest.raises(ValueError, match="a bug"):  # the server answers: the stage's own error, not retried
-        with live.stage("run-a", "tiny", "tokenizer"):
-            raise ValueError("a bug")
+    # the server answers: the stage's own error, not retried
+    with pytest.raises(ValueError, match="a bug"), live.stage("run-a", "tiny", "tokenizer"):
+        raise ValueError("a bug")
     gone = MLflowTracking(tracking_uri=f"http://127.0.0.1:{services.free_port()}", system_metrics=False)
-    with pytest.raises(RetryRequested):
-        with gone.stage("run-b", "tiny", "tokenizer"):
-            pass
+    with pytest.raises(RetryRequested), gone.stage("run-b", "tiny", "tokenizer"):
+        pass
 
 
 def test_gpu_memory_utilisation_and_temperature_reach_the_server(request, monkeypatch):
@@ -270,6 +271,8 @@ def test_a_services_folder_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert services.main(["up", "--dir", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kiln: error:") and str(tmp_path / "file") in err and err.count("\n") == 1
+    assert err.startswith("kiln: error:")
+    assert str(tmp_path / "file") in err
+    assert err.count("\n") == 1
     assert services.main(["restart", "mlflow", "--dir", str(tmp_path / "none")]) == 2
     assert "make services" in capsys.readouterr().err

@@ -68,7 +68,8 @@ def test_lm_eval_never_feeds_more_positions_than_trained(tiny_base, tmp_path, fe
     assert written["kiln_next_line"] == 6  # 12 lines of context: several hundred tokens each
     scores = lm_eval_scores(tiny_base, task_manager(tmp_path / "tasks", []), ["kiln_next_line"], 6, 4)
     assert scores["kiln_next_line"]["n"] == 6
-    assert fed_lengths and max(fed_lengths) == TRAINED  # longer requests were left-truncated to it
+    assert fed_lengths
+    assert max(fed_lengths) == TRAINED
 
 
 def test_bits_per_byte_windows_stay_within_the_trained_context(tiny_base, fed_lengths):
@@ -91,7 +92,8 @@ def test_humaneval_prompt_and_completion_fit_the_trained_context(tiny_base, gguf
 
     monkeypatch.setattr(LlamaForCausalLM, "generate", spy_generate)
     rows = generate(tiny_base, ids, max_new_tokens=new_tokens, progress=False)
-    assert asked and max(asked) <= TRAINED
+    assert asked
+    assert max(asked) <= TRAINED
     tok = AutoTokenizer.from_pretrained(str(tiny_base))
     for row in rows:  # every prompt is longer than the room left: each says how much was cut
         whole = len(_prompt_ids(tok, problems()[row["task_id"]]["prompt"]))
@@ -99,7 +101,8 @@ def test_humaneval_prompt_and_completion_fit_the_trained_context(tiny_base, gguf
 
     fed = _positions_asked(monkeypatch)
     from_gguf = generate(ggufs["Q4_K_M"], ids, max_new_tokens=new_tokens, progress=False)
-    assert fed and max(fed) == TRAINED
+    assert fed
+    assert max(fed) == TRAINED
     assert all(r["prompt_tokens_cut"] > 0 for r in from_gguf)
 
 
@@ -145,7 +148,8 @@ def test_serving_slots_are_capped_at_the_trained_context(ggufs):
 def test_shipped_profiles_declare_what_they_train():
     for name in ("tiny", "small", "300m"):
         p = load_profile(name)
-        assert p.model.max_position is None and p.context == p.pretrain.seq_len
+        assert p.model.max_position is None
+        assert p.context == p.pretrain.seq_len
         assert p.eval.max_new_tokens < p.context
         assert all(n is None or n <= p.context for n in (p.sft.max_length, p.dpo.max_length, p.gguf.window))
     assert load_profile("tiny").context == 128  # declared as trained: training at 1024 would slow the run
@@ -173,7 +177,9 @@ def test_a_length_past_the_trained_context_is_one_line_naming_file_and_key(tmp_p
         load_profile(mine)
     assert main(["profiles", str(mine)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kiln: error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("kiln: error: ")
+    assert message in err
+    assert err.count("\n") == 1
 
 
 def test_a_copied_checkpoint_without_a_context_is_refused(tiny_base, tmp_path):
@@ -207,7 +213,8 @@ def test_a_context_below_llama_cpps_padding_is_still_the_limit(tiny_base, tmp_pa
 
     fed = _positions_asked(monkeypatch)
     rows = generate(path, task_ids(2), max_new_tokens=100, progress=False)
-    assert max(fed) == 128 and all(r["prompt_tokens_cut"] > 0 for r in rows)
+    assert max(fed) == 128
+    assert all(r["prompt_tokens_cut"] > 0 for r in rows)
 
 
 def test_lm_eval_documents_whose_answer_outgrows_the_context_are_left_out_and_counted(
@@ -226,7 +233,8 @@ def test_lm_eval_documents_whose_answer_outgrows_the_context_are_left_out_and_co
     fits = _answer_fits(short, 24)
     written, _, left_out = write_kiln_tasks(records, tmp_path / "tasks", limit=None, answer_fits=fits)
     everything, _, none_out = write_kiln_tasks(records, tmp_path / "all", limit=None)
-    assert left_out["kiln_body_choice"] > 0 and set(none_out.values()) == {0}
+    assert left_out["kiln_body_choice"] > 0
+    assert set(none_out.values()) == {0}
     assert written.get("kiln_body_choice", 0) + left_out["kiln_body_choice"] == everything["kiln_body_choice"]
     tasks = list(written)
     scores = lm_eval_scores(short, task_manager(tmp_path / "tasks", []), tasks, 4, 4)  # no assertion inside lm-eval

@@ -83,14 +83,16 @@ def test_kiln_tasks_are_built_from_held_out_code(validation):
     rows = body_choice_rows(validation, limit=None)
     assert len(rows) == 15  # one documented function per held-out code file
     for r in rows:
-        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
+        assert len(r["choices"]) == 4
+        assert len(set(r["choices"])) == 4
         real = next(rec["text"] for rec in validation if rec["text"].startswith(r["query"]))
         assert real.startswith(r["query"] + r["choices"][r["gold"]].rstrip("\n"))
     lines = next_line_rows(validation, limit=10)
     assert len(lines) == 10
     for r in lines:
         source = next(rec["text"] for rec in validation if r["query"] + r["choices"][r["gold"]] in rec["text"])
-        assert source and len(set(r["choices"])) == 4
+        assert source
+        assert len(set(r["choices"])) == 4
     assert body_choice_rows(validation[:4], limit=None) == []  # too few functions for four choices
 
 
@@ -115,14 +117,16 @@ def test_the_korean_task_asks_for_the_next_sentence_of_held_out_korean_prose():
     for r in rows:
         gold = r["choices"][r["gold"]].strip()
         i = found.index(gold)
-        assert r["query"] == " ".join(found[max(0, i - 3) : i]) and len(set(r["choices"])) == 4
+        assert r["query"] == " ".join(found[max(0, i - 3) : i])
+        assert len(set(r["choices"])) == 4
         assert all(c.strip() in found for c in r["choices"])  # distractors: other sentences of the document
 
 
 def test_lm_eval_runs_kiln_tasks_and_agrees_with_a_direct_score(tiny_base, validation, tmp_path):
     korean = [{"id": "korean_prose:law", "lang": "ko", "text": KOREAN}]
     written, skipped, _ = write_kiln_tasks(validation + korean, tmp_path / "tasks", limit=6)
-    assert written == {"kiln_body_choice": 6, "kiln_next_line": 6, "kiln_next_sentence_ko": 6} and skipped == {}
+    assert written == {"kiln_body_choice": 6, "kiln_next_line": 6, "kiln_next_sentence_ko": 6}
+    assert skipped == {}
     tm = task_manager(tmp_path / "tasks", [])
     result = lm_eval_scores(tiny_base, tm, list(written), limit=None, batch_size=4)
     tok, model = _model(tiny_base)
@@ -137,13 +141,15 @@ def test_lm_eval_runs_kiln_tasks_and_agrees_with_a_direct_score(tiny_base, valid
         # each document's own result is kept (for paired comparisons), and they average to the score
         assert result[task]["ids"] == [str(i) for i in range(len(rows))]
         assert sum(result[task]["items"]["acc"]) == hits
-        assert 0 <= result[task]["scores"]["acc_norm"] <= 1 and result[task]["higher_is_better"]["acc"] is True
+        assert 0 <= result[task]["scores"]["acc_norm"] <= 1
+        assert result[task]["higher_is_better"]["acc"] is True
 
 
 def test_standard_tasks_without_data_are_reported_not_fatal(tmp_path):
     (tmp_path / "empty").mkdir()
     ok, unavailable = loadable(task_manager(tmp_path / "empty", ["arc_easy"]), ["arc_easy", "no_such_task"])
-    assert ok == [] and set(unavailable) == {"arc_easy", "no_such_task"}
+    assert ok == []
+    assert set(unavailable) == {"arc_easy", "no_such_task"}
     assert "Offline" in unavailable["arc_easy"] or "reach" in unavailable["arc_easy"]
     assert "no_such_task" in unavailable["no_such_task"]
 
@@ -151,8 +157,10 @@ def test_standard_tasks_without_data_are_reported_not_fatal(tmp_path):
 def test_standard_tasks_index_only_the_lm_eval_folders_that_name_them(tmp_path):
     (tmp_path / "empty").mkdir()
     tm, ok, unavailable = standard_tasks(tmp_path / "empty", ["arc_easy"])
-    assert ok == [] and ("Offline" in unavailable["arc_easy"] or "reach" in unavailable["arc_easy"])
-    assert "arc_challenge" in tm.all_tasks and "hellaswag" not in tm.all_tasks  # arc/ alone was indexed
+    assert ok == []
+    assert "Offline" in unavailable["arc_easy"] or "reach" in unavailable["arc_easy"]
+    assert "arc_challenge" in tm.all_tasks
+    assert "hellaswag" not in tm.all_tasks
     assert _folders_naming(["arc_easy", "no_such_task"]) is None  # then every folder, and lm-eval's own verdict
 
 
@@ -194,7 +202,8 @@ def test_gate_rules():
     prod = {"dpo.bits_per_byte": 2.0, "dpo.kiln_body_choice.acc": 0.5, "dpo.humaneval.pass_at_1": 0.5}
     assert gate(_report(2.05, 0.5), "dpo", prod, 0.05, 0.05)[0]  # 2.5% worse: within 5%
     passed, why = gate(_report(2.2, 0.5), "dpo", prod, 0.05, 0.05)
-    assert not passed and why == ["dpo bits_per_byte 2.2000 vs production 2.0000 (allowed +5%)"]
+    assert not passed
+    assert why == ["dpo bits_per_byte 2.2000 vs production 2.0000 (allowed +5%)"]
     assert not gate(_report(1.9, 0.4), "dpo", prod, 0.05, 0.05)[0]  # accuracy dropped 0.1
     assert gate(_report(1.9, 0.46), "dpo", prod, 0.05, 0.05)[0]
     assert gate(_report(9.0, 0.0), "dpo", None, 0.05, 0.05) == (True, ["no production version to compare with"])
@@ -220,7 +229,8 @@ def test_registry_gate_compares_with_the_production_version(tmp_path):
     settings = RegistrySettings(max_regression=0.05, max_score_drop=0.05)
     assert registry.quality_gate(uri, "test", True, _report(2.0, 0.5), settings)[0]
     passed, why = registry.quality_gate(uri, "test", True, _report(2.5, 0.5), settings)
-    assert not passed and "bits_per_byte 2.5000 vs production 2.0000" in why
+    assert not passed
+    assert "bits_per_byte 2.5000 vs production 2.0000" in why
     assert registry.quality_gate(uri, "test", False, _report(2.0, 0.5), settings) == (False, "GGUF parity failed")
 
 
@@ -237,7 +247,9 @@ def test_bits_per_byte_keeps_each_documents_bits_and_a_standard_error(tiny_base)
     alone = bits_per_byte(tiny_base, texts[:1], batch_size=2, window=64)  # the first document's own context
     assert docs[0][0] / docs[0][1] == pytest.approx(alone["bits_per_byte"], rel=1e-5)
     se = ratio_stderr([b for b, _ in docs], [n for _, n in docs])
-    assert se is not None and se > 0 and ratio_stderr([1.0], [2.0]) is None
+    assert se is not None
+    assert se > 0
+    assert ratio_stderr([1.0], [2.0]) is None
 
 
 def test_humaneval_scores_only_the_problems_whose_prompt_fits(tiny_base):
@@ -258,7 +270,8 @@ def test_figures_are_rounded_to_their_standard_error_with_n_beside_them():
     from pipeline.eval.evaluation import figure_rows, format_figure, mean_stderr, rounded_metrics
 
     assert format_figure(2.2601508879781123, 0.01234) == "2.260 ± 0.012"
-    assert format_figure(0.637, 0.0504) == "0.637 ± 0.050" and format_figure(0.5, None) == "0.5000"
+    assert format_figure(0.637, 0.0504) == "0.637 ± 0.050"
+    assert format_figure(0.5, None) == "0.5000"
     assert mean_stderr([1.0, 0.0, 1.0, 0.0]) == pytest.approx(math.sqrt(1 / 3 / 4))
     report = _report(2.2601508879781123, 0.3)
     report["stderr"]["dpo"]["bits_per_byte"] = 0.01234
@@ -266,7 +279,9 @@ def test_figures_are_rounded_to_their_standard_error_with_n_beside_them():
     columns, rows = figure_rows(report)
     assert columns[:2] == ["metric", "n"]
     bpb = next(r for r in rows if r[0].startswith("bits_per_byte"))
-    assert bpb[1] == 120 and "2.260 ± 0.012" in bpb
+    assert bpb[1] == 120
+    assert "2.260 ± 0.012" in bpb
     assert rounded_metrics(report, ["dpo"])["dpo.bits_per_byte"] == 2.26
     table = markdown_table(report)
-    assert "| n |" in table and "2.260 ± 0.012" in table
+    assert "| n |" in table
+    assert "2.260 ± 0.012" in table

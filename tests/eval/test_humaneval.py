@@ -20,7 +20,8 @@ from pipeline.eval.humaneval import (
 
 
 def test_pass_at_k_by_hand():
-    assert pass_at_k(1, 1, 1) == 1.0 and pass_at_k(1, 0, 1) == 0.0
+    assert pass_at_k(1, 1, 1) == 1.0
+    assert pass_at_k(1, 0, 1) == 0.0
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
     assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
     assert pass_at_k(10, 1, 10) == 1.0  # any 10 of 10 include the correct one
@@ -39,13 +40,15 @@ def test_canonical_solutions_pass_and_broken_ones_fail(some_tasks, tmp_path, cap
     report, results = score(good, [1])
     assert report["pass@1"] == 1.0, [r["result"] for r in results if not r["passed"]]
     report, results = score(broken, [1])
-    assert report["pass@1"] == 0.0 and all(r["result"].startswith("failed") for r in results)
+    assert report["pass@1"] == 0.0
+    assert all(r["result"].startswith("failed") for r in results)
 
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps(s) + "\n" for s in good[:2] + broken[:2]))
     assert main(["humaneval", "score", str(samples), "--k", "1,2"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["pass@1"] == 0.5 and out["pass@2"] == 1.0  # each task: one of its two samples passes
+    assert out["pass@1"] == 0.5
+    assert out["pass@2"] == 1.0
     assert len((tmp_path / "samples_results.jsonl").read_text().splitlines()) == 4
 
 
@@ -79,12 +82,14 @@ def test_the_model_is_sent_the_prompt_without_its_trailing_newline(tiny_base, gg
     prompts = [problems()[t]["prompt"] for t in task_ids(5)]
     for prompt in prompts:
         ids = _prompt_ids(tok, prompt)
-        assert ids[0] == tok.bos_token_id != tok.eos_token_id and tok.decode(ids[1:]) == prompt.rstrip()
+        assert ids[0] == tok.bos_token_id != tok.eos_token_id
+        assert tok.decode(ids[1:]) == prompt.rstrip()
     llm = load(ggufs["F16"])
     try:
         for prompt in prompts:
             ids = gguf_prompt_ids(llm, prompt)
-            assert ids[0] == llm.token_bos() == tok.bos_token_id and llm.detokenize(ids[1:]).decode() == prompt.rstrip()
+            assert ids[0] == llm.token_bos() == tok.bos_token_id
+            assert llm.detokenize(ids[1:]).decode() == prompt.rstrip()
     finally:
         llm.close()
 

@@ -116,7 +116,8 @@ def test_benchmark_generation_is_greedy(ggufs, tiny_base):
     finally:
         ref.close()
     assert tokens == expected
-    assert len(times) == 24 and all(a < b for a, b in zip(times, times[1:], strict=False))
+    assert len(times) == 24
+    assert all(a < b for a, b in zip(times, times[1:], strict=False))
 
 
 def test_latency_percentiles_by_hand():
@@ -167,10 +168,13 @@ def test_bandwidth_is_measured_on_llama_cpp_threads(monkeypatch, ggufs):
     dst = np.empty_like(src)
     parts = [(dst[: 1 << 15], src[: 1 << 15]), (dst[1 << 15 :], src[1 << 15 :])]
     rounds = copy_together(parts, 3)
-    assert len(rounds) == 3 and all(overlapped(spans) for spans in rounds)
-    assert np.array_equal(dst, src) and sorted(size for _, size in seen) == [1 << 15] * 6
+    assert len(rounds) == 3
+    assert all(overlapped(spans) for spans in rounds)
+    assert np.array_equal(dst, src)
+    assert sorted(size for _, size in seen) == [1 << 15] * 6
     assert memory_bandwidth(threads=2, mb=8, repeats=2) > 0  # its rounds meet at the barrier too
-    assert not overlapped([(0.0, 1.0), (1.5, 2.0)]) and overlapped([(0.0, 1.0), (0.5, 2.0)])
+    assert not overlapped([(0.0, 1.0), (1.5, 2.0)])
+    assert overlapped([(0.0, 1.0), (0.5, 2.0)])
 
 
 def test_cost_per_million_tokens_by_hand():
@@ -182,15 +186,20 @@ def test_benchmark_table_states_its_assumptions(ggufs):
     size = ggufs["Q4_K_M"].stat().st_size
     args = (ggufs["Q4_K_M"], list(range(20, 120)), 10e9, 3.60)
     small_cache = benchmark_file(*args, quick=True, cache_bytes=size // 2)
-    assert small_cache["latency_s"]["requests"] == 20 and small_cache["quick"]
+    assert small_cache["latency_s"]["requests"] == 20
+    assert small_cache["quick"]
     tg = small_cache["tg_tokens_per_s"]["median"]
     assert small_cache["bandwidth_bound_fraction"] == pytest.approx(size * tg / 10e9)
     assert small_cache["cost_per_million_tokens"] == pytest.approx(1e6 / (tg * 1000))
     table = markdown_table({"Q4_K_M": small_cache})
-    assert "(quick: 20 requests)" in table and "quick mode: too few requests" in table
-    assert "one batch-1 stream" in table and "$3.60/hour" in table and f"on {THREADS} threads" in table
+    assert "(quick: 20 requests)" in table
+    assert "quick mode: too few requests" in table
+    assert "one batch-1 stream" in table
+    assert "$3.60/hour" in table
+    assert f"on {THREADS} threads" in table
     # the 256-token model is measured within its context, and the table says so
-    assert "| pp256 tok/s | tg128 tok/s |" in table and "model RSS MB (256)" in table
+    assert "| pp256 tok/s | tg128 tok/s |" in table
+    assert "model RSS MB (256)" in table
     assert "pp256/tg128 in place of llama-bench's pp512/tg128: the model was trained on 256 positions" in table
     resident = dict(small_cache, bandwidth_bound_fraction=None, assumptions={**small_cache["assumptions"],
                     "last_level_cache_bytes": 2 * size})  # fmt: skip

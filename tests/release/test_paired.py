@@ -45,13 +45,15 @@ def test_a_broken_version_stars_its_regressions():
     assert {t["figure"] for t in tests if t["moved"]} == {f"eval.dpo.{t}" for t in TASKS} | {"eval.dpo.bits_per_byte"}
     assert all(t["direction"] == "worse" and t["p_holm"] < 0.05 for t in tests)
     bpb = next(t for t in tests if t["figure"] == "eval.dpo.bits_per_byte")
-    assert bpb["low"] > 0 and bpb["method"].startswith("paired bootstrap")
+    assert bpb["low"] > 0
+    assert bpb["method"].startswith("paired bootstrap")
 
 
 def test_a_version_without_per_item_results_gets_a_note_not_a_star():
     notes: list[str] = []
     tests = _tests(_version("1", 1, items=False), _version("2", 2, skill=-0.3), {}, notes)
-    assert tests == [] and any("not tested" in n for n in notes)
+    assert tests == []
+    assert any("not tested" in n for n in notes)
 
 
 def test_stored_speed_is_never_tested_and_remeasured_speed_is():
@@ -67,19 +69,25 @@ def test_stored_speed_is_never_tested_and_remeasured_speed_is():
     tests = {t["figure"]: t for t in _tests(first, other, remeasured, [])}
     assert "gguf.Q4_K_M.tg128_tokens_per_s" not in tests  # 1000 -> 700 stored: different runs, different load
     speed = tests["remeasured.Q4_K_M.tg128_tokens_per_s"]
-    assert speed["n"] == 5 and speed["low"] < 0 < speed["high"] and not speed["moved"]
+    assert speed["n"] == 5
+    assert speed["low"] < 0 < speed["high"]
+    assert not speed["moved"]
 
 
 def test_statistics_by_hand():
     same = paired_mean([1, 0, 1, 0], [1, 0, 1, 0])
     assert (same.delta, same.low, same.high, same.p) == (0.0, 0.0, 0.0, 1.0)
     up = paired_mean([0.0] * 40, [1.0] * 10 + [0.0] * 30)  # 10 discordant pairs, all one way
-    assert up.delta == pytest.approx(0.25) and up.low > 0 and up.p < 0.01
+    assert up.delta == pytest.approx(0.25)
+    assert up.low > 0
+    assert up.p < 0.01
     ratio = paired_ratio([[2.0, 1.0], [4.0, 2.0]], [[1.0, 1.0], [2.0, 2.0]])
     assert ratio.delta == pytest.approx(-1.0)
     assert paired_t([1, 2, 3, 4], [2, 3, 4, 5]) is None  # fewer than 5 repeats: no test
     t = paired_t([10, 11, 12, 13, 14], [11, 12.5, 13, 14.5, 15])
-    assert t.delta == pytest.approx(1.2) and t.low > 0 and t.method == "paired t over interleaved repeats"
+    assert t.delta == pytest.approx(1.2)
+    assert t.low > 0
+    assert t.method == "paired t over interleaved repeats"
     rejected, adjusted = holm([0.01, 0.04, 0.03, 0.5])
     assert rejected == [True, False, False, False]  # 0.01 x 4 = 0.04; then 0.03 x 3 = 0.09 stops it
     assert adjusted == pytest.approx([0.04, 0.09, 0.09, 0.5])

@@ -98,11 +98,13 @@ def test_a_promote_that_fails_between_its_writes_leaves_history_and_alias_agreei
     calls = _failing(monkeypatch, "set_registered_model_alias")
     with pytest.raises(KilnError, match="the store went away"):
         registry.promote(uri, "test", v2)
-    assert calls and _production(uri) == "1"  # the alias write was tried, and failed
+    assert calls
+    assert _production(uri) == "1"
     assert [e["to"] for e in registry.history(uri, "test")] == ["1"]  # the event was taken back
     monkeypatch.undo()
     registry.promote(uri, "test", v2)
-    assert registry.rollback(uri, "test")["to"] == "1" and _production(uri) == "1"
+    assert registry.rollback(uri, "test")["to"] == "1"
+    assert _production(uri) == "1"
     assert [(e["action"], e["to"]) for e in registry.history(uri, "test")] == [
         ("promote", "1"), ("promote", "2"), ("rollback", "1"),
     ]  # fmt: skip
@@ -118,9 +120,11 @@ def test_a_promote_that_dies_between_its_writes_is_completed_by_the_next_command
     with pytest.raises(KilnError):
         registry.promote(uri, "test", v2)
     monkeypatch.undo()
-    assert _production(uri) == "1" and [e["to"] for e in registry.history(uri, "test")] == ["1", "2"]
+    assert _production(uri) == "1"
+    assert [e["to"] for e in registry.history(uri, "test")] == ["1", "2"]
     back = registry.rollback(uri, "test")
-    assert (back["from"], back["to"]) == ("2", "1") and _production(uri) == "1"
+    assert (back["from"], back["to"]) == ("2", "1")
+    assert _production(uri) == "1"
 
 
 def test_rollback_twice_walks_back(store, tmp_path):
@@ -205,7 +209,8 @@ def test_concurrent_promotions_keep_a_consistent_history(store):
     events = registry.history(uri, "test")
     assert len(events) == 2
     # serialized: the second promotion saw the first one's result as its "from"
-    assert events[0]["from"] is None and events[1]["from"] == events[0]["to"]
+    assert events[0]["from"] is None
+    assert events[1]["from"] == events[0]["to"]
     current = {r["version"]: r["aliases"] for r in registry.list_versions(uri, "test")}
     assert "production" in current[events[1]["to"]]
 
@@ -222,7 +227,8 @@ def test_release_commands(store, tmp_path, capsys, monkeypatch):
     base = ["--profile", str(profile), "--tracking-uri", uri]
     assert main(["models", *base]) == 0
     listing = capsys.readouterr().out.splitlines()
-    assert listing[0].split()[:3] == ["version", "created", "aliases"] and set(listing[1]) == {"-", " "}
+    assert listing[0].split()[:3] == ["version", "created", "aliases"]
+    assert set(listing[1]) == {"-", " "}
     assert len(listing) == 4  # header, rule, two versions
     assert main(["models", "--wide", *base]) == 0
     assert "val_bpb" in capsys.readouterr().out.splitlines()[0]
@@ -249,5 +255,8 @@ def test_models_table_names_speed_tg128_whatever_the_length_measured():
            "base_val_bpb": "2.2601508879781123", "Q4_K_M_tg111_tokens_per_s": "1987.6", "F16_tg128_tokens_per_s": "900",
            "kiln-tiny-Q4_K_M.gguf": str(9 * 2**20)}  # fmt: skip
     cols = key_columns(row)
-    assert cols["Q4_K_M tg128 tok/s"] == "1,988 (111 tok)" and cols["F16 tg128 tok/s"] == "900"
-    assert cols["base bpb"] == "2.260" and cols["params"] == "11.3M" and cols["Q4_K_M MB"] == "9.0"
+    assert cols["Q4_K_M tg128 tok/s"] == "1,988 (111 tok)"
+    assert cols["F16 tg128 tok/s"] == "900"
+    assert cols["base bpb"] == "2.260"
+    assert cols["params"] == "11.3M"
+    assert cols["Q4_K_M MB"] == "9.0"

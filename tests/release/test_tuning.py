@@ -51,16 +51,19 @@ def test_a_seeded_study_is_deterministic_and_its_best_trial_is_the_code_preset(g
     assert [t["params"] for t in other["trials"]] != [t["params"] for t in first["trials"]]
     assert set(first["trials"][0]["params"]) == set(SPACE.searched())  # every searched setting, nothing else
     for t in first["trials"]:
-        assert 4 <= t["values"]["max_tokens"] <= 12 and 0 <= t["values"]["min_p"] <= 0.3
+        assert 4 <= t["values"]["max_tokens"] <= 12
+        assert 0 <= t["values"]["min_p"] <= 0.3
     finished = [t for t in first["trials"] if t["state"] == "COMPLETE"]
     best = first["best"]
     assert best["value"] == max(t["value"] for t in finished)
     code = first["presets"]["code"]
     assert {k: code[k] for k in tuning.PARAMS} == best["values"]
-    assert set(first["presets"]) == {"code", "greedy", "balanced"} and first["presets"]["greedy"]["temperature"] == 0
+    assert set(first["presets"]) == {"code", "greedy", "balanced"}
+    assert first["presets"]["greedy"]["temperature"] == 0
     assert first["dashboard"] == f"optuna-dashboard sqlite:///{tmp_path / 'a.db'}"
     table = tuning.markdown_table(first)
-    assert table.count("\n") == SETTINGS.trials + 1 and "★" in table
+    assert table.count("\n") == SETTINGS.trials + 1
+    assert "★" in table
 
 
 @pytest.mark.slow  # a study, then the best trial and greedy again on fresh items
@@ -74,12 +77,15 @@ def test_an_untuned_preset_ships_greedy_and_the_floor_is_relative_to_greedy(gguf
     settings = replace(SETTINGS, objective="kiln_next_line_prefix", trials=2)
     items = tuning.heldout_items(settings.objective, 3, validation)
     fresh = tuning.heldout_items(settings.objective, 3, validation, fresh=True)
-    assert len(fresh) == 3 and not {i.prompt for i in items} & {i.prompt for i in fresh}
+    assert len(fresh) == 3
+    assert not {i.prompt for i in items} & {i.prompt for i in fresh}
     summary = tuning.tune(ggufs["Q4_K_M"], items, settings, f"sqlite:///{tmp_path / 's.db'}", say=lambda _: None,
                           heartbeat_s=1, progress=False, fresh=fresh)  # fmt: skip
     greedy_tps = summary["greedy"]["tokens_per_s"]
-    assert greedy_tps > 0 and summary["min_tokens_per_s"] == pytest.approx(max(1.0, 0.5 * greedy_tps))
-    assert summary["fresh"]["items"] == 3 and "difference" in summary["fresh"]
+    assert greedy_tps > 0
+    assert summary["min_tokens_per_s"] == pytest.approx(max(1.0, 0.5 * greedy_tps))
+    assert summary["fresh"]["items"] == 3
+    assert "difference" in summary["fresh"]
     if summary["untuned"]:
         assert summary["presets"]["code"] == summary["presets"]["greedy"]
     summary["best"]["values"] = tuning.greedy_values(settings)  # a "best" trial that is greedy itself
@@ -88,14 +94,16 @@ def test_an_untuned_preset_ships_greedy_and_the_floor_is_relative_to_greedy(gguf
         tuning.check_on_fresh(summary, llm, fresh, settings)
     finally:
         llm.close()
-    assert summary["fresh"]["difference"] == 0 and "did not beat greedy" in summary["untuned"]
+    assert summary["fresh"]["difference"] == 0
+    assert "did not beat greedy" in summary["untuned"]
     assert summary["presets"]["code"] == summary["presets"]["greedy"]
     assert tuning.preset_tags(summary)["preset_untuned"].startswith("trial ")
 
 
 def test_the_graded_next_line_objective():
     assert tuning.prefix_share("return x + 1", "return x - 1") == pytest.approx(9 / 12)
-    assert tuning.prefix_share("", "pass") == 0 and tuning.prefix_share("pass", "pass") == 1
+    assert tuning.prefix_share("", "pass") == 0
+    assert tuning.prefix_share("pass", "pass") == 1
 
 
 def test_the_humaneval_objective_judges_in_the_sandbox():
@@ -223,7 +231,8 @@ def test_kiln_tune_writes_the_presets_and_says_where_the_study_is(ggufs, small_c
     study = json.loads((out / "study.json").read_text())
     assert study["fresh"]["items"] == 2  # the best trial checked against greedy on 2 lines no trial saw
     if study["untuned"]:  # not beaten beyond the standard error: greedy ships as code, and it says so
-        assert presets["code"] == presets["greedy"] and f"untuned: {study['untuned']}" in printed
+        assert presets["code"] == presets["greedy"]
+        assert f"untuned: {study['untuned']}" in printed
     else:
         assert 4 <= presets["code"]["max_tokens"] <= 8
         assert study["best"]["values"]["max_tokens"] == presets["code"]["max_tokens"]
@@ -232,7 +241,8 @@ def test_kiln_tune_writes_the_presets_and_says_where_the_study_is(ggufs, small_c
     missing = tmp_path / "none.gguf"
     assert main(["tune", "--profile", str(profile), "--gguf", str(missing), "--validation", str(small_corpus)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"kiln: error: {missing}") and err.count("\n") == 1
+    assert err.startswith(f"kiln: error: {missing}")
+    assert err.count("\n") == 1
 
 
 def _reports(bundle, acc: float, passed: float, tg: float) -> None:
@@ -308,8 +318,11 @@ def test_presets_ride_in_the_registered_version_and_compare_shows_what_moved(ggu
     figures = {"eval.dpo.kiln_next_line.acc", "eval.dpo.bits_per_byte", "eval.dpo_Q4_K_M.humaneval.pass_at_1"}
     assert set(tests) == figures
     acc = tests["eval.dpo.kiln_next_line.acc"]
-    assert acc["delta"] == pytest.approx(0.1) and 0 < acc["low"] < 0.1 < acc["high"] and acc["p_holm"] < 0.05
-    assert tests["eval.dpo.bits_per_byte"]["delta"] == 0 and not tests["eval.dpo.bits_per_byte"]["moved"]
+    assert acc["delta"] == pytest.approx(0.1)
+    assert 0 < acc["low"] < 0.1 < acc["high"]
+    assert acc["p_holm"] < 0.05
+    assert tests["eval.dpo.bits_per_byte"]["delta"] == 0
+    assert not tests["eval.dpo.bits_per_byte"]["moved"]
     assert tests["eval.dpo_Q4_K_M.humaneval.pass_at_1"]["low"] <= 0
     assert any("never starred" in n for n in result["notes"])
     again = compare(uri, "test", ["1", "2"], speed_repeats=5)  # both GGUFs are at hand: measured in turns
@@ -317,7 +330,8 @@ def test_presets_ride_in_the_registered_version_and_compare_shows_what_moved(ggu
     assert set(speed) == {"remeasured.Q4_K_M.pp256_tokens_per_s", "remeasured.Q4_K_M.tg128_tokens_per_s"}
     assert all(t["n"] == 5 and t["method"] == "paired t over interleaved repeats" for t in speed.values())
     assert not any(t["figure"].startswith("gguf.") for t in again["tests"])
-    assert result["versions"][0]["presets"] == {} and result["versions"][1]["presets"] == summary["presets"]
+    assert result["versions"][0]["presets"] == {}
+    assert result["versions"][1]["presets"] == summary["presets"]
     runs = [v["run_id"] for v in result["versions"]]
     assert unquote(result["mlflow"]).startswith("http://127.0.0.1:5000/#/compare-runs?runs=")
     assert all(r in unquote(result["mlflow"]) for r in runs)
@@ -328,11 +342,14 @@ def test_presets_ride_in_the_registered_version_and_compare_shows_what_moved(ggu
     assert main(["compare", "1", "2", *base]) == 0
     text = capsys.readouterr().out
     row = next(line for line in text.splitlines() if line.startswith("eval.dpo.kiln_next_line.acc"))
-    assert "0.3 ±0.02" in row and "(+0.1* [" in row
-    assert "preset code" in text and "MLflow: http://127.0.0.1:5000/#/compare-runs" in text
+    assert "0.3 ±0.02" in row
+    assert "(+0.1* [" in row
+    assert "preset code" in text
+    assert "MLflow: http://127.0.0.1:5000/#/compare-runs" in text
     assert main(["compare", "1", "2", "--json", *base]) == 0
     as_json = json.loads(capsys.readouterr().out)
-    assert {t["figure"] for t in as_json["tests"]} >= set(tests) and all("p_holm" in t for t in as_json["tests"])
+    assert {t["figure"] for t in as_json["tests"]} >= set(tests)
+    assert all("p_holm" in t for t in as_json["tests"])
     assert main(["compare", "1", "9", *base]) == 2
     assert capsys.readouterr().err == "kiln: error: kiln-test has no version 9\n"
     source = client(uri).get_model_version("kiln-test", "1").source.removeprefix("file://")
@@ -377,7 +394,8 @@ def test_a_worker_that_loses_the_race_to_create_the_tables_opens_them_again(tmp_
         return optuna.storages.RDBStorage(storage)
 
     opened = tuning._rdb_storage(open_storage)
-    assert len(attempts) == 2 and opened.get_all_studies() == first.get_all_studies() == []
+    assert len(attempts) == 2
+    assert opened.get_all_studies() == first.get_all_studies() == []
 
     def broken():
         raise IntegrityError("INSERT INTO trials", {}, sqlite3.IntegrityError("NOT NULL constraint failed"))

@@ -80,7 +80,8 @@ def test_every_text_of_a_chat_request_is_masked():
         {"role": "tool", "tool_call_id": "c1", "content": "sent to bob@example.com"},
     ]  # fmt: skip
     masked = asyncio.run(prepare_messages(gw, messages))
-    assert "@example.com" not in json.dumps(masked) and "@example.com" in json.dumps(messages)  # a copy
+    assert "@example.com" not in json.dumps(masked)
+    assert "@example.com" in json.dumps(messages)
     assert masked[1]["content"][1] == {"type": "image_url"}
     for bad, where in (([{"role": "user", "content": ["plain"]}], "messages[0].content[0]"),
                        ([{"role": "user", "content": 3}], "messages[0].content"),
@@ -103,14 +104,17 @@ def test_a_streamed_answer_reassembles_into_every_field():
     ]  # fmt: skip
     answer = assemble("/v1/chat/completions", chunks)
     choice = answer["choices"][0]
-    assert choice["message"]["reasoning_content"] == "think" and choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["reasoning_content"] == "think"
+    assert choice["finish_reason"] == "tool_calls"
     assert choice["message"]["tool_calls"] == [
         {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": '{"a": 1}'}}
     ]
     assert [t["token"] for t in choice["logprobs"]["content"]] == ["x", "y"]
-    assert answer["object"] == "chat.completion" and answer["timings"] == {"predicted_n": 2}
+    assert answer["object"] == "chat.completion"
+    assert answer["timings"] == {"predicted_n": 2}
     two = merge_answers([answer, answer])
-    assert [c["index"] for c in two["choices"]] == [0, 1] and two["usage"]["completion_tokens"] == 4
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert two["usage"]["completion_tokens"] == 4
 
 
 # ---------------------------------------------------------------- real replicas
@@ -137,7 +141,8 @@ def test_errors_raise_the_openai_clients_typed_exceptions(gateway):
         client.chat.completions.create(messages=[{"role": "user", "content": "hi"}] * 4, **chat)
     with pytest.raises(openai.APIStatusError) as too_large:
         client.chat.completions.create(messages=[{"role": "user", "content": "x" * 5000}], **chat)
-    assert too_large.value.status_code == 413 and too_large.value.body["code"] == "request_too_large"
+    assert too_large.value.status_code == 413
+    assert too_large.value.body["code"] == "request_too_large"
     for _ in range(2):  # the route's own limit: 2 at once, then 1 a minute
         with pytest.raises(openai.NotFoundError, match="embeddings are not served"):
             client.embeddings.create(model="x", input="hi")
@@ -213,7 +218,8 @@ def test_spoofed_forwarded_for_buys_no_fresh_bucket_and_failed_auth_is_limited(g
         tries = [keyed.client.post("/infer", json=body, headers={"X-API-Key": f"guess{i}"}).status_code
                  for i in range(5)]  # fmt: skip
         locked = keyed.client.post("/infer", json=body, headers={"X-API-Key": "right"})
-    assert tries == [401, 401, 401, 429, 429] and locked.status_code == 429
+    assert tries == [401, 401, 401, 429, 429]
+    assert locked.status_code == 429
     assert "failed authentications" in locked.json()["detail"]
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "kiln.serve.access"]
     assert [line["status"] for line in lines] == [401, 401, 401, 429, 429, 429]  # one line each, 401s included
@@ -237,7 +243,8 @@ def test_a_non_streamed_answer_holds_every_field_llama_server_gives(gateway):
         assert _shape(kiln) == _shape(direct), path
         assert kiln["choices"][0].get("logprobs"), path
     two = gw.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 2}).json()
-    assert [c["index"] for c in two["choices"]] == [0, 1] and two["usage"]["completion_tokens"] >= 2
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert two["usage"]["completion_tokens"] >= 2
 
 
 def _shape(value, prefix: str = "") -> set[str]:

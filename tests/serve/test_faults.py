@@ -117,7 +117,8 @@ def test_a_hung_replica_is_skipped_retried_and_taken_back(gateway):
         wait_for(lambda: hung.state == "unresponsive", "the hung replica is out of the pool")
         assert gw.client.get("/").json()["replicas"]["ready"] == 1
         health = gw.client.get("/health").json()
-        assert health["status"] == "degraded" and health["replicas"][hung.name]["state"] == "unresponsive"
+        assert health["status"] == "degraded"
+        assert health["replicas"][hung.name]["state"] == "unresponsive"
         assert all(r.json()["version"] == "local" for r in answers)
         metrics = gw.client.get("/metrics").text
         assert f'kiln_replica_hung_total{{replica="{hung.name}"}}' in metrics
@@ -151,16 +152,19 @@ def test_a_replica_that_crashes_on_start_backs_off_and_comes_back(env, ggufs, ll
         wait_for(lambda: victim.failures >= 4, "four failed starts in a row")
         assert victim.backoffs[:4] == [1.0, 2.0, 4.0, 4.0]  # doubling, capped: it never spins
         health = gw.client.get("/health")
-        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert health.status_code == 200
+        assert health.json()["status"] == "degraded"
         trouble = health.json()["replicas"][victim.name]
-        assert trouble["state"] == "failed" and "exited at start" in trouble["error"]
+        assert trouble["state"] == "failed"
+        assert "exited at start" in trouble["error"]
         assert gw.client.post("/infer", json={"query": "x", "max_length": 2}).status_code == 200  # one serves on
         metrics = gw.client.get("/metrics").text
         assert f'kiln_replica_state{{replica="{victim.name}",state="failed",version="local"}} 1.0' in metrics
         assert f'kiln_replica_restart_backoff_seconds{{replica="{victim.name}"}} 4.0' in metrics
         flag.unlink()
         wait_for(lambda: victim.state == "ready", "the replica starts once it can", timeout=120)
-        assert victim.failures == 0 and gw.client.get("/health").json()["status"] == "ok"
+        assert victim.failures == 0
+        assert gw.client.get("/health").json()["status"] == "ok"
     finally:
         flag.unlink(missing_ok=True)
         gw.close()
@@ -175,9 +179,11 @@ def test_a_canary_that_cannot_start_leaves_production_serving(env, ggufs, tmp_pa
     gw = Gateway(file_target(Path(ggufs["Q4_K_M"])), canary=file_target(broken), canary_share=0.5, kiln_replicas=1)
     try:
         wait_for(lambda: gw.deployment.canary_error, "the canary's failure is known")
-        assert not gw.startup_failed and gw.thread.is_alive()  # the server did not stop
+        assert not gw.startup_failed
+        assert gw.thread.is_alive()
         info = gw.client.get("/").json()
-        assert info["version"] == "local" and "exited at start" in info["canary"]["error"]
+        assert info["version"] == "local"
+        assert "exited at start" in info["canary"]["error"]
         assert "kiln_canary_start_failed 1.0" in gw.client.get("/metrics").text
         for _ in range(4):
             assert gw.client.post("/infer", json={"query": "x", "max_length": 2}).status_code == 200
@@ -231,11 +237,14 @@ def test_a_failed_hot_swap_leaves_the_old_version_serving(env, store, restore_pr
         assert len(list(logs.glob("llama-server-*.log"))) == started  # no new llama-server per poll
         assert 'kiln_version_swap_failures_total{version="3"} 1.0' in gw.client.get("/metrics").text
         info = gw.client.get("/").json()
-        assert info["version"] == serving and "version 3 could not be served" in info["error"]
+        assert info["version"] == serving
+        assert "version 3 could not be served" in info["error"]
         served = gw.client.post("/infer", json={"query": "x", "max_length": 2})
-        assert served.status_code == 200 and served.json()["version"] == serving, served.text
+        assert served.status_code == 200, served.text
+        assert served.json()["version"] == serving, served.text
         reload = gw.client.post("/admin/reload", headers={"X-API-Key": "adm"})
-        assert reload.status_code == 503 and "version 3 could not be served" in reload.json()["detail"]
+        assert reload.status_code == 503
+        assert "version 3 could not be served" in reload.json()["detail"]
         assert "exited at start" in reload.json()["detail"]
         assert gw.client.get("/").json()["version"] == serving
         registry.promote(uri, "test", serving)
@@ -277,13 +286,16 @@ def test_a_stream_spanning_a_swap_ends_on_its_version_and_a_drain_that_runs_out_
             try:
                 registry.promote(uri, "test", second)
                 swapped = gw.client.post("/admin/reload", headers=admin)
-                assert swapped.status_code == 200 and swapped.json()["to"] == second, swapped.text
+                assert swapped.status_code == 200, swapped.text
+                assert swapped.json()["to"] == second, swapped.text
                 assert gw.deployment._draining  # the old version waits for its stream
             finally:
                 os.kill(old.pid, signal.SIGCONT)
             rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-        assert rest and all(e["model"] == f"kiln-test:{first}" for e in rest)  # finished on its version
-        assert "error" not in rest[-1] and rest[-1]["choices"][0]["finish_reason"] == "length"
+        assert rest
+        assert all(e["model"] == f"kiln-test:{first}" for e in rest)
+        assert "error" not in rest[-1]
+        assert rest[-1]["choices"][0]["finish_reason"] == "length"
         wait_for(lambda: not gw.deployment._draining and not old.alive(), "the old version stopped after its stream")
 
         # the drain time runs out: the stream ends with an error event, the event loop keeps serving
@@ -298,10 +310,13 @@ def test_a_stream_spanning_a_swap_ends_on_its_version_and_a_drain_that_runs_out_
             assert gw.client.post("/admin/reload", headers=admin).status_code == 200
             wait_for(lambda: old.state == "stopped", "the drain time ran out and the old replica is being stopped")
             # while that process still ignores its SIGTERM, the gateway answers: stopping does not block
-            assert old.alive() and gw.client.get("/").status_code == 200 and old.alive()
+            assert old.alive()
+            assert gw.client.get("/").status_code == 200
+            assert old.alive()
             os.kill(old.pid, signal.SIGCONT)
             rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-        assert "KILN_DRAIN_SEC" in rest[-1]["error"]["message"] and rest[-1]["error"]["code"] == 503
+        assert "KILN_DRAIN_SEC" in rest[-1]["error"]["message"]
+        assert rest[-1]["error"]["code"] == 503
         wait_for(lambda: not gw.deployment._draining, "the old version is gone")
     finally:
         gw.close()
@@ -335,6 +350,8 @@ def test_a_client_that_does_not_read_cannot_hold_its_place_past_the_timeout(gate
         return call
 
     call = asyncio.run_coroutine_threadsafe(scenario(), gw.deployment.loop).result(timeout=120)
-    assert ended and admission.in_flight == 0
-    assert call.status == 503 and "did not read" in call.error
+    assert ended
+    assert admission.in_flight == 0
+    assert call.status == 503
+    assert "did not read" in call.error
     wait_for(lambda: slots_busy(gw.replica()) == 0, "the generation stopped")

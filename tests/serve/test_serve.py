@@ -74,10 +74,12 @@ def test_admission_queues_then_refuses():
         assert adm.queued == 1
         with pytest.raises(Rejected) as refused:
             await adm.acquire()
-        assert refused.value.status == 429 and refused.value.retry_after == 1
+        assert refused.value.status == 429
+        assert refused.value.retry_after == 1
         adm.release()  # the place moves to the waiter
         waited = await waiter
-        assert isinstance(waited, float) and (adm.in_flight, adm.queued) == (1, 0)
+        assert isinstance(waited, float)
+        assert (adm.in_flight, adm.queued) == (1, 0)
         adm.release()
         assert adm.in_flight == 0
 
@@ -90,7 +92,8 @@ def test_rate_limit_is_a_token_bucket_per_key():
     limiter.check("a")
     with pytest.raises(Rejected) as limited:
         limiter.check("a")
-    assert limited.value.status == 429 and 0 < limited.value.retry_after <= 1.0
+    assert limited.value.status == 429
+    assert 0 < limited.value.retry_after <= 1.0
     limiter.check("b")  # another key has its own bucket
     RateLimiter(rpm=0, burst=1).check("a")  # 0 rpm: no limit
 
@@ -119,7 +122,8 @@ def test_presets_from_yaml_and_a_versions_json(tmp_path):
     version_file = tmp_path / "presets.json"
     version_file.write_text(json.dumps({"greedy": {"temperature": 0.0, "max_tokens": 8}, "short": {"max_tokens": 4}}))
     merged = load_presets(version_file=version_file)
-    assert merged["greedy"].max_tokens == 8 and merged["short"].max_tokens == 4
+    assert merged["greedy"].max_tokens == 8
+    assert merged["short"].max_tokens == 4
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.yaml").write_text("temprature: 1\n")
     with pytest.raises(KilnError, match="x.yaml: unknown preset field 'temprature'"):
@@ -144,7 +148,8 @@ def test_pull_verifies_and_caches_a_version(tmp_path, monkeypatch):
     registry.promote(uri, "test", "1")
     got = source.pull(uri, "test", "production", "Q4_K_M")
     assert (got.version, got.alias, got.gguf.read_bytes()[:4]) == ("1", "production", b"GGUF")
-    assert got.presets["tiny"].max_tokens == 3 and "greedy" in got.presets
+    assert got.presets["tiny"].max_tokens == 3
+    assert "greedy" in got.presets
     with pytest.raises(KilnError, match="no Q8_0 GGUF file"):
         source.pull(uri, "test", "1", "Q8_0")
     got.gguf.write_bytes(b"GGUF changed")  # the cached copy no longer matches its tag
@@ -157,7 +162,8 @@ def test_pull_verifies_and_caches_a_version(tmp_path, monkeypatch):
     (other / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(b"GGUF" + b"\2" * 100)
     registry.register(other_uri, "test", pipeline_run(other_uri, "test", "run-2"), other, {}, gate_passed=True)
     theirs = source.pull(other_uri, "test", "1", "Q4_K_M")
-    assert theirs.gguf.read_bytes() == b"GGUF" + b"\2" * 100 and "tiny" not in theirs.presets
+    assert theirs.gguf.read_bytes() == b"GGUF" + b"\2" * 100
+    assert "tiny" not in theirs.presets
 
 
 @pytest.mark.slow
@@ -182,45 +188,54 @@ def test_every_endpoint(gateway):
 
     gw = gateway()
     info = gw.client.get("/").json()
-    assert info["version"] == "local" and info["replicas"] == {"ready": 2, "total": 2}
+    assert info["version"] == "local"
+    assert info["replicas"] == {"ready": 2, "total": 2}
     assert gw.client.get("/health").json()["status"] == "ok"
 
     r = gw.client.post("/infer", json={"query": "def add(a, b):", "max_length": 8, "preset": "greedy"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert isinstance(body["generated_text"], str) and body["usage"]["completion_tokens"] >= 1
+    assert isinstance(body["generated_text"], str)
+    assert body["usage"]["completion_tokens"] >= 1
     assert body["usage"]["prompt_tokens"] >= 3
     again = gw.client.post("/infer", json={"query": "def add(a, b):", "max_length": 8, "preset": "greedy"}).json()
     assert again["generated_text"] == body["generated_text"]  # greedy is deterministic
     two = gw.client.post("/infer", json={"query": "x =", "max_length": 4, "num_return_sequences": 2}).json()
-    assert isinstance(two["generated_text"], list) and len(two["generated_text"]) == 2
+    assert isinstance(two["generated_text"], list)
+    assert len(two["generated_text"]) == 2
 
     with gw.client.stream("POST", "/infer/stream", json={"query": "def add(a, b):", "max_length": 8}) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
         got = events(r)
     tokens = [e["token"] for name, e in got if name == "message"]
     done = [e for name, e in got if name == "done"]
-    assert len(done) == 1 and done[0]["usage"]["completion_tokens"] == len([t for t in tokens if t]) >= 1
+    assert len(done) == 1
+    assert done[0]["usage"]["completion_tokens"] == len([t for t in tokens if t]) >= 1
     with gw.client.stream("POST", "/llm/generate/stream", json={"prompt": "import os", "preset": "greedy"}) as r:
         assert [n for n, _ in events(r)][-1] == "done"
 
     models = gw.client.get("/llm/models").json()
-    assert models["served"][0]["version"] == "local" and "balanced" in models["presets"]
+    assert models["served"][0]["version"] == "local"
+    assert "balanced" in models["presets"]
 
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
     model_id = client.models.list().data[0].id
     chat = client.chat.completions.create(
         model=model_id, messages=[{"role": "user", "content": "hello"}], max_tokens=6, temperature=0
     )
-    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens >= 1
     chunks = list(
         client.chat.completions.create(
             model=model_id, messages=[{"role": "user", "content": "hello"}], max_tokens=6, stream=True
         )
     )
-    assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     done = client.completions.create(model=model_id, prompt="def f(", max_tokens=5, temperature=0)
-    assert done.choices[0].text is not None and done.usage.prompt_tokens >= 1
+    assert done.choices[0].text is not None
+    assert done.usage.prompt_tokens >= 1
     stream = client.completions.create(model=model_id, prompt="def f(", max_tokens=5, temperature=0, stream=True)
     streamed = "".join(c.choices[0].text for c in stream if c.choices)
     assert streamed == done.choices[0].text  # greedy: the stream relays the same answer
@@ -228,7 +243,8 @@ def test_every_endpoint(gateway):
     metrics = gw.client.get("/metrics").text
     assert 'kiln_requests_total{route="/infer",status="200"} 3.0' in metrics
     assert 'kiln_requests_total{route="/v1/chat/completions",status="200"}' in metrics  # a router's route
-    assert "kiln_replica_up{replica=" in metrics and "kiln_time_to_first_token_seconds_bucket" in metrics
+    assert "kiln_replica_up{replica=" in metrics
+    assert "kiln_time_to_first_token_seconds_bucket" in metrics
     assert 'kiln_completion_tokens_total{version="local"}' in metrics
 
 
@@ -241,17 +257,21 @@ def test_validation_auth_and_rate_limit(gateway, caplog):
     assert gw.client.get("/health").status_code == 200  # probes need no key
     for bad in ({}, {"query": ""}, {"query": "   "}, {"query": "x" * 4097}, {"query": "hi", "preset": "nope"}):
         r = gw.client.post("/infer", json=bad, headers={"X-API-Key": "secret-key-1"})
-        assert r.status_code == 422 and r.json()["detail"], bad
+        assert r.status_code == 422, bad
+        assert r.json()["detail"], bad
     with caplog.at_level(logging.INFO, logger="kiln.serve.access"):
         statuses = [gw.client.post("/infer", json={"query": "hi", "max_length": 2}, headers=key) for _ in range(5)]
     codes = [r.status_code for r in statuses]
-    assert codes[0] == 200 and codes.count(429) >= 3, codes  # the burst of 6 went to the 422s and the first
+    assert codes[0] == 200, codes
+    assert codes.count(429) >= 3, codes  # the burst of 6 went to the 422s and the first
     limited = next(r for r in statuses if r.status_code == 429)
-    assert int(limited.headers["Retry-After"]) >= 1 and "rate limit" in limited.json()["detail"]
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert "rate limit" in limited.json()["detail"]
     logged = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "kiln.serve.access"]
     # the five keyed calls (lines of the refused calls before them are captured too where the level allows)
     logged = [line for line in logged if line["route"] == "/infer" and line["status"] in (200, 429)]
-    assert logged and all("secret-key-1" not in json.dumps(line) for line in logged)
+    assert logged
+    assert all("secret-key-1" not in json.dumps(line) for line in logged)
     assert all(line["key_id"] and len(line["key_id"]) == 8 for line in logged)
 
 
@@ -272,7 +292,8 @@ def test_overload_is_429_never_5xx(gateway):
     finally:
         os.kill(replica.pid, signal.SIGCONT)
     assert [r.status_code for r in refused] == [429, 429, 429]
-    assert refused[0].headers["Retry-After"] == "1" and "busy" in refused[0].json()["error"]["message"]
+    assert refused[0].headers["Retry-After"] == "1"
+    assert "busy" in refused[0].json()["error"]["message"]
     assert refused[0].json()["error"]["type"] == "rate_limit_error"
     assert gw.client.post("/v1/completions", json=body).status_code == 200  # the place came back
 
@@ -283,7 +304,8 @@ def test_timeout_is_503_and_cancels_upstream_and_fallback(gateway):
     gw = gateway(inference_timeout_sec=0.5, kiln_replicas=1, kiln_context_shift=True)
     body = {"prompt": "x", "max_tokens": 200000, "ignore_eos": True}
     r = gw.client.post("/v1/completions", json=body)
-    assert r.status_code == 503 and r.json()["error"]["message"] == "inference timeout (0.5 s)"
+    assert r.status_code == 503
+    assert r.json()["error"]["message"] == "inference timeout (0.5 s)"
     assert r.json()["error"]["type"] == "server_error"
     replica = gw.replica()
     wait_for(lambda: slots_busy(replica) == 0, "the upstream generation stops after the timeout")
@@ -299,7 +321,8 @@ def test_timeout_is_503_and_cancels_upstream_and_fallback(gateway):
         inference_timeout_sec=0.5, kiln_replicas=1, kiln_context_shift=True, llm_fallback_response="Sorry, try again."
     )
     r = fallback.client.post("/v1/completions", json=body)
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "Sorry, try again."
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == "Sorry, try again."
     assert r.json()["fallback"] is True
 
 
@@ -360,13 +383,15 @@ def test_hot_swap_after_promote_under_load(env, store, restore_production):
         failures = [r for r in results if r[0] != 200]
         assert not failures, failures[:3]
         versions = [v for _, v in results]
-        assert versions[0] == "1" and versions[-1] == "2", versions
+        assert versions[0] == "1", versions
+        assert versions[-1] == "2", versions
         presets = gw.client.get("/llm/models").json()["presets"]
         assert "v2only" in presets  # version 2's presets.json came with it
         wait_for(lambda: not gw.deployment._draining, "the old version drained and stopped")
         assert gw.client.post("/admin/reload").status_code == 401
         reload = gw.client.post("/admin/reload", headers={"X-API-Key": "adm"})
-        assert reload.status_code == 200 and reload.json() == {"changed": False, "version": "2"}
+        assert reload.status_code == 200
+        assert reload.json() == {"changed": False, "version": "2"}
     finally:
         gw.close()
 
@@ -388,7 +413,8 @@ def test_a_killed_replica_is_replaced(gateway):
     stop.set()
     for w in workers:
         w.join()
-    assert victim.pid != old_pid and victim.state == "ready"
+    assert victim.pid != old_pid
+    assert victim.state == "ready"
     assert gw.client.get("/").json()["replicas"] == {"ready": 2, "total": 2}
     failed = [r for r in results if r[0] != 200]
     states = [(r.name, r.state, r.pid, r.log_tail()) for r in gw.deployment.active.replicas]
@@ -408,7 +434,8 @@ def test_canary_takes_its_share_and_names_its_version(env, store):
         # /health answers once production is warm; the canary starts after it
         wait_for(lambda: (gw.client.get("/").json()["canary"] or {}).get("ready"), "the canary is ready")
         versions = [gw.client.post("/infer", json={"query": "x", "max_length": 2}).json()["version"] for _ in range(40)]
-        assert 5 <= versions.count("2") <= 35 and versions.count("1") + versions.count("2") == 40, versions
+        assert 5 <= versions.count("2") <= 35, versions
+        assert versions.count("1") + versions.count("2") == 40, versions
         assert gw.client.get("/").json()["canary"]["version"] == "2"
         served = {m["version"]: m["role"] for m in gw.client.get("/v1/models").json()["data"]}
         assert served == {"1": "production", "2": "canary"}
@@ -444,7 +471,8 @@ def test_a_tuned_preset_is_served_from_the_registry(env, ggufs, small_corpus, tm
     gw = Gateway(registry_target(uri, "test", "production", "Q4_K_M"), kiln_replicas=1)
     try:
         presets = gw.client.get("/llm/models").json()["presets"]
-        assert presets["code"] == summary["presets"]["code"] and presets["code"]["max_tokens"] == 3
+        assert presets["code"] == summary["presets"]["code"]
+        assert presets["code"]["max_tokens"] == 3
         r = gw.client.post("/infer", json={"query": "def add(a, b):", "preset": "code"})
         assert r.status_code == 200, r.text
         assert 1 <= r.json()["usage"]["completion_tokens"] <= 3  # the preset's max_tokens reached llama-server

@@ -82,11 +82,13 @@ def test_the_writer_stores_masked_traces_and_counts_what_it_drops(tmp_path):
     assert set(traces) == set(ids[:2])
     trace = traces[ids[0]]
     meta = trace.info.trace_metadata
-    assert (
-        meta["kiln.route"] == "/v1/completions" and meta["kiln.version"] == "1" and meta["kiln.alias"] == "production"
-    )
-    assert meta["kiln.key_id"] == "abcd1234" and json.loads(meta["kiln.sampler"]) == {"temperature": 0.7}
-    assert meta["kiln.finish_reason"] == "length" and meta["kiln.completion_tokens"] == "2"
+    assert meta["kiln.route"] == "/v1/completions"
+    assert meta["kiln.version"] == "1"
+    assert meta["kiln.alias"] == "production"
+    assert meta["kiln.key_id"] == "abcd1234"
+    assert json.loads(meta["kiln.sampler"]) == {"temperature": 0.7}
+    assert meta["kiln.finish_reason"] == "length"
+    assert meta["kiln.completion_tokens"] == "2"
     root = trace.data.spans[0]
     assert root.inputs == {"prompt": "hi <EMAIL>"}
     assert root.outputs == {"text": "mail <EMAIL>"}  # masked before it was stored
@@ -160,7 +162,8 @@ def test_every_route_answers_with_its_trace_id_and_the_trace_holds_masked_text(t
         chunks = [e for e in sse_data(c) if e.get("choices")]
         streamed = "".join(e["choices"][0]["text"] for e in chunks)
     assert {e["id"] for e in chunks} == {completion_id}  # each streamed chunk's id is the trace id
-    assert infer.status_code == 200 and any(e.startswith("event: done") for e in events)
+    assert infer.status_code == 200
+    assert any(e.startswith("event: done") for e in events)
     ids = [chat_id, infer.headers[TRACE_HEADER], stream_id, completion_id]
     assert len(set(ids)) == 4
     traced.flush(*ids)
@@ -178,9 +181,12 @@ def test_every_route_answers_with_its_trace_id_and_the_trace_holds_masked_text(t
     assert by_route["/v1/completions"].data.spans[0].outputs["text"] == streamed
     for trace in by_route.values():
         meta = trace.info.trace_metadata
-        assert meta["kiln.version"] == "local" and meta["kiln.status"] == "200"
-        assert meta["kiln.key_id"] and meta["kiln.key_id"] != "k1"  # the key's id, never the key
-        assert int(meta["kiln.completion_tokens"]) > 0 and float(meta["kiln.total_ms"]) > 0
+        assert meta["kiln.version"] == "local"
+        assert meta["kiln.status"] == "200"
+        assert meta["kiln.key_id"]
+        assert meta["kiln.key_id"] != "k1"
+        assert int(meta["kiln.completion_tokens"]) > 0
+        assert float(meta["kiln.total_ms"]) > 0
         assert not pii_left(json.dumps(trace.data.spans[0].to_dict()))
     assert traced.metric("kiln_traces_written_total") >= 4
 
@@ -195,7 +201,8 @@ def test_feedback_is_stored_on_the_trace(traced):
         "/v1/feedback", json={"trace_id": second, "rating": 2, "preferred_answer": f"ask {EMAIL}"}
     )
     pick = traced.client.post("/v1/feedback", json={"trace_id": first, "better_than": second})
-    assert down.status_code == 200 and pick.status_code == 200
+    assert down.status_code == 200
+    assert pick.status_code == 200
     client = tracing_client(traced.uri)
     one, two = client.get_trace_info(first), client.get_trace_info(second)
     got = {(a.name, json.dumps(a.value)) for a in one.assessments}
@@ -207,16 +214,16 @@ def test_feedback_is_stored_on_the_trace(traced):
     }
     rationale = next(a.rationale for a in one.assessments if a.name == "rating")
     assert rationale == "mail <EMAIL>"
-    assert one.tags[FEEDBACK_TAG] and next(a for a in two.assessments if a.name == "pairwise").metadata == {
-        "other_trace_id": first
-    }
+    assert one.tags[FEEDBACK_TAG]
+    assert next(a for a in two.assessments if a.name == "pairwise").metadata == {"other_trace_id": first}
     assert next(a for a in one.assessments if a.name == "rating").source.source_type == "HUMAN"
 
 
 @pytest.mark.slow
 def test_feedback_mistakes_are_one_line(traced):
     unknown = traced.client.post("/v1/feedback", json={"trace_id": new_trace_id(), "rating": "up"})
-    assert unknown.status_code == 404 and "no served trace" in unknown.json()["detail"]
+    assert unknown.status_code == 404
+    assert "no served trace" in unknown.json()["detail"]
     cases = {
         "not json": (b"{", "not valid JSON"),
         "no judgement": ({"trace_id": new_trace_id()}, "give a rating"),
@@ -229,7 +236,9 @@ def test_feedback_mistakes_are_one_line(traced):
         r = traced.client.post("/v1/feedback", **kwargs)
         assert r.status_code == 422, name
         detail = r.json()["detail"]
-        assert isinstance(detail, str) and "\n" not in detail and says in detail, (name, detail)
+        assert isinstance(detail, str), (name, detail)
+        assert "\n" not in detail, (name, detail)
+        assert says in detail, (name, detail)
     anonymous = httpx.post(traced.url + "/v1/feedback", json={"trace_id": new_trace_id(), "rating": "up"})
     assert anonymous.status_code == 401  # the same guard as inference
 
@@ -250,6 +259,7 @@ def test_sampling_zero_traces_nothing_and_a_store_down_fails_no_request(served_e
     off = ServedGateway(file_target(Path(ggufs["Q4_K_M"]), "sqlite:////nonexistent/never.db"), kiln_trace_sample=0)
     try:
         answer = off.client.post("/infer", json={"query": "q", "max_length": 2})
-        assert answer.status_code == 200 and TRACE_HEADER not in answer.headers
+        assert answer.status_code == 200
+        assert TRACE_HEADER not in answer.headers
     finally:
         off.close()

@@ -54,15 +54,18 @@ def metadata_of(result, asset: str) -> dict:
 
 def test_every_asset_materializes_and_every_check_passes(run):
     result, *_ = run
-    assert result.success and materialized(result) == ASSETS
+    assert result.success
+    assert materialized(result) == ASSETS
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert all(checks.values()) and len(checks) == 7
+    assert all(checks.values())
+    assert len(checks) == 7
 
 
 def test_the_tokenizer_is_the_models_own(run):
     result, layout, _, tok = run
     meta = metadata_of(result, "tokenizer")
-    assert meta["source"] == f"from_pretrained {MODEL_ID}" and meta["vocab_size"] == len(tok)
+    assert meta["source"] == f"from_pretrained {MODEL_ID}"
+    assert meta["vocab_size"] == len(tok)
     saved = json.loads((layout.tokenizer / "tokenizer.json").read_text())
     assert saved["model"]["vocab"] == json.loads(tok.backend_tokenizer.to_str())["model"]["vocab"]
     config = json.loads((layout.tokenizer / "tokenizer_config.json").read_text())
@@ -74,13 +77,16 @@ def test_the_base_model_is_the_downloaded_one(run):
 
     result, layout, _, _ = run
     meta = metadata_of(result, "base_model")
-    assert meta["source"] == f"from_pretrained {MODEL_ID}" and "steps" not in meta
+    assert meta["source"] == f"from_pretrained {MODEL_ID}"
+    assert "steps" not in meta
     summary = json.loads(layout.base_summary.read_text())
     cached = load_file(next((layout.work_dir / "../cache").resolve().rglob("model.safetensors")))
     saved = load_file(layout.model_dir("base") / "model.safetensors")
-    assert saved.keys() == cached.keys() and all((saved[k] == cached[k]).all() for k in saved)
+    assert saved.keys() == cached.keys()
+    assert all((saved[k] == cached[k]).all() for k in saved)
     assert "lm_head.weight" in saved  # untied, as downloaded
-    assert summary["val_bpb"] < summary["unigram_bpb"] and summary["parameters"] == meta["parameters"]
+    assert summary["val_bpb"] < summary["unigram_bpb"]
+    assert summary["parameters"] == meta["parameters"]
 
 
 def test_the_registered_version_ships_it_as_gguf(run):

@@ -35,14 +35,18 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def test_a_cached_model_downloads_from_the_cache(cache, capsys):
     code, _, err = run_cli(capsys, "download", "test/untied", "--cache", str(cache))
-    assert code == 0 and "already in the cache" in err
+    assert code == 0
+    assert "already in the cache" in err
     assert hub.resolve("test/untied", cache=cache) == cache / "models--test--untied" / "snapshots" / COMMIT
 
 
 def test_offline_a_model_not_in_the_cache_is_one_line(cache, capsys):
     code, out, err = run_cli(capsys, "download", "test/absent", "--cache", str(cache))
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1 and "test/absent: not in the model cache" in err and "HF_HUB_OFFLINE=1" in err
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "test/absent: not in the model cache" in err
+    assert "HF_HUB_OFFLINE=1" in err
     with pytest.raises(KilnError, match="run `kiln download test/absent` first"):
         hub.resolve("test/absent", cache=cache)
 
@@ -50,21 +54,25 @@ def test_offline_a_model_not_in_the_cache_is_one_line(cache, capsys):
 def test_download_wants_exactly_one_thing_to_do(cache, capsys):
     for argv in ([], ["test/untied", "--list"]):
         code, _, err = run_cli(capsys, "download", *argv, "--cache", str(cache))
-        assert code == 2 and err.startswith("kiln: error: give one of MODEL_ID, --config FILE, --list or --info")
+        assert code == 2
+        assert err.startswith("kiln: error: give one of MODEL_ID, --config FILE, --list or --info")
 
 
 def test_list_shows_each_model_with_its_size(cache, capsys):
     code, out, _ = run_cli(capsys, "download", "--list", "--json", "--cache", str(cache))
     rows = {r["model"]: r for r in json.loads(out)}
-    assert code == 0 and set(rows) == {"test/untied", "test/sharded"}
+    assert code == 0
+    assert set(rows) == {"test/untied", "test/sharded"}
     for repo, row in rows.items():
         blobs = (cache / f"models--{repo.replace('/', '--')}" / "blobs").iterdir()
         assert row["bytes"] == sum(b.stat().st_size for b in blobs)
-        assert row["state"] == "complete" and row["refs"] == ["main"]
+        assert row["state"] == "complete"
+        assert row["refs"] == ["main"]
     snapshot = cache / "models--test--sharded" / "snapshots" / COMMIT
     assert rows["test/sharded"]["files"] == len(list(snapshot.iterdir())) > rows["test/untied"]["files"]
     code, table, _ = run_cli(capsys, "download", "--list", "--cache", str(cache))
-    assert "test/sharded" in table and "2 revisions" in table
+    assert "test/sharded" in table
+    assert "2 revisions" in table
 
 
 def test_info_describes_the_model(cache, capsys):
@@ -73,24 +81,30 @@ def test_info_describes_the_model(cache, capsys):
     code, out, _ = run_cli(capsys, "download", "--info", "test/untied", "--json", "--cache", str(cache))
     info = json.loads(out)
     model = AutoModelForCausalLM.from_pretrained(info["path"])
-    assert code == 0 and info["architecture"] == "LlamaForCausalLM"
+    assert code == 0
+    assert info["architecture"] == "LlamaForCausalLM"
     assert info["parameters"] == sum(p.numel() for p in model.parameters())  # untied: lm_head counted
-    assert info["config"]["num_key_value_heads"] == 2 and info["config"]["tie_word_embeddings"] is False
-    assert info["tokenizer"]["kind"] == "byte-level BPE" and info["tokenizer"]["chat_template"] is False
+    assert info["config"]["num_key_value_heads"] == 2
+    assert info["config"]["tie_word_embeddings"] is False
+    assert info["tokenizer"]["kind"] == "byte-level BPE"
+    assert info["tokenizer"]["chat_template"] is False
     assert info["license"] == "apache-2.0"
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(info["files"])
     code, text, _ = run_cli(capsys, "download", "--info", "test/untied", "--cache", str(cache))
-    assert "license:      apache-2.0" in text and f"{info['parameters']:,}" in text
+    assert "license:      apache-2.0" in text
+    assert f"{info['parameters']:,}" in text
 
 
 def test_a_config_file_takes_several_models(cache, tmp_path, capsys):
     models = tmp_path / "models.yaml"
     models.write_text("models:\n  - test/untied\n  - {id: test/sharded, revision: main}\n")
     code, _, err = run_cli(capsys, "download", "--config", str(models), "--cache", str(cache))
-    assert code == 0 and err.count("already in the cache") == 2
+    assert code == 0
+    assert err.count("already in the cache") == 2
     models.write_text("models:\n  - test/untied\n  - {name: test/sharded}\n")
     code, _, err = run_cli(capsys, "download", "--config", str(models), "--cache", str(cache))
-    assert code == 2 and "models.yaml: models[1]: expected a model id or {id, revision}" in err
+    assert code == 2
+    assert "models.yaml: models[1]: expected a model id or {id, revision}" in err
 
 
 def test_the_example_profile_starts_from_a_downloaded_model(capsys):
@@ -99,9 +113,11 @@ def test_the_example_profile_starts_from_a_downloaded_model(capsys):
 
     example = REPO_ROOT / "docs" / "examples" / "smollm-135m.yaml"
     profile = load_profile(example)
-    assert profile.model.from_pretrained == "HuggingFaceTB/SmolLM-135M" and profile.sft.lr == 2e-4
+    assert profile.model.from_pretrained == "HuggingFaceTB/SmolLM-135M"
+    assert profile.sft.lr == 2e-4
     code, out, _ = run_cli(capsys, "profiles", str(example))
-    assert code == 0 and "from_pretrained HuggingFaceTB/SmolLM-135M" in out
+    assert code == 0
+    assert "from_pretrained HuggingFaceTB/SmolLM-135M" in out
 
 
 def test_a_partial_snapshot_is_refused(tmp_path):
@@ -205,7 +221,8 @@ def test_refused_downloads_leave_nothing_in_the_cache(stand_in_hub, tmp_path, an
     stand_in_hub.answer = answer
     with pytest.raises(KilnError) as err:
         hub.download("org/model", cache=tmp_path, say=lambda line: None)
-    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []  # no repository folder, no staging folder
 
 
@@ -226,7 +243,8 @@ def test_a_download_enters_the_cache_whole(stand_in_hub, tmp_path):
     AutoTokenizer.from_pretrained(str(snapshot))
     stand_in_hub.answer = "unknown"  # the hub no longer has it: the cached copy is enough
     lines = []
-    assert hub.download("org/model", cache=cache, say=lines.append) == snapshot and "already in the cache" in lines[0]
+    assert hub.download("org/model", cache=cache, say=lines.append) == snapshot
+    assert "already in the cache" in lines[0]
 
 
 def test_a_gated_model_downloads_with_hf_token(stand_in_hub, tmp_path, monkeypatch):

@@ -53,8 +53,10 @@ def test_mine_functions_from_code():
     found = list(mine_functions(CODE))
     assert [f.signature for f in found] == ['def join_all(parts, sep=","):']
     fn = found[0]
-    assert "Join the parts with a separator" in fn.request and fn.request.startswith("Write a Python function")
-    assert fn.answer.startswith("def join_all") and "return sep.join(kept)" in fn.answer
+    assert "Join the parts with a separator" in fn.request
+    assert fn.request.startswith("Write a Python function")
+    assert fn.answer.startswith("def join_all")
+    assert "return sep.join(kept)" in fn.answer
     assert fn.body.strip().startswith("kept =")
 
 
@@ -72,7 +74,8 @@ def test_corruptions_change_one_point_of_the_function():
     assert found["returns_none"].count("return None") == 1
     assert "def pick(items, limit=3):" in found["flipped_comparison"]  # the signature's default is not touched
     for text in found.values():
-        assert text != source and text.splitlines()[:2] == source.splitlines()[:2]  # signature and docstring kept
+        assert text != source
+        assert text.splitlines()[:2] == source.splitlines()[:2]
     assert corruptions('def f(x):\n    """Doc."""\n    pass\n') == []  # nothing to corrupt
 
 
@@ -85,8 +88,10 @@ def test_preference_pairs_reject_a_corrupted_copy_never_another_body(small_corpu
     assert len(pairs) == len(functions) == 20  # every mined function here has a corruption point
     for fn, row in pairs:
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-        assert chosen == fn.answer and rejected != chosen
-        assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+        assert chosen == fn.answer
+        assert rejected != chosen
+        assert row["prompt"][0]["role"] == "user"
+        assert row["chosen"][0]["role"] == "assistant"
         # one edit: what differs lies between a shared start and a shared end
         start = next(i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b)
         end = next(i for i, (a, b) in enumerate(zip(chosen[::-1], rejected[::-1], strict=False)) if a != b)
@@ -119,20 +124,27 @@ def test_no_source_file_feeds_both_splits(kind, tmp_path):
                for i in range(40)]  # fmt: skip
     stats = build_post_data(kind, records, [], tmp_path / kind, 1000, 0.2)
     split = read_json(tmp_path / kind / "split.json")
-    assert split["eval_sources"] and not set(split["eval_sources"]) & set(split["train_sources"])
+    assert split["eval_sources"]
+    assert not set(split["eval_sources"]) & set(split["train_sources"])
     answer = "completion" if kind == "sft" else "chosen"
     source_of = {f.answer: r["id"].split("#")[0] for r in records for f in mine_functions(r["text"])}
     for part, sources in (("train", split["train_sources"]), ("eval", split["eval_sources"])):
         rows = list(read_jsonl(tmp_path / kind / f"{part}.jsonl"))
         assert {source_of[r[answer][0]["content"]] for r in rows} == set(sources)
-    assert stats.train + stats.eval == 80 and stats.eval % 4 == 0  # the four functions of a file go together
+    assert stats.train + stats.eval == 80
+    assert stats.eval % 4 == 0
 
 
 def test_validation_documents_never_feed_the_sets(small_corpus, tmp_path):
     build_post_data("sft", read_split(small_corpus, "train"), [], tmp_path / "sft", 1000, 0.1)
     val_answers = {f.answer for r in read_split(small_corpus, "validation") for f in mine_functions(r["text"])}
-    rows = [json.loads(line) for f in ("train.jsonl", "eval.jsonl") for line in open(tmp_path / "sft" / f)]
-    assert rows and not {r["completion"][0]["content"] for r in rows} & val_answers
+    rows = [
+        json.loads(line)
+        for f in ("train.jsonl", "eval.jsonl")
+        for line in (tmp_path / "sft" / f).read_text().splitlines()
+    ]
+    assert rows
+    assert not {r["completion"][0]["content"] for r in rows} & val_answers
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
@@ -151,7 +163,9 @@ def test_held_out_rows_come_from_reserved_validation_files_unseen_in_pretraining
     held = {r[answer][0]["content"] for r in read_jsonl(tmp_path / kind / "eval.jsonl")}
     in_train = {f.answer for r in train for f in mine_functions(r["text"])}
     in_reserved = {f.answer for r in reserved for f in mine_functions(r["text"])}
-    assert held and held <= in_reserved and not held & in_train
+    assert held
+    assert held <= in_reserved
+    assert not held & in_train
     assert stats.eval == len(held) == 10  # eval_share 0.2 of all rows: 10 beside 40
     assert stats.held_out_from.startswith("validation split")
     trained = {r[answer][0]["content"] for r in read_jsonl(tmp_path / kind / "train.jsonl")}
@@ -181,7 +195,7 @@ def test_bad_user_rows_are_rejected_with_file_and_line(tmp_path):
         "malformed_json": 1,
         "a message lacks a role or a string content": 1,
     }
-    rejected = [json.loads(line) for line in open(tmp_path / "out" / "rejected.jsonl")]
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     assert rejected[0]["where"] == f"{sft}:2"
 
     dpo = tmp_path / "dpo.jsonl"
@@ -216,14 +230,16 @@ def test_pairs_that_cannot_teach_within_the_length_are_dropped_and_counted(tiny_
     check = pair_check(tok, 64)
     stats = build_post_data("dpo", [], [str(dpo)], tmp_path / "out", 10, 0.1, check=check)
     assert stats.rejected == {"identical_within_max_length": 2, "prompt_fills_max_length": 1}
-    assert stats.train + stats.eval == 2 and stats.sources == {str(dpo): 2}
+    assert stats.train + stats.eval == 2
+    assert stats.sources == {str(dpo): 2}
     dropped = list(read_jsonl(tmp_path / "out" / "rejected.jsonl"))
     assert [d["where"] for d in dropped] == [f"{dpo}:2", f"{dpo}:3", f"{dpo}:4"]
     # the same pair counts when the length reaches its difference
     late = json.loads(dpo.read_text().splitlines()[2])
     row = {"prompt": [{"role": "user", "content": late["prompt"]}]}
     row |= {k: [{"role": "assistant", "content": late[k]}] for k in ("chosen", "rejected")}
-    assert check(row) == "identical_within_max_length" and pair_check(tok, 256)(row) is None
+    assert check(row) == "identical_within_max_length"
+    assert pair_check(tok, 256)(row) is None
 
 
 def test_mined_pairs_differ_within_the_trained_length(tiny_base, small_corpus, tmp_path):
@@ -234,11 +250,13 @@ def test_mined_pairs_differ_within_the_trained_length(tiny_base, small_corpus, t
         "dpo", read_split(small_corpus, "train"), [], tmp_path / "d", 30, 0.1, check=pair_check(tok, 76)
     )
     rows = [*read_jsonl(tmp_path / "d" / "train.jsonl"), *read_jsonl(tmp_path / "d" / "eval.jsonl")]
-    assert len(rows) == stats.train + stats.eval == 30 and sum(stats.corruption_kinds.values()) == 30
+    assert len(rows) == stats.train + stats.eval == 30
+    assert sum(stats.corruption_kinds.values()) == 30
     for row in rows:
         prompt, chosen, rejected = encode_pair(tok, row)
         room = 76 - len(prompt)
-        assert room > 0 and chosen[:room] != rejected[:room]
+        assert room > 0
+        assert chosen[:room] != rejected[:room]
     # at 76 tokens some functions have no corruption early enough: dropped, and counted
     assert stats.rejected.get("identical_within_max_length", 0) > 0
     assert len(list(read_jsonl(tmp_path / "d" / "rejected.jsonl"))) == sum(stats.rejected.values())
@@ -299,12 +317,13 @@ def test_sft_trains_4bit_layers_with_masked_prompt(tiny_base, sft_data, tmp_path
     projections = [
         m for n, m in trainer.model.named_modules() if n.endswith(("q_proj.base_layer", "down_proj.base_layer"))
     ]
-    assert projections and all(isinstance(m, bnb.nn.Linear4bit) for m in projections)
+    assert projections
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in projections)
     assert count_4bit(trainer.model) == 7  # every projection of the one layer
     example = trainer.train_dataset[0]
     batch = trainer.data_collator([example])
     labels, ids = batch["labels"][0], batch["input_ids"][0]
-    row = json.loads(open(sft_data / "train.jsonl").readline())
+    row = json.loads((sft_data / "train.jsonl").read_text().splitlines()[0])
     prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
     n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert (labels[:n_prompt] == -100).all()  # the prompt does not count
@@ -343,7 +362,8 @@ def test_cpu_head_trains_what_trls_head_trains_in_sft(tiny_base, sft_data, tmp_p
         runs[cpu_head] = loss, grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
     (loss_trl, grads_trl, figs_trl), (loss_cpu, grads_cpu, figs_cpu) = runs[False], runs[True]
     assert loss_cpu == pytest.approx(loss_trl, rel=1e-5)
-    assert any("trainable_tokens" in n for n in grads_trl) and grads_cpu.keys() == grads_trl.keys()
+    assert any("trainable_tokens" in n for n in grads_trl)
+    assert grads_cpu.keys() == grads_trl.keys()
     for name, grad in grads_trl.items():
         # atol scaled to the gradient: float32 sums in another order differ by ~2e-6 where the largest is 2e-2
         torch.testing.assert_close(grads_cpu[name], grad, rtol=1e-4, atol=1e-3 * grad.abs().max().item())
@@ -378,17 +398,20 @@ def test_sft_trains_exactly_the_chat_token_rows_and_the_merged_model_holds_them(
     result, out = sft_run
     tok = AutoTokenizer.from_pretrained(out / "model")
     chat = tok.convert_tokens_to_ids(CHAT_TOKENS)
-    assert chat_token_ids(tok) == sorted(chat) and sorted(result.trainable_tokens) == sorted(CHAT_TOKENS)
+    assert chat_token_ids(tok) == sorted(chat)
+    assert sorted(result.trainable_tokens) == sorted(CHAT_TOKENS)
     base = AutoModelForCausalLM.from_pretrained(tiny_base).get_input_embeddings().weight
     merged_model = AutoModelForCausalLM.from_pretrained(out / "model")
     merged = merged_model.get_input_embeddings().weight
     changed = (merged != base).any(dim=1).nonzero().flatten().tolist()
     # Tied embeddings: each chat row also scores its token as output, so all five get gradient
     # (<|system|> too, absent from the rows); every other row (ordinary text tokens) stays frozen.
-    assert base.shape == merged.shape and changed == sorted(chat)
-    assert merged_model.config.tie_word_embeddings and torch.equal(merged_model.lm_head.weight, merged)
+    assert base.shape == merged.shape
+    assert changed == sorted(chat)
+    assert merged_model.config.tie_word_embeddings
+    assert torch.equal(merged_model.lm_head.weight, merged)
     with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:  # the adapter stores the rows
-        assert any("trainable_tokens" in key for key in f.keys())
+        assert any("trainable_tokens" in key for key in f)
 
 
 def test_merged_model_agrees_with_the_adapter_within_the_nf4_error(tiny_base, sft_run, sft_data):
@@ -398,7 +421,7 @@ def test_merged_model_agrees_with_the_adapter_within_the_nf4_error(tiny_base, sf
     two gaps are alike; the bound allows twice the base's gap plus 0.02 nats for higher-order terms."""
     result, out = sft_run
     tok = AutoTokenizer.from_pretrained(out / "model")
-    held = [json.loads(line) for line in open(sft_data / "eval.jsonl")]
+    held = [json.loads(line) for line in (sft_data / "eval.jsonl").read_text().splitlines()]
     nf4_base = completion_loss(load_for_training(tiny_base, quantize=True), tok, held)
     base_gap = abs(nf4_base - result.eval_loss_before)
     assert base_gap > 0  # the quantization is real
@@ -478,7 +501,8 @@ def test_cpu_head_trains_what_trls_head_trains(tiny_base, small_corpus, tmp_path
         runs[cpu_head] = loss, grads, figures
     (loss_trl, grads_trl, figs_trl), (loss_cpu, grads_cpu, figs_cpu) = runs[False], runs[True]
     assert loss_cpu == pytest.approx(loss_trl, abs=1e-5)
-    assert grads_cpu.keys() == grads_trl.keys() and len(grads_cpu) > 0
+    assert grads_cpu.keys() == grads_trl.keys()
+    assert len(grads_cpu) > 0
     for name, grad in grads_trl.items():
         # atol scaled to the gradient: float32 sums in another order differ by ~2e-6 where the largest is 2e-2
         torch.testing.assert_close(grads_cpu[name], grad, rtol=1e-4, atol=1e-3 * grad.abs().max().item())

@@ -59,9 +59,11 @@ def test_every_document_opens_with_bos_and_closes_with_eos(data, tmp_path):
     n = tokenize_to_file(texts, tok, tmp_path / "two.bin")
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    assert bos != eos and tok.convert_ids_to_tokens(bos) == "<|bos|>"
+    assert bos != eos
+    assert tok.convert_ids_to_tokens(bos) == "<|bos|>"
     expected = [bos, *ids[0], eos, bos, *ids[1], eos]  # as a chat sequence opens: <|bos|> first
-    assert PackedTokens(tmp_path / "two.bin", 4).tokens.tolist() == expected and n == len(expected)
+    assert PackedTokens(tmp_path / "two.bin", 4).tokens.tolist() == expected
+    assert n == len(expected)
 
 
 def test_few_steps_learn_and_save_a_loadable_model(data, tmp_path):
@@ -71,8 +73,10 @@ def test_few_steps_learn_and_save_a_loadable_model(data, tmp_path):
     assert result.history[-1]["loss"] < result.history[0]["loss"] - 1.0
     assert result.val_bpb < unigram_bpb(train, val, len(tok), tb)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
-    assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "model" / "tokenizer.json").exists()
+    assert model.config.model_type == "llama"
+    assert model.config.vocab_size == len(tok)
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert (tmp_path / "model" / "tokenizer.json").exists()
     # HF generation stops where llama.cpp does: at <|end|> (a chat turn's close) as well as <|eos|>
     stops = GenerationConfig.from_pretrained(tmp_path / "model").eos_token_id
     assert set(stops) == {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")}
@@ -82,7 +86,8 @@ def test_resume_matches_an_uninterrupted_run(data, tmp_path):
     tok, train, val, tb = data
     straight = pretrain(train, val, tok, tb, tmp_path / "a", SHAPE, SETTINGS, progress=False)
     partial = pretrain(train, val, tok, tb, tmp_path / "b", SHAPE, SETTINGS, progress=False, stop_after=3)
-    assert partial.steps == 3 and not (tmp_path / "b" / "model").exists()
+    assert partial.steps == 3
+    assert not (tmp_path / "b" / "model").exists()
     resumed = pretrain(train, val, tok, tb, tmp_path / "b", SHAPE, SETTINGS, progress=False)
     assert resumed.resumed_from == 3
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
@@ -172,7 +177,8 @@ def test_chunked_cross_entropy_under_bf16_autocast_matches_autograd_in_bf16():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = loss_fn(hidden, weight, targets)
     loss.backward()
-    assert loss.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    assert loss.dtype == torch.float32
+    assert weight.grad.dtype == torch.float32
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-3, atol=1e-3)
     scale = ref_grads[0].abs().max().item()
     torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=2e-2, atol=2e-2 * scale)

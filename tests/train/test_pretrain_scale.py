@@ -70,7 +70,8 @@ def test_chunked_loss_multiplies_the_weight_gradient_in_the_compute_dtype():
     _, loss_fn = linear_cross_entropy("cpu", torch.bfloat16)
     with MatmulDtypes((v, d)) as mode:
         loss_fn(hidden, weight, targets).backward()
-    assert mode.seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in mode.seen), mode.seen
+    assert mode.seen, mode.seen
+    assert all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in mode.seen), mode.seen
     assert weight.grad.dtype == torch.float32
     reference = torch.randn(v, d).copy_(weight.detach()).requires_grad_()
     torch.nn.functional.cross_entropy(hidden @ reference.T, targets).backward()
@@ -91,9 +92,11 @@ def test_mfu_of_the_issue_measurement():
 def test_peak_table_prefers_the_specific_name_and_knows_no_cpu():
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("NVIDIA L40S") == 362e12
+    assert peak_flops("NVIDIA L4") == 121e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert peak_flops("cpu") is None and peak_flops("Tesla T4") is None
+    assert peak_flops("cpu") is None
+    assert peak_flops("Tesla T4") is None
     assert mfu(1000.0, 1e9, None) is None
 
 
@@ -127,7 +130,8 @@ def test_mfu_is_per_device_and_tokens_per_s_is_the_whole_runs():
     per_device = one.mfu(one.tokens_per_step / step_seconds)
     assert four.mfu(four.tokens_per_step / step_seconds) == pytest.approx(per_device)
     assert per_device == pytest.approx(one.tokens_per_step / step_seconds * one.flops_per_token / 989e12)
-    assert mfu(4000.0, 1e9, 1e12, devices=4) == pytest.approx(1.0) and _training(SHAPE, 4, None).mfu(1e6) is None
+    assert mfu(4000.0, 1e9, 1e12, devices=4) == pytest.approx(1.0)
+    assert _training(SHAPE, 4, None).mfu(1e6) is None
 
 
 def test_six_n_leaves_out_an_untied_input_embedding():
@@ -138,7 +142,8 @@ def test_six_n_leaves_out_an_untied_input_embedding():
     assert t_untied.parameters == t_tied.parameters + 300 * SHAPE.hidden_size
     assert t_untied.flops_per_token == 6 * (t_untied.parameters - 300 * SHAPE.hidden_size) + attention
     assert t_tied.flops_per_token == 6 * t_tied.parameters + attention  # the tied matrix is the output matmul
-    assert matmul_parameters(1000, 10, 20, tied=True) == 1000 and matmul_parameters(1000, 10, 20, tied=False) == 800
+    assert matmul_parameters(1000, 10, 20, tied=True) == 1000
+    assert matmul_parameters(1000, 10, 20, tied=False) == 800
 
 
 @pytest.fixture(scope="module")
@@ -198,13 +203,16 @@ def test_devices_2_starts_torchrun_and_reads_back_the_result(small_corpus, token
     files = BaseModelFiles(tmp_path / "out")
     result, baseline = build_base_model(small_corpus, token_files / "tok", files.folder, profile, progress=False)
     summary = json.loads(files.summary.read_text())
-    assert summary["devices"] == 2 and result.steps == 2 and len(result.history) == 2
+    assert summary["devices"] == 2
+    assert result.steps == 2
+    assert len(result.history) == 2
     assert result.tokens_seen == 2 * 2 * 32 * 2  # steps x micro_batch x seq_len x processes
     assert baseline == summary["unigram_bpb"] > 0
     assert (files.model / "model.safetensors").exists()
     # the processes read the profile written into the run folder, not the caller's file
     written = load_profile(files.profile)
-    assert written.pretrain == profile.pretrain and written.model == profile.model
+    assert written.pretrain == profile.pretrain
+    assert written.model == profile.model
 
 
 def test_device_report_on_this_machine(capsys):
@@ -213,15 +221,17 @@ def test_device_report_on_this_machine(capsys):
     assert main(["device"]) == 0
     report = json.loads(capsys.readouterr().out)
     if not torch.cuda.is_available():
-        assert (
-            report["device"] == "cpu" and report["pretrain_loss"] == "chunked" and report["bitsandbytes_cuda"] is None
-        )
+        assert report["device"] == "cpu"
+        assert report["pretrain_loss"] == "chunked"
+        assert report["bitsandbytes_cuda"] is None
     else:  # the GPU this machine has, and what kiln will train it with
         from pipeline.train.loss import liger_installed
 
-        assert report["device"] == torch.cuda.get_device_name() and report["cuda_version"] == torch.version.cuda
+        assert report["device"] == torch.cuda.get_device_name()
+        assert report["cuda_version"] == torch.version.cuda
         assert report["pretrain_loss"] == ("fused" if liger_installed() else "chunked")
-        assert report["bf16"] == torch.cuda.is_bf16_supported() and isinstance(report["bitsandbytes_cuda"], bool)
+        assert report["bf16"] == torch.cuda.is_bf16_supported()
+        assert isinstance(report["bitsandbytes_cuda"], bool)
 
 
 def test_device_check_fails_clearly_without_a_cuda_bitsandbytes(monkeypatch, capsys):
@@ -236,7 +246,8 @@ def test_device_check_fails_clearly_without_a_cuda_bitsandbytes(monkeypatch, cap
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert main(["device"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kiln: error: a CUDA GPU is here but bitsandbytes has no CUDA build") and err.count("\n") == 1
+    assert err.startswith("kiln: error: a CUDA GPU is here but bitsandbytes has no CUDA build")
+    assert err.count("\n") == 1
 
 
 def test_causal_attention_matches_transformers_sdpa():
@@ -256,6 +267,8 @@ def test_causal_attention_matches_transformers_sdpa():
         stock = model(input_ids=x, use_cache=False).logits
         model.config._attn_implementation = "eager"
         eager = model(input_ids=x, use_cache=False).logits
-    assert torch.allclose(ours, stock, atol=1e-5) and torch.allclose(ours, eager, atol=1e-4)
+    assert torch.allclose(ours, stock, atol=1e-5)
+    assert torch.allclose(ours, eager, atol=1e-4)
     # causal: a change to the last token moves only the last position's logits
-    assert torch.allclose(ours[:, :-1], ours_changed[:, :-1]) and not torch.allclose(ours[:, -1], ours_changed[:, -1])
+    assert torch.allclose(ours[:, :-1], ours_changed[:, :-1])
+    assert not torch.allclose(ours[:, -1], ours_changed[:, -1])

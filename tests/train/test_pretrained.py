@@ -50,10 +50,13 @@ def test_the_tokenizer_stage_keeps_the_models_tokenizer_and_adds_what_is_missing
     folder, tok = sentencepiece_model
     stats = pretrained_tokenizer(str(folder), None, tmp_path, VALIDATION)
     saved = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
-    assert stats["from_pretrained"] == str(folder) and stats["vocab_size"] == len(tok)
-    assert stats["round_trip_failures"] == [] and stats["round_trip_texts"] == len(VALIDATION) + 6
+    assert stats["from_pretrained"] == str(folder)
+    assert stats["vocab_size"] == len(tok)
+    assert stats["round_trip_failures"] == []
+    assert stats["round_trip_texts"] == len(VALIDATION) + 6
     assert saved.get_vocab() == tok.get_vocab()
-    assert saved.pad_token == "</s>" and tok.pad_token is None  # the eos token, as causal models use
+    assert saved.pad_token == "</s>"
+    assert tok.pad_token is None
     chat = saved.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat == "<s><|user|>\nhi</s>\n<|assistant|>\n"
     assert json.loads((tmp_path / "stats.json").read_text()) == stats
