@@ -108,10 +108,14 @@ def two_nodes(work, tmp_path_factory) -> tuple[BaseModelFiles, BaseModelFiles, s
 def test_two_nodes_match_one_process_accumulating_their_batches(work, two_nodes, tmp_path):
     node0, node1, before = two_nodes
     summary = read_json(node0.summary)
-    assert summary["devices"] == 2 and summary["steps"] == STEPS and summary["resumed_from"] == 0
+    assert summary["devices"] == 2
+    assert summary["steps"] == STEPS
+    assert summary["resumed_from"] == 0
     # rank 0 alone writes: node 1's folder holds only what was copied into it
     assert {p.relative_to(node1.folder) for p in node1.folder.rglob("*")} == before
-    assert not node1.model.exists() and not node1.summary.exists() and not node1.checkpoint.exists()
+    assert not node1.model.exists()
+    assert not node1.summary.exists()
+    assert not node1.checkpoint.exists()
 
     profile = load_profile(work / "two.yaml")
     tok = load_tokenizer(work / "tokenizer" / "tokenizer")
