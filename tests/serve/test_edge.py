@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -213,15 +214,23 @@ def test_spoofed_forwarded_for_buys_no_fresh_bucket_and_failed_auth_is_limited(g
     assert gw.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200  # not limited
 
     keyed = gateway(kiln_replicas=1, kiln_api_keys="right", kiln_auth_failures_per_min=3)
+
+    def access_lines():
+        return [json.loads(r.getMessage()) for r in caplog.records if r.name == "kiln.serve.access"]
+
     with caplog.at_level(logging.INFO, logger="kiln.serve.access"):
         caplog.clear()  # only this gateway's lines: the first one's 429 may be in the log already
         tries = [keyed.client.post("/infer", json=body, headers={"X-API-Key": f"guess{i}"}).status_code
                  for i in range(5)]  # fmt: skip
         locked = keyed.client.post("/infer", json=body, headers={"X-API-Key": "right"})
+        # the edge writes a request's line once its response is sent: the client may read it first
+        deadline = time.monotonic() + 60
+        while len(access_lines()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = access_lines()
     assert tries == [401, 401, 401, 429, 429]
     assert locked.status_code == 429
     assert "failed authentications" in locked.json()["detail"]
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "kiln.serve.access"]
     assert [line["status"] for line in lines] == [401, 401, 401, 429, 429, 429]  # one line each, 401s included
     assert all("guess" not in json.dumps(line) for line in lines)
 
