@@ -78,7 +78,7 @@ def test_admission_queues_then_refuses():
         assert refused.value.retry_after == 1
         adm.release()  # the place moves to the waiter
         waited = await waiter
-        assert isinstance(waited, float)
+        assert waited > 0.005  # its queue time counts the 0.01 s it waited behind the first place
         assert (adm.in_flight, adm.queued) == (1, 0)
         adm.release()
         assert adm.in_flight == 0
