@@ -40,7 +40,7 @@ def test_a_ray_cluster_cleans_to_the_same_files_as_the_local_executor(tmp_path):
     n = _corpus(raw)
     settings = CleanSettings(tasks=2, minhash_hashes=16, short_doc_keep=0.0)
     local = clean_corpus([raw], tmp_path / "local", settings, progress=False)
-    with local_ray_cluster(nodes=2) as address:
+    with local_ray_cluster(nodes=2, timeout=600) as address:  # a loaded machine starts Ray nodes slowly
         ray_settings = CleanSettings(**{**settings.__dict__, "executor": "ray", "ray_address": address})
         on_ray = clean_corpus([raw], tmp_path / "ray", ray_settings, progress=False)
         # each task ran as a Ray actor: datatrove's Ray executor leaves its per-task logs
