@@ -167,8 +167,9 @@ class TraceWriter:
 
 def write_traces(uri: str, records, results) -> None:
     """The writer process: batches of records from `records` into the store at `uri`; for each batch
-    (its trace ids, None or the error) on `results`. At the lowest CPU priority."""
-    os.nice(19)
+    (its trace ids, None or the error) on `results`. At the lowest CPU priority by default
+    (KILN_TRACE_NICE, 19): the replicas and the gateway come first."""
+    os.nice(int(os.environ.get("KILN_TRACE_NICE", "19")))
     store = TraceStore(uri)
     last_warning = 0.0
     while True:
