@@ -61,7 +61,7 @@ class ServedGateway:
     def flush(self, *trace_ids: str) -> None:
         """Wait until these traces left the writer's queue (written or dropped)."""
         for trace_id in trace_ids:
-            self.tracing.wait_written(trace_id, 60)
+            assert self.tracing.wait_written(trace_id, 600), f"trace {trace_id} still queued after 10 minutes"
 
     def metric(self, name: str) -> float:
         total = 0.0

@@ -8,6 +8,7 @@ playground test drives Debian's chromium through Playwright (skipped without the
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -46,11 +47,18 @@ def _traces(uri: str, model: str) -> dict:
 # ---------------------------------------------------------------- pieces without a replica
 
 
-@pytest.fixture(autouse=True)
-def writer_at_normal_priority(monkeypatch):
+@pytest.fixture(scope="module", autouse=True)
+def writer_at_normal_priority():
     """These tests are about what is stored, not about priority: at the lowest priority a writer on a
-    machine whose cores are busy (a loaded CI runner) may not run for minutes."""
-    monkeypatch.setenv("KILN_TRACE_NICE", "0")
+    machine whose cores are busy (a loaded CI runner) may not run for minutes. Module-wide and autouse,
+    so it is set before the module's gateway starts its writer."""
+    saved = os.environ.get("KILN_TRACE_NICE")
+    os.environ["KILN_TRACE_NICE"] = "0"
+    yield
+    if saved is None:
+        os.environ.pop("KILN_TRACE_NICE", None)
+    else:
+        os.environ["KILN_TRACE_NICE"] = saved
 
 
 def test_answers_are_read_from_json_and_from_streams():
