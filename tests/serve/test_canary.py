@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from needs import unavailable
 
 from pipeline.release.canary import (
     ABORT,
@@ -32,7 +31,6 @@ from pipeline.release.canary import (
     quantile,
     sprt,
 )
-from pipeline.serve import engine
 from pipeline.serve.canary import answer_texts, outcome_of, repetitive, stream_text
 from pipeline.serve.rollout import share_of
 
@@ -153,23 +151,6 @@ def test_the_canary_draw_sticks_to_the_user():
 
 
 # ---------------------------------------------------------------- against real replicas
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    try:
-        binary = engine.locate()
-    except engine.EngineUnavailable as exc:
-        unavailable("llama-server", exc)
-    saved = {k: os.environ.get(k) for k in ("KILN_LLAMA_SERVER", "KILN_CACHE_DIR")}
-    os.environ["KILN_LLAMA_SERVER"] = str(binary)
-    os.environ["KILN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def end_token_only(checkpoint: Path, out: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
-from served import ServedGateway, llama_server_or_skip, sse_data
+from served import ServedGateway, sse_data
 
 from pipeline.data.feedback import FEEDBACK_TAG, serving_experiment, tracing_client
 from pipeline.data.pii_scan import pii_left
@@ -127,23 +127,7 @@ def test_a_store_that_is_down_costs_only_counted_traces(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def served_env(tmp_path_factory):
-    import os
-
-    binary = llama_server_or_skip()
-    saved = {k: os.environ.get(k) for k in ("KILN_LLAMA_SERVER", "KILN_CACHE_DIR")}
-    os.environ["KILN_LLAMA_SERVER"] = str(binary)
-    os.environ["KILN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def traced(served_env, ggufs, tmp_path_factory):
+def traced(env, ggufs, tmp_path_factory):  # env: tests/serve/conftest.py
     """A gateway on the test GGUF whose answers are traced into a sqlite store; API keys on."""
     from pipeline.serve.server import file_target
 
@@ -259,7 +243,7 @@ def test_feedback_mistakes_are_one_line(traced):
 
 
 @pytest.mark.slow
-def test_sampling_zero_traces_nothing_and_a_store_down_fails_no_request(served_env, ggufs):
+def test_sampling_zero_traces_nothing_and_a_store_down_fails_no_request(env, ggufs):
     from pipeline.io import free_port
     from pipeline.serve.server import file_target
 
