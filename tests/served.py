@@ -71,7 +71,7 @@ class ServedGateway:
         return total
 
     def pids(self) -> list[int]:
-        return [r.pid for p in self.deployment.pools() for r in p.replicas if r.alive()]
+        return [r.pid for p in self.deployment.serving() for r in p.replicas if r.alive()]
 
     def close(self) -> None:
         self.server.should_exit = True

@@ -2,8 +2,9 @@
 
     POST /v1/feedback   {"trace_id", "rating": "up"|"down"|1..5, "comment"?, "preferred_answer"?,
                          "better_than"?: another trace id (a side-by-side pick)}
-    GET  /playground    a chat page: pick a served version and a preset, chat (streamed), rate each
-                        answer, or ask two versions at once and pick the better answer
+    GET  /playground    a chat page: pick a version (served, or any registered one: started on
+                        demand) and a preset, chat (streamed), rate each answer, or ask two
+                        versions at once and pick the better answer
 
 The feedback route passes the same guard (API key, rate limit) as inference. The judgement is
 stored on the trace in MLflow (pipeline/data/feedback.py); an unknown trace id is a 404, a bad body

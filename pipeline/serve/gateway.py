@@ -121,17 +121,21 @@ class Gateway:
             self.metrics.rejected.labels(exc.reason).inc()
         call.error = exc.detail
         call.finish(self.metrics, exc.status)
+        traced = self.tracing.failed(call)  # a busy gateway's refusal is a served outcome: traced too
         body = error_body(call.route, exc.status, exc.detail)
-        return JSONResponse(body, exc.status, headers=retry_after_header(exc.retry_after))
+        return JSONResponse(body, exc.status, headers={**retry_after_header(exc.retry_after), **traced})
 
     def fail(self, call: Call, status: int, detail: str, fallback) -> Response:
         """A request that ran and failed: its status and detail, or the fallback answer for a 5xx."""
         call.error = detail
         call.finish(self.metrics, status)
         self.quality.outcome(call)
-        traced = self.tracing.failed(call)
-        if status >= 500 and self.settings.llm_fallback_response is not None:
-            return fallback(self.settings.llm_fallback_response)
+        text = self.settings.llm_fallback_response if status >= 500 else None
+        traced = self.tracing.failed(call, fallback=text)  # the trace holds what the user got
+        if text is not None:
+            answer = fallback(text)
+            answer.headers.update({"X-Request-Id": call.request_id, **traced})
+            return answer
         body = error_body(call.route, status, detail)
         return JSONResponse(body, status, headers={"X-Request-Id": call.request_id, **traced})
 

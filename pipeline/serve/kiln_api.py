@@ -200,7 +200,7 @@ async def llm_models(request: Request, key: str | None = Depends(_guard)):
     return {
         "served": [
             {"version": p.version, "role": p.role, "model": p.source.label, "sha256": p.source.sha256}
-            for p in deployment.pools()
+            for p in deployment.serving()
         ],
         "versions": versions,
         "presets": {name: p.as_dict() for name, p in sorted(gw.presets().items())},

@@ -3,11 +3,12 @@
 The request goes to llama-server's own implementation of the same route, so every field it
 understands works; the gateway fills what the client left out from the preset (`"preset"` in
 the body picks one, default `default`), masks every text the model will read (each message, each
-text part, tool call names and arguments), and chooses the pool: a `model` naming the canary's
-version or alias goes to the canary, anything else is routed as usual (sticky per `user`, else per
-API key). Streams are relayed byte for byte: no per-token re-encoding on the hot path. OpenAI
-fields kiln cannot honour are refused with a 422 naming the field; `n` answers are `n` admissions.
-Every error has OpenAI's body, so the `openai` client raises its typed exceptions.
+text part, tool call names and arguments), and chooses the pool: a `model` of "canary",
+"production" or a version (`kiln-tiny:3`, `3`; a registered one nobody serves is started on demand)
+goes there, any other name is routed as usual (sticky per `user`, else per API key). Streams are
+relayed byte for byte: no per-token re-encoding on the hot path. OpenAI fields kiln cannot honour
+are refused with a 422 naming the field; `n` answers are `n` admissions. Every error has OpenAI's
+body, so the `openai` client raises its typed exceptions.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pipeline.errors import KilnError
 from pipeline.presets import DEFAULT
 from pipeline.serve.edge import error_body
 from pipeline.serve.gateway import STREAM_HEADERS, Gateway
@@ -48,7 +50,7 @@ def _model_list(gw: Gateway) -> list[dict]:
     return [
         {"id": p.source.label, "object": "model", "created": int(gw.deployment.started), "owned_by": "kiln",
          "version": p.version, "role": p.role}
-        for p in gw.deployment.pools()
+        for p in gw.deployment.serving()
     ]  # fmt: skip
 
 
@@ -188,7 +190,10 @@ async def _proxy(request: Request, route: str, key: str | None, chat: bool):
         body["max_tokens"] = preset.max_tokens
     user = body.get("user") if isinstance(body.get("user"), str) else None
     call.sticky = user or key
-    pool = _pool_for(gw, body.get("model"), call.sticky)
+    try:
+        pool = await _pool_for(gw, body.get("model"), call.sticky)
+    except KilnError as exc:
+        return _error(404, str(exc), "model")
     served = pool or gw.deployment.active
     model_id = served.source.label if served else "kiln"
     path = "/v1/chat/completions" if chat else "/v1/completions"
@@ -209,13 +214,20 @@ async def _proxy(request: Request, route: str, key: str | None, chat: bool):
     return await gw.run_json(call, work, lambda text: JSONResponse(_fallback_answer(text, model_id, chat)), places=n)
 
 
-def _pool_for(gw: Gateway, model, user: str | None = None):
-    """The canary when `model` names it; else the pool the (sticky) canary draw picks, so the answer's
-    `model` names the version that wrote it."""
-    canary = gw.deployment.canary
-    if canary is not None and model and model in (canary.source.label, canary.version, "canary"):
-        return canary
-    return gw.deployment.route(user)
+async def _pool_for(gw: Gateway, model, user: str | None = None):
+    """The pool `model` names: "canary", "production", or a version (`kiln-tiny:3` or `3`), a registered
+    version that is not served started on demand (pipeline/serve/rollout.py); any other name (clients
+    send their own) gets the pool the (sticky) canary draw picks. KilnError: a version not servable."""
+    d = gw.deployment
+    if not isinstance(model, str) or not model:
+        return d.route(user)
+    if model in ("canary", "production"):
+        return (d.canary if model == "canary" else d.active) or d.route(user)
+    name = d.active.source.name if d.active else None
+    version = model.removeprefix(f"{name}:") if name else model
+    if version.isdigit():
+        return await d.pool_of_version(version)
+    return d.route(user)
 
 
 def _fallback_answer(text: str, model: str, chat: bool) -> dict:

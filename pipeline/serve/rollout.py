@@ -19,6 +19,11 @@ line, so the two compare. A canary that cannot start is logged and shown in `/` 
 production serves on.
 `adopt_canary` (a promotion) makes the canary's warm pool production in place; `drop_canary` (an
 abort) stops routing to it and retires it once its requests in flight have finished.
+
+A request may also name a registered version that is neither (the playground's "any version"):
+`on_demand` starts it with one replica on first use and keeps the KILN_ON_DEMAND_VERSIONS most
+recently named (the least recently named is retired past that; 0 turns this off). Such a pool
+takes only the requests that name it.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ import hashlib
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
+from pipeline.errors import KilnError
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.replicas import Pool
 from pipeline.serve.source import ModelSource
@@ -74,9 +81,57 @@ class Deployment:
         self._draining: set[Pool] = set()
         self._poller: asyncio.Task | None = None
         self.polls = 0  # registry polls done
+        self.on_demand: OrderedDict[str, Pool] = OrderedDict()  # version -> pool, least recently named first
+        self._demand_lock = asyncio.Lock()
 
     def pools(self) -> list[Pool]:
+        """The pools in rotation: production and the canary."""
         return [p for p in (self.active, self.canary) if p is not None]
+
+    def serving(self) -> list[Pool]:
+        """Every pool answering requests: those in rotation, then the versions started on demand."""
+        return [*self.pools(), *self.on_demand.values()]
+
+    def served_pool(self, version: str) -> Pool | None:
+        return next((p for p in self.serving() if p.version == version), None)
+
+    async def pool_of_version(self, version: str) -> Pool:
+        """The pool serving registered `version`, started on demand (one replica) if none does.
+        KilnError when versions are not served on demand here or `version` cannot be served."""
+        pool = self.served_pool(version)
+        if pool is not None:
+            if version in self.on_demand:
+                self.on_demand.move_to_end(version)
+            return pool
+        keep = getattr(self.settings, "kiln_on_demand_versions", 0)
+        if self.target.catalog is None or keep < 1:
+            raise KilnError(f"version {version} is not served here (only {self._names()})")
+        async with self._demand_lock:  # two first requests for one version start it once
+            pool = self.served_pool(version)
+            if pool is not None:
+                return pool
+            try:
+                source = await asyncio.to_thread(self.target.fetch, version)
+            except Exception as exc:  # not registered, not verified, the registry out of reach
+                raise KilnError(f"version {version} cannot be served: {str(exc).splitlines()[0]}") from None
+            one_replica = self.settings.model_copy(update={"kiln_replicas": 1})
+            pool = Pool(self.binary, source, one_replica, self.metrics, "on-demand")
+            try:
+                await pool.start(self.session)  # closes itself and raises when no replica starts
+            except Exception as exc:
+                raise KilnError(f"version {version} could not start: {exc}") from None
+            self.metrics.served.labels(version, "on-demand").set(1)
+            self.on_demand[version] = pool
+            log.info("version %s started on demand", version)
+            while len(self.on_demand) > keep:
+                _, old = self.on_demand.popitem(last=False)
+                self.metrics.served.labels(old.version, "on-demand").set(0)
+                self._draining.add(old)
+                asyncio.create_task(self._retire(old))
+            return pool
+
+    def _names(self) -> str:
+        return ", ".join(f"{p.role} {p.version}" for p in self.pools()) or "none"
 
     def route(self, sticky: str | None = None) -> Pool | None:
         """The canary for its share of users (the same user always lands on the same side), else production."""
@@ -152,7 +207,7 @@ class Deployment:
 
     async def export_replica_metrics(self) -> None:
         """llama-server's own slot metrics into kiln's, per replica and version (at each scrape)."""
-        for pool in [*self.pools(), *self._draining]:
+        for pool in [*self.serving(), *self._draining]:
             for replica, values in (await pool.slot_metrics()).items():
                 for kind, value in values.items():
                     self.metrics.replica_slots.labels(replica, pool.version, kind).set(value)
@@ -219,7 +274,7 @@ class Deployment:
     async def stop(self) -> None:
         if self._poller:
             self._poller.cancel()
-        await asyncio.gather(*(pool.close() for pool in [*self.pools(), *self._draining]))
+        await asyncio.gather(*(pool.close() for pool in [*self.serving(), *self._draining]))
         if self.session:
             await self.session.close()
 

@@ -49,6 +49,9 @@ class ServeSettings(BaseSettings):
     kiln_canary_alpha: float = Field(0.05, gt=0, lt=0.5, description="chance of aborting a canary like production")
     kiln_canary_beta: float = Field(0.10, gt=0, lt=0.5, description="chance of passing one worse by the margin")
     kiln_trace_sample: float = Field(1.0, ge=0, le=1, description="share of requests recorded as MLflow traces")
+    kiln_on_demand_versions: int = Field(
+        1, ge=0, description="registered versions a request may name beyond those in rotation (started on first use)"
+    )
     kiln_trace_queue: int = Field(2000, ge=1, description="traces waiting to be written; past it: dropped, counted")
     # production traffic: body size, message count, trust, per-route limits, hung and crashing replicas
     kiln_max_body_bytes: int = Field(1 << 20, ge=1024, description="request body limit; past it: 413 unparsed")

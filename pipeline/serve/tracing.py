@@ -396,11 +396,14 @@ class Tracing:
         self.writer.submit(self._record(trace_id, call, answer=body))
         return {TRACE_HEADER: trace_id}
 
-    def failed(self, call) -> dict[str, str]:
+    def failed(self, call, fallback: str | None = None) -> dict[str, str]:
+        """A failed or refused request (429 when the gateway is full); with `fallback`, the text answered
+        instead of the error (LLM_FALLBACK_RESPONSE), kept as the trace's answer beside the error."""
         trace_id = self._trace_id()
         if trace_id is None:
             return {}
-        self.writer.submit(self._record(trace_id, call, answer={}))
+        answer = {} if fallback is None else {"generated_text": fallback}
+        self.writer.submit(self._record(trace_id, call, answer=answer))
         return {TRACE_HEADER: trace_id}
 
     def streamed(self, call, chunks):
@@ -429,10 +432,11 @@ class Tracing:
 
     def _served(self, version: str | None) -> tuple[str | None, str | None, str | None]:
         """(model name, alias, role) of the pool that served `version`."""
-        pools = [*self.deployment.pools(), *getattr(self.deployment, "_draining", ())]
+        pools = [*self.deployment.serving(), *getattr(self.deployment, "_draining", ())]
         for pool in pools:
             if pool.version == version:
-                return pool.source.name, pool.source.alias or self.deployment.target.which, pool.role
+                alias = pool.source.alias or (self.deployment.target.which if pool.role == "production" else None)
+                return pool.source.name, alias, pool.role
         active = self.deployment.active
         return (active.source.name if active else None), None, None
 

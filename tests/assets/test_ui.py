@@ -2,7 +2,6 @@
 in a real browser (headless Chromium, Debian's package, installed here when missing)."""
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import chromium
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = {
@@ -98,18 +98,8 @@ def test_code_location_has_every_asset_check_job_schedule_and_sensor(webserver):
     assert sorted(s["name"] for s in repo["sensors"]) == ["new_feedback", "new_raw_data"]
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium")
-    if found:
-        return found
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env, capture_output=True)
-    return shutil.which("chromium") or pytest.fail("chromium could not be installed")
-
-
 def test_asset_graph_page_shows_the_assets(webserver, tmp_path):
-    browser = _chromium()
+    browser = chromium()
     seen = ""
     for group in sorted(set(ASSETS.values())):  # each group's asset graph
         page = f"{webserver}/locations/kiln/asset-groups/{group}"

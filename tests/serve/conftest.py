@@ -37,6 +37,20 @@ def wait_for(condition, what: str, timeout: float = WAIT_S, every: float = 0.05)
         time.sleep(every)
 
 
+@pytest.fixture(scope="module")
+def writer_at_normal_priority():
+    """For tests about what traces hold, not about priority: at the lowest priority a trace writer on a
+    machine whose cores are busy (a loaded CI runner) may not run for minutes. Module-scoped, and used
+    with `pytestmark = pytest.mark.usefixtures(...)`, so it is set before the module's gateways start."""
+    saved = os.environ.get("KILN_TRACE_NICE")
+    os.environ["KILN_TRACE_NICE"] = "0"
+    yield
+    if saved is None:
+        os.environ.pop("KILN_TRACE_NICE", None)
+    else:
+        os.environ["KILN_TRACE_NICE"] = saved
+
+
 @pytest.fixture(scope="session")
 def llama_server() -> Path:
     return llama_server_or_skip()  # a failure instead under make test and CI
@@ -66,25 +80,33 @@ def unloadable_gguf(path: Path) -> bytes:
     return data[:header].replace(b"llama", b"llamb") + data[header:]
 
 
+def register_ggufs(root: Path, payloads: list[bytes], presets: dict[int, dict] | None = None) -> str:
+    """A sqlite registry of kiln-test under `root`: version n holds `payloads[n-1]` as its Q4_K_M GGUF
+    (and `presets[n]` as its presets.json); production -> 1. Returns the tracking URI."""
+    from pipeline.release import registry
+    from pipeline.tracking import pipeline_run
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    for n, data in enumerate(payloads, 1):
+        bundle = root / f"bundle{n}"
+        (bundle / "gguf").mkdir(parents=True)
+        (bundle / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(data)
+        if n in (presets or {}):
+            (bundle / "presets.json").write_text(json.dumps(presets[n]))
+        registry.register(uri, "test", pipeline_run(uri, "test", f"run-{n}"), bundle, {}, gate_passed=True)
+    registry.promote(uri, "test", "1")
+    return uri
+
+
 @pytest.fixture(scope="session")
 def store(ggufs, tmp_path_factory):
     """A sqlite registry of kiln-test: versions 1 and 2 (2 ships a presets.json), version 3 whose GGUF
     llama-server cannot load (its sha256 tag matches: pulled and verified, it fails to start);
     production -> 1. A test that moves the alias puts it back (`restore_production`)."""
-    from pipeline.release import registry
-    from pipeline.tracking import pipeline_run
-
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    for n in (1, 2, 3):
-        bundle = root / f"bundle{n}"
-        (bundle / "gguf").mkdir(parents=True)
-        data = Path(ggufs["Q4_K_M"]).read_bytes() if n < 3 else unloadable_gguf(ggufs["Q4_K_M"])
-        (bundle / "gguf" / "kiln-test-Q4_K_M.gguf").write_bytes(data)
-        if n == 2:
-            (bundle / "presets.json").write_text(json.dumps({"v2only": {"temperature": 0.0, "max_tokens": 4}}))
-        registry.register(uri, "test", pipeline_run(uri, "test", f"run-{n}"), bundle, {}, gate_passed=True)
-    registry.promote(uri, "test", "1")
+    good = Path(ggufs["Q4_K_M"]).read_bytes()
+    v2_presets = {"v2only": {"temperature": 0.0, "max_tokens": 4}}
+    uri = register_ggufs(root, [good, good, unloadable_gguf(ggufs["Q4_K_M"])], {2: v2_presets})
     profile = root / "test.yaml"
     profile.write_text("base: tiny\n")
     return uri, profile
@@ -145,7 +167,7 @@ class Gateway:
         return self.deployment.active.replicas[i]
 
     def pids(self) -> list[int]:
-        pools = [*self.deployment.pools(), *self.deployment._draining]
+        pools = [*self.deployment.serving(), *self.deployment._draining]
         return [r.pid for p in pools for r in p.replicas if r.alive()]
 
     def close(self) -> None:

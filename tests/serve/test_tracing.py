@@ -1,15 +1,17 @@
 """Served answers as MLflow traces, users' feedback on them, and the playground page.
 
 The writer's own tests use a real sqlite tracking store in tmp_path; the gateway tests serve the
-test-sized GGUF with real llama-server replicas (skipped, saying why, without a built one); the
-playground test drives Debian's chromium through Playwright (skipped without them).
+test-sized GGUF with real llama-server replicas (skipped, saying why, without a built one). The
+playground's browser test is in test_playground.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,6 +22,7 @@ from served import ServedGateway, sse_data
 from pipeline.data.feedback import FEEDBACK_TAG, serving_experiment, tracing_client
 from pipeline.data.pii_scan import pii_left
 from pipeline.serve.tracing import TRACE_HEADER, TraceRecord, TraceWriter, answer_of, new_trace_id
+from tests.serve.conftest import wait_for
 
 EMAIL, PHONE = "jane.roe@example.com", "010-1234-5678"
 
@@ -47,18 +50,7 @@ def _traces(uri: str, model: str) -> dict:
 # ---------------------------------------------------------------- pieces without a replica
 
 
-@pytest.fixture(scope="module", autouse=True)
-def writer_at_normal_priority():
-    """These tests are about what is stored, not about priority: at the lowest priority a writer on a
-    machine whose cores are busy (a loaded CI runner) may not run for minutes. Module-wide and autouse,
-    so it is set before the module's gateway starts its writer."""
-    saved = os.environ.get("KILN_TRACE_NICE")
-    os.environ["KILN_TRACE_NICE"] = "0"
-    yield
-    if saved is None:
-        os.environ.pop("KILN_TRACE_NICE", None)
-    else:
-        os.environ["KILN_TRACE_NICE"] = saved
+pytestmark = pytest.mark.usefixtures("writer_at_normal_priority")  # tests/serve/conftest.py
 
 
 def test_answers_are_read_from_json_and_from_streams():
@@ -262,3 +254,50 @@ def test_sampling_zero_traces_nothing_and_a_store_down_fails_no_request(env, ggu
         assert TRACE_HEADER not in answer.headers
     finally:
         off.close()
+
+
+@pytest.mark.slow
+def test_a_busy_refusal_and_a_fallback_answer_are_traced_too(env, ggufs, tmp_path):
+    from pipeline.serve.server import file_target
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    gguf = Path(ggufs["Q4_K_M"])
+    gw = ServedGateway(
+        file_target(gguf, uri), max_concurrent_inference=1, kiln_max_queue=0, llm_fallback_response="try later"
+    )
+    body = {"prompt": "x", "max_tokens": 3}
+    try:
+        replica = gw.deployment.active.replicas[0]
+        os.kill(replica.pid, signal.SIGSTOP)  # the only place is held by a request parked on it
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                parked = pool.submit(httpx.post, f"{gw.url}/v1/completions", json=body, timeout=120)
+                wait_for(lambda: gw.app.state.kiln.admission.in_flight == 1, "the parked request holds the place")
+                refused = gw.client.post("/v1/completions", json=body)
+                os.kill(replica.pid, signal.SIGCONT)
+                assert parked.result().status_code == 200
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        # a replica that never sends a first token: a 503 (on any machine, however slow), answered with
+        # the fallback text; the first-token wait shortened only now, so the parked request above waited
+        gw.app.state.kiln.inference.first_token_s = 0.5
+        os.kill(replica.pid, signal.SIGSTOP)
+        try:
+            fallback = gw.client.post("/v1/completions", json=body)
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        assert refused.status_code == 429
+        assert fallback.status_code == 200
+        assert fallback.json()["fallback"] is True
+        ids = refused.headers[TRACE_HEADER], fallback.headers[TRACE_HEADER]
+        gw.flush(*ids)
+    finally:
+        gw.close()
+    traces = _traces(uri, gguf.stem)
+    busy, failed = (traces[i] for i in ids)
+    assert busy.info.trace_metadata["kiln.status"] == "429"
+    assert "busy" in busy.info.trace_metadata["kiln.error"]
+    assert failed.info.trace_metadata["kiln.status"] == "503"
+    assert failed.info.trace_metadata["kiln.error"]
+    assert failed.data.spans[0].outputs["text"] == "try later"  # what the user got, beside why
+    assert busy.info.state == failed.info.state == "ERROR"
