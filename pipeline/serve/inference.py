@@ -357,7 +357,7 @@ def assemble(path: str, events: list[dict]) -> dict:
                 message["content"] = ""
         else:
             choice.setdefault("text", "")
-        choice.setdefault("logprobs", None)
+            choice.setdefault("logprobs", None)  # llama-server's text completion says null; its chat answer omits it
         choice.setdefault("finish_reason", None)
         out.append(choice)
     usage = top.get("usage")
