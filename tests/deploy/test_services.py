@@ -247,6 +247,36 @@ def test_only_a_lost_tracking_server_retries_a_stage(deployment, tmp_path):
         pass
 
 
+def test_served_answers_and_their_feedback_are_kept_on_the_tracking_server(deployment, monkeypatch):
+    """What `kiln serve` records against `make services`' MLflow server: the trace, then a user's rating."""
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.data.feedback import log_judgement, tracing_client
+    from pipeline.serve.tracing import TraceRecord, TraceWriter, new_trace_id
+
+    _, env = deployment
+    uri = env["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("KILN_TRACE_NICE", "0")  # what is stored is under test here, not the writer's priority
+    metrics = CollectorRegistry()
+    writer = TraceWriter(uri, 1.0, 10, metrics)
+    trace_id = new_trace_id()
+    writer.submit(TraceRecord(
+        trace_id=trace_id, route="/v1/completions", request_id="r1", key_id="k1", status=200,
+        started_ns=time.time_ns(), total_ms=5.0, queue_ms=0.0, ttft_ms=1.0, prompt_tokens=3, completion_tokens=2,
+        preset="default", sent={"prompt": "mail jane.roe@example.com"}, model="kiln-services", version="1",
+        alias="production", role="production",
+        answer={"object": "text_completion", "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]},
+    ))  # fmt: skip
+    assert writer.wait_written(trace_id, 600)
+    writer.close()
+    assert metrics.get_sample_value("kiln_traces_written_total") == 1, "the server refused the trace"
+    log_judgement(uri, trace_id, "k1", rating="down", preferred_answer="call jane.roe@example.com")
+    trace = tracing_client(uri).get_trace(trace_id)
+    assert trace.data.spans[0].inputs == {"prompt": "mail <EMAIL>"}
+    judged = {(a.name, str(a.value)) for a in trace.info.assessments}
+    assert judged == {("rating", "down"), ("preferred_answer", "call <EMAIL>")}
+
+
 def test_gpu_memory_utilisation_and_temperature_reach_the_server(request, monkeypatch):
     """On a machine with an NVIDIA GPU (and its driver): a stage's GPU system metrics on the server."""
     try:
