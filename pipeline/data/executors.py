@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,9 +50,10 @@ def datatrove_executor(settings: CleanSettings) -> Iterator[MakeExecutor]:
     if settings.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
-        yield lambda steps, tasks, workers, logging_dir: LocalPipelineExecutor(
-            steps, tasks=tasks, workers=workers, logging_dir=logging_dir
-        )
+        with terminable_workers():
+            yield lambda steps, tasks, workers, logging_dir: LocalPipelineExecutor(
+                steps, tasks=tasks, workers=workers, logging_dir=logging_dir
+            )
         return
     with ray_connection(settings.ray_address):
         from datatrove.executor.ray import RayPipelineExecutor
@@ -60,6 +62,23 @@ def datatrove_executor(settings: CleanSettings) -> Iterator[MakeExecutor]:
             steps, tasks=tasks, workers=workers, logging_dir=logging_dir, cpus_per_task=1,
             mem_per_cpu_gb=RAY_MEMORY_PER_TASK_GB,
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def terminable_workers() -> Iterator[None]:
+    """SIGTERM at its default for the block, where this process ignores it, so the worker processes
+    started meanwhile inherit the default: datatrove's pool stops its idle workers with SIGTERM, and
+    workers that ignore it never exit (the run hangs at its end). A job started in the background has
+    SIGINT ignored, and Dagster points SIGTERM at SIGINT's handler, so such a process is common.
+    Only the main thread may change a handler; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

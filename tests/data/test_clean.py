@@ -1,13 +1,18 @@
 """clean_corpus on datatrove: exact and near duplicates, rejections with reasons, stats, split."""
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from pipeline.config import CleanSettings
 from pipeline.data.clean import clean_corpus, minhash_bands, read_split
 from pipeline.io import read_jsonl
+from pipeline.layout import REPO_ROOT
 
 CODE = (
     'import os\n\n\ndef main():\n    """Print the working directory and the environment."""\n'
@@ -239,3 +244,33 @@ def test_origin_file_maps_derived_documents_to_their_file():
     assert origin_file("site_packages:setuptools/_vendor/packaging/tags.py") == "site_packages:packaging/tags.py"
     assert origin_file("notes.txt~0a1b2c3d") == "notes.txt"
     assert origin_file("data/x.jsonl:17#1") == "data/x.jsonl:17"
+
+
+@pytest.mark.slow
+def test_local_workers_stop_in_a_process_that_ignores_sigterm(tmp_path, corpus):
+    """A job started in the background has SIGINT ignored, and Dagster points SIGTERM at SIGINT's
+    handler: worker processes started then ignore SIGTERM, which is how datatrove's pool stops its idle
+    workers, so a run with two workers never returned. In a child process, with a deadline."""
+    raw, _ = corpus
+    script = (
+        "import signal, sys\n"
+        "from pathlib import Path\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "from pipeline.config import CleanSettings\n"
+        "from pipeline.data.clean import clean_corpus\n"
+        "stats = clean_corpus([Path(sys.argv[1])], Path(sys.argv[2]), CleanSettings(tasks=2), progress=False)\n"
+        "assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # the caller's setting, given back\n"
+        "print(stats.kept_documents)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(raw), str(tmp_path / "out")], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = child.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # its workers too (by the group the child leads)
+        child.communicate()
+        pytest.fail("clean_corpus with two workers did not return in 10 minutes (its workers ignore SIGTERM)")
+    assert child.returncode == 0, err[-800:]
+    assert int(out.split()[-1]) > 0
