@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +23,7 @@ from served import ServedGateway, sse_data
 
 from pipeline.data.feedback import FEEDBACK_TAG, serving_experiment, tracing_client
 from pipeline.data.pii_scan import pii_left
+from pipeline.layout import REPO_ROOT
 from pipeline.serve.tracing import TRACE_HEADER, TraceRecord, TraceWriter, answer_of, new_trace_id
 from tests.serve.conftest import wait_for
 
@@ -301,3 +304,33 @@ def test_a_busy_refusal_and_a_fallback_answer_are_traced_too(env, ggufs, tmp_pat
     assert failed.info.trace_metadata["kiln.error"]
     assert failed.data.spans[0].outputs["text"] == "try later"  # what the user got, beside why
     assert busy.info.state == failed.info.state == "ERROR"
+
+
+def test_a_process_whose_writer_is_gone_still_exits(tmp_path):
+    """Records the writer never read fill the queue's pipe; the process must exit all the same (its
+    queue's feeder thread would otherwise block the interpreter's exit for good)."""
+    script = (
+        "import sys, time\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "from pipeline.serve.tracing import TraceRecord, TraceWriter, new_trace_id\n"
+        "writer = TraceWriter(sys.argv[1], sample=1.0, capacity=400, registry=CollectorRegistry(), start=False)\n"
+        "for _ in range(400):\n"
+        "    writer.submit(TraceRecord(trace_id=new_trace_id(), route='/infer', request_id='r', key_id=None,\n"
+        "        status=200, started_ns=0, total_ms=1.0, queue_ms=0.0, ttft_ms=None, prompt_tokens=1,\n"
+        "        completion_tokens=1, preset=None, sent={'prompt': 'x' * 1000}, model='m', version='1',\n"
+        "        alias=None, role=None))\n"
+        "writer.close()\n"
+        "print('done', flush=True)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, f"sqlite:///{tmp_path / 'mlflow.db'}"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = child.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        pytest.fail("the process did not exit in 5 minutes: its queue's feeder thread blocked the exit")
+    assert child.returncode == 0, err[-800:]
+    assert out.strip() == "done"
