@@ -96,6 +96,11 @@ class TraceWriter:
         self.uri, self.sample = uri, sample
         self.queue = ctx.Queue(maxsize=capacity)
         self._results = ctx.Queue()
+        # at exit a queue joins its feeder thread, which blocks for good writing to a pipe nobody reads
+        # (the writer gone, stopped or never started, this process holding the pipe's other end): what
+        # is left unwritten then is lost either way, so exit does not wait for it. close() flushes.
+        self.queue.cancel_join_thread()
+        self._results.cancel_join_thread()
         self.written = Counter("kiln_traces_written", "served answers recorded as MLflow traces", registry=registry)
         self.dropped = Counter(
             "kiln_traces_dropped", "traces not recorded (queue_full: the store is slow; store_error)", ["reason"],

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,10 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
-from served import ServedGateway, sse_data
+from served import Gateway, sse_data
 
 from pipeline.data.feedback import FEEDBACK_TAG, serving_experiment, tracing_client
 from pipeline.data.pii_scan import pii_left
+from pipeline.layout import REPO_ROOT
 from pipeline.serve.tracing import TRACE_HEADER, TraceRecord, TraceWriter, answer_of, new_trace_id
 from tests.serve.conftest import wait_for
 
@@ -124,7 +127,7 @@ def traced(env, ggufs, tmp_path_factory):  # env: tests/serve/conftest.py
     from pipeline.serve.server import file_target
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('traces') / 'mlflow.db'}"
-    gw = ServedGateway(file_target(Path(ggufs["Q4_K_M"]), uri), kiln_api_keys="k1")
+    gw = Gateway(file_target(Path(ggufs["Q4_K_M"]), uri), kiln_api_keys="k1", kiln_replicas=1)
     gw.client.headers["Authorization"] = "Bearer k1"
     gw.uri, gw.model = uri, Path(ggufs["Q4_K_M"]).stem
     yield gw
@@ -239,7 +242,7 @@ def test_sampling_zero_traces_nothing_and_a_store_down_fails_no_request(env, ggu
     from pipeline.io import free_port
     from pipeline.serve.server import file_target
 
-    down = ServedGateway(file_target(Path(ggufs["Q4_K_M"]), f"http://127.0.0.1:{free_port()}"))
+    down = Gateway(file_target(Path(ggufs["Q4_K_M"]), f"http://127.0.0.1:{free_port()}"), kiln_replicas=1)
     try:
         answers = [down.client.post("/infer", json={"query": f"q{i}", "max_length": 2}) for i in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 200]
@@ -247,7 +250,8 @@ def test_sampling_zero_traces_nothing_and_a_store_down_fails_no_request(env, ggu
         assert down.metric('kiln_traces_dropped_total{reason="store_error"}') == 3
     finally:
         down.close()
-    off = ServedGateway(file_target(Path(ggufs["Q4_K_M"]), "sqlite:////nonexistent/never.db"), kiln_trace_sample=0)
+    nowhere = "sqlite:////nonexistent/never.db"
+    off = Gateway(file_target(Path(ggufs["Q4_K_M"]), nowhere), kiln_trace_sample=0, kiln_replicas=1)
     try:
         answer = off.client.post("/infer", json={"query": "q", "max_length": 2})
         assert answer.status_code == 200
@@ -262,9 +266,10 @@ def test_a_busy_refusal_and_a_fallback_answer_are_traced_too(env, ggufs, tmp_pat
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     gguf = Path(ggufs["Q4_K_M"])
-    gw = ServedGateway(
-        file_target(gguf, uri), max_concurrent_inference=1, kiln_max_queue=0, llm_fallback_response="try later"
-    )
+    gw = Gateway(
+        file_target(gguf, uri), kiln_replicas=1, max_concurrent_inference=1, kiln_max_queue=0,
+        llm_fallback_response="try later",
+    )  # fmt: skip
     body = {"prompt": "x", "max_tokens": 3}
     try:
         replica = gw.deployment.active.replicas[0]
@@ -301,3 +306,33 @@ def test_a_busy_refusal_and_a_fallback_answer_are_traced_too(env, ggufs, tmp_pat
     assert failed.info.trace_metadata["kiln.error"]
     assert failed.data.spans[0].outputs["text"] == "try later"  # what the user got, beside why
     assert busy.info.state == failed.info.state == "ERROR"
+
+
+def test_a_process_whose_writer_is_gone_still_exits(tmp_path):
+    """Records the writer never read fill the queue's pipe; the process must exit all the same (its
+    queue's feeder thread would otherwise block the interpreter's exit for good)."""
+    script = (
+        "import sys, time\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "from pipeline.serve.tracing import TraceRecord, TraceWriter, new_trace_id\n"
+        "writer = TraceWriter(sys.argv[1], sample=1.0, capacity=400, registry=CollectorRegistry(), start=False)\n"
+        "for _ in range(400):\n"
+        "    writer.submit(TraceRecord(trace_id=new_trace_id(), route='/infer', request_id='r', key_id=None,\n"
+        "        status=200, started_ns=0, total_ms=1.0, queue_ms=0.0, ttft_ms=None, prompt_tokens=1,\n"
+        "        completion_tokens=1, preset=None, sent={'prompt': 'x' * 1000}, model='m', version='1',\n"
+        "        alias=None, role=None))\n"
+        "writer.close()\n"
+        "print('done', flush=True)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, f"sqlite:///{tmp_path / 'mlflow.db'}"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = child.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        pytest.fail("the process did not exit in 5 minutes: its queue's feeder thread blocked the exit")
+    assert child.returncode == 0, err[-800:]
+    assert out.strip() == "done"
