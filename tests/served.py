@@ -1,11 +1,9 @@
-"""A kiln gateway in a thread of the test process, for the tracing, feedback and loop tests.
-
-The replicas are real llama-server processes on free loopback ports; `close` stops the server
-(its lifespan stops the replicas and writes the queued traces) and kills by PID any replica left.
-"""
+"""A kiln gateway in a thread of the test process, for every test that serves (tests/serve/ and the
+feedback loop's). The replicas are real llama-server processes on free loopback ports."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,37 +24,60 @@ def llama_server_or_skip():
         unavailable("llama-server", exc)
 
 
-class ServedGateway:
-    def __init__(self, target, canary=None, canary_share: float = 0.0, **settings) -> None:
+class Gateway:
+    """`kiln serve` on a free port in a thread of this process (the app `build` makes, uvicorn as the
+    command configures it), stopped on close: its lifespan stops the replicas and writes the queued
+    traces, and any replica left is killed by PID. Ready when `ready(client)` holds (default: /health
+    answers 200), within two minutes."""
+
+    defaults = {"kiln_replicas": 2, "kiln_slots": 2, "kiln_threads": 1, "kiln_poll_sec": 0}
+
+    def __init__(
+        self, target, canary=None, canary_share: float = 0.0, canary_actions=None, ready=None, **settings
+    ) -> None:  # fmt: skip
         import uvicorn
 
         from pipeline.io import free_port
-        from pipeline.serve.server import build
+        from pipeline.serve.server import build, uvicorn_config
         from pipeline.serve.settings import ServeSettings
 
-        defaults = {"port": free_port(), "kiln_replicas": 1, "kiln_slots": 2, "kiln_threads": 1, "kiln_poll_sec": 0}
-        self.settings = ServeSettings(**{**defaults, **settings})
-        self.app, self.deployment = build(self.settings, target, canary, canary_share)
+        self.settings = ServeSettings(**{"port": free_port(), **self.defaults, **settings})
+        self.startup_failed = False
+        self.app, self.deployment = build(
+            self.settings, target, canary, canary_share, self._startup_failed, canary_actions
+        )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.settings.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(self.app, self.settings))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         self.client = httpx.Client(base_url=self.url, timeout=60)
+        ready = ready or (lambda client: client.get("/health").status_code == 200)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.startup_failed:
             try:
-                if self.client.get("/health").status_code == 200:
+                if ready(self.client):
                     return
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError):
                 pass
             time.sleep(0.1)
         self.close()
-        raise AssertionError(f"the gateway never became healthy: {self.deployment.error}")
+        raise AssertionError(f"the gateway never became ready: {self.deployment.error}")
+
+    def _startup_failed(self) -> None:
+        self.startup_failed = True
+        self.server.should_exit = True
+
+    @property
+    def gw(self):
+        """The app's shared Gateway state (admission, deployment, metrics, tracing)."""
+        return self.app.state.kiln
 
     @property
     def tracing(self):
-        return self.app.state.kiln.tracing
+        return self.gw.tracing
+
+    def replica(self, i: int = 0):
+        return self.deployment.active.replicas[i]
 
     def flush(self, *trace_ids: str) -> None:
         """Wait until these traces left the writer's queue (written or dropped)."""
@@ -71,13 +92,18 @@ class ServedGateway:
         return total
 
     def pids(self) -> list[int]:
-        return [r.pid for p in self.deployment.serving() for r in p.replicas if r.alive()]
+        pools = [*self.deployment.serving(), *self.deployment._draining]
+        return [r.pid for p in pools for r in p.replicas if r.alive()]
 
     def close(self) -> None:
+        for pid in self.pids():  # a stopped replica must run again to hear SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         self.server.should_exit = True
         self.thread.join(timeout=60)
-        for pid in self.pids():
-            os.kill(pid, signal.SIGKILL)
+        for pid in self.pids():  # the lifespan stops them; this covers a server that never started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.client.close()
 
 

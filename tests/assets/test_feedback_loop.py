@@ -16,7 +16,7 @@ import time
 import pytest
 import yaml
 from dagster import DagsterInstance, Definitions, RunRequest, build_sensor_context, materialize
-from served import ServedGateway, llama_server_or_skip
+from served import Gateway, llama_server_or_skip
 from test_assets import E2E_PROFILE, write_e2e_sources
 
 import definitions
@@ -78,7 +78,7 @@ def test_served_answers_and_feedback_become_a_new_candidate(version_one, monkeyp
     root, uri, resources, instance = version_one
     monkeypatch.setenv("KILN_LLAMA_SERVER", str(llama_server_or_skip()))
     monkeypatch.setenv("KILN_CACHE_DIR", str(root / "cache"))
-    gw = ServedGateway(registry_target(uri, "loop", "production", "Q4_K_M"))
+    gw = Gateway(registry_target(uri, "loop", "production", "Q4_K_M"), kiln_replicas=1)
     try:
         oai = openai.OpenAI(base_url=gw.url + "/v1", api_key="none")
         prompts = ["def add(a, b):", f"mail {EMAIL} about the table", "def mul(a, b):", f"call {PHONE} now"]

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from served import llama_server_or_skip
-
-from pipeline.serve.replicas import free_port
-from pipeline.serve.settings import ServeSettings
+from served import Gateway, llama_server_or_skip
 
 WAIT_S = 60  # a generous deadline for something that happens in well under a second on an idle machine
 
@@ -122,71 +117,6 @@ def restore_production(store):
     yield before
     if registry.resolve(uri, "test", "production")[0] != before:
         registry.promote(uri, "test", before)
-
-
-class Gateway:
-    """A gateway on a free port in a thread of this process, stopped (replicas included) on close."""
-
-    def __init__(self, target, canary=None, canary_share: float = 0.0, **settings) -> None:
-        import uvicorn
-
-        from pipeline.serve.server import build, uvicorn_config
-
-        defaults = {"port": free_port(), "kiln_replicas": 2, "kiln_slots": 2, "kiln_threads": 1, "kiln_poll_sec": 0}
-        self.settings = ServeSettings(**{**defaults, **settings})
-        self.startup_failed = False
-        self.app, self.deployment = build(self.settings, target, canary, canary_share, self._startup_failed)
-        self.url = f"http://127.0.0.1:{self.settings.port}"
-        config = uvicorn_config(self.app, self.settings)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        self.client = httpx.Client(base_url=self.url, timeout=60)
-        try:
-            wait_for(self._healthy, "the gateway is healthy", timeout=120, every=0.1)
-        except AssertionError:
-            self.close()
-            raise AssertionError(f"the gateway never became healthy: {self.deployment.error}") from None
-
-    def _startup_failed(self) -> None:
-        self.startup_failed = True
-        self.server.should_exit = True
-
-    def _healthy(self) -> bool:
-        try:
-            return self.client.get("/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    @property
-    def gw(self):
-        """The app's shared Gateway state (admission, deployment, metrics)."""
-        return self.app.state.kiln
-
-    def replica(self, i: int = 0):
-        return self.deployment.active.replicas[i]
-
-    def pids(self) -> list[int]:
-        pools = [*self.deployment.serving(), *self.deployment._draining]
-        return [r.pid for p in pools for r in p.replicas if r.alive()]
-
-    def close(self) -> None:
-        pids = self.pids()
-        for pid in pids:  # a stopped replica must run again to hear SIGTERM
-            with contextlib_suppress():
-                os.kill(pid, signal.SIGCONT)
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-        for pid in self.pids():  # the lifespan stops them; this covers a server that never started
-            with contextlib_suppress():
-                os.kill(pid, signal.SIGKILL)
-        self.client.close()
-
-
-def contextlib_suppress():
-    import contextlib
-
-    return contextlib.suppress(ProcessLookupError)
 
 
 @pytest.fixture

@@ -7,16 +7,12 @@ token is aborted with production untouched and no request failed.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from served import Gateway
 
 from pipeline.release.canary import (
     ABORT,
@@ -199,41 +195,23 @@ def store(ggufs, tiny_base, tmp_path_factory):
     return uri, profile
 
 
-class AutoCanary:
+class AutoCanary(Gateway):
     """`kiln serve --alias production --canary VERSION --canary-share 0.5 --canary-auto` in a thread of this process."""
 
+    defaults = {
+        **Gateway.defaults, "kiln_replicas": 1, "kiln_canary_auto": True, "kiln_canary_interval_sec": 0.2,
+        "kiln_canary_min_requests": 30, "kiln_drain_sec": 10,
+    }  # fmt: skip
+
     def __init__(self, uri: str, canary: str, **settings) -> None:
-        import uvicorn
+        from pipeline.serve.server import registry_canary_actions, registry_target
 
-        from pipeline.io import free_port
-        from pipeline.serve.server import build, registry_canary_actions, registry_target
-        from pipeline.serve.settings import ServeSettings
-
-        defaults = {
-            "port": free_port(), "kiln_replicas": 1, "kiln_slots": 2, "kiln_threads": 1, "kiln_poll_sec": 0,
-            "kiln_canary_auto": True, "kiln_canary_interval_sec": 0.2, "kiln_canary_min_requests": 30,
-            "kiln_drain_sec": 10,
-        }  # fmt: skip
-        self.settings = ServeSettings(**{**defaults, **settings})
-        self.app, self.deployment = build(
-            self.settings, registry_target(uri, "test", "production", "Q4_K_M"),
-            registry_target(uri, "test", canary, "Q4_K_M"), 0.5, canary_actions=registry_canary_actions(uri, "test"),
+        super().__init__(
+            registry_target(uri, "test", "production", "Q4_K_M"), registry_target(uri, "test", canary, "Q4_K_M"), 0.5,
+            canary_actions=registry_canary_actions(uri, "test"),
+            ready=lambda client: (client.get("/").json().get("canary") or {}).get("ready"),  # production, then canary
+            **settings,
         )  # fmt: skip
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port,
-                                                    log_level="warning"))  # fmt: skip
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.settings.port}", timeout=60)
-        deadline = time.monotonic() + 120  # production warm, then the canary beside it
-        while time.monotonic() < deadline:
-            try:
-                if (self.client.get("/").json().get("canary") or {}).get("ready"):
-                    return
-            except (httpx.TransportError, ValueError):
-                pass
-            time.sleep(0.2)
-        self.close()
-        raise AssertionError(f"the canary never became ready: {self.deployment.error}")
 
     def drive(self, until, limit: int = 600) -> list[tuple[int, str | None, str]]:
         """Requests from distinct users until `until(status)` holds: (HTTP status, version, answer text)."""
@@ -246,14 +224,6 @@ class AutoCanary:
             if i % 5 == 4 and until(self.client.get("/canary").json()):
                 return results
         raise AssertionError(f"no decision after {limit} requests: {self.client.get('/canary/analysis').json()}")
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        pools = [*self.deployment.pools(), *self.deployment._draining]
-        for pid in [r.pid for p in pools for r in p.replicas if r.alive()]:
-            os.kill(pid, signal.SIGKILL)
-        self.client.close()
 
 
 def _decided(status: dict) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
-from served import ServedGateway, sse_data
+from served import Gateway, sse_data
 
 from pipeline.data.feedback import FEEDBACK_TAG, serving_experiment, tracing_client
 from pipeline.data.pii_scan import pii_left
@@ -127,7 +127,7 @@ def traced(env, ggufs, tmp_path_factory):  # env: tests/serve/conftest.py
     from pipeline.serve.server import file_target
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('traces') / 'mlflow.db'}"
-    gw = ServedGateway(file_target(Path(ggufs["Q4_K_M"]), uri), kiln_api_keys="k1")
+    gw = Gateway(file_target(Path(ggufs["Q4_K_M"]), uri), kiln_api_keys="k1", kiln_replicas=1)
     gw.client.headers["Authorization"] = "Bearer k1"
     gw.uri, gw.model = uri, Path(ggufs["Q4_K_M"]).stem
     yield gw
@@ -242,7 +242,7 @@ def test_sampling_zero_traces_nothing_and_a_store_down_fails_no_request(env, ggu
     from pipeline.io import free_port
     from pipeline.serve.server import file_target
 
-    down = ServedGateway(file_target(Path(ggufs["Q4_K_M"]), f"http://127.0.0.1:{free_port()}"))
+    down = Gateway(file_target(Path(ggufs["Q4_K_M"]), f"http://127.0.0.1:{free_port()}"), kiln_replicas=1)
     try:
         answers = [down.client.post("/infer", json={"query": f"q{i}", "max_length": 2}) for i in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 200]
@@ -250,7 +250,8 @@ def test_sampling_zero_traces_nothing_and_a_store_down_fails_no_request(env, ggu
         assert down.metric('kiln_traces_dropped_total{reason="store_error"}') == 3
     finally:
         down.close()
-    off = ServedGateway(file_target(Path(ggufs["Q4_K_M"]), "sqlite:////nonexistent/never.db"), kiln_trace_sample=0)
+    nowhere = "sqlite:////nonexistent/never.db"
+    off = Gateway(file_target(Path(ggufs["Q4_K_M"]), nowhere), kiln_trace_sample=0, kiln_replicas=1)
     try:
         answer = off.client.post("/infer", json={"query": "q", "max_length": 2})
         assert answer.status_code == 200
@@ -265,9 +266,10 @@ def test_a_busy_refusal_and_a_fallback_answer_are_traced_too(env, ggufs, tmp_pat
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     gguf = Path(ggufs["Q4_K_M"])
-    gw = ServedGateway(
-        file_target(gguf, uri), max_concurrent_inference=1, kiln_max_queue=0, llm_fallback_response="try later"
-    )
+    gw = Gateway(
+        file_target(gguf, uri), kiln_replicas=1, max_concurrent_inference=1, kiln_max_queue=0,
+        llm_fallback_response="try later",
+    )  # fmt: skip
     body = {"prompt": "x", "max_tokens": 3}
     try:
         replica = gw.deployment.active.replicas[0]
