@@ -51,7 +51,7 @@ prometheus:
 		|| { echo "prometheus is missing: sudo apt-get install prometheus (make services and the alert-rule tests need it)"; exit 1; }
 
 # Debian's chromium, for screenshots of the UIs (docs/) and browser tests driven by its executable path:
-# installed when missing and this is root, as bubblewrap is (`make browser`; make test does not need it).
+# installed when missing and this is root, as bubblewrap is (`make browser`; the browser tests install it themselves).
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && \
 		{ apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; }; } \
