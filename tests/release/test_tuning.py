@@ -20,11 +20,14 @@ from pipeline.data.clean import read_split
 from pipeline.errors import KilnError
 from pipeline.release import tuning
 
-# a study of seconds: 3 held-out lines, short completions, a floor every trial clears
+# a study of seconds: 3 held-out lines, short completions, and no speed floor: a floor is tokens/s, and
+# on a loaded machine a trial can fall under any share of greedy's speed, which would make the study's
+# draws depend on the machine (the floor has its own test below)
 SPACE = SearchSpace(max_tokens=[4, 12])
 SETTINGS = TuneSettings(
-    objective="kiln_next_line", problems=3, trials=5, timeout=None, min_tokens_per_s=1.0, space=SPACE
-)
+    objective="kiln_next_line", problems=3, trials=5, timeout=None, min_tokens_per_s=0.0, min_speed_share=0.0,
+    space=SPACE,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,11 @@ def test_an_untuned_preset_ships_greedy_and_the_floor_is_relative_to_greedy(gguf
     from pipeline.gguf import load
 
     validation = list(read_split(small_corpus, "validation"))
-    settings = replace(SETTINGS, objective="kiln_next_line_prefix", trials=2)
+    # the floor at 1% of greedy's tokens/s: relative to greedy as shipped, and a share no trial of this
+    # study misses however busy the machine is (the shipped default is 50%)
+    settings = replace(
+        SETTINGS, objective="kiln_next_line_prefix", trials=2, min_tokens_per_s=1.0, min_speed_share=0.01
+    )
     items = tuning.heldout_items(settings.objective, 3, validation)
     fresh = tuning.heldout_items(settings.objective, 3, validation, fresh=True)
     assert len(fresh) == 3
@@ -83,7 +90,7 @@ def test_an_untuned_preset_ships_greedy_and_the_floor_is_relative_to_greedy(gguf
                           heartbeat_s=1, progress=False, fresh=fresh)  # fmt: skip
     greedy_tps = summary["greedy"]["tokens_per_s"]
     assert greedy_tps > 0
-    assert summary["min_tokens_per_s"] == pytest.approx(max(1.0, 0.5 * greedy_tps))
+    assert summary["min_tokens_per_s"] == pytest.approx(max(1.0, 0.01 * greedy_tps))
     assert summary["fresh"]["items"] == 3
     assert "difference" in summary["fresh"]
     if summary["untuned"]:
