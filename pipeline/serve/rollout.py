@@ -21,7 +21,7 @@ production serves on.
 abort) stops routing to it and retires it once its requests in flight have finished.
 
 A request may also name a registered version that is neither (the playground's "any version"):
-`on_demand` starts it with one replica on first use and keeps the KILN_ON_DEMAND_VERSIONS most
+`pool_of_version` starts it with one replica on first use and keeps the KILN_ON_DEMAND_VERSIONS most
 recently named (the least recently named is retired past that; 0 turns this off). Such a pool
 takes only the requests that name it.
 """
@@ -103,7 +103,7 @@ class Deployment:
             if version in self.on_demand:
                 self.on_demand.move_to_end(version)
             return pool
-        keep = getattr(self.settings, "kiln_on_demand_versions", 0)
+        keep = self.settings.kiln_on_demand_versions
         if self.target.catalog is None or keep < 1:
             raise KilnError(f"version {version} is not served here (only {self._names()})")
         async with self._demand_lock:  # two first requests for one version start it once
@@ -124,10 +124,7 @@ class Deployment:
             self.on_demand[version] = pool
             log.info("version %s started on demand", version)
             while len(self.on_demand) > keep:
-                _, old = self.on_demand.popitem(last=False)
-                self.metrics.served.labels(old.version, "on-demand").set(0)
-                self._draining.add(old)
-                asyncio.create_task(self._retire(old))
+                self._take_out(self.on_demand.popitem(last=False)[1])
             return pool
 
     def _names(self) -> str:
@@ -154,9 +151,7 @@ class Deployment:
             self.metrics.swaps.inc()
             log.info("canary promoted in place: %s -> %s", old.source.label if old else None, new.source.label)
             if old is not None and old is not new:
-                self.metrics.served.labels(old.version, "production").set(0)
-                self._draining.add(old)
-                asyncio.create_task(self._retire(old))
+                self._take_out(old)
 
     async def drop_canary(self) -> None:
         """Share 0 at once; the canary's pool finishes what it has in flight, then stops."""
@@ -164,10 +159,8 @@ class Deployment:
             pool, self.canary, self.canary_share = self.canary, None, 0.0
             if pool is None:
                 return
-            self.metrics.served.labels(pool.version, "canary").set(0)
             log.info("canary %s dropped: share 0", pool.source.label)
-            self._draining.add(pool)
-            asyncio.create_task(self._retire(pool))
+            self._take_out(pool)
 
     async def _start_pool(self, source: ModelSource, role: str) -> Pool:
         pool = Pool(self.binary, source, self.settings, self.metrics, role)
@@ -256,13 +249,18 @@ class Deployment:
             self.metrics.swaps.inc()
             log.info("hot swap: %s -> %s", old.source.label if old else None, source.label)
             if old is not None:
-                self.metrics.served.labels(old.version, "production").set(0)
-                self._draining.add(old)
-                asyncio.create_task(self._retire(old))
+                self._take_out(old)
             return {
                 "changed": True, "from": old.version if old else None, "to": version,
                 "start_s": round(time.monotonic() - started, 2),
             }  # fmt: skip
+
+    def _take_out(self, pool: Pool) -> None:
+        """`pool` out of service: its `served` gauge 0; it finishes what it has in flight (up to
+        KILN_DRAIN_SEC), then stops, while the event loop serves on."""
+        self.metrics.served.labels(pool.version, pool.role).set(0)
+        self._draining.add(pool)
+        asyncio.create_task(self._retire(pool))
 
     async def _retire(self, pool: Pool) -> None:
         drained = await pool.drain(self.settings.kiln_drain_sec)

@@ -1,18 +1,14 @@
 """clean_corpus on datatrove: exact and near duplicates, rejections with reasons, stats, split."""
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 
 import pytest
+from child import run_python
 
 from pipeline.config import CleanSettings
 from pipeline.data.clean import clean_corpus, minhash_bands, read_split
 from pipeline.io import read_jsonl
-from pipeline.layout import REPO_ROOT
 
 CODE = (
     'import os\n\n\ndef main():\n    """Print the working directory and the environment."""\n'
@@ -262,15 +258,9 @@ def test_local_workers_stop_in_a_process_that_ignores_sigterm(tmp_path, corpus):
         "assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # the caller's setting, given back\n"
         "print(stats.kept_documents)\n"
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script, str(raw), str(tmp_path / "out")], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True,
+    code, out, err = run_python(
+        script, str(raw), str(tmp_path / "out"), timeout=600,
+        hung="clean_corpus with two workers did not return in 10 minutes (its workers ignore SIGTERM)",
     )  # fmt: skip
-    try:
-        out, err = child.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)  # its workers too (by the group the child leads)
-        child.communicate()
-        pytest.fail("clean_corpus with two workers did not return in 10 minutes (its workers ignore SIGTERM)")
-    assert child.returncode == 0, err[-800:]
+    assert code == 0, err[-800:]
     assert int(out.split()[-1]) > 0

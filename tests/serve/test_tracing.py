@@ -10,20 +10,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from child import run_python
 from prometheus_client import CollectorRegistry
 from served import Gateway, sse_data
 
 from pipeline.data.feedback import FEEDBACK_TAG, serving_experiment, tracing_client
 from pipeline.data.pii_scan import pii_left
-from pipeline.layout import REPO_ROOT
 from pipeline.serve.tracing import TRACE_HEADER, TraceRecord, TraceWriter, answer_of, new_trace_id
 from tests.serve.conftest import wait_for
 
@@ -324,15 +322,9 @@ def test_a_process_whose_writer_is_gone_still_exits(tmp_path):
         "writer.close()\n"
         "print('done', flush=True)\n"
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script, f"sqlite:///{tmp_path / 'mlflow.db'}"], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True,
+    code, out, err = run_python(
+        script, f"sqlite:///{tmp_path / 'mlflow.db'}", timeout=300,
+        hung="the process did not exit in 5 minutes: its queue's feeder thread blocked the exit",
     )  # fmt: skip
-    try:
-        out, err = child.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
-        pytest.fail("the process did not exit in 5 minutes: its queue's feeder thread blocked the exit")
-    assert child.returncode == 0, err[-800:]
+    assert code == 0, err[-800:]
     assert out.strip() == "done"
