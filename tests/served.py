@@ -93,7 +93,7 @@ class Gateway:
 
     def pids(self) -> list[int]:
         pools = [*self.deployment.serving(), *self.deployment._draining]
-        return [r.pid for p in pools for r in p.replicas if r.alive()]
+        return [r.pid for p in pools for r in p.replicas if r.pid is not None and r.alive()]
 
     def close(self) -> None:
         for pid in self.pids():  # a stopped replica must run again to hear SIGTERM
@@ -109,3 +109,14 @@ class Gateway:
 
 def sse_data(response: httpx.Response) -> list[dict]:
     return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+
+def hammer(url: str, stop: threading.Event, results: list, path="/infer") -> None:
+    """Requests back to back until `stop`: (status, the version that answered, or the error) each."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while not stop.is_set():
+            try:
+                r = client.post(path, json={"query": "def f(x):", "max_length": 6})
+                results.append((r.status_code, r.json().get("version") if r.status_code == 200 else r.text))
+            except httpx.HTTPError as exc:
+                results.append((0, str(exc)))

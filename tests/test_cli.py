@@ -113,7 +113,7 @@ def _every_command():
 
 TAKES_PROFILE = {
     "clean", "tokenizer", "pretrain", "tune", "models", "compare", "promote", "rollback", "pull", "history", "run",
-    "serve",
+    "serve", "replica",
 }  # fmt: skip
 EVERY_COMMAND = list(_every_command())
 

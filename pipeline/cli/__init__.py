@@ -22,7 +22,7 @@ from pipeline.cli.download import Download
 from pipeline.cli.humaneval import Humaneval
 from pipeline.cli.release import Bench, Compare, Gguf, History, Models, Promote, Pull, Rollback
 from pipeline.cli.run import Run
-from pipeline.cli.serve import Serve
+from pipeline.cli.serve import ReplicaHostCommand, Serve
 from pipeline.cli.stages import Clean, Device, Pretrain, Profiles, Tokenizer
 from pipeline.cli.tuning import Tune
 from pipeline.errors import KilnError
@@ -45,6 +45,7 @@ COMMANDS: dict[str, Command] = {
     "pull": Pull(),
     "history": History(),
     "serve": Serve(),
+    "replica": ReplicaHostCommand(),
     "canary": Canary(),
     "run": Run(),
 }

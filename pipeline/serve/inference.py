@@ -192,7 +192,7 @@ class Inference:
                 self.metrics.retries.labels(replica.source.version).inc()
             except aiohttp.ClientError as exc:  # connection refused or reset before any answer
                 last = exc
-                pool.report_failure(replica)
+                pool.report_failure(replica, exc)
                 call.retried = True
                 self.metrics.retries.labels(replica.source.version).inc()
             finally:

@@ -55,21 +55,28 @@ class ReplicaStartError(RuntimeError):
     pass
 
 
+class Unreachable(ReplicaStartError):
+    """A remote replica's control port did not answer (its host or `kiln replica` is down)."""
+
+
 class Replica:
+    remote = False  # a llama-server another machine runs (pipeline/serve/remote.py): never started or stopped here
+
     def __init__(
         self, binary: Path, source: ModelSource, slots: int, context_size: int, threads: int, warmup: int,
-        context_shift: bool = False,
+        context_shift: bool = False, host: str = "127.0.0.1", port: int | None = None, api_key: str | None = None,
     ) -> None:  # fmt: skip
         self.binary, self.source, self.context_shift = binary, source, context_shift
         self.slots, self.context_size, self.threads, self.warmup = slots, context_size, threads, warmup
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host, self.port = host, port or free_port()
+        self.url = f"http://{host}:{self.port}"
         self.name = f"{source.version}@{self.port}"
+        self.fixed_key = api_key  # `kiln replica`'s key, which its gateway holds; None: a new one per start
         self.state = STARTING
         self.in_flight = 0
         self.process: subprocess.Popen | None = None
         self.log_path = cache_dir() / "serve" / "logs" / f"llama-server-{self.port}.log"
-        self.api_key = secrets.token_urlsafe(24)  # a new one per start; only the gateway knows it
+        self.api_key = api_key or secrets.token_urlsafe(24)  # a new one per start; only the gateway knows it
         self.failures = 0  # starts failed in a row
         self.backoffs: list[float] = []  # the waits between those starts
         self.error: str | None = None  # why it is out of the pool
@@ -85,7 +92,7 @@ class Replica:
 
     def command(self) -> list[str]:
         return [
-            str(self.binary), "-m", str(self.source.gguf), "--host", "127.0.0.1", "--port", str(self.port),
+            str(self.binary), "-m", str(self.source.gguf), "--host", self.host, "--port", str(self.port),
             "--parallel", str(self.slots), "--ctx-size", str(self.context_size * self.slots),
             "--threads", str(self.threads), "--threads-http", str(HTTP_THREADS_PER_SLOT * self.slots + 4),
             "--metrics", "--no-webui", "--alias", self.source.label, "--api-key", self.api_key,
@@ -98,7 +105,7 @@ class Replica:
     async def start(self, session: aiohttp.ClientSession) -> None:
         """Start the process, wait for /health, warm it; `ready` only when all of that worked."""
         self.state = STARTING
-        self.api_key = secrets.token_urlsafe(24)
+        self.api_key = self.fixed_key or secrets.token_urlsafe(24)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             # a session of its own: Ctrl-C in the gateway's terminal reaches the gateway, which stops it
@@ -176,24 +183,39 @@ class Replica:
                 await asyncio.sleep(0.01)
 
 
+def local_replica(binary: Path, source: ModelSource, settings, replicas: int = 1, **where) -> Replica:
+    """One llama-server of `source` on this machine, shaped by the settings: KILN_SLOTS sequences of the
+    presets' context (never past the trained one), the cores shared among `replicas`."""
+    threads = settings.kiln_threads or max(1, (os.cpu_count() or 2) // max(1, replicas))
+    context = max(p.context_size for p in source.presets.values()) if source.presets else 2048
+    context = min(context, declared_context(source.gguf))  # a slot never runs past the trained context
+    return Replica(
+        binary, source, settings.kiln_slots, context, threads, settings.kiln_warmup_requests,
+        settings.kiln_context_shift, **where,
+    )  # fmt: skip
+
+
 class Pool:
     """The replicas of one version."""
 
-    def __init__(self, binary: Path, source: ModelSource, settings, metrics: Metrics, role: str = "production"):
-        slots, replicas = settings.kiln_slots, settings.kiln_replicas
-        threads = settings.kiln_threads or max(1, (os.cpu_count() or 2) // replicas)
-        context = max(p.context_size for p in source.presets.values()) if source.presets else 2048
-        context = min(context, declared_context(source.gguf))  # a slot never runs past the trained context
+    def __init__(
+        self, binary: Path, source: ModelSource, settings, metrics: Metrics, role: str = "production", remote=(),
+    ) -> None:  # fmt: skip
+        """`remote`: replicas other machines run (pipeline/serve/remote.py), beside `KILN_REPLICAS` local ones
+        (which may then be 0)."""
+        count = settings.kiln_replicas if remote else max(1, settings.kiln_replicas)
         self.source, self.metrics, self.role = source, metrics, role
-        self.replicas = [
-            Replica(binary, source, slots, context, threads, settings.kiln_warmup_requests, settings.kiln_context_shift)
-            for _ in range(replicas)
-        ]
+        self.replicas = [local_replica(binary, source, settings, count) for _ in range(count)]
+        for replica in remote:
+            replica.pool = self
+        self.replicas += list(remote)
         self._tasks: set[asyncio.Task] = set()
+        self._restarting: set[Replica] = set()
         self._monitor: asyncio.Task | None = None
         self.session: aiohttp.ClientSession | None = None
         self.restarts = 0
         self.backoff_max = settings.kiln_restart_backoff_max_sec
+        self.closed = False
 
     @property
     def version(self) -> str:
@@ -220,28 +242,77 @@ class Pool:
         }  # fmt: skip
 
     async def start(self, session: aiohttp.ClientSession) -> None:
-        """Start every replica at once; succeed when at least one is warm (the rest keep retrying)."""
+        """Start the local replicas at once; succeed when at least one is warm (the rest keep retrying).
+        Remote replicas join one at a time after that (each may be serving the version this pool
+        replaces, and takes its turn so the rest serve on); with no local replica, the first remote one
+        that answers is loaded before this returns."""
         self.session = session
-        results = await asyncio.gather(*(r.start(session) for r in self.replicas), return_exceptions=True)
-        for replica, result in zip(self.replicas, results, strict=True):
+        local = [r for r in self.replicas if not r.remote]
+        remote = [r for r in self.replicas if r.remote]
+        if not local:
+            remote.remove(await self._first_remote(remote))
+        results = await asyncio.gather(*(r.start(session) for r in local), return_exceptions=True)
+        for replica, result in zip(local, results, strict=True):
             self._gauge(replica)
             if isinstance(result, BaseException):
                 log.warning("replica %s failed to start: %s", replica.name, result)
-                self._spawn(self._restart(replica))
+                self._restart_soon(replica)
         if not self.ready():
             await self.close()
             raise ReplicaStartError(f"no replica of {self.source.label} started: {results[0]}")
         self._monitor = asyncio.create_task(self._watch())
+        if remote:
+            self._spawn(self._join_one_by_one(remote))
+
+    async def _first_remote(self, remote: list[Replica]) -> Replica:
+        """The first remote replica that starts; one that cannot be reached is skipped, one that answered
+        and could not serve the version fails the start (the others would fail alike)."""
+        for replica in remote:
+            try:
+                await replica.start(self.session)
+            except Unreachable as exc:
+                log.warning("remote replica %s: %s", replica.name, exc)
+                self._gauge(replica)
+                continue
+            except Exception:
+                await self.close()
+                raise
+            self._gauge(replica)
+            return replica
+        await self.close()
+        raise ReplicaStartError(f"no remote replica of {self.source.label} could be reached")
+
+    async def _join_one_by_one(self, replicas: list[Replica]) -> None:
+        for replica in replicas:
+            try:
+                await replica.start(self.session)
+            except Exception as exc:  # it keeps trying, as a local replica that failed does
+                log.warning("replica %s failed to start: %s", replica.name, exc)
+                replica.state = FAILED
+                self._restart_soon(replica)
+            self._gauge(replica)
+
+    def add(self, replicas: list[Replica]) -> None:
+        """More replicas for a pool already serving (remote ones after a canary became production)."""
+        for replica in replicas:
+            replica.pool = self
+        self.replicas += replicas
+        self._spawn(self._join_one_by_one(replicas))
 
     def pick(self, exclude: tuple[Replica, ...] = ()) -> Replica | None:
         """The least-busy ready replica, ties to the first."""
         candidates = [r for r in self.replicas if r.state == READY and r not in exclude]
         return min(candidates, key=lambda r: r.in_flight) if candidates else None
 
-    def report_failure(self, replica: Replica) -> None:
-        """A request could not reach `replica`: if its process is gone, take it out and restart it now."""
-        if replica.state == READY and not replica.alive():
+    def report_failure(self, replica: Replica, exc: BaseException | None = None) -> None:
+        """A request could not reach `replica`: if its process is gone (for a remote one: its address
+        refused the connection), take it out and restart it now."""
+        if replica.state != READY:
+            return
+        if not replica.alive():
             self._fail(replica, "process exited")
+        elif replica.remote and isinstance(exc, aiohttp.ClientConnectorError):
+            self._fail(replica, f"unreachable: {exc}")
 
     def report_hung(self, replica: Replica) -> None:
         """No first token in time: out of routing until /health answers (the monitor puts it back)."""
@@ -256,7 +327,7 @@ class Pool:
         log.warning("replica %s out of the pool (%s); restarting", replica.name, why)
         replica.state, replica.error = FAILED, why
         self._gauge(replica)
-        self._spawn(self._restart(replica))
+        self._restart_soon(replica)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -267,7 +338,19 @@ class Pool:
         """The wait after `failures` failed starts in a row: 1, 2, 4, ... s, at most KILN_RESTART_BACKOFF_MAX_SEC."""
         return min(self.backoff_max, 2.0 ** (failures - 1))
 
+    def _restart_soon(self, replica: Replica) -> None:
+        """One restart loop per replica, however many failures report it."""
+        if replica not in self._restarting:
+            self._restarting.add(replica)
+            self._spawn(self._restart(replica))
+
     async def _restart(self, replica: Replica) -> None:
+        try:
+            await self._restart_until_ready(replica)
+        finally:
+            self._restarting.discard(replica)
+
+    async def _restart_until_ready(self, replica: Replica) -> None:
         while replica.state == FAILED:
             await replica.terminate()
             replica.state = FAILED
@@ -324,6 +407,7 @@ class Pool:
         return self.in_flight == 0
 
     def stop(self) -> None:
+        self.closed = True
         if self._monitor:
             self._monitor.cancel()
         for task in list(self._tasks):
@@ -334,6 +418,7 @@ class Pool:
 
     async def close(self) -> None:
         """`stop` without blocking the event loop: every replica terminated at once."""
+        self.closed = True
         if self._monitor:
             self._monitor.cancel()
         for task in list(self._tasks):

@@ -43,6 +43,7 @@ import aiohttp
 
 from pipeline.errors import KilnError
 from pipeline.serve.metrics import Metrics
+from pipeline.serve.remote import Claims, remote_replicas
 from pipeline.serve.replicas import Pool
 from pipeline.serve.source import ModelSource
 
@@ -83,6 +84,7 @@ class Deployment:
         self.polls = 0  # registry polls done
         self.on_demand: OrderedDict[str, Pool] = OrderedDict()  # version -> pool, least recently named first
         self._demand_lock = asyncio.Lock()
+        self.claims = Claims(settings.kiln_drain_sec)  # which pool each remote replica serves (remote.py)
 
     def pools(self) -> list[Pool]:
         """The pools in rotation: production and the canary."""
@@ -152,6 +154,8 @@ class Deployment:
             log.info("canary promoted in place: %s -> %s", old.source.label if old else None, new.source.label)
             if old is not None and old is not new:
                 self._take_out(old)
+            if self.settings.replica_urls:  # the remote replicas follow production, one at a time
+                new.add(self._remote(new.source))
 
     async def drop_canary(self) -> None:
         """Share 0 at once; the canary's pool finishes what it has in flight, then stops."""
@@ -162,8 +166,13 @@ class Deployment:
             log.info("canary %s dropped: share 0", pool.source.label)
             self._take_out(pool)
 
+    def _remote(self, source: ModelSource) -> list:
+        """Production's replicas on other machines (`--replica-url`); a canary and on-demand versions run here."""
+        return remote_replicas(self.settings.replica_urls, source, self.settings.kiln_replica_key, self.claims)
+
     async def _start_pool(self, source: ModelSource, role: str) -> Pool:
-        pool = Pool(self.binary, source, self.settings, self.metrics, role)
+        remote = self._remote(source) if role == "production" else []
+        pool = Pool(self.binary, source, self.settings, self.metrics, role, remote)
         await pool.start(self.session)
         self.metrics.served.labels(source.version, role).set(1)
         return pool

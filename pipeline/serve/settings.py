@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from pipeline.errors import KilnError
@@ -35,7 +36,9 @@ class ServeSettings(BaseSettings):
     kiln_rate_limit_rpm: float = Field(0, ge=0, description="requests per minute per key (or client); 0: off")
     kiln_rate_limit_burst: int = Field(10, ge=1)
     kiln_cors_origins: str = Field("", description="comma-separated origins; empty: no CORS headers")
-    kiln_replicas: int = Field(2, ge=1, le=64)
+    kiln_replicas: int = Field(2, ge=0, le=64, description="local llama-servers; 0 only with KILN_REPLICA_URLS")
+    kiln_replica_urls: str = Field("", description="comma-separated llama-server URLs `kiln replica` runs elsewhere")
+    kiln_replica_key: str = Field("", description="the key those `kiln replica` processes were started with")
     kiln_slots: int = Field(4, ge=1, description="parallel sequences per llama-server (continuous batching)")
     kiln_threads: int = Field(0, ge=0, description="CPU threads per replica; 0: cores / replicas")
     kiln_poll_sec: float = Field(10.0, ge=0, description="registry poll for a moved alias; 0: off")
@@ -102,6 +105,27 @@ class ServeSettings(BaseSettings):
     def _route_limits(cls, value: str) -> str:
         route_limits(value)  # raises ValueError naming the bad part
         return value
+
+    @field_validator("kiln_replica_urls")
+    @classmethod
+    def _replica_urls(cls, value: str) -> str:
+        for url in cls._split(value):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+                raise ValueError(f"{url}: a replica URL is http://HOST:PORT (as `kiln replica` prints it)")
+        return value
+
+    @model_validator(mode="after")
+    def _some_replica(self):
+        if self.kiln_replicas == 0 and not self.replica_urls:
+            raise ValueError("KILN_REPLICAS is 0 and no KILN_REPLICA_URLS are given: nothing would serve")
+        if self.replica_urls and not self.kiln_replica_key:
+            raise ValueError("KILN_REPLICA_URLS needs KILN_REPLICA_KEY, the key the remote replicas were started with")
+        return self
+
+    @property
+    def replica_urls(self) -> list[str]:
+        return [url.rstrip("/") for url in self._split(self.kiln_replica_urls)]
 
     @field_validator("kiln_trusted_proxies")
     @classmethod

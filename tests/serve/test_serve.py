@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from served import hammer
 
 from pipeline.errors import KilnError
 from pipeline.presets import load_presets
@@ -345,16 +346,6 @@ def test_pii_is_masked_before_the_model(gateway, caplog):
     assert line["query"] == "write to <EMAIL> now"
 
 
-def _hammer(url: str, stop: threading.Event, results: list, path="/infer") -> None:
-    with httpx.Client(base_url=url, timeout=30) as client:
-        while not stop.is_set():
-            try:
-                r = client.post(path, json={"query": "def f(x):", "max_length": 6})
-                results.append((r.status_code, r.json().get("version") if r.status_code == 200 else r.text))
-            except httpx.HTTPError as exc:
-                results.append((0, str(exc)))
-
-
 @pytest.mark.slow
 def test_hot_swap_after_promote_under_load(env, store, restore_production):
     from pipeline.cli import main
@@ -370,7 +361,7 @@ def test_hot_swap_after_promote_under_load(env, store, restore_production):
     try:
         assert gw.client.get("/").json()["version"] == "1"
         stop, results = threading.Event(), []
-        workers = [threading.Thread(target=_hammer, args=(gw.url, stop, results)) for _ in range(4)]
+        workers = [threading.Thread(target=hammer, args=(gw.url, stop, results)) for _ in range(4)]
         for w in workers:
             w.start()
         wait_for(lambda: any(v == "1" for _, v in list(results)), "answers from version 1")
@@ -400,7 +391,7 @@ def test_hot_swap_after_promote_under_load(env, store, restore_production):
 def test_a_killed_replica_is_replaced(gateway):
     gw = gateway(kiln_replicas=2)
     stop, results = threading.Event(), []
-    workers = [threading.Thread(target=_hammer, args=(gw.url, stop, results)) for _ in range(3)]
+    workers = [threading.Thread(target=hammer, args=(gw.url, stop, results)) for _ in range(3)]
     for w in workers:
         w.start()
     wait_for(lambda: results, "the load is running")
