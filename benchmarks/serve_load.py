@@ -11,6 +11,8 @@ tiny profile's shape with random weights: speed, not sense), every server on loo
   llama-server one llama-server, with as many threads as one of kiln's replicas and all the slots
                (more threads than that only make ggml's spinning threads fight over 2 busy cores)
   llama-cpp-py llama-cpp-python's own OpenAI server (one request at a time: the naive anchor)
+  kiln-remote  kiln serve --replicas 0 over two `kiln replica` processes on 127.0.0.2 and 127.0.0.3 (the
+               same two llama-servers as "remote" hosts; a registry of the GGUF made in a temp folder)
 
 The load is a bounded async client: N workers, each sending streamed `/v1/completions` (64 new
 tokens, EOS banned so every answer has the same length) back to back for a fixed time. Printed:
@@ -48,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 import serve_faults  # noqa: E402  (benchmarks/serve_faults.py)
 
+from pipeline.io import free_port  # noqa: E402
 from pipeline.serve import engine  # noqa: E402
-from pipeline.serve.replicas import free_port  # noqa: E402
 
 MAX_TOKENS = 64
 SWAP_WAIT_S = 120.0  # how long the hot-swap step waits for the new version to serve
@@ -106,8 +108,11 @@ def eos_id(gguf: Path) -> int:
 class Proc:
     """A server process on a free port, stopped by its PID."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None, health: str = "/health"):
-        self.name, self.port, self.url, self.health = name, port, f"http://127.0.0.1:{port}", health
+    def __init__(
+        self, name: str, cmd: list[str], port: int, env: dict | None = None, health: str = "/health",
+        host: str = "127.0.0.1",
+    ) -> None:  # fmt: skip
+        self.name, self.port, self.url, self.health = name, port, f"http://{host}:{port}", health
         self.log = open(Path(tempfile.gettempdir()) / f"kiln-bench-{name}-{port}.log", "wb")  # noqa: SIM115 (lives as long as the child it serves)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
@@ -148,7 +153,7 @@ def llama_server(binary: Path, gguf: Path, slots: int, threads: int) -> Proc:
 def kiln(gguf: Path | None, replicas: int, slots: int, env: dict | None = None, extra: list[str] = ()) -> Proc:
     port = free_port()
     settings = {
-        "KILN_SLOTS": str(slots), "KILN_THREADS": "1", "MAX_CONCURRENT_INFERENCE": str(replicas * slots * 2),
+        "KILN_SLOTS": str(slots), "KILN_THREADS": "1", "MAX_CONCURRENT_INFERENCE": str(max(2, replicas) * slots * 2),
         "KILN_MAX_QUEUE": "1024", "INFERENCE_TIMEOUT_SEC": "120", "PYTHONPATH": str(ROOT), **(env or {}),
     }  # fmt: skip
     source = ["--gguf", str(gguf)] if gguf else []
@@ -246,7 +251,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-async def throughput(args, binary: Path, gguf: Path, ban: dict) -> dict:
+async def throughput(args, binary: Path, gguf: Path, ban: dict, tmp: Path) -> dict:
     threads = os.cpu_count() or 2
     results: dict[str, dict] = {}
     setups = {
@@ -254,18 +259,21 @@ async def throughput(args, binary: Path, gguf: Path, ban: dict) -> dict:
         "pool-direct": lambda: [llama_server(binary, gguf, args.slots, 1) for _ in range(2)],
         "llama-server": lambda: [llama_server(binary, gguf, 2 * args.slots, max(1, threads // 2))],
         "llama-cpp-py": lambda: [llama_cpp_python(gguf, threads)],
+        "kiln-remote": lambda: kiln_remote(gguf, args.slots, tmp),
     }
     setups = {name: make for name, make in setups.items() if name in args.servers}
     for name, make in setups.items():
         procs = make()
+        if asyncio.iscoroutine(procs):
+            procs = await procs
         try:
             for p in procs:
                 await p.ready()
-            urls = [p.url for p in procs]
+            urls = [procs[0].url] if name.startswith("kiln") else [p.url for p in procs]  # a gateway comes first
             await load(urls, 2, 2, ban)  # warm-up
             results[name] = {}
             for c in args.concurrency:
-                gateway = _cpu_seconds(procs[0].proc.pid) if name == "kiln" else None
+                gateway = _cpu_seconds(procs[0].proc.pid) if name.startswith("kiln") else None
                 results[name][c] = await load(urls, c, args.seconds, ban)
                 if gateway is not None:  # the gateway's own CPU per 1000 relayed tokens (its replicas excluded)
                     tokens = results[name][c]["tokens_per_s"] * args.seconds
@@ -350,20 +358,55 @@ async def kill_one_replica(gguf: Path, ban: dict, seconds: float) -> dict:
         p.stop()
 
 
-async def hot_swap(gguf: Path, ban: dict, seconds: float, tmp: Path) -> dict:
+def bench_registry(gguf: Path, tmp: Path) -> tuple[str, Path]:
+    """A sqlite registry of kiln-bench in `tmp` (once): versions 1 and 2 both `gguf`, production -> 1.
+    Returns the tracking URI and the profile file."""
     from pipeline.release import registry
     from pipeline.tracking import pipeline_run
 
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri, profile = f"sqlite:///{tmp / 'mlflow.db'}", tmp / "bench.yaml"
+    if profile.exists():
+        registry.promote(uri, "bench", "1")
+        return uri, profile
     for n in (1, 2):
         bundle = tmp / f"bundle{n}" / "gguf"
         bundle.mkdir(parents=True)
         (bundle / "kiln-bench-Q4_K_M.gguf").write_bytes(gguf.read_bytes())
         registry.register(uri, "bench", pipeline_run(uri, "bench", f"run-{n}"), bundle.parent, {}, gate_passed=True)
     registry.promote(uri, "bench", "1")
-    (tmp / "bench.yaml").write_text("base: tiny\n")
+    profile.write_text("base: tiny\n")
+    return uri, profile
+
+
+REMOTE_KEY = "bench-replica-key"
+
+
+async def kiln_remote(gguf: Path, slots: int, tmp: Path) -> list[Proc]:
+    """kiln serve with no local replica over two `kiln replica` processes on 127.0.0.2 and 127.0.0.3
+    (the gateway first in the list: its CPU is measured)."""
+    uri, profile = bench_registry(gguf, tmp)
+    registry_args = ["--profile", str(profile), "--tracking-uri", uri]
+    env = {
+        "KILN_CACHE_DIR": str(tmp / "cache"), "KILN_LLAMA_SERVER": str(engine.locate()), "KILN_REPLICA_KEY": REMOTE_KEY,
+        "KILN_SLOTS": str(slots), "KILN_THREADS": "1", "PYTHONPATH": str(ROOT),
+    }  # fmt: skip
+    replicas = []
+    for host in ("127.0.0.2", "127.0.0.3"):
+        port = free_port(host, pair=True)
+        cmd = [sys.executable, "-m", "pipeline.cli", "replica", *registry_args, "--host", host, "--port", str(port)]
+        replicas.append(Proc(f"kiln-replica-{port}", cmd, port, env, host=host))
+    for r in replicas:
+        await r.ready()
+    gateway = kiln(None, 0, slots, {**env, "KILN_REPLICA_URLS": ",".join(r.url for r in replicas)}, registry_args)
+    return [gateway, *replicas]
+
+
+async def hot_swap(gguf: Path, ban: dict, seconds: float, tmp: Path) -> dict:
+    from pipeline.release import registry
+
+    uri, profile = bench_registry(gguf, tmp)
     env = {"KILN_POLL_SEC": "0.5", "KILN_CACHE_DIR": str(tmp / "cache"), "KILN_LLAMA_SERVER": str(engine.locate())}
-    p = kiln(None, 2, 4, env, ["--profile", str(tmp / "bench.yaml"), "--tracking-uri", uri])
+    p = kiln(None, 2, 4, env, ["--profile", str(profile), "--tracking-uri", uri])
     try:
         await p.ready()
         run = asyncio.create_task(load([p.url], 16, seconds, ban))
@@ -482,7 +525,7 @@ async def main() -> None:
     parser.add_argument("--slots", type=int, default=8, help="parallel sequences per kiln replica")
     parser.add_argument("--skip-faults", action="store_true")
     parser.add_argument("--servers", nargs="+", default=["kiln", "pool-direct", "llama-server", "llama-cpp-py"],
-                        choices=["kiln", "pool-direct", "llama-server", "llama-cpp-py"])  # fmt: skip
+                        choices=["kiln", "pool-direct", "llama-server", "llama-cpp-py", "kiln-remote"])  # fmt: skip
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tracing", action="store_true", help="only kiln with tracing on against off (see tracing)")
     parser.add_argument("--rounds", type=int, default=3, help="--tracing: turns of load on each server")
@@ -498,7 +541,7 @@ async def main() -> None:
             if args.json:
                 args.json.write_text(json.dumps(report, indent=2))
             return
-        report["load"] = await throughput(args, binary, gguf, ban)
+        report["load"] = await throughput(args, binary, gguf, ban, Path(tmp))
         if not args.skip_faults:
             report["overload"] = await overload(gguf, ban, args.seconds)
             print("overload", json.dumps(report["overload"]), flush=True)
@@ -520,6 +563,10 @@ async def main() -> None:
             f"TTFT P50 {k['ttft_p50_ms']} vs {d['ttft_p50_ms']} ms ({k['ttft_p50_ms'] / d['ttft_p50_ms']:.2f}x, "
             f"goal <= 1.5x), P95 {k['ttft_p95_ms']} vs {d['ttft_p95_ms']} ms; kiln's split: {k['ttft_split_ms']}"
         )
+        if "kiln-remote" in load_:
+            r = load_["kiln-remote"][16]
+            print(f"kiln over 2 remote replicas / kiln over 2 local: {r['tokens_per_s'] / k['tokens_per_s']:.3f} "
+                  f"tokens/s, TTFT P50 {r['ttft_p50_ms']} vs {k['ttft_p50_ms']} ms")  # fmt: skip
         for other in ("llama-server", "llama-cpp-py"):
             if other in load_:
                 print(f"kiln / {other} {k['tokens_per_s'] / max(load_[other][16]['tokens_per_s'], 1e-9):.2f}")

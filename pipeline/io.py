@@ -24,11 +24,22 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def free_port() -> int:
-    """A TCP port free on the loopback interface now, for a server this process starts."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(host: str = "127.0.0.1", pair: bool = False) -> int:
+    """A TCP port free on `host` now, for a server this process starts; with `pair`, one whose next
+    port is free too (`kiln replica` answers its gateway on the next port)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+            if not pair:
+                return port
+            with socket.socket() as after:
+                try:
+                    after.bind((host, port + 1))
+                except OSError:
+                    continue
+            return port
+    raise OSError(f"no two free consecutive ports on {host}")
 
 
 def writable_folder(path: Path) -> Path:

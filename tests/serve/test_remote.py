@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,32 +15,18 @@ import httpx
 import pytest
 from served import hammer
 
+from pipeline.io import free_port
 from tests.serve.conftest import Gateway, wait_for
 
 KEY = "remote-replica-test-key"
 HOSTS = ("127.0.0.2", "127.0.0.3")
 
 
-def free_port_pair(host: str) -> int:
-    """A port free on `host` whose next port (the control port) is free too."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind((host, 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind((host, port + 1))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError(f"no two free consecutive ports on {host}")
-
-
 class ReplicaProcess:
     """`kiln replica` in a process of its own session, stopped by its PID (it stops its llama-server)."""
 
     def __init__(self, host: str, uri: str, profile: Path, workdir: Path) -> None:
-        self.port = free_port_pair(host)
+        self.port = free_port(host, pair=True)
         self.url, self.control = f"http://{host}:{self.port}", f"http://{host}:{self.port + 1}"
         self.log = workdir / f"replica-{host}.log"
         env = {
