@@ -179,10 +179,8 @@ class Deployment:
 
     async def start(self) -> None:
         """Pull, start and warm the production (and canary) replicas, then watch the registry."""
-        # a fresh loopback connection per request (~0.1 ms): llama-server closes idle keep-alive
-        # connections on its own schedule, and a request written to one of those fails before it starts
         self.loop = asyncio.get_running_loop()  # the gateway's event loop (other threads submit to it)
-        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        connector = upstream_connector(self.settings.kiln_upstream_keepalive_sec)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         try:
             source = self.initial or await asyncio.to_thread(self.target.fetch, self.target.which)
@@ -284,6 +282,15 @@ class Deployment:
         await asyncio.gather(*(pool.close() for pool in [*self.serving(), *self._draining]))
         if self.session:
             await self.session.close()
+
+
+def upstream_connector(keepalive_s: float) -> aiohttp.TCPConnector:
+    """Connections to the replicas. With `keepalive_s` 0, a fresh one per request; else an idle one is kept
+    that long, below llama-server's own 5 s, so the gateway does not write to a connection llama-server is
+    closing. One it closed anyway fails before the request starts, which the retry covers."""
+    if keepalive_s <= 0:
+        return aiohttp.TCPConnector(limit=0, force_close=True)
+    return aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_s)
 
 
 class SwapFailed(RuntimeError):
