@@ -193,7 +193,8 @@ class CanaryWatch:
         self.deployment, self.quality, self.actions = deployment, quality, actions
         self.policy = CanaryPolicy(
             min_requests=settings.kiln_canary_min_requests, alpha=settings.kiln_canary_alpha,
-            beta=settings.kiln_canary_beta,
+            beta=settings.kiln_canary_beta, latency_ratio=settings.kiln_canary_latency_ratio,
+            ttft_ratio=settings.kiln_canary_ttft_ratio, tokens_per_s_ratio=settings.kiln_canary_tokens_per_s_ratio,
         )  # fmt: skip
         self.auto, self.interval = settings.kiln_canary_auto, settings.kiln_canary_interval_sec
         self.feedback: Callable[[str], tuple[int, int]] | None = None  # (thumbs down, votes) of a version

@@ -51,6 +51,9 @@ class ServeSettings(BaseSettings):
     kiln_canary_interval_sec: float = Field(10.0, gt=0, description="how often --canary-auto looks")
     kiln_canary_alpha: float = Field(0.05, gt=0, lt=0.5, description="chance of aborting a canary like production")
     kiln_canary_beta: float = Field(0.10, gt=0, lt=0.5, description="chance of passing one worse by the margin")
+    kiln_canary_latency_ratio: float = Field(1.5, gt=1, description="a canary request over this x production's P95")
+    kiln_canary_ttft_ratio: float = Field(1.5, gt=1, description="a first token later than this x production's P95")
+    kiln_canary_tokens_per_s_ratio: float = Field(1.5, gt=1, description="slower than production's P5 / this")
     kiln_trace_sample: float = Field(1.0, ge=0, le=1, description="share of requests recorded as MLflow traces")
     kiln_on_demand_versions: int = Field(
         1, ge=0, description="registered versions a request may name beyond those in rotation (started on first use)"
@@ -151,5 +154,6 @@ def load_settings(**overrides) -> ServeSettings:
         return ServeSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]).upper() or "settings"
-        raise KilnError(f"serve setting {where}: {err['msg']}") from None
+        where = ".".join(str(p) for p in err["loc"]).upper()
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise KilnError(f"serve setting {where}: {message}" if where else f"serve settings: {message}") from None
