@@ -238,10 +238,13 @@ def test_a_good_candidate_is_promoted_by_the_analysis(env, store, capsys):
 
     uri, profile = store
     before = registry.resolve(uri, "test", "production")[0]
-    # the same file on both sides: only the machine's load can tell them apart, and it comes in bursts the
-    # analysis's independent-request model does not expect; a 0.1% false-abort rate keeps a loaded machine
-    # from aborting it, and costs the promotion no requests (its threshold is set by beta)
-    gw = AutoCanary(uri, "2", kiln_canary_alpha=0.001)
+    # the same file on both sides: only the machine can tell them apart. On a loaded machine it does, for
+    # good: a canary llama-server that shares its core with a busy process made 960 tokens/s to production's
+    # 1,700 for a whole run, and the tokens/s tail aborted it. The speed tails are loose here (a request 50x
+    # off production's tail); the outcome checks decide, and a 0.1% false-abort rate costs the promotion no
+    # requests (its threshold is set by beta)
+    loose = {f"kiln_canary_{tail}_ratio": 50.0 for tail in ("latency", "ttft", "tokens_per_s")}
+    gw = AutoCanary(uri, "2", kiln_canary_alpha=0.001, **loose)
     try:
         results = gw.drive(_decided)
         decision = [d for d in gw.client.get("/canary").json()["decisions"] if d["decision"] != HOLD]
