@@ -105,6 +105,7 @@ class ReplicaHostCommand(Command):
         import asyncio
         import os
         import secrets
+        import signal
 
         from pipeline.config import load_profile
         from pipeline.serve import engine, source
@@ -133,7 +134,14 @@ class ReplicaHostCommand(Command):
                 f"kiln replica: {h.replica.source.label} on {h.replica.url} (control :{h.port + 1}){shown}", flush=True
             )
 
-        try:
-            return asyncio.run(host.serve(args.version or args.alias or "production", announce))
-        except KeyboardInterrupt:
-            return 0
+        async def until_stopped() -> int:
+            # SIGTERM (systemd, Kubernetes, kill) and Ctrl-C end `serve`, whose cleanup stops llama-server
+            serving = asyncio.ensure_future(host.serve(args.version or args.alias or "production", announce))
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().add_signal_handler(sig, serving.cancel)
+            try:
+                return await serving
+            except asyncio.CancelledError:
+                return 0
+
+        return asyncio.run(until_stopped())
