@@ -65,6 +65,7 @@ class Replica:
     def __init__(
         self, binary: Path, source: ModelSource, slots: int, context_size: int, threads: int, warmup: int,
         context_shift: bool = False, host: str = "127.0.0.1", port: int | None = None, api_key: str | None = None,
+        nice: int = 0,
     ) -> None:  # fmt: skip
         self.binary, self.source, self.context_shift = binary, source, context_shift
         self.slots, self.context_size, self.threads, self.warmup = slots, context_size, threads, warmup
@@ -72,6 +73,7 @@ class Replica:
         self.url = f"http://{host}:{self.port}"
         self.name = f"{source.version}@{self.port}"
         self.fixed_key = api_key  # `kiln replica`'s key, which its gateway holds; None: a new one per start
+        self.nice = nice  # CPU priority below the gateway's (KILN_REPLICA_NICE)
         self.state = STARTING
         self.in_flight = 0
         self.process: subprocess.Popen | None = None
@@ -91,8 +93,9 @@ class Replica:
         return self.process.pid if self.process else None
 
     def command(self) -> list[str]:
+        niced = ["nice", "-n", str(self.nice)] if self.nice else []  # `nice` execs llama-server: the PID is its
         return [
-            str(self.binary), "-m", str(self.source.gguf), "--host", self.host, "--port", str(self.port),
+            *niced, str(self.binary), "-m", str(self.source.gguf), "--host", self.host, "--port", str(self.port),
             "--parallel", str(self.slots), "--ctx-size", str(self.context_size * self.slots),
             "--threads", str(self.threads), "--threads-http", str(HTTP_THREADS_PER_SLOT * self.slots + 4),
             "--metrics", "--no-webui", "--alias", self.source.label, "--api-key", self.api_key,
@@ -191,7 +194,7 @@ def local_replica(binary: Path, source: ModelSource, settings, replicas: int = 1
     context = min(context, declared_context(source.gguf))  # a slot never runs past the trained context
     return Replica(
         binary, source, settings.kiln_slots, context, threads, settings.kiln_warmup_requests,
-        settings.kiln_context_shift, **where,
+        settings.kiln_context_shift, nice=settings.kiln_replica_nice, **where,
     )  # fmt: skip
 
 

@@ -68,6 +68,11 @@ class ServeSettings(BaseSettings):
     kiln_auth_failures_per_min: float = Field(10, ge=0, description="failed authentications per address; 0: off")
     kiln_first_token_timeout_sec: float = Field(30.0, gt=0, description="per attempt; then the replica is hung")
     kiln_restart_backoff_max_sec: float = Field(60.0, gt=0, description="cap of a crashing replica's backoff")
+    kiln_replica_nice: int = Field(
+        10, ge=0, le=19,
+        description="replicas' CPU priority below the gateway's (nice); 0: the same. On shared cores the gateway's "
+        "event loop then never waits behind llama-server's compute threads",
+    )  # fmt: skip
     kiln_upstream_keepalive_sec: float = Field(
         0.0, ge=0, lt=5,
         description="idle connections to replicas kept this long (under llama-server's 5 s); 0: one per request",

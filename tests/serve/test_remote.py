@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from served import hammer
 
@@ -124,6 +125,12 @@ def test_remote_replicas_take_a_promote_under_load_and_lose_one(env, store, rest
         ready = gw.deployment.active.ready()
         assert [r.url for r in ready] == [survivor.url]
         assert ready[0].in_flight == 0
+
+        # stopped as systemd or Kubernetes stop it, `kiln replica` stops its llama-server and exits 0
+        server_pid = survivor.status()["pid"]
+        survivor.proc.send_signal(signal.SIGTERM)
+        assert survivor.proc.wait(60) == 0, survivor.log.read_text()
+        wait_for(lambda: not psutil.pid_exists(server_pid), "the survivor's llama-server stopped")
     finally:
         stop.set()
         if gw is not None:

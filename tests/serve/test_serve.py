@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from served import hammer
 
@@ -192,6 +193,11 @@ def test_every_endpoint(gateway):
     assert info["version"] == "local"
     assert info["replicas"] == {"ready": 2, "total": 2}
     assert gw.client.get("/health").json()["status"] == "ok"
+    # every replica thread runs KILN_REPLICA_NICE (10) below the gateway's priority
+    expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    for replica in gw.deployment.active.replicas:
+        threads = psutil.Process(replica.pid).threads()
+        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in threads} == {expected}
 
     r = gw.client.post("/infer", json={"query": "def add(a, b):", "max_length": 8, "preset": "greedy"})
     assert r.status_code == 200, r.text
