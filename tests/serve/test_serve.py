@@ -175,8 +175,10 @@ def test_serve_mistakes_are_one_line(tmp_path, capsys):
     assert main(["serve", "--gguf", str(tmp_path / "none.gguf")]) == 2
     assert capsys.readouterr().err.strip() == f"kiln: error: {tmp_path / 'none.gguf'}: GGUF file not found"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert main(["serve", "--tracking-uri", uri, "--replicas", "0"]) == 2
-    assert "--replicas 0" in capsys.readouterr().err
+    assert main(["serve", "--tracking-uri", uri, "--replicas", "-1"]) == 2
+    assert "--replicas -1: 0 or more" in capsys.readouterr().err
+    assert main(["serve", "--tracking-uri", uri, "--replicas", "0"]) == 2  # 0 only beside remote replicas
+    assert "nothing would serve" in capsys.readouterr().err
     assert main(["serve", "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err == "kiln: error: kiln-tiny has no version with alias 'production'\n"
 
