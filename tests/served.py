@@ -120,3 +120,19 @@ def hammer(url: str, stop: threading.Event, results: list, path="/infer") -> Non
                 results.append((r.status_code, r.json().get("version") if r.status_code == 200 else r.text))
             except httpx.HTTPError as exc:
                 results.append((0, str(exc)))
+
+
+@contextlib.contextmanager
+def hammering(url: str, clients: int, path="/infer"):
+    """`clients` threads running `hammer` while the block runs; yields their results. They stop when the
+    block ends, also when it fails: a failed test must not leave them running (pytest would wait for them)."""
+    stop, results = threading.Event(), []
+    workers = [threading.Thread(target=hammer, args=(url, stop, results, path), daemon=True) for _ in range(clients)]
+    for w in workers:
+        w.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(60)

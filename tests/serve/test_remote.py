@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from served import hammer
+from served import hammering
 
 from pipeline.io import free_port
 from tests.serve.conftest import Gateway, wait_for
@@ -67,7 +66,7 @@ def test_remote_replicas_take_a_promote_under_load_and_lose_one(env, store, rest
 
     uri, profile = store
     remotes = [ReplicaProcess(host, uri, profile, tmp_path) for host in HOSTS]
-    gw, stop = None, threading.Event()
+    gw = None
     try:
         for r in remotes:
             wait_for(lambda r=r: r.status() or r.proc.poll() is not None, f"kiln replica on {r.url}", timeout=180)
@@ -84,21 +83,15 @@ def test_remote_replicas_take_a_promote_under_load_and_lose_one(env, store, rest
         assert [replica.remote for replica in pool.replicas] == [True, True]
         wait_for(lambda: len(gw.deployment.active.ready()) == 2, "both remote replicas in the pool")
 
-        results: list = []
-        workers = [threading.Thread(target=hammer, args=(gw.url, stop, results), daemon=True) for _ in range(4)]
-        for w in workers:
-            w.start()
-        wait_for(lambda: sum(v == "1" for _, v in list(results)) >= 4, "answers from version 1")
-        assert main(["promote", "2", "--profile", str(profile), "--tracking-uri", uri]) == 0
-        wait_for(lambda: gw.client.get("/").json()["version"] == "2", "the swap to version 2", timeout=180)
-        wait_for(lambda: all((r.status() or {}).get("version") == "2" for r in remotes), "both hosts on version 2",
-                 timeout=180)  # fmt: skip
-        wait_for(lambda: len(gw.deployment.active.ready()) == 2, "both remote replicas back, on version 2", timeout=180)
-        seen = len(results)
-        wait_for(lambda: len(results) > seen + 4, "answers after the swap")
-        stop.set()
-        for w in workers:
-            w.join()
+        with hammering(gw.url, 4) as results:
+            wait_for(lambda: sum(v == "1" for _, v in list(results)) >= 4, "answers from version 1")
+            assert main(["promote", "2", "--profile", str(profile), "--tracking-uri", uri]) == 0
+            wait_for(lambda: gw.client.get("/").json()["version"] == "2", "the swap to version 2", timeout=180)
+            wait_for(lambda: all((r.status() or {}).get("version") == "2" for r in remotes),
+                     "both hosts on version 2", timeout=180)  # fmt: skip
+            wait_for(lambda: len(gw.deployment.active.ready()) == 2, "both remote replicas back on 2", timeout=180)
+            seen = len(results)
+            wait_for(lambda: len(results) > seen + 4, "answers after the swap")
         failures = [r for r in results if r[0] != 200]
         assert not failures, failures[:3]
         versions = [v for _, v in results]
@@ -108,16 +101,10 @@ def test_remote_replicas_take_a_promote_under_load_and_lose_one(env, store, rest
         # one host's llama-server killed: its traffic moves to the other, its `kiln replica` exits 1
         victim, survivor = remotes[0], remotes[1]
         os.kill(victim.status()["pid"], signal.SIGKILL)
-        stop, results = threading.Event(), []
-        workers = [threading.Thread(target=hammer, args=(gw.url, stop, results), daemon=True) for _ in range(3)]
-        for w in workers:
-            w.start()
-        wait_for(lambda: len(gw.deployment.active.ready()) == 1, "the dead replica out of the pool")
-        seen = len(results)
-        wait_for(lambda: len(results) > seen + 6, "answers after the loss")
-        stop.set()
-        for w in workers:
-            w.join()
+        with hammering(gw.url, 3) as results:
+            wait_for(lambda: len(gw.deployment.active.ready()) == 1, "the dead replica out of the pool")
+            seen = len(results)
+            wait_for(lambda: len(results) > seen + 6, "answers after the loss")
         assert victim.proc.wait(30) == 1, victim.log.read_text()
         failed = [r for r in results if r[0] != 200]
         assert len(failed) <= 2, failed  # at most what was generating there (2 slots)
@@ -132,7 +119,6 @@ def test_remote_replicas_take_a_promote_under_load_and_lose_one(env, store, rest
         assert survivor.proc.wait(60) == 0, survivor.log.read_text()
         wait_for(lambda: not psutil.pid_exists(server_pid), "the survivor's llama-server stopped")
     finally:
-        stop.set()
         if gw is not None:
             gw.close()
         for r in remotes:

@@ -7,14 +7,13 @@ import json
 import logging
 import os
 import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from served import hammer
+from served import hammering
 
 from pipeline.errors import KilnError
 from pipeline.presets import load_presets
@@ -368,17 +367,11 @@ def test_hot_swap_after_promote_under_load(env, store, restore_production):
     )
     try:
         assert gw.client.get("/").json()["version"] == "1"
-        stop, results = threading.Event(), []
-        workers = [threading.Thread(target=hammer, args=(gw.url, stop, results)) for _ in range(4)]
-        for w in workers:
-            w.start()
-        wait_for(lambda: any(v == "1" for _, v in list(results)), "answers from version 1")
-        assert main(["promote", "2", "--profile", str(profile), "--tracking-uri", uri]) == 0
-        wait_for(lambda: gw.client.get("/").json()["version"] == "2", "the swap to version 2")
-        wait_for(lambda: any(v == "2" for _, v in list(results)), "answers from version 2")
-        stop.set()
-        for w in workers:
-            w.join()
+        with hammering(gw.url, 4) as results:
+            wait_for(lambda: any(v == "1" for _, v in list(results)), "answers from version 1")
+            assert main(["promote", "2", "--profile", str(profile), "--tracking-uri", uri]) == 0
+            wait_for(lambda: gw.client.get("/").json()["version"] == "2", "the swap to version 2")
+            wait_for(lambda: any(v == "2" for _, v in list(results)), "answers from version 2")
         failures = [r for r in results if r[0] != 200]
         assert not failures, failures[:3]
         versions = [v for _, v in results]
@@ -398,20 +391,14 @@ def test_hot_swap_after_promote_under_load(env, store, restore_production):
 @pytest.mark.slow
 def test_a_killed_replica_is_replaced(gateway):
     gw = gateway(kiln_replicas=2)
-    stop, results = threading.Event(), []
-    workers = [threading.Thread(target=hammer, args=(gw.url, stop, results)) for _ in range(3)]
-    for w in workers:
-        w.start()
-    wait_for(lambda: results, "the load is running")
-    victim = gw.deployment.active.replicas[0]
-    old_pid = victim.pid
-    os.kill(old_pid, signal.SIGKILL)
-    wait_for(lambda: victim.pid != old_pid and victim.state == "ready", "the killed replica is replaced")
-    seen = len(results)
-    wait_for(lambda: len(results) > seen + 3, "answers after the replacement")
-    stop.set()
-    for w in workers:
-        w.join()
+    with hammering(gw.url, 3) as results:
+        wait_for(lambda: results, "the load is running")
+        victim = gw.deployment.active.replicas[0]
+        old_pid = victim.pid
+        os.kill(old_pid, signal.SIGKILL)
+        wait_for(lambda: victim.pid != old_pid and victim.state == "ready", "the killed replica is replaced")
+        seen = len(results)
+        wait_for(lambda: len(results) > seen + 3, "answers after the replacement")
     assert victim.pid != old_pid
     assert victim.state == "ready"
     assert gw.client.get("/").json()["replicas"] == {"ready": 2, "total": 2}
