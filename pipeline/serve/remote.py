@@ -161,10 +161,6 @@ class RemoteReplica(Replica):
         self.stop()
 
 
-def remote_replicas(urls: list[str], source: ModelSource, key: str, claims: Claims) -> list[RemoteReplica]:
-    return [RemoteReplica(url, source, key, claims) for url in urls]
-
-
 class ReplicaHost:
     """`kiln replica`: one llama-server serving a registered version, and its control port."""
 

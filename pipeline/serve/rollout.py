@@ -43,7 +43,7 @@ import aiohttp
 
 from pipeline.errors import KilnError
 from pipeline.serve.metrics import Metrics
-from pipeline.serve.remote import Claims, remote_replicas
+from pipeline.serve.remote import Claims, RemoteReplica
 from pipeline.serve.replicas import Pool
 from pipeline.serve.source import ModelSource
 
@@ -168,7 +168,8 @@ class Deployment:
 
     def _remote(self, source: ModelSource) -> list:
         """Production's replicas on other machines (`--replica-url`); a canary and on-demand versions run here."""
-        return remote_replicas(self.settings.replica_urls, source, self.settings.kiln_replica_key, self.claims)
+        key = self.settings.kiln_replica_key
+        return [RemoteReplica(url, source, key, self.claims) for url in self.settings.replica_urls]
 
     async def _start_pool(self, source: ModelSource, role: str) -> Pool:
         remote = self._remote(source) if role == "production" else []
@@ -180,7 +181,10 @@ class Deployment:
     async def start(self) -> None:
         """Pull, start and warm the production (and canary) replicas, then watch the registry."""
         self.loop = asyncio.get_running_loop()  # the gateway's event loop (other threads submit to it)
-        connector = upstream_connector(self.settings.kiln_upstream_keepalive_sec)
+        # a fresh loopback connection per request (~0.1 ms): llama-server closes idle keep-alive
+        # connections on its own schedule, and a request written to one of those fails before it starts;
+        # keeping them open (2 s) was measured at 16 clients and gained nothing (README: serving figures)
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         try:
             source = self.initial or await asyncio.to_thread(self.target.fetch, self.target.which)
@@ -282,15 +286,6 @@ class Deployment:
         await asyncio.gather(*(pool.close() for pool in [*self.serving(), *self._draining]))
         if self.session:
             await self.session.close()
-
-
-def upstream_connector(keepalive_s: float) -> aiohttp.TCPConnector:
-    """Connections to the replicas. With `keepalive_s` 0, a fresh one per request; else an idle one is kept
-    that long, below llama-server's own 5 s, so the gateway does not write to a connection llama-server is
-    closing. One it closed anyway fails before the request starts, which the retry covers."""
-    if keepalive_s <= 0:
-        return aiohttp.TCPConnector(limit=0, force_close=True)
-    return aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_s)
 
 
 class SwapFailed(RuntimeError):

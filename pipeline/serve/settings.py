@@ -73,10 +73,6 @@ class ServeSettings(BaseSettings):
         description="replicas' CPU priority below the gateway's (nice); 0: the same. On shared cores the gateway's "
         "event loop then never waits behind llama-server's compute threads",
     )  # fmt: skip
-    kiln_upstream_keepalive_sec: float = Field(
-        0.0, ge=0, lt=5,
-        description="idle connections to replicas kept this long (under llama-server's 5 s); 0: one per request",
-    )  # fmt: skip
 
     @classmethod
     def settings_customise_sources(
