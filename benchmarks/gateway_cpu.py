@@ -81,7 +81,9 @@ async def batch(url: str, n: int, max_tokens: int, ban: dict) -> int:
 async def measure(server: Proc, n: int, rounds: int, ban: dict) -> dict:
     await server.ready()
     await batch(server.url, 10, 8, ban)  # warm: connections, caches, the first compile of everything
-    one, many, tokens = [], [], []
+    one: list[float] = []
+    many: list[float] = []
+    tokens: list[float] = []
     for _ in range(rounds):
         for max_tokens, into in ((1, one), (64, many)):
             before = _cpu_seconds(server.proc.pid)
