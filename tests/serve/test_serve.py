@@ -219,7 +219,9 @@ def test_every_endpoint(gateway):
     tokens = [e["token"] for name, e in got if name == "message"]
     done = [e for name, e in got if name == "done"]
     assert len(done) == 1
-    assert done[0]["usage"]["completion_tokens"] == len([t for t in tokens if t]) >= 1
+    # one event per token, except that llama-server holds a token ending inside a multi-byte character and
+    # sends it with the next: as many events as tokens or fewer (a byte token is in the model's vocabulary)
+    assert 1 <= len([t for t in tokens if t]) <= done[0]["usage"]["completion_tokens"] <= 8
     with gw.client.stream("POST", "/llm/generate/stream", json={"prompt": "import os", "preset": "greedy"}) as r:
         assert [n for n, _ in events(r)][-1] == "done"
 
