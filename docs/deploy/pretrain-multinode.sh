@@ -14,7 +14,8 @@
 #
 # Settings (environment): NODES, NODE_RANK, MASTER (node 0's address) are required; PORT (29500),
 # GPUS_PER_NODE (8), PROFILE (300m, a name or a .yaml file), OUTPUT ($WORK/base_model), RUN_ID,
-# MAX_RESTARTS (1), PYTHON (.venv/bin/python), PREPARE (1: node 0 prepares; 0: OUTPUT is prepared),
+# MAX_RESTARTS (1), RDZV_READ_TIMEOUT (300), STOP_AFTER (a step: end there with a checkpoint, which
+# the next start resumes), PYTHON (.venv/bin/python), PREPARE (1: node 0 prepares; 0: OUTPUT is prepared),
 # LOCAL_ADDR (this node's address for the others, when its host name does not resolve to it).
 set -euo pipefail
 WORK="${1:?give the work folder of the profile, e.g. /shared/kiln/work/300m}"
@@ -26,8 +27,13 @@ if [ "${NODE_RANK:?}" = 0 ] && [ "${PREPARE:-1}" = 1 ]; then
   "$PYTHON" -m pipeline.cli pretrain --prepare-only --profile "${PROFILE:-300m}" \
     --clean "$WORK/clean_corpus" --tokenizer "$WORK/tokenizer/tokenizer" --output "$OUTPUT"
 fi
+# Node 0's agent hosts the rendezvous store, said outright: torchrun otherwise lets every agent
+# whose host name matches MASTER race to host it (all of them, when the nodes share one machine).
+# A store read waits up to RDZV_READ_TIMEOUT seconds (torchrun's default 60 is short on a busy node).
+[ "$NODE_RANK" = 0 ] && HOST_STORE=1 || HOST_STORE=0
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "${NODES:?}" --node-rank "$NODE_RANK" --nproc-per-node "${GPUS_PER_NODE:-8}" \
   --rdzv-backend c10d --rdzv-endpoint "${MASTER:?}:${PORT:-29500}" --rdzv-id "kiln-${RUN_ID:-pretrain}" \
+  --rdzv-conf "is_host=$HOST_STORE,read_timeout=${RDZV_READ_TIMEOUT:-300}" \
   --max-restarts "${MAX_RESTARTS:-1}" ${LOCAL_ADDR:+--local-addr "$LOCAL_ADDR"} \
-  -m pipeline.train.launch "$OUTPUT"
+  -m pipeline.train.launch "$OUTPUT" ${STOP_AFTER:+--stop-after "$STOP_AFTER"}

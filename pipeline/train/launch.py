@@ -46,16 +46,19 @@ def prepare_run(clean_dir: Path, tokenizer_dir: Path, files: BaseModelFiles, pro
     return stats
 
 
-def train_run(files: BaseModelFiles, profile: Profile, progress: bool = True, on_step=None) -> PretrainResult:
-    """Pretrain from a prepared run folder; rank 0 writes `files.summary`."""
+def train_run(
+    files: BaseModelFiles, profile: Profile, progress: bool = True, on_step=None, stop_after: int | None = None
+) -> PretrainResult:
+    """Pretrain from a prepared run folder; rank 0 writes `files.summary` once the run is finished.
+    `stop_after`: end after that step of the run with a checkpoint, which the next start resumes."""
     stats = read_json(files.token_stats)
     tok = load_tokenizer(Path(stats["tokenizer"]))
     s = profile.pretrain
     result = pretrain(
         files.token_file("train"), files.token_file("validation"), tok, token_byte_lengths(tok), files.folder,
-        profile.model, s, progress=progress, on_step=on_step,
+        profile.model, s, progress=progress, stop_after=stop_after, on_step=on_step,
     )  # fmt: skip
-    if Distributed.from_env().main:
+    if Distributed.from_env().main and result.steps == s.steps:
         write_json(files.summary, {
             "parameters": result.parameters,
             "parameters_budget": count_parameters(profile.model, len(tok)),
@@ -112,13 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         "token files); what torchrun starts in every process. Rank 0 writes the model, checkpoints and summary.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the prepared run folder (kiln pretrain's OUTPUT)")
+    parser.add_argument(
+        "--stop-after", type=int, metavar="STEP",
+        help="end after this step of the run, with a checkpoint that the next start resumes (a job that "
+        "trains in time-limited slots)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     files = BaseModelFiles(Path(args.run_dir))
     try:
         for needed in (files.profile, files.token_stats):
             if not needed.is_file():
                 raise KilnError(f"{needed}: missing; prepare the run folder first (kiln pretrain --prepare-only)")
-        train_run(files, load_profile(files.profile))
+        train_run(files, load_profile(files.profile), stop_after=args.stop_after)
     except KilnError as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2

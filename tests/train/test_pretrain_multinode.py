@@ -1,13 +1,15 @@
 """Pretraining across nodes as users run it: docs/deploy/pretrain-multinode.sh started twice on this
 machine (node ranks 0 and 1, one gloo process each, a c10d rendezvous on 127.0.0.1), against one
-process accumulating the same batches; then one node's process killed mid-run, and torchrun's
-restart resuming from the last checkpoint to the same weights."""
+process accumulating the same batches; then a run stopped at a checkpoint, started again, one
+node's training process killed, and torchrun's restart resuming from the checkpoint to the same
+weights."""
 
 import dataclasses
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -48,27 +50,33 @@ def work(small_corpus, tmp_path_factory) -> Path:
     return root
 
 
-def _node(work: Path, rank: int, port: int, output: Path, prepare: bool, restarts: int) -> subprocess.Popen:
+def _node(
+    work: Path, rank: int, port: int, output: Path, prepare: bool, restarts: int, stop_after: int | None = None
+) -> subprocess.Popen:
     env = {
         **os.environ, "NODES": "2", "NODE_RANK": str(rank), "MASTER": "127.0.0.1", "PORT": str(port),
         "LOCAL_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "GPUS_PER_NODE": "1", "OMP_NUM_THREADS": "1",
         "PROFILE": str(work / "two.yaml"), "OUTPUT": str(output), "PYTHON": sys.executable,
         "PREPARE": "1" if prepare else "0", "MAX_RESTARTS": str(restarts), "RUN_ID": f"test-{port}",
-        "CUDA_VISIBLE_DEVICES": "",
+        "CUDA_VISIBLE_DEVICES": "", **({"STOP_AFTER": str(stop_after)} if stop_after else {}),
     }  # fmt: skip
     return subprocess.Popen(["bash", str(SCRIPT), str(work)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
-def _finish(*nodes: subprocess.Popen, timeout: float = 240) -> None:
-    """Wait for every node; a failed or hung one fails the test, and no node is left running."""
+def _finish(*nodes: subprocess.Popen, timeout: float = 240) -> list[str]:
+    """Wait for every node; a failed or hung one fails the test, and no node is left running.
+    Returns what each node printed."""
+    printed = []
     try:
         for node in nodes:
             out, _ = node.communicate(timeout=timeout)
             assert node.returncode == 0, out[-3000:]
+            printed.append(out)
     finally:
         for node in nodes:
             _stop(node)
+    return printed
 
 
 def _stop(node: subprocess.Popen) -> None:
@@ -128,3 +136,49 @@ def test_two_nodes_match_one_process_accumulating_their_batches(work, two_nodes,
     for name in ref:
         assert torch.allclose(ddp[name], ref[name], atol=1e-5, rtol=1e-4), name
     assert not torch.equal(ref["model.norm.weight"], torch.ones_like(ref["model.norm.weight"]))  # it trained
+
+
+def _worker(node: subprocess.Popen, deadline: float) -> psutil.Process:
+    """The training process torchrun started for a node (the script execs torchrun)."""
+    while time.monotonic() < deadline:
+        assert node.poll() is None, "the node ended before its training process was seen"
+        for child in psutil.Process(node.pid).children(recursive=True):
+            try:
+                if "pipeline.train.launch" in " ".join(child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.05)
+    raise AssertionError("the node's training process did not start")
+
+
+def test_a_killed_node_restarts_and_resumes_to_the_same_weights(work, two_nodes, tmp_path):
+    """A run stopped after step `stop` (STOP_AFTER) leaves its checkpoint on the folder both nodes
+    mount, so there is a checkpoint to resume whenever the kill lands: started again, node 1's
+    training process is killed as soon as it is seen (it still has most of the run before it)."""
+    stop = STEPS // 4
+    run = BaseModelFiles(tmp_path / "shared")
+    port = free_port()
+    _finish(_node(work, 0, port, run.folder, True, 0, stop), _node(work, 1, port, run.folder, False, 0, stop))
+    assert torch.load(run.checkpoint, weights_only=False)["step"] == stop
+    assert not run.model.exists()
+    assert not run.summary.exists()
+
+    port = free_port()
+    node0, node1 = _node(work, 0, port, run.folder, False, 1), _node(work, 1, port, run.folder, False, 1)
+    try:
+        worker = _worker(node1, time.monotonic() + 180)
+        worker.kill()
+        assert not run.model.exists()
+        printed = _finish(node0, node1)
+    finally:
+        for node in (node0, node1):
+            _stop(node)
+    # node 1's torchrun saw its process killed (and then, finishing with exit 0, restarted it)
+    assert f"failed (exitcode: -9) local_rank: 0 (pid: {worker.pid})" in printed[1]
+    summary = read_json(run.summary)
+    assert stop <= summary["resumed_from"] < STEPS
+    assert summary["steps"] == STEPS
+    resumed, uninterrupted = _weights(run), _weights(two_nodes[0])
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
