@@ -8,8 +8,8 @@ serve_load's stand-in of the tiny profile's shape):
 
   kiln     kiln serve --replicas 2 (the gateway as shipped: auth, limits, masking, routing, tracing
            hand-off, metrics, the quality watch)
-  relay    a raw ASGI app on the same uvicorn (uvloop, httptools) and aiohttp: the request body
-           forwarded, the upstream stream written back chunk by chunk, nothing else
+  relay    benchmarks/relay.py: a raw ASGI app on the same uvicorn (uvloop, httptools) and aiohttp,
+           the request body forwarded, the upstream stream written back chunk by chunk, nothing else
 
 One client sends streamed `/v1/completions` one after another, `--requests` at max_tokens 1 and
 then at 64 (EOS banned), `--rounds` times; the server process's own CPU time (user + system, not
@@ -37,30 +37,7 @@ from serve_load import SAMPLER, Proc, _cpu_seconds, eos_id, kiln, llama_server, 
 from pipeline.io import free_port  # noqa: E402
 from pipeline.serve import engine  # noqa: E402
 
-RELAY = """
-import sys, aiohttp, uvicorn
-upstream, session = sys.argv[2], None
-async def app(scope, receive, send):
-    global session
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
-            await send({"type": "lifespan.startup.complete"})
-        return await send({"type": "lifespan.shutdown.complete"})
-    body, more = b"", True
-    while more:
-        message = await receive()
-        body, more = body + message.get("body", b""), message.get("more_body", False)
-    async with session.request(scope["method"], upstream + scope["path"], data=body or None,
-                               headers={"content-type": "application/json"}) as r:
-        headers = [(b"content-type", r.headers.get("content-type", "text/plain").encode())]
-        await send({"type": "http.response.start", "status": r.status, "headers": headers})
-        async for chunk in r.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="httptools", access_log=False,
-            log_level="warning")
-"""
+RELAY = ROOT / "benchmarks" / "relay.py"
 
 
 async def batch(url: str, n: int, max_tokens: int, ban: dict) -> int:
@@ -114,7 +91,7 @@ async def main() -> None:
         finally:
             gateway.stop()
         upstream, port = llama_server(binary, gguf, 4, 1), free_port()
-        relay = Proc("relay", [sys.executable, "-c", RELAY, str(port), upstream.url], port, health="/health")
+        relay = Proc("relay", [sys.executable, str(RELAY), str(port), upstream.url], port, health="/health")
         try:
             await upstream.ready()
             report["relay"] = await measure(relay, args.requests, args.rounds, ban)

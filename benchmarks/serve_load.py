@@ -13,6 +13,9 @@ tiny profile's shape with random weights: speed, not sense), every server on loo
   llama-cpp-py llama-cpp-python's own OpenAI server (one request at a time: the naive anchor)
   kiln-remote  kiln serve --replicas 0 over two `kiln replica` processes on 127.0.0.2 and 127.0.0.3 (the
                same two llama-servers as "remote" hosts; a registry of the GGUF made in a temp folder)
+  relay        benchmarks/relay.py over two llama-servers niced as kiln's replicas are: the least a
+               Python gateway does (least-busy choice, the stream written back chunk by chunk), the
+               floor for kiln's own cost
 
 The load is a bounded async client: N workers, each sending streamed `/v1/completions` (64 new
 tokens, EOS banned so every answer has the same length) back to back for a fixed time. Printed:
@@ -52,6 +55,9 @@ import serve_faults  # noqa: E402  (benchmarks/serve_faults.py)
 
 from pipeline.io import free_port  # noqa: E402
 from pipeline.serve import engine  # noqa: E402
+from pipeline.serve.settings import ServeSettings  # noqa: E402
+
+REPLICA_NICE = ServeSettings.model_fields["kiln_replica_nice"].default  # kiln serve's replicas run this far below it
 
 MAX_TOKENS = 64
 SWAP_WAIT_S = 120.0  # how long the hot-swap step waits for the new version to serve
@@ -142,9 +148,10 @@ class Proc:
         self.log.close()
 
 
-def llama_server(binary: Path, gguf: Path, slots: int, threads: int) -> Proc:
+def llama_server(binary: Path, gguf: Path, slots: int, threads: int, nice: int = 0) -> Proc:
     port = free_port()
-    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
+    cmd = [*(["nice", "-n", str(nice)] if nice else []),
+           str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
            "--ctx-size", str(2048 * slots), "--threads", str(threads), "--threads-http", str(max(2, slots)),
            "--no-webui", "--metrics"]  # fmt: skip
     return Proc(f"llama-server-{port}", cmd, port)
@@ -166,6 +173,13 @@ def llama_cpp_python(gguf: Path, threads: int) -> Proc:
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "--n_threads", str(threads), "--n_ctx", "2048", "--interrupt_requests", "False"]  # fmt: skip
     return Proc(f"llama-cpp-python-{port}", cmd, port, health="/v1/models")
+
+
+def relay(upstreams: list[Proc]) -> list[Proc]:
+    """benchmarks/relay.py in front of `upstreams`: the gateway first, as kiln's setups list it."""
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "relay.py"), str(port), *(u.url for u in upstreams)]
+    return [Proc(f"relay-{port}", cmd, port), *upstreams]
 
 
 async def one_request(session, url: str, prompt: str, ban: dict, stats: dict) -> None:
@@ -260,6 +274,7 @@ async def throughput(args, binary: Path, gguf: Path, ban: dict, tmp: Path) -> di
         "llama-server": lambda: [llama_server(binary, gguf, 2 * args.slots, max(1, threads // 2))],
         "llama-cpp-py": lambda: [llama_cpp_python(gguf, threads)],
         "kiln-remote": lambda: kiln_remote(gguf, args.slots, tmp),
+        "relay": lambda: relay([llama_server(binary, gguf, args.slots, 1, REPLICA_NICE) for _ in range(2)]),
     }
     setups = {name: make for name, make in setups.items() if name in args.servers}
     for name, make in setups.items():
@@ -269,17 +284,19 @@ async def throughput(args, binary: Path, gguf: Path, ban: dict, tmp: Path) -> di
         try:
             for p in procs:
                 await p.ready()
-            urls = [procs[0].url] if name.startswith("kiln") else [p.url for p in procs]  # a gateway comes first
+            gateway_first = name.startswith("kiln") or name == "relay"
+            urls = [procs[0].url] if gateway_first else [p.url for p in procs]
             await load(urls, 2, 2, ban)  # warm-up
             results[name] = {}
             for c in args.concurrency:
-                gateway = _cpu_seconds(procs[0].proc.pid) if name.startswith("kiln") else None
+                gateway = _cpu_seconds(procs[0].proc.pid) if gateway_first else None
                 results[name][c] = await load(urls, c, args.seconds, ban)
                 if gateway is not None:  # the gateway's own CPU per 1000 relayed tokens (its replicas excluded)
                     tokens = results[name][c]["tokens_per_s"] * args.seconds
                     used = _cpu_seconds(procs[0].proc.pid) - gateway
                     results[name][c]["gateway_cpu_ms_per_1k_tokens"] = round(1e6 * used / max(tokens, 1), 1)
-                    results[name][c]["ttft_split_ms"] = await ttft_split(procs[0].url, results[name][c])
+                    if name != "relay":  # the relay keeps no histograms
+                        results[name][c]["ttft_split_ms"] = await ttft_split(procs[0].url, results[name][c])
                 print(f"{name:>13} c={c:<3} {json.dumps(results[name][c])}", flush=True)
         finally:
             for p in procs:
@@ -525,7 +542,8 @@ async def main() -> None:
     parser.add_argument("--slots", type=int, default=8, help="parallel sequences per kiln replica")
     parser.add_argument("--skip-faults", action="store_true")
     parser.add_argument("--servers", nargs="+", default=["kiln", "pool-direct", "llama-server", "llama-cpp-py"],
-                        choices=["kiln", "pool-direct", "llama-server", "llama-cpp-py", "kiln-remote"])  # fmt: skip
+                        choices=["kiln", "pool-direct", "llama-server", "llama-cpp-py", "kiln-remote",
+                                 "relay"])  # fmt: skip
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tracing", action="store_true", help="only kiln with tracing on against off (see tracing)")
     parser.add_argument("--rounds", type=int, default=3, help="--tracing: turns of load on each server")
@@ -567,6 +585,11 @@ async def main() -> None:
             r = load_["kiln-remote"][16]
             print(f"kiln over 2 remote replicas / kiln over 2 local: {r['tokens_per_s'] / k['tokens_per_s']:.3f} "
                   f"tokens/s, TTFT P50 {r['ttft_p50_ms']} vs {k['ttft_p50_ms']} ms")  # fmt: skip
+        if "relay" in load_:
+            r = load_["relay"][16]
+            print(f"bare Python relay / pool-direct {r['tokens_per_s'] / d['tokens_per_s']:.3f} tokens/s, TTFT P50 "
+                  f"{r['ttft_p50_ms']} vs {d['ttft_p50_ms']} ms ({r['ttft_p50_ms'] / d['ttft_p50_ms']:.2f}x); "
+                  f"kiln / relay {k['tokens_per_s'] / r['tokens_per_s']:.3f}")  # fmt: skip
         for other in ("llama-server", "llama-cpp-py"):
             if other in load_:
                 print(f"kiln / {other} {k['tokens_per_s'] / max(load_[other][16]['tokens_per_s'], 1e-9):.2f}")
