@@ -126,7 +126,8 @@ def sampling_preset(
     }
     metadata = {
         "study": summary["study"], "storage": summary["storage"], "dashboard": summary["dashboard"],
-        "best_trial": best["number"], f"best_{s.objective}": best["value"], "best_tokens_per_s": best["tokens_per_s"],
+        "best_trial": "none: greedy" if best["number"] is None else best["number"],
+        f"best_{s.objective}": best["value"], "best_tokens_per_s": best["tokens_per_s"],
         "trials": MetadataValue.md(trials_table(summary)),
         "code_preset": MetadataValue.json(summary["presets"]["code"]),
         "history": md_image(charts["history.png"], "optimisation history"),

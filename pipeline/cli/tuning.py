@@ -64,7 +64,8 @@ class Tune(Command):
         write_outputs(summary, out / "presets.json", out / "study.json")
         best = summary["best"]
         print(markdown_table(summary))
-        print(f"\nbest: trial {best['number']}, {s.objective} {best['value']:.3f}, {best['tokens_per_s']:.0f} tokens/s")
+        chosen = "greedy (no trial qualified)" if best["number"] is None else f"trial {best['number']}"
+        print(f"\nbest: {chosen}, {s.objective} {best['value']:.3f}, {best['tokens_per_s']:.0f} tokens/s")
         if summary.get("untuned"):
             print(f"untuned: {summary['untuned']}")
         print(f"preset {TUNED!r}: {summary['presets'][TUNED]}")

@@ -298,7 +298,7 @@ def tune(
                     callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=done), after],
                 )  # fmt: skip
         summary = summarize(study, storage, settings, len(items))
-        if fresh:
+        if fresh and not summary["untuned"]:
             check_on_fresh(summary, llm, fresh, settings)
     finally:
         llm.close()
@@ -392,8 +392,9 @@ def _trial_line(t) -> str:
 
 
 def summarize(study, storage: str, settings: TuneSettings, items: int) -> dict:
-    """Every trial, the best feasible one, the parameter importances, the presets; a KilnError
-    when no trial finished or none met the latency floor."""
+    """Every trial, the best feasible one, the parameter importances, the presets. With no
+    feasible trial (none finished, or none met the latency floor) `code` is greedy's values and
+    `untuned` says why."""
     import optuna
 
     from pipeline.presets import Preset, load_presets
@@ -401,21 +402,22 @@ def summarize(study, storage: str, settings: TuneSettings, items: int) -> dict:
     trials = [_trial_row(t) for t in study.trials]
     complete = [t for t in trials if t["state"] == "COMPLETE"]
     where = f"study {study.study_name} in {shown_url(storage)}"
-    if not complete:
-        counts = ", ".join(f"{sum(t['state'] == s for t in trials)} {s.lower()}" for s in ("PRUNED", "FAIL", "RUNNING"))
-        raise KilnError(f"{where}: no completed trial ({counts}); raise tune.timeout or tune.trials")
     reference = study.user_attrs.get("greedy", {"objective": None, "tokens_per_s": 0.0})
     floor = speed_floor(reference, settings)
     feasible = [t for t in complete if t["tokens_per_s"] >= floor]
-    if not feasible:
-        fastest = max(t["tokens_per_s"] for t in complete)
-        raise KilnError(
-            f"{where}: no trial met the floor of {floor:.1f} tokens/s (tune.min_tokens_per_s "
-            f"{settings.min_tokens_per_s:g}, tune.min_speed_share {settings.min_speed_share:g} of greedy's; "
-            f"fastest {fastest:.1f} tokens/s)"
+    untuned = None
+    if feasible:  # ties (common on a small model whose scores are often 0) go to the faster, then the earlier trial
+        best = max(feasible, key=lambda t: (t["value"], t["tokens_per_s"], -t["number"]))
+    else:  # a busy machine or a short timeout: greedy ships as code, and the version says why
+        counts = ", ".join(f"{sum(t['state'] == s for t in trials)} {s.lower()}" for s in ("PRUNED", "FAIL", "RUNNING"))
+        fastest = max((t["tokens_per_s"] for t in complete), default=0.0)
+        untuned = (
+            f"no trial qualified: {len(complete)} completed ({counts}), none at the floor of {floor:.1f} tokens/s "
+            f"(fastest {fastest:.1f}; tune.min_tokens_per_s {settings.min_tokens_per_s:g}, tune.min_speed_share "
+            f"{settings.min_speed_share:g} of greedy's): code ships greedy's values"
         )
-    # ties (common on a small model whose scores are often 0) go to the faster, then the earlier trial
-    best = max(feasible, key=lambda t: (t["value"], t["tokens_per_s"], -t["number"]))
+        best = {"number": None, "state": "GREEDY", "value": reference["objective"],
+                "tokens_per_s": reference["tokens_per_s"], "values": greedy_values(settings)}  # fmt: skip
     searched = list(settings.space.searched())
     try:
         with warnings.catch_warnings():  # "importances will be equal" when every score is the same: they are
@@ -428,6 +430,8 @@ def summarize(study, storage: str, settings: TuneSettings, items: int) -> dict:
     except ValueError as exc:  # e.g. a fixed max_tokens beyond the preset's context size
         raise KilnError(f"{where}: trial {best['number']}'s values make no valid preset ({exc})") from None
     hand = load_presets()
+    if untuned:
+        code = hand["greedy"]  # as check_on_fresh ships it when greedy is not beaten
     return {
         "study": study.study_name,
         "storage": shown_url(storage),
@@ -442,6 +446,7 @@ def summarize(study, storage: str, settings: TuneSettings, items: int) -> dict:
         "best": best,
         "importances": {k: float(v) for k, v in importances.items() if v == v},
         "presets": {TUNED: code.as_dict(), **{n: hand[n].as_dict() for n in HAND_WRITTEN}},
+        "untuned": untuned,
     }
 
 
