@@ -13,6 +13,7 @@ tiny profile's shape with random weights: speed, not sense), every server on loo
   llama-cpp-py llama-cpp-python's own OpenAI server (one request at a time: the naive anchor)
   kiln-remote  kiln serve --replicas 0 over two `kiln replica` processes on 127.0.0.2 and 127.0.0.3 (the
                same two llama-servers as "remote" hosts; a registry of the GGUF made in a temp folder)
+  kiln-untraced  kiln with KILN_TRACE_SAMPLE=0: what writing every answer as an MLflow trace costs
   relay        benchmarks/relay.py over two llama-servers niced as kiln's replicas are: the least a
                Python gateway does (least-busy choice, the stream written back chunk by chunk), the
                floor for kiln's own cost
@@ -274,6 +275,7 @@ async def throughput(args, binary: Path, gguf: Path, ban: dict, tmp: Path) -> di
         "llama-server": lambda: [llama_server(binary, gguf, 2 * args.slots, max(1, threads // 2))],
         "llama-cpp-py": lambda: [llama_cpp_python(gguf, threads)],
         "kiln-remote": lambda: kiln_remote(gguf, args.slots, tmp),
+        "kiln-untraced": lambda: [kiln(gguf, 2, args.slots, {"KILN_TRACE_SAMPLE": "0"})],
         "relay": lambda: relay([llama_server(binary, gguf, args.slots, 1, REPLICA_NICE) for _ in range(2)]),
     }
     setups = {name: make for name, make in setups.items() if name in args.servers}
@@ -543,7 +545,7 @@ async def main() -> None:
     parser.add_argument("--skip-faults", action="store_true")
     parser.add_argument("--servers", nargs="+", default=["kiln", "pool-direct", "llama-server", "llama-cpp-py"],
                         choices=["kiln", "pool-direct", "llama-server", "llama-cpp-py", "kiln-remote",
-                                 "relay"])  # fmt: skip
+                                 "kiln-untraced", "relay"])  # fmt: skip
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tracing", action="store_true", help="only kiln with tracing on against off (see tracing)")
     parser.add_argument("--rounds", type=int, default=3, help="--tracing: turns of load on each server")
@@ -585,6 +587,11 @@ async def main() -> None:
             r = load_["kiln-remote"][16]
             print(f"kiln over 2 remote replicas / kiln over 2 local: {r['tokens_per_s'] / k['tokens_per_s']:.3f} "
                   f"tokens/s, TTFT P50 {r['ttft_p50_ms']} vs {k['ttft_p50_ms']} ms")  # fmt: skip
+        if "kiln-untraced" in load_:
+            u = load_["kiln-untraced"][16]
+            print(f"kiln untraced / pool-direct {u['tokens_per_s'] / d['tokens_per_s']:.3f} tokens/s, TTFT P50 "
+                  f"{u['ttft_p50_ms']} vs {d['ttft_p50_ms']} ms ({u['ttft_p50_ms'] / d['ttft_p50_ms']:.2f}x); "
+                  f"traced / untraced {k['tokens_per_s'] / u['tokens_per_s']:.3f}")  # fmt: skip
         if "relay" in load_:
             r = load_["relay"][16]
             print(f"bare Python relay / pool-direct {r['tokens_per_s'] / d['tokens_per_s']:.3f} tokens/s, TTFT P50 "

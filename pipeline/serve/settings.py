@@ -59,6 +59,11 @@ class ServeSettings(BaseSettings):
         1, ge=0, description="registered versions a request may name beyond those in rotation (started on first use)"
     )
     kiln_trace_queue: int = Field(2000, ge=1, description="traces waiting to be written; past it: dropped, counted")
+    kiln_trace_nice: str = Field(
+        "idle", pattern=r"^(idle|1?[0-9])$",
+        description="the trace writer's CPU priority: idle (it runs only on a core nothing else wants) or a niceness "
+        "0..19; at 19 it still took a share of the replicas' cores and cost a fifth of the tokens/s at 16 clients",
+    )  # fmt: skip
     # production traffic: body size, message count, trust, per-route limits, hung and crashing replicas
     kiln_max_body_bytes: int = Field(1 << 20, ge=1024, description="request body limit; past it: 413 unparsed")
     kiln_max_messages: int = Field(256, ge=1, description="chat messages per request; past it: 422")

@@ -247,7 +247,7 @@ def test_only_a_lost_tracking_server_retries_a_stage(deployment, tmp_path):
         pass
 
 
-def test_served_answers_and_their_feedback_are_kept_on_the_tracking_server(deployment, monkeypatch):
+def test_served_answers_and_their_feedback_are_kept_on_the_tracking_server(deployment):
     """What `kiln serve` records against `make services`' MLflow server: the trace, then a user's rating."""
     from prometheus_client import CollectorRegistry
 
@@ -256,9 +256,8 @@ def test_served_answers_and_their_feedback_are_kept_on_the_tracking_server(deplo
 
     _, env = deployment
     uri = env["MLFLOW_TRACKING_URI"]
-    monkeypatch.setenv("KILN_TRACE_NICE", "0")  # what is stored is under test here, not the writer's priority
     metrics = CollectorRegistry()
-    writer = TraceWriter(uri, 1.0, 10, metrics)
+    writer = TraceWriter(uri, 1.0, 10, metrics, priority="0")
     trace_id = new_trace_id()
     writer.submit(TraceRecord(
         trace_id=trace_id, route="/v1/completions", request_id="r1", key_id="k1", status=200,

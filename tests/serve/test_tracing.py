@@ -22,6 +22,7 @@ from served import Gateway, sse_data
 
 from pipeline.data.feedback import FEEDBACK_TAG, serving_experiment, tracing_client
 from pipeline.data.pii_scan import pii_left
+from pipeline.serve.settings import ServeSettings
 from pipeline.serve.tracing import TRACE_HEADER, TraceRecord, TraceWriter, answer_of, new_trace_id
 from tests.serve.conftest import wait_for
 
@@ -107,7 +108,7 @@ def test_a_store_that_is_down_costs_only_counted_traces(tmp_path):
     from pipeline.io import free_port
 
     registry = CollectorRegistry()
-    writer = TraceWriter(f"http://127.0.0.1:{free_port()}", sample=1.0, capacity=8, registry=registry)
+    writer = TraceWriter(f"http://127.0.0.1:{free_port()}", sample=1.0, capacity=8, registry=registry, priority="0")
     trace_id = new_trace_id()
     writer.submit(_record(trace_id))
     assert writer.wait_written(trace_id, 600)  # settled: dropped, since the store is down
@@ -187,6 +188,9 @@ def test_every_route_answers_with_its_trace_id_and_the_trace_holds_masked_text(t
 def test_feedback_is_stored_on_the_trace(traced):
     first = traced.client.post("/infer", json={"query": "one", "max_length": 3}).headers[TRACE_HEADER]
     second = traced.client.post("/infer", json={"query": "one", "max_length": 4}).headers[TRACE_HEADER]
+    # stored first: the feedback route waits for a queued trace only FEEDBACK_WAIT_S (10 s), and a fresh
+    # writer's first write (spawn, mlflow's import, the store's tables) took 11 s on a busy machine
+    traced.flush(first, second)
     up = traced.client.post("/v1/feedback", json={"trace_id": first, "rating": "up", "comment": f"mail {EMAIL}"})
     assert up.status_code == 200, up.text
     down = traced.client.post(
@@ -328,3 +332,26 @@ def test_a_process_whose_writer_is_gone_still_exits(tmp_path):
     )  # fmt: skip
     assert code == 0, err[-800:]
     assert out.strip() == "done"
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is a Linux scheduling policy")
+def test_the_writer_runs_only_on_idle_cores_unless_told_a_niceness():
+    """KILN_TRACE_NICE: idle (the default) puts the writer under SCHED_IDLE, where niceness 19 still
+    took a share of busy cores from the replicas; a number is a niceness."""
+    script = (
+        "import os, sys\n"
+        "from pipeline.serve.tracing import lower_priority\n"
+        "before = os.nice(0)\n"
+        "lower_priority(sys.argv[1])\n"
+        "print(os.sched_getscheduler(0), os.nice(0) - before)\n"
+    )
+    default = ServeSettings.model_fields["kiln_trace_nice"].default  # this module's gateways set "0"
+    assert default == "idle"
+    code, out, err = run_python(script, default, timeout=60, hung="the priority child hung")
+    assert code == 0, err
+    assert out.split() == [str(os.SCHED_IDLE), "0"]
+    code, out, err = run_python(script, "7", timeout=60, hung="the priority child hung")
+    assert code == 0, err
+    assert out.split() == [str(os.SCHED_OTHER), "7"]
+    with pytest.raises(ValueError, match="kiln_trace_nice"):
+        ServeSettings(kiln_trace_nice="20")
