@@ -112,8 +112,8 @@ def _every_command():
 
 
 TAKES_PROFILE = {
-    "clean", "tokenizer", "pretrain", "tune", "models", "compare", "promote", "rollback", "pull", "history", "run",
-    "serve", "replica",
+    "clean", "tokenizer", "pretrain", "tune", "models", "compare", "seeds", "promote", "rollback", "pull", "history",
+    "run", "serve", "replica",
 }  # fmt: skip
 EVERY_COMMAND = list(_every_command())
 

@@ -20,7 +20,7 @@ from pipeline.cli.canary import Canary
 from pipeline.cli.command import Command
 from pipeline.cli.download import Download
 from pipeline.cli.humaneval import Humaneval
-from pipeline.cli.release import Bench, Compare, Gguf, History, Models, Promote, Pull, Rollback
+from pipeline.cli.release import Bench, Compare, Gguf, History, Models, Promote, Pull, Rollback, Seeds
 from pipeline.cli.run import Run
 from pipeline.cli.serve import ReplicaHostCommand, Serve
 from pipeline.cli.stages import Clean, Device, Pretrain, Profiles, Tokenizer
@@ -40,6 +40,7 @@ COMMANDS: dict[str, Command] = {
     "tune": Tune(),
     "models": Models(),
     "compare": Compare(),
+    "seeds": Seeds(),
     "promote": Promote(),
     "rollback": Rollback(),
     "pull": Pull(),

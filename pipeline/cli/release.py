@@ -221,6 +221,8 @@ class Compare(RegistryCommand):
         "problems) and shown with its 95%% interval; * marks a figure whose interval excludes 0 after Holm's "
         "correction over all the figures tested. Stored speeds come from different runs and are never starred; "
         "when the GGUF files are at hand their speed is measured again here, in turns, and that is tested. "
+        "Where `kiln seeds` recorded how far re-trains of one recipe spread, each eval interval also holds that "
+        "spread, so a star says the recipes differ beyond what re-training alone moves. "
         "Ends with MLflow's comparison link of the versions' runs."
     )
 
@@ -232,6 +234,11 @@ class Compare(RegistryCommand):
             "--speed-repeats", type=int, default=5, metavar="N",
             help="repeats of the interleaved speed measurement of the versions' GGUFs, at least 5 (0: skip it)",
         )  # fmt: skip
+        parser.add_argument(
+            "--seeds", metavar="V,V,V",
+            help="re-trains of one recipe whose spread widens the eval intervals, for this comparison only "
+                 "(default: the spread `kiln seeds` recorded; none: no spread)",
+        )  # fmt: skip
 
     def run(self, args: argparse.Namespace) -> int:
         from pipeline.errors import KilnError
@@ -240,6 +247,33 @@ class Compare(RegistryCommand):
 
         if args.speed_repeats and args.speed_repeats < MIN_REPEATS:
             raise KilnError(f"--speed-repeats must be 0 or at least {MIN_REPEATS}, not {args.speed_repeats}")
-        result = compare(*self.target(args), args.versions, args.speed_repeats)
+        seeds = None if args.seeds is None else [] if args.seeds == "none" else args.seeds.split(",")
+        result = compare(*self.target(args), args.versions, args.speed_repeats, seeds)
         print(json.dumps(result, indent=2) if args.json else table(result))
+        return 0
+
+
+class Seeds(RegistryCommand):
+    help = "record how far re-trains of one recipe with different seeds spread, for kiln compare's intervals"
+    description = (
+        "Given three or more versions trained alike except for their seeds (their runs' settings may differ only "
+        "in *.seed), record each eval figure's standard deviation across them on the registered model. kiln "
+        "compare then widens each eval interval by one seed draw per side, so that a star means the recipes "
+        "differ beyond what re-training alone moves. Without versions: show the recorded spread."
+    )
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("versions", nargs="*", metavar="VERSION", help="version numbers or aliases, three or more")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.release import seed_spread
+
+        uri, profile = self.target(args)
+        spread = seed_spread.record(uri, profile, args.versions) if args.versions else seed_spread.stored(uri, profile)
+        if spread is None:
+            print(f"kiln-{profile}: no seed spread recorded (kiln seeds V V V ... records one)")
+            return 0
+        print(f"kiln-{profile}: seed spread of versions {', '.join(spread['versions'])}")
+        print(aligned([["figure", "sd"], *[[n, f"{sd:.4g}"] for n, sd in spread["sd"].items()]]))
         return 0

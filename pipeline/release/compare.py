@@ -16,6 +16,11 @@ at registration were measured on different days under different load: they are s
 starred. When both versions' GGUFs are at hand (a local artifact store), their speed is measured
 again here, in turns (A, B, A, B, ...) in one process, and only that paired measurement is tested
 (a t-interval over the repeats' differences).
+
+Those paired tests compare two models. Where the registered model holds a seed spread (`kiln seeds`:
+each eval figure's standard deviation across re-trains of one recipe), each eval interval also
+holds one seed draw per side, so a star says the recipes differ, not only the two models
+(`pipeline.release.seed_spread`).
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
 
 from pipeline.errors import KilnError
-from pipeline.release import registry
-from pipeline.release.paired import MIN_REPEATS, holm, paired_mean, paired_ratio, paired_t
+from pipeline.release import registry, seed_spread
+from pipeline.release.paired import MIN_REPEATS, holm, paired_mean, paired_ratio, paired_t, with_seed_spread
 from pipeline.tracking import client
 
 LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` over a local sqlite store
@@ -39,16 +44,21 @@ STORED_SPEED_NOTE = (
 )
 
 
-def compare(uri: str, profile: str, which: list[str], speed_repeats: int = MIN_REPEATS) -> dict:
+def compare(
+    uri: str, profile: str, which: list[str], speed_repeats: int = MIN_REPEATS, seeds: list[str] | None = None
+) -> dict:
     """The versions `which` names, their figures, each later version's paired tests against the
     first, and what moved. `speed_repeats`: repeats of the interleaved speed measurement when the
-    GGUFs are at hand (0: none)."""
+    GGUFs are at hand (0: none). `seeds`: re-trains of one recipe whose spread widens the eval
+    intervals (None: the spread `kiln seeds` recorded, if any; []: none)."""
     if len(which) < 2:
         raise KilnError("compare needs at least two versions (numbers or aliases)")
     versions = [_version(uri, profile, w) for w in which]
     notes = [STORED_SPEED_NOTE]
+    spread = seed_spread.stored(uri, profile) if seeds is None else seeds and seed_spread.measure(uri, profile, seeds)
+    notes.append(_spread_note(spread or None))
     remeasured = _remeasure(versions, speed_repeats, notes) if speed_repeats else {}
-    tests = [t for v in versions[1:] for t in _tests(versions[0], v, remeasured, notes)]
+    tests = [t for v in versions[1:] for t in _tests(versions[0], v, remeasured, notes, spread or None)]
     for v in versions:
         v.pop("ggufs", None)
         for f in v["figures"].values():
@@ -61,8 +71,21 @@ def compare(uri: str, profile: str, which: list[str], speed_repeats: int = MIN_R
         "moved": [t for t in tests if t["moved"]],
         "remeasured": {v: {n: f["value"] for n, f in r.items()} for v, r in remeasured.items()},
         "notes": list(dict.fromkeys(notes)),
+        "seed_spread": spread or None,
         "mlflow": _link(uri, versions),
     }
+
+
+def _spread_note(spread: dict | None) -> str:
+    if spread is None:
+        return (
+            "no seed spread used: eval intervals compare these two models on the same items; re-trains of one "
+            "recipe with other seeds can differ beyond them (`kiln seeds V V V ...` records their spread)"
+        )
+    return (
+        f"eval intervals include the spread of {len(spread['versions'])} re-trains of one recipe with different "
+        f"seeds (versions {', '.join(spread['versions'])}): a star says the recipes differ, beyond re-training alone"
+    )
 
 
 def _version(uri: str, profile: str, which: str) -> dict:
@@ -194,9 +217,13 @@ def _paired(name: str, a: dict, b: dict):
     return paired_ratio(xs, ys) if isinstance(xs[0], list) else paired_mean(xs, ys)
 
 
-def _tests(first: dict, other: dict, remeasured: dict[str, dict], notes: list[str]) -> list[dict]:
-    """Each figure of `other` tested against `first`'s on paired differences, Holm-corrected
-    over all of them: moved only where the interval excludes 0 and Holm keeps it."""
+def _tests(
+    first: dict, other: dict, remeasured: dict[str, dict], notes: list[str], spread: dict | None = None
+) -> list[dict]:
+    """Each figure of `other` tested against `first`'s on paired differences (eval figures widened
+    by `spread` where it has them), Holm-corrected over all of them: moved only where the interval
+    excludes 0 and Holm keeps it."""
+    sd, retrains = (spread["sd"], len(spread["versions"])) if spread else ({}, 0)
     mine = {**other["figures"], **remeasured.get(other["version"], {})}
     theirs = {**first["figures"], **remeasured.get(first["version"], {})}
     found = []
@@ -212,6 +239,8 @@ def _tests(first: dict, other: dict, remeasured: dict[str, dict], notes: list[st
                     "(evaluated before they were kept) are shown, not tested"
                 )
             continue
+        if name in sd:
+            result = with_seed_spread(result, sd[name], retrains)
         found.append((name, a, b, result))
     moved, adjusted = holm([r.p for *_, r in found])
     tests = []

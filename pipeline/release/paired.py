@@ -11,12 +11,19 @@ tested on the per-item differences, not on two independent standard errors.
 
 Each test gives the difference (B - A), its 95% interval and a two-sided p-value; `holm` decides
 which of the figures shown moved, at a 5% family-wise error rate over all of them.
+
+Those tests ask whether these two models differ on items like these. Two re-trains of one recipe
+with different seeds are two different models, and on tiny a seed moves bits per byte by more
+than the paired interval's width. `with_seed_spread` asks instead whether the recipes differ: the
+figure's standard deviation across k re-trains of one recipe (s) adds 2 s^2 to the variance of
+the difference (one seed draw on each side), and the interval is a t-interval with
+Welch-Satterthwaite's degrees of freedom (k - 1 where the seeds dominate).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -33,6 +40,7 @@ class Paired:
     p: float  # two-sided, before the Holm correction
     n: int  # items (or repeats) paired
     method: str
+    se: float  # the standard error of delta (the bootstrap draws' standard deviation)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,10 +62,10 @@ def paired_mean(a: list[float], b: list[float], seed: int = 0) -> Paired:
     d = y - x
     delta = float(d.mean())
     if not d.any():  # every item answered alike: nothing to resample
-        return Paired(delta, 0.0, 0.0, 1.0, len(d), "paired bootstrap")
+        return Paired(delta, 0.0, 0.0, 1.0, len(d), "paired bootstrap", 0.0)
     draws = d[_indices(len(d), seed)].mean(axis=1)
     low, high = np.quantile(draws, [ALPHA / 2, 1 - ALPHA / 2])
-    return Paired(delta, float(low), float(high), _bootstrap_p(draws), len(d), "paired bootstrap")
+    return Paired(delta, float(low), float(high), _bootstrap_p(draws), len(d), "paired bootstrap", float(draws.std()))
 
 
 def paired_ratio(a: list[tuple[float, float]], b: list[tuple[float, float]], seed: int = 0) -> Paired:
@@ -67,9 +75,10 @@ def paired_ratio(a: list[tuple[float, float]], b: list[tuple[float, float]], see
     idx = _indices(len(x), seed)
     draws = y[idx, 0].sum(1) / y[idx, 1].sum(1) - x[idx, 0].sum(1) / x[idx, 1].sum(1)
     if not np.any(draws) and delta == 0:
-        return Paired(0.0, 0.0, 0.0, 1.0, len(x), "paired bootstrap (ratio)")
+        return Paired(0.0, 0.0, 0.0, 1.0, len(x), "paired bootstrap (ratio)", 0.0)
     low, high = np.quantile(draws, [ALPHA / 2, 1 - ALPHA / 2])
-    return Paired(delta, float(low), float(high), _bootstrap_p(draws), len(x), "paired bootstrap (ratio)")
+    p = _bootstrap_p(draws)
+    return Paired(delta, float(low), float(high), p, len(x), "paired bootstrap (ratio)", float(draws.std()))
 
 
 def paired_t(a: list[float], b: list[float]) -> Paired | None:
@@ -83,11 +92,28 @@ def paired_t(a: list[float], b: list[float]) -> Paired | None:
         return None
     mean, sd = float(d.mean()), float(d.std(ddof=1))
     if sd == 0:
-        return Paired(mean, mean, mean, 1.0 if mean == 0 else 0.0, n, "paired t")
+        return Paired(mean, mean, mean, 1.0 if mean == 0 else 0.0, n, "paired t", 0.0)
     se = sd / math.sqrt(n)
     half = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * se
     p = float(2 * stats.t.sf(abs(mean) / se, n - 1))
-    return Paired(mean, mean - half, mean + half, p, n, "paired t over interleaved repeats")
+    return Paired(mean, mean - half, mean + half, p, n, "paired t over interleaved repeats", se)
+
+
+def with_seed_spread(r: Paired, spread: float, retrains: int) -> Paired:
+    """`r` as a difference between recipes: the figure's standard deviation `spread` across
+    `retrains` re-trains of one recipe (seeds alone differing) widens the interval; see the module
+    docstring."""
+    from scipy import stats
+
+    seeds = 2 * spread**2
+    method = f"{r.method} + seed spread of {retrains} re-trains"
+    if seeds == 0:  # the re-trains agreed exactly: nothing to add
+        return replace(r, method=method)
+    se = math.sqrt(r.se**2 + seeds)
+    df = (retrains - 1) * (se**2 / seeds) ** 2  # Welch-Satterthwaite
+    half = float(stats.t.ppf(1 - ALPHA / 2, df)) * se
+    p = float(2 * stats.t.sf(abs(r.delta) / se, df))
+    return Paired(r.delta, r.delta - half, r.delta + half, p, r.n, method, se)
 
 
 def holm(pvalues: list[float], alpha: float = ALPHA) -> tuple[list[bool], list[float]]:

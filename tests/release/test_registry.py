@@ -260,3 +260,50 @@ def test_models_table_names_speed_tg128_whatever_the_length_measured():
     assert cols["base bpb"] == "2.260"
     assert cols["params"] == "11.3M"
     assert cols["Q4_K_M MB"] == "9.0"
+
+
+@pytest.mark.slow  # a fresh MLflow sqlite store takes seconds to create
+def test_seeds_records_the_spread_of_retrains_of_one_recipe_and_compare_uses_it(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.release.compare import compare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # versions 1-3: one recipe, seeds 0-2; version 4: seed 0 with DPO at 10x its learning rate
+    for n, seed, lr, bpb in ((1, 0, 5e-4, 2.37), (2, 1, 5e-4, 2.35), (3, 2, 5e-4, 2.40), (4, 0, 5e-3, 2.41)):
+        run = pipeline_run(uri, "test", f"dagster-run-{n}")
+        StageLogger(uri, run, "dpo_model").params({"lr": lr, "seed": seed, "beta": 0.1})
+        tags = {"eval.dpo.bits_per_byte": str(bpb), "eval.dpo.kiln_next_line.acc": "0.21"}
+        registry.register(uri, "test", run, _bundle(tmp_path, n), tags, gate_passed=True)
+    profile = tmp_path / "test.yaml"
+    profile.write_text("base: tiny\n")
+    base = ["--profile", str(profile), "--tracking-uri", uri]
+
+    assert main(["seeds", *base]) == 0
+    assert "no seed spread recorded" in capsys.readouterr().out
+    assert main(["seeds", "1", "2", "4", *base]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "kiln: error: versions 1 and 4 differ in dpo_model.lr (0.0005 vs 0.005): a seed spread needs re-trains "
+        "of one recipe, differing only in seeds"
+    )
+    assert main(["seeds", "1", "candidate", "3", "3", *base]) == 2  # candidate is version 4
+    assert "dpo_model.lr" in capsys.readouterr().err
+    assert main(["seeds", "1", "2", "2", *base]) == 2
+    assert "at least 3 different versions" in capsys.readouterr().err
+
+    assert main(["seeds", "1", "2", "3", *base]) == 0
+    shown = capsys.readouterr().out
+    assert "seed spread of versions 1, 2, 3" in shown
+    row = next(line for line in shown.splitlines() if line.startswith("eval.dpo.bits_per_byte "))
+    assert row.split()[1] == "0.02517"  # the standard deviation of 2.37, 2.35, 2.40
+    assert next(line for line in shown.splitlines() if line.startswith("eval.dpo.kiln_next_line.acc")).split()[1] == "0"
+    assert main(["seeds", *base]) == 0  # shown again, as recorded
+    assert capsys.readouterr().out == shown
+
+    result = compare(uri, "test", ["1", "4"], speed_repeats=0)
+    assert result["seed_spread"]["versions"] == ["1", "2", "3"]
+    assert any("spread of 3 re-trains" in n for n in result["notes"])
+    alone = compare(uri, "test", ["1", "4"], speed_repeats=0, seeds=[])
+    assert alone["seed_spread"] is None
+    assert any("no seed spread used" in n for n in alone["notes"])
+    assert main(["compare", "1", "4", "--speed-repeats", "0", "--seeds", "1,2,4", *base]) == 2
+    assert "differ in dpo_model.lr" in capsys.readouterr().err
