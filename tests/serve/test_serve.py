@@ -199,6 +199,12 @@ def test_every_endpoint(gateway):
     for replica in gw.deployment.active.replicas:
         threads = psutil.Process(replica.pid).threads()
         assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in threads} == {expected}
+        # and that niceness counts against the gateway: Linux weighs niceness only within a session's
+        # autogroup, so a replica in a session of its own would compete with the gateway as an equal
+        assert os.getsid(replica.pid) == os.getsid(0)
+        assert os.getpgid(replica.pid) == replica.pid  # its own process group: Ctrl-C reaches only the gateway
+        if Path("/proc/self/autogroup").exists():
+            assert Path(f"/proc/{replica.pid}/autogroup").read_text() == Path("/proc/self/autogroup").read_text()
 
     r = gw.client.post("/infer", json={"query": "def add(a, b):", "max_length": 8, "preset": "greedy"})
     assert r.status_code == 200, r.text
