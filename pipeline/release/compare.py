@@ -233,7 +233,10 @@ def _tests(
             continue
         result = _paired(name, a, b)
         if result is None:
-            if name.startswith("eval."):
+            if name.startswith("eval.") and "items" in a and "items" in b:
+                short = name.removeprefix("eval.")
+                notes.append(f"{short}: fewer than 2 items shared by both versions, shown, not tested")
+            elif name.startswith("eval."):
                 notes.append(
                     f"eval figures without per-item results in version {first['version']} or {other['version']} "
                     "(evaluated before they were kept) are shown, not tested"

@@ -84,6 +84,15 @@ def test_a_version_without_per_item_results_gets_a_note_not_a_star():
     assert tests == []
     assert any("not tested" in n for n in notes)
 
+    one_document = [_version(str(v), v) for v in (1, 2)]
+    for v in one_document:
+        bpb = v["figures"]["eval.dpo.bits_per_byte"]
+        bpb["items"], bpb["ids"] = bpb["items"][:1], bpb["ids"][:1]
+    notes = []
+    tests = _tests(*one_document, {}, notes)
+    assert "eval.dpo.bits_per_byte" not in {t["figure"] for t in tests}
+    assert notes == ["dpo.bits_per_byte: fewer than 2 items shared by both versions, shown, not tested"]
+
 
 def test_stored_speed_is_never_tested_and_remeasured_speed_is():
     first, other = _version("1", 1), _version("2", 2)
