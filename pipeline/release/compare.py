@@ -55,10 +55,13 @@ def compare(
         raise KilnError("compare needs at least two versions (numbers or aliases)")
     versions = [_version(uri, profile, w) for w in which]
     notes = [STORED_SPEED_NOTE]
-    spread = seed_spread.stored(uri, profile) if seeds is None else seeds and seed_spread.measure(uri, profile, seeds)
-    notes.append(_spread_note(spread or None))
+    if seeds is None:
+        spread = seed_spread.stored(uri, profile)
+    else:
+        spread = seed_spread.measure(uri, profile, seeds) if seeds else None
+    notes.append(_spread_note(spread))
     remeasured = _remeasure(versions, speed_repeats, notes) if speed_repeats else {}
-    tests = [t for v in versions[1:] for t in _tests(versions[0], v, remeasured, notes, spread or None)]
+    tests = [t for v in versions[1:] for t in _tests(versions[0], v, remeasured, notes, spread)]
     for v in versions:
         v.pop("ggufs", None)
         for f in v["figures"].values():
@@ -71,7 +74,7 @@ def compare(
         "moved": [t for t in tests if t["moved"]],
         "remeasured": {v: {n: f["value"] for n, f in r.items()} for v, r in remeasured.items()},
         "notes": list(dict.fromkeys(notes)),
-        "seed_spread": spread or None,
+        "seed_spread": spread,
         "mlflow": _link(uri, versions),
     }
 
